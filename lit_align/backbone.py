@@ -1,0 +1,258 @@
+"""The backbone every method shares: tokenizer, policy, reference, and log-probs from hidden states."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lit_align.logprobs import IGNORE_INDEX, chunked_label_logps, naive_label_logps, shift_labels
+from lit_align.settings import ModelSettings
+from lit_align.tiny import build_tiny_tokenizer, tiny_llama_config
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
+
+
+class ModelLoadError(ValueError):
+    """The configured model or tokenizer cannot be loaded; the message says which and why."""
+
+
+@dataclass
+class SequenceLogps:
+    """Log-probs of the response tokens of each row.
+
+    Attributes:
+        tokens: ``[B, T]`` per-token log-probs aligned with the labels (0 off the response).
+        mask: ``[B, T]`` True on response tokens.
+        sum: ``[B]`` summed log-prob of each response, log pi(y|x).
+        count: ``[B]`` number of response tokens |y|.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def sum(self) -> torch.Tensor:
+        return self.tokens.sum(-1)
+
+    @property
+    def count(self) -> torch.Tensor:
+        return self.mask.sum(-1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Length-normalised log-prob, log pi(y|x) / |y|."""
+        return self.sum / self.count.clamp(min=1)
+
+    def split(self) -> tuple["SequenceLogps", "SequenceLogps"]:
+        """(first half, second half) of the rows: chosen and rejected of a concatenated batch."""
+        half = self.tokens.shape[0] // 2
+        return SequenceLogps(self.tokens[:half], self.mask[:half]), SequenceLogps(self.tokens[half:], self.mask[half:])
+
+    def detach(self) -> "SequenceLogps":
+        return SequenceLogps(self.tokens.detach(), self.mask)
+
+
+class Backbone(nn.Module):
+    """Policy (optionally LoRA / QLoRA), tokenizer and reference strategy for one method.
+
+    Args:
+        settings: what to load and how (see :class:`ModelSettings`).
+        needs_reference: whether the method uses reference log-probs; ``reference="auto"``
+            resolves to ``none`` when it does not, so reference-free methods never build one.
+    """
+
+    def __init__(self, settings: ModelSettings, needs_reference: bool):
+        super().__init__()
+        self.settings = settings
+        self.reference_strategy = _resolve_reference(settings, needs_reference)
+        self.tokenizer = load_tokenizer(settings)
+        model = load_causal_lm(settings, self.tokenizer)
+        self.reference: PreTrainedModel | None = None
+        if self.reference_strategy == "copy":
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        if settings.lora is not None:
+            model = _add_lora(model, settings)
+        if settings.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        self.policy = model
+
+    @property
+    def is_peft(self) -> bool:
+        return hasattr(self.policy, "disable_adapter")
+
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    def logps(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None) -> SequenceLogps:
+        """Per-token log-probs of ``batch["labels"]`` under ``model`` (default: the policy)."""
+        model = model if model is not None else self.policy
+        labels = shift_labels(batch["labels"])
+        chunk = self.settings.logp_chunk_size
+        if chunk is None:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            tokens = naive_label_logps(logits, labels)
+        else:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+            head = base.get_output_embeddings()
+            tokens = chunked_label_logps(hidden, head.weight, labels, head.bias, chunk_size=chunk)
+        return SequenceLogps(tokens, labels != IGNORE_INDEX)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+        """Reference log-probs under the configured strategy (no gradients)."""
+        if self.reference_strategy == "copy":
+            return self.logps(batch, self.reference)
+        if self.reference_strategy == "adapter":
+            with self.policy.disable_adapter():
+                return self.logps(batch)
+        raise RuntimeError("this method was built without a reference model (reference='none')")
+
+    def reference_context(self):
+        return self.policy.disable_adapter() if self.reference_strategy == "adapter" else nullcontext()
+
+
+def _resolve_reference(settings: ModelSettings, needs_reference: bool) -> str:
+    strategy = settings.reference
+    if not needs_reference:
+        if strategy not in ("auto", "none"):
+            log.info("reference=%s ignored: this method is reference-free", strategy)
+        return "none"
+    if strategy == "auto":
+        return "adapter" if settings.lora is not None else "copy"
+    if strategy == "none":
+        raise ValueError("model.reference=none, but this method needs a reference model; use copy or adapter")
+    if strategy == "adapter" and settings.lora is None:
+        raise ValueError("model.reference=adapter needs model.lora (the reference is the policy with its LoRA adapters disabled)")
+    return strategy
+
+
+def resolve_model_path(settings: ModelSettings) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None) for ``settings.name_or_path``."""
+    name, gguf = settings.name_or_path, settings.gguf_file
+    if name.startswith("package://"):
+        dist, _, rel = name[len("package://"):].partition("/")
+        try:
+            name = str(resources.files(dist).joinpath(rel))
+        except ModuleNotFoundError:
+            raise ModelLoadError(f"model.name_or_path={settings.name_or_path!r}: Python package {dist!r} is not installed") from None
+        if not Path(name).exists():
+            raise ModelLoadError(f"model.name_or_path={settings.name_or_path!r}: package {dist!r} has no file {rel!r}")
+    path = Path(name).expanduser()
+    if name.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"model.name_or_path: GGUF file {name!r} does not exist")
+        return str(path.parent), path.name
+    if name.startswith((".", "/", "~")) and not path.exists():
+        raise ModelLoadError(f"model.name_or_path: local model folder {name!r} does not exist")
+    return name, gguf
+
+
+def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
+    if settings.name_or_path == "tiny" and settings.tokenizer is None:
+        return build_tiny_tokenizer()
+    if settings.tokenizer is not None:
+        source, gguf = settings.tokenizer, None
+    else:
+        source, gguf = resolve_model_path(settings)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf, trust_remote_code=settings.trust_remote_code)
+    except Exception as error:
+        raise ModelLoadError(f"cannot load tokenizer from {source!r}: {error}") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ModelLoadError(f"tokenizer {source!r} has neither a pad nor an eos token; set one")
+        tokenizer.pad_token = tokenizer.eos_token
+        log.info("tokenizer has no pad token; using eos %r for padding (padding is masked out)", tokenizer.eos_token)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_causal_lm(settings: ModelSettings, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    dtype = DTYPES[settings.dtype]
+    quantization = _bnb_config(settings)
+    if settings.name_or_path == "tiny":
+        model = _build_tiny(settings, tokenizer, dtype)
+        if quantization is None:
+            return model
+        with tempfile.TemporaryDirectory() as folder:  # from_pretrained is the path that quantizes
+            model.save_pretrained(folder)
+            return _from_pretrained(folder, None, settings, dtype, quantization)
+    source, gguf = resolve_model_path(settings)
+    return _from_pretrained(source, gguf, settings, dtype, quantization)
+
+
+def _build_tiny(settings: ModelSettings, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype) -> PreTrainedModel:
+    tiny = settings.tiny
+    config = tiny_llama_config(
+        vocab_size=max(tiny.vocab_size or 0, len(tokenizer)),
+        hidden_size=tiny.hidden_size, num_layers=tiny.num_layers, num_heads=tiny.num_heads,
+        intermediate_size=tiny.intermediate_size, max_position_embeddings=tiny.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config._attn_implementation = settings.attn_implementation or "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tiny.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def _from_pretrained(source, gguf, settings, dtype, quantization) -> PreTrainedModel:
+    kwargs = {"dtype": dtype, "trust_remote_code": settings.trust_remote_code}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    if settings.attn_implementation:
+        kwargs["attn_implementation"] = settings.attn_implementation
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load model {settings.name_or_path!r}: {error}") from None
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
+    return model
+
+
+def _bnb_config(settings: ModelSettings):
+    q = settings.quantization
+    if q is None:
+        return None
+    if settings.lora is None:
+        raise ValueError("model.quantization (4-bit) needs model.lora: quantized base weights cannot be trained directly")
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError("model.quantization needs bitsandbytes: pip install 'lit-align[qlora]'") from None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+        bnb_4bit_quant_storage=DTYPES[q.quant_storage or "uint8"],
+    )
+
+
+def _add_lora(model: PreTrainedModel, settings: ModelSettings):
+    from peft import LoraConfig, get_peft_model
+
+    lora = settings.lora
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

@@ -1,0 +1,103 @@
+"""``lit-align``: LightningCLI over the methods and data modules, plus an ``export`` step.
+
+    lit-align fit --config configs/dpo.yaml [--model.beta 0.2]
+    lit-align validate|test --config configs/dpo.yaml [--ckpt_path ...]
+    lit-align export --ckpt_path runs/.../last.ckpt --output_dir outputs/policy [--merge_lora true]
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+from lit_align.data.datamodule import PreferenceDataModule  # noqa: E402
+from lit_align.methods.base import PairedPreferenceModule  # noqa: E402
+
+TRAINER_DEFAULTS = {
+    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+    "accelerator": "auto",
+    "num_sanity_val_steps": 0,
+    # no_grad instead of inference_mode for evaluation: metric states are shared between the
+    # validation before fit and the validations during fit, and inference tensors cannot be
+    # updated outside inference mode
+    "inference_mode": False,
+}
+
+
+class LitAlignCLI(LightningCLI):
+    """LightningCLI that validates once before ``fit`` and prints held-out accuracy before/after."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--validate_before_fit", type=bool, default=True, help="Run the held-out set once before training so the log shows where accuracy starts.")
+
+    def before_fit(self) -> None:
+        self._before = None
+        if self.config[self.subcommand].get("validate_before_fit"):
+            results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+            self._before = results[0] if results else None
+
+    def after_fit(self) -> None:
+        metric = "val/rewards/accuracies"
+        after = self.trainer.callback_metrics.get(metric)
+        if self.trainer.is_global_zero and after is not None:
+            before = "" if not self._before else f"{self._before[metric]:.3f} -> "
+            print(f"held-out {metric}: {before}{float(after):.3f}", flush=True)
+
+
+def export_main(argv: list[str]) -> None:
+    """``lit-align export``: a checkpoint of any lit-align module to a Hugging Face folder."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="lit-align export", description="Export a trained policy (and tokenizer) as a Hugging Face folder.")
+    parser.add_argument("--ckpt_path", type=str, required=True, help="Lightning checkpoint written by lit-align fit.")
+    parser.add_argument("--output_dir", type=str, required=True, help="Destination folder (written atomically).")
+    parser.add_argument("--merge_lora", type=bool, default=False, help="With LoRA: merge adapters into the base weights instead of saving the adapter only.")
+    args = parser.parse_args(argv)
+    from lit_align.export import export_policy
+
+    module = load_module_from_checkpoint(args.ckpt_path)
+    print(f"exported to {export_policy(module.backbone, args.output_dir, merge_lora=args.merge_lora)}")
+
+
+def load_module_from_checkpoint(ckpt_path: str) -> PairedPreferenceModule:
+    """Rebuild the module class recorded in a lit-align checkpoint and load its weights."""
+    import torch
+
+    if not os.path.isfile(ckpt_path):
+        raise SystemExit(f"lit-align export: checkpoint {ckpt_path!r} does not exist")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    module_name, _, class_name = checkpoint.get("lit_align_class", "").partition(":")
+    if not class_name:
+        raise SystemExit(f"lit-align export: {ckpt_path!r} was not written by a lit-align module")
+    cls = importlib.import_module(module_name)
+    for part in class_name.split("."):
+        cls = getattr(cls, part)
+    module = cls(**checkpoint["hyper_parameters"])
+    module.load_state_dict(checkpoint["state_dict"])
+    return module
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        export_main(argv[1:])
+        return
+    LitAlignCLI(
+        PairedPreferenceModule,
+        PreferenceDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        args=argv if argv else None,
+    )
+
+
+if __name__ == "__main__":
+    main()

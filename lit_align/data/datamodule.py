@@ -1,0 +1,219 @@
+"""The preference data module: raw records -> typed pairs -> token ids (cached) -> batches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from lit_align.data.collate import PairCollator
+from lit_align.data.errors import DataError, DroppableRecord
+from lit_align.data.formats import FormatName, normalise_record
+from lit_align.data.sources import read_records, source_fingerprint
+from lit_align.data.tasks import WordRulesTask
+from lit_align.data.tokenize import TruncationMode, tokenize_pair
+
+log = logging.getLogger(__name__)
+BUILTIN = "builtin"
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LIT_ALIGN_CACHE", Path.home() / ".cache" / "lit-align"))
+
+
+class PreferenceDataModule(LightningDataModule):
+    """Paired preference data for every paired objective (DPO family, ORPO, SimPO, CPO, ...).
+
+    Args:
+        train: ``"builtin"`` (the built-in word-rules task) or a data source: a .jsonl/.jsonl.gz/
+            .json/.parquet file, a folder written by ``datasets.save_to_disk``, or a hub dataset name.
+        val: held-out source; when unset, the built-in task's held-out split, or ``val_fraction``
+            of ``train`` split off with ``seed``.
+        split: split to read from a hub dataset or saved DatasetDict for training.
+        val_split: split to read for ``val`` (defaults to ``split``).
+        val_fraction: fraction of ``train`` held out when ``val`` is unset (non-builtin data).
+        format: record shape: ``auto`` (detected per record), ``explicit`` {prompt, chosen, rejected}
+            strings, ``conversational`` chat message lists, ``implicit`` whole transcripts sharing
+            a prompt prefix (Anthropic HH).
+        columns: rename fields, mapping our name to the dataset's, e.g. ``{"prompt": "question"}``.
+        assistant_marker: the text that ends the prompt in ``implicit`` transcripts.
+        task: settings of the built-in task (used when ``train`` is ``"builtin"``).
+        max_length: longest prompt + response in tokens.
+        max_prompt_length: longest prompt in tokens (default: half of ``max_length``).
+        truncation: ``keep_end`` (keep the prompt's end, cut responses on the right), ``drop``
+            (skip pairs that do not fit) or ``error``.
+        invalid_records: what to do with well-formed records that cannot train (empty or
+            identical responses, too long under ``drop``): ``skip`` them and log the count, or ``error``.
+        max_records: use only the first N records of each source (quick runs).
+        batch_size: pairs per training batch (the policy sees 2x rows).
+        eval_batch_size: pairs per validation/test batch (default: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        seed: seed for shuffling and for the ``val_fraction`` split.
+        cache_dir: where tokenized data is cached (default ``$LIT_ALIGN_CACHE`` or ~/.cache/lit-align).
+        use_cache: read/write the tokenized cache.
+    """
+
+    def __init__(
+        self,
+        train: str = BUILTIN,
+        val: Optional[str] = None,
+        split: str = "train",
+        val_split: Optional[str] = None,
+        val_fraction: float = 0.05,
+        format: FormatName = "auto",
+        columns: Optional[dict[str, str]] = None,
+        assistant_marker: str = "\n\nAssistant:",
+        task: Optional[WordRulesTask] = None,
+        max_length: int = 512,
+        max_prompt_length: Optional[int] = None,
+        truncation: TruncationMode = "keep_end",
+        invalid_records: Literal["skip", "error"] = "skip",
+        max_records: Optional[int] = None,
+        batch_size: int = 8,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: Optional[str] = None,
+        use_cache: bool = True,
+    ):
+        super().__init__()
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.task = task or WordRulesTask()
+        self.max_prompt_length = max_prompt_length or max_length // 2
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.datasets: dict[str, list[dict[str, Any]]] = {}
+        self.skipped: dict[str, int] = {}
+
+    # ---- records -------------------------------------------------------------------------
+    def _raw_splits(self) -> dict[str, tuple[str, list[dict[str, Any]]]]:
+        h = self.hparams
+        if h.train == BUILTIN:
+            splits = {"train": ("builtin:train", self.task.split("train")), "val": ("builtin:val", self.task.split("val"))}
+        else:
+            train_records = read_records(h.train, h.split)
+            if h.val:
+                splits = {"train": (h.train, train_records), "val": (h.val, read_records(h.val, h.val_split or h.split))}
+            else:
+                order = list(range(len(train_records)))
+                random.Random(h.seed).shuffle(order)
+                n_val = max(1, round(len(order) * h.val_fraction))
+                held = set(order[:n_val])
+                splits = {
+                    "train": (h.train, [r for i, r in enumerate(train_records) if i not in held]),
+                    "val": (f"{h.train} (held-out {h.val_fraction:g})", [r for i, r in enumerate(train_records) if i in held]),
+                }
+        if h.max_records:
+            splits = {name: (src, recs[: h.max_records]) for name, (src, recs) in splits.items()}
+        return splits
+
+    def _tokenize_split(self, source: str, records: list[dict[str, Any]]) -> tuple[list[dict[str, list[int]]], list[str]]:
+        h = self.hparams
+        examples, skipped = [], []
+        for index, record in enumerate(records):
+            try:
+                pair = normalise_record(record, source, index, h.format, h.columns, h.assistant_marker)
+                examples.append(tokenize_pair(pair, self.tokenizer, h.max_length, self.max_prompt_length, h.truncation, source, index))
+            except DroppableRecord as error:
+                if h.invalid_records == "error":
+                    raise
+                skipped.append(str(error))
+        if not examples:
+            raise DataError(source, f"no usable records ({len(skipped)} skipped; first: {skipped[:1]})")
+        return examples, skipped
+
+    # ---- cache ---------------------------------------------------------------------------
+    def _cache_key(self) -> str:
+        h = dict(self.hparams)
+        for name in ("batch_size", "eval_batch_size", "num_workers", "cache_dir", "use_cache"):
+            h.pop(name, None)
+        sources = [h["train"], h["val"]] if h["train"] != BUILTIN else [repr(self.task)]
+        identity = {
+            "version": CACHE_VERSION,
+            "settings": {k: v for k, v in h.items() if k != "task"},
+            "sources": [source_fingerprint(s) if s and s != BUILTIN else s for s in sources],
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def _cache_path(self) -> Path:
+        return Path(self.hparams.cache_dir or default_cache_dir()) / "tokenized" / f"{self._cache_key()}.pt"
+
+    def _load_cache(self, path: Path) -> dict[str, Any] | None:
+        if not (self.hparams.use_cache and path.is_file()):
+            return None
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as error:  # a truncated or corrupt cache is rebuilt, not trusted
+            log.warning("tokenized cache %s is unreadable (%s); rebuilding it", path, error)
+            return None
+
+    def _save_cache(self, path: Path, payload: dict[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(handle)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    # ---- Lightning hooks -----------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if self.tokenizer is None:
+            self.tokenizer = getattr(getattr(self, "trainer", None) and self.trainer.lightning_module, "tokenizer", None)
+        if self.tokenizer is None:
+            raise RuntimeError("PreferenceDataModule needs a tokenizer: set `datamodule.tokenizer` or use it with a lit-align module")
+        path = self._cache_path()
+        cached = self._load_cache(path)
+        if cached is None:
+            cached = {"splits": {}, "skipped": {}}
+            for name, (source, records) in self._raw_splits().items():
+                examples, skipped = self._tokenize_split(source, records)
+                cached["splits"][name] = examples
+                cached["skipped"][name] = skipped
+            if self.hparams.use_cache:
+                self._save_cache(path, cached)
+        self.datasets = cached["splits"]
+        self.skipped = {name: len(reasons) for name, reasons in cached["skipped"].items()}
+        for name, reasons in cached["skipped"].items():
+            if reasons:
+                log.warning("skipped %d of %d %s records that cannot train (invalid_records=skip); first: %s", len(reasons), len(reasons) + len(self.datasets[name]), name, reasons[0])
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        size = self.hparams.batch_size if name == "train" else self.hparams.eval_batch_size or self.hparams.batch_size
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return DataLoader(self.datasets[name], batch_size=size, shuffle=shuffle, generator=generator, collate_fn=PairCollator(pad), num_workers=self.hparams.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Changes whenever the tokenizer would produce different ids or chat renderings."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [type(tokenizer).__name__, backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items())),
+             str(getattr(tokenizer, "chat_template", None)), str(tokenizer.all_special_tokens)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

@@ -1,0 +1,125 @@
+"""Reading raw records from a file, a saved `datasets` folder, or a hub dataset.
+
+JSON and JSONL files are read here line by line so that a bad line is reported with its record
+number; parquet files, saved folders and hub names go through `datasets`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lit_align.data.errors import DataError
+
+FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+
+
+def looks_like_path(source: str) -> bool:
+    """A local path was meant (so a missing one is an error, not a hub lookup)."""
+    return source.startswith((".", "/", "~")) or source.lower().endswith(FILE_SUFFIXES)
+
+
+def read_records(source: str, split: str = "train") -> list[dict[str, Any]]:
+    """All records of ``source`` as dicts, in order. Raises :class:`DataError` naming the file/line."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _read_saved_dataset(path, split)
+    if path.is_file():
+        return _read_file(path)
+    if looks_like_path(source):
+        raise DataError(source, "file not found")
+    return _read_hub_dataset(source, split)
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        records = list(_iter_jsonl(path))
+    elif name.endswith((".json", ".json.gz")):
+        records = _read_json(path)
+    elif name.endswith(".parquet"):
+        import datasets
+
+        records = list(datasets.Dataset.from_parquet(str(path)))
+    else:
+        raise DataError(str(path), f"unknown file format; supported endings are {', '.join(FILE_SUFFIXES)}")
+    if not records:
+        raise DataError(str(path), "no records (the file is empty)")
+    return records
+
+
+def _open_text(path: Path):
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    try:
+        with _open_text(path) as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(str(path), f"line {line_number} is not valid JSON ({error.msg})", record=line_number - 1) from None
+                if not isinstance(record, dict):
+                    raise DataError(str(path), f"line {line_number} is a JSON {type(record).__name__}, expected an object", record=line_number - 1)
+                yield record
+    except UnicodeDecodeError as error:
+        raise DataError(str(path), f"not UTF-8 text (byte offset {error.start})") from None
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    try:
+        with _open_text(path) as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise DataError(str(path), f"not valid JSON (line {error.lineno}: {error.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(str(path), "a .json file must hold a list of records (or {'data': [...]})")
+    for index, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise DataError(str(path), f"is a JSON {type(record).__name__}, expected an object", record=index)
+    return data
+
+
+def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError as error:
+        raise DataError(str(path), f"is a folder but not a saved `datasets` dataset ({error})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(str(path), f"has no split '{split}' (splits: {', '.join(loaded)})")
+        loaded = loaded[split]
+    return list(loaded)
+
+
+def _read_hub_dataset(name: str, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(name, split=split))
+    except Exception as error:  # the hub raises many types; the message is what matters
+        raise DataError(name, f"could not load as a file, folder or hub dataset: {error}") from None
+
+
+def source_fingerprint(source: str) -> str:
+    """Identity of a data source for caching: path + size + mtime for files, the name otherwise."""
+    path = Path(source).expanduser()
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        parts = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    else:
+        parts = [source]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

@@ -1,0 +1,97 @@
+"""The built-in verifiable preference task: rule-following on random words, generated from a seed.
+
+Each prompt asks for one deterministic transformation of a random word; ``chosen`` is the
+correct answer and ``rejected`` a wrong one, so every pair is verifiable by
+:meth:`WordRulesTask.is_correct`. Words are random letter strings, so held-out prompts (another
+seed stream) are new words: held-out accuracy measures whether the rule was learnt, not memorised.
+
+Rules (``rules`` picks the mix):
+* ``upper``: "Write in capitals: cabd" -> "CABD" (wrong: "cabd", the word unchanged).
+* ``lower``: "Write in lowercase: CABD" -> "cabd" (wrong: "CABD", the word unchanged).
+* ``reverse``: "Reverse: cabd" -> "dbac" (wrong: "cabd", the word copied unchanged).
+* ``first``: "First letter of cabd:" -> "c" (wrong: a letter that is not in the word).
+
+The default mix (``upper`` and ``lower``) is learnable by a randomly initialised 2-layer model in
+a few hundred steps: the model has to read the instruction to know which case is right.
+``reverse`` and ``first`` need copying from the prompt and take a larger model or longer runs.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+
+PROMPTS = {
+    "upper": "Write in capitals: {word}\n",
+    "lower": "Write in lowercase: {word}\n",
+    "reverse": "Reverse: {word}\n",
+    "first": "First letter of {word}:\n",
+}
+RULES = tuple(PROMPTS)
+
+
+@dataclass
+class WordRulesTask:
+    """Settings of the built-in task.
+
+    Attributes:
+        num_train: number of training pairs.
+        num_val: number of held-out pairs (generated from a different seed stream).
+        seed: seed of the generator; the same seed gives the same pairs.
+        min_word_length: shortest random word.
+        max_word_length: longest random word.
+        rules: which rules to mix (any of "upper", "lower", "reverse", "first").
+    """
+
+    num_train: int = 2000
+    num_val: int = 200
+    seed: int = 0
+    min_word_length: int = 3
+    max_word_length: int = 6
+    rules: tuple[str, ...] = ("upper", "lower")
+
+    def __post_init__(self) -> None:
+        self.rules = tuple(self.rules)
+        unknown = set(self.rules) - set(RULES)
+        if unknown or not self.rules:
+            raise ValueError(f"WordRulesTask.rules: unknown rule(s) {sorted(unknown)}; choose from {RULES}")
+        if not 2 <= self.min_word_length <= self.max_word_length:
+            raise ValueError("WordRulesTask: need 2 <= min_word_length <= max_word_length")
+
+    def split(self, name: str) -> list[dict[str, str]]:
+        """Records ``{"prompt", "chosen", "rejected"}`` of split ``train`` or ``val``."""
+        count = {"train": self.num_train, "val": self.num_val}[name]
+        rng = random.Random(f"{self.seed}:{name}")
+        return [self._pair(rng) for _ in range(count)]
+
+    def _pair(self, rng: random.Random) -> dict[str, str]:
+        rule = rng.choice(self.rules)
+        length = rng.randint(self.min_word_length, self.max_word_length)
+        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(length))
+        while rule == "reverse" and word == word[::-1]:
+            word = "".join(rng.choice(string.ascii_lowercase) for _ in range(length))
+        if rule == "lower":
+            word = word.upper()
+        prompt, answer = prompt_and_answer(rule, word)
+        if rule == "first":
+            wrong = rng.choice([letter for letter in string.ascii_lowercase if letter not in word])
+        else:
+            wrong = word
+        return {"prompt": prompt, "chosen": answer, "rejected": wrong}
+
+    @staticmethod
+    def is_correct(prompt: str, response: str) -> bool:
+        """Verifier: does ``response`` follow the rule asked for in ``prompt``?"""
+        for rule, template in PROMPTS.items():
+            head, tail = template.split("{word}")
+            if prompt.startswith(head) and prompt.endswith(tail):
+                word = prompt[len(head): len(prompt) - len(tail)]
+                return response.strip() == prompt_and_answer(rule, word)[1]
+        raise ValueError(f"not a prompt of the built-in task: {prompt!r}")
+
+
+def prompt_and_answer(rule: str, word: str) -> tuple[str, str]:
+    """The prompt asking for ``rule`` applied to ``word``, and the correct answer."""
+    answer = {"upper": word.upper(), "lower": word.lower(), "reverse": word[::-1], "first": word[0]}[rule]
+    return PROMPTS[rule].format(word=word), answer

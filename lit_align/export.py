@@ -1,0 +1,52 @@
+"""Export a trained policy as a Hugging Face folder (full, adapter-only, or LoRA merged).
+
+Every export is written to a temporary folder next to the target and renamed into place, so a
+killed export never leaves a half-written folder and the previous export stays intact.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from lit_align.backbone import Backbone
+
+
+def export_policy(backbone: Backbone, output_dir: str | os.PathLike, merge_lora: bool = False) -> Path:
+    """Write the policy and tokenizer to ``output_dir``.
+
+    Without LoRA the full model is saved (``AutoModelForCausalLM.from_pretrained`` loads it).
+    With LoRA, ``merge_lora=False`` saves only the adapter (``PeftModel.from_pretrained(base,
+    output_dir)``), ``merge_lora=True`` folds the adapter into a copy of the base weights and saves
+    a plain model.
+    """
+    target = Path(output_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model = backbone.policy
+        if backbone.is_peft and merge_lora:
+            model = copy.deepcopy(model).merge_and_unload()
+        elif backbone.is_peft:
+            model.peft_config["default"].base_model_name_or_path = backbone.settings.name_or_path
+        model.save_pretrained(staging)
+        backbone.tokenizer.save_pretrained(staging)
+        _replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _replace(staging: Path, target: Path) -> None:
+    """Move ``staging`` to ``target``; an existing ``target`` is swapped out, then deleted."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,126 @@
+"""Per-token log-probabilities of the labels, computed from hidden states in chunks.
+
+The naive path materialises logits of shape [batch, seq, vocab] (and autograd keeps a softmax of
+the same size for backward). :func:`chunked_label_logps` instead multiplies the hidden states by the
+output embedding a chunk of tokens at a time, keeps only one number per token (the log-sum-exp) for
+backward, and recomputes each chunk's softmax in backward. Peak memory falls from O(N*V) to
+O(chunk*V) with the same FLOPs up to one extra logits matmul in backward, and the numbers equal the
+naive path's (tested in fp32 to 1e-5, values and gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+class _ChunkedLabelLogps(torch.autograd.Function):
+    """log softmax(h @ W^T + b)[label] per row, chunked over rows; -100 labels give 0."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size):
+        n_rows = hidden.shape[0]
+        acc = _accum_dtype(hidden)
+        out = hidden.new_zeros(n_rows, dtype=acc)
+        lse_all = hidden.new_zeros(n_rows, dtype=acc)
+        valid = labels != IGNORE_INDEX
+        safe_labels = labels.clamp(min=0)
+        for start in range(0, n_rows, chunk_size):
+            stop = min(start + chunk_size, n_rows)
+            logits = _logits(hidden[start:stop], weight, bias)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(-1, safe_labels[start:stop, None]).squeeze(-1)
+            out[start:stop] = picked - lse
+            lse_all[start:stop] = lse
+        out = out * valid
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), labels, lse_all)
+        ctx.has_bias = bias is not None
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, labels, lse_all = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
+        valid = labels != IGNORE_INDEX
+        safe_labels = labels.clamp(min=0)
+        acc = lse_all.dtype
+        grad_out = (grad_out.to(acc) * valid).contiguous()
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_hidden = torch.zeros_like(hidden) if need_h else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if need_w else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            stop = min(start + ctx.chunk_size, hidden.shape[0])
+            g = grad_out[start:stop]
+            if not torch.any(g):
+                continue
+            logits = _logits(hidden[start:stop], weight, bias)
+            # d(logit_label - lse)/d logits = onehot(label) - softmax
+            grad_logits = -torch.exp(logits - lse_all[start:stop, None]) * g[:, None]
+            grad_logits.scatter_add_(-1, safe_labels[start:stop, None], g[:, None])
+            if need_h:
+                grad_hidden[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_weight += grad_logits.t() @ hidden[start:stop].to(acc)
+            if need_b:
+                grad_bias += grad_logits.sum(0)
+        if need_w:
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_b:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _accum_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """Softmax statistics are kept in float32 (float64 when the inputs are float64)."""
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(hidden, weight, bias).to(_accum_dtype(hidden))
+
+
+def chunked_label_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Log-probability of each label under ``softmax(hidden @ weight.T + bias)``, never building
+    the full logits tensor.
+
+    Args:
+        hidden: ``[..., H]`` hidden states that predict ``labels`` (already shifted).
+        weight: ``[V, H]`` output embedding (the LM head's weight).
+        labels: ``[...]`` token ids; positions equal to -100 get log-prob 0 and no gradient.
+        bias: optional ``[V]`` LM-head bias.
+        chunk_size: rows (tokens) per chunk; peak extra memory is ``chunk_size * V`` floats.
+
+    Returns:
+        ``[...]`` per-token log-probs in float32 (float64 for float64 inputs).
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    shape = labels.shape
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    out = _ChunkedLabelLogps.apply(flat_hidden, weight, bias, flat_labels, chunk_size)
+    return out.view(shape)
+
+
+def naive_label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Reference path: full log-softmax over materialised logits (used in tests and benchmarks)."""
+    valid = labels != IGNORE_INDEX
+    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return logps * valid
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the hidden state that predicts them: position t predicts token t+1."""
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted

@@ -1,0 +1,118 @@
+"""The paired-preference LightningModule that every paired objective subclasses.
+
+A subclass overrides :meth:`PairedPreferenceModule.loss` (and sets ``needs_reference``); the base
+does the concatenated forward, the reference log-probs, metrics and the optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import torch
+from lightning import LightningModule
+from torchmetrics import MeanMetric
+from transformers import get_scheduler
+
+from lit_align.backbone import Backbone, SequenceLogps
+from lit_align.losses.types import PreferenceLoss
+from lit_align.settings import ModelSettings, OptimizerSettings
+
+PROGRESS_BAR = {"loss", "rewards/accuracies"}
+
+
+class PairedPreferenceModule(LightningModule):
+    """Base for objectives on (prompt, chosen, rejected) pairs.
+
+    Args:
+        model: the causal LM, LoRA/QLoRA and reference strategy.
+        optimizer: AdamW and learning-rate schedule.
+    """
+
+    needs_reference: ClassVar[bool] = True
+    """Whether :meth:`loss` receives reference log-probs (False: no reference is ever built)."""
+
+    def __init__(self, model: Optional[ModelSettings] = None, optimizer: Optional[OptimizerSettings] = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_settings = model or ModelSettings()
+        self.optimizer_settings = optimizer or OptimizerSettings()
+        self.backbone = Backbone(self.model_settings, needs_reference=self.needs_reference)
+        self.metrics = torch.nn.ModuleDict()
+
+    @property
+    def tokenizer(self):
+        return self.backbone.tokenizer
+
+    # ---- the one method a new objective overrides -----------------------------------------
+    def loss(self, chosen: SequenceLogps, rejected: SequenceLogps, ref_chosen: Optional[SequenceLogps], ref_rejected: Optional[SequenceLogps]) -> PreferenceLoss:
+        """Per-pair losses and implicit rewards from policy (and reference) log-probs.
+
+        ``chosen``/``rejected`` carry ``.sum`` (log pi(y|x)), ``.count`` (|y|), ``.mean`` and
+        per-token ``.tokens``; ``ref_*`` are the same for the reference, or None when
+        ``needs_reference`` is False.
+        """
+        raise NotImplementedError
+
+    # ---- shared machinery ------------------------------------------------------------------
+    def forward_pair(self, batch: dict[str, torch.Tensor]) -> PreferenceLoss:
+        """One concatenated policy forward over chosen+rejected, then the objective."""
+        chosen, rejected = self.backbone.logps(batch).split()
+        ref_chosen = ref_rejected = None
+        if self.needs_reference:
+            ref_chosen, ref_rejected = self.reference_logps(batch).split()
+        output = self.loss(chosen, rejected, ref_chosen, ref_rejected)
+        metrics = {"logps/chosen": chosen.sum.detach(), "logps/rejected": rejected.sum.detach(), **output.metrics}
+        return output._replace(metrics=metrics)
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+        """Reference log-probs of the batch under the configured strategy."""
+        return self.backbone.reference_logps(batch)
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        output = self.forward_pair(batch)
+        loss = output.losses.mean()
+        margins = output.chosen_rewards - output.rejected_rewards
+        values = {
+            "loss": output.losses.detach(),
+            "rewards/chosen": output.chosen_rewards,
+            "rewards/rejected": output.rejected_rewards,
+            # a tie (e.g. every DPO margin at step 0) is a coin flip: it counts one half
+            "rewards/accuracies": (margins > 0).float() + 0.5 * (margins == 0).float(),
+            "rewards/margins": margins,
+            **output.metrics,
+        }
+        self._log_metrics(stage, values, batch_size=output.losses.shape[0])
+        return loss
+
+    def _log_metrics(self, stage: str, values: dict[str, torch.Tensor], batch_size: int) -> None:
+        for name, value in values.items():
+            key = f"{stage}/{name}"
+            slot = key.replace("/", "__")
+            if slot not in self.metrics:  # created on first use; never as inference tensors
+                with torch.inference_mode(False):
+                    self.metrics[slot] = MeanMetric().to(self.device)
+            metric = self.metrics[slot]
+            metric(value.float())  # forward: accumulates and keeps the batch value for on_step logging
+            on_step = stage == "train"
+            self.log(key, metric, on_step=on_step, on_epoch=not on_step, prog_bar=name in PROGRESS_BAR, batch_size=batch_size, metric_attribute=f"metrics.{slot}")
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        settings = self.optimizer_settings
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps, weight_decay=settings.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = get_scheduler(settings.schedule, optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the class so ``lit-align export`` can rebuild the module from the file alone."""
+        checkpoint["lit_align_class"] = f"{type(self).__module__}:{type(self).__qualname__}"

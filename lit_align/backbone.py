@@ -7,7 +7,7 @@ import logging
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
-from importlib import resources
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -146,10 +146,10 @@ def resolve_model_path(settings: ModelSettings) -> tuple[str, str | None]:
     name, gguf = settings.name_or_path, settings.gguf_file
     if name.startswith("package://"):
         dist, _, rel = name[len("package://"):].partition("/")
-        try:
-            name = str(resources.files(dist).joinpath(rel))
-        except ModuleNotFoundError:
-            raise ModelLoadError(f"model.name_or_path={settings.name_or_path!r}: Python package {dist!r} is not installed") from None
+        spec = importlib.util.find_spec(dist)  # locates the package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(f"model.name_or_path={settings.name_or_path!r}: Python package {dist!r} is not installed")
+        name = str(Path(list(spec.submodule_search_locations)[0]) / rel)
         if not Path(name).exists():
             raise ModelLoadError(f"model.name_or_path={settings.name_or_path!r}: package {dist!r} has no file {rel!r}")
     path = Path(name).expanduser()

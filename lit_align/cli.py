@@ -13,10 +13,14 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from jsonargparse import set_parsing_settings  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from lit_align.data.datamodule import PreferenceDataModule  # noqa: E402
 from lit_align.methods.base import PairedPreferenceModule  # noqa: E402
+
+# settings dataclasses document each field in an attribute docstring: show them in --help
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
@@ -77,15 +81,16 @@ def load_module_from_checkpoint(ckpt_path: str) -> PairedPreferenceModule:
     cls = importlib.import_module(module_name)
     for part in class_name.split("."):
         cls = getattr(cls, part)
-    module = cls(**checkpoint["hyper_parameters"])
+    module = cls(**{k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")})
     module.load_state_dict(checkpoint["state_dict"])
     return module
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["export"]:
-        export_main(argv[1:])
+    """Entry point; ``argv`` defaults to the command line."""
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["export"]:
+        export_main(words[1:])
         return
     LitAlignCLI(
         PairedPreferenceModule,
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         auto_configure_optimizers=False,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
-        args=argv if argv else None,
+        args=argv,
     )
 
 

@@ -108,3 +108,22 @@ class OptimizerSettings:
     """Fraction of the total optimizer steps spent warming up linearly from 0."""
     schedule: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     """Decay after warm-up."""
+
+
+def as_settings(value, cls):
+    """``value`` as a ``cls`` dataclass: dicts (e.g. hyper-parameters read back from a checkpoint)
+    are converted, nested dataclass fields included; ``None`` gives the defaults."""
+    import dataclasses
+    import typing
+
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, item in dict(value).items():
+        target = hints.get(key)
+        nested = [t for t in (typing.get_args(target) or (target,)) if dataclasses.is_dataclass(t)]
+        kwargs[key] = as_settings(item, nested[0]) if nested and isinstance(item, dict) else item
+    return cls(**kwargs)

@@ -90,39 +90,41 @@ class PreferenceDataModule(LightningDataModule):
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if max_prompt_length is not None and not 0 < max_prompt_length < max_length:
+            raise ValueError(f"max_prompt_length must be in (0, max_length={max_length}), got {max_prompt_length}: responses need room")
         self.save_hyperparameters()
         self.task = task or WordRulesTask()
-        self.max_prompt_length = max_prompt_length or max_length // 2
+        self.max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict[str, list[dict[str, Any]]] = {}
         self.skipped: dict[str, int] = {}
 
     # ---- records -------------------------------------------------------------------------
-    def _raw_splits(self) -> dict[str, tuple[str, list[dict[str, Any]]]]:
+    def _raw_splits(self) -> dict[str, tuple[str, list[tuple[int, dict[str, Any]]]]]:
+        """Per split: (source name, [(record number in that source, record), ...])."""
         h = self.hparams
         if h.train == BUILTIN:
-            splits = {"train": ("builtin:train", self.task.split("train")), "val": ("builtin:val", self.task.split("val"))}
+            splits = {name: (f"builtin:{name}", list(enumerate(self.task.split(name)))) for name in ("train", "val")}
         else:
-            train_records = read_records(h.train, h.split)
+            train_records = list(enumerate(read_records(h.train, h.split)))
             if h.val:
-                splits = {"train": (h.train, train_records), "val": (h.val, read_records(h.val, h.val_split or h.split))}
+                splits = {"train": (h.train, train_records), "val": (h.val, list(enumerate(read_records(h.val, h.val_split or h.split))))}
             else:
                 order = list(range(len(train_records)))
                 random.Random(h.seed).shuffle(order)
-                n_val = max(1, round(len(order) * h.val_fraction))
-                held = set(order[:n_val])
+                held = set(order[: max(1, round(len(order) * h.val_fraction))])
                 splits = {
-                    "train": (h.train, [r for i, r in enumerate(train_records) if i not in held]),
-                    "val": (f"{h.train} (held-out {h.val_fraction:g})", [r for i, r in enumerate(train_records) if i in held]),
+                    "train": (h.train, [r for r in train_records if r[0] not in held]),
+                    "val": (h.train, [r for r in train_records if r[0] in held]),
                 }
         if h.max_records:
             splits = {name: (src, recs[: h.max_records]) for name, (src, recs) in splits.items()}
         return splits
 
-    def _tokenize_split(self, source: str, records: list[dict[str, Any]]) -> tuple[list[dict[str, list[int]]], list[str]]:
+    def _tokenize_split(self, source: str, records: list[tuple[int, dict[str, Any]]]) -> tuple[list[dict[str, list[int]]], list[str]]:
         h = self.hparams
         examples, skipped = [], []
-        for index, record in enumerate(records):
+        for index, record in records:
             try:
                 pair = normalise_record(record, source, index, h.format, h.columns, h.assistant_marker)
                 examples.append(tokenize_pair(pair, self.tokenizer, h.max_length, self.max_prompt_length, h.truncation, source, index))

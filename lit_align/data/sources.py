@@ -16,11 +16,13 @@ from typing import Any
 from lit_align.data.errors import DataError
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+# endings that mean "a local file" even when we cannot read them (so a typo is not a hub lookup)
+PATH_SUFFIXES = FILE_SUFFIXES + (".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip")
 
 
 def looks_like_path(source: str) -> bool:
     """A local path was meant (so a missing one is an error, not a hub lookup)."""
-    return source.startswith((".", "/", "~")) or source.lower().endswith(FILE_SUFFIXES)
+    return source.startswith((".", "/", "~")) or source.lower().endswith(PATH_SUFFIXES)
 
 
 def read_records(source: str, split: str = "train") -> list[dict[str, Any]]:
@@ -37,6 +39,8 @@ def read_records(source: str, split: str = "train") -> list[dict[str, Any]]:
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
     name = path.name.lower()
+    if path.stat().st_size == 0:
+        raise DataError(str(path), "no records (the file is empty)")
     if name.endswith((".jsonl", ".jsonl.gz")):
         records = list(_iter_jsonl(path))
     elif name.endswith((".json", ".json.gz")):
@@ -61,15 +65,17 @@ def _open_text(path: Path):
 def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     try:
         with _open_text(path) as handle:
+            count = 0  # records are numbered from 0 skipping blank lines, as everywhere else
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise DataError(str(path), f"line {line_number} is not valid JSON ({error.msg})", record=line_number - 1) from None
+                    raise DataError(str(path), f"line {line_number} is not valid JSON ({error.msg})", record=count) from None
                 if not isinstance(record, dict):
-                    raise DataError(str(path), f"line {line_number} is a JSON {type(record).__name__}, expected an object", record=line_number - 1)
+                    raise DataError(str(path), f"line {line_number} is a JSON {type(record).__name__}, expected an object", record=count)
+                count += 1
                 yield record
     except UnicodeDecodeError as error:
         raise DataError(str(path), f"not UTF-8 text (byte offset {error.start})") from None

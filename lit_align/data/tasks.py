@@ -60,10 +60,25 @@ class WordRulesTask:
             raise ValueError("WordRulesTask: need 2 <= min_word_length <= max_word_length")
 
     def split(self, name: str) -> list[dict[str, str]]:
-        """Records ``{"prompt", "chosen", "rejected"}`` of split ``train`` or ``val``."""
+        """Records ``{"prompt", "chosen", "rejected"}`` of split ``train`` or ``val``.
+
+        No ``val`` prompt occurs in ``train``: held-out prompts are drawn again until unseen.
+        """
         count = {"train": self.num_train, "val": self.num_val}[name]
         rng = random.Random(f"{self.seed}:{name}")
-        return [self._pair(rng) for _ in range(count)]
+        if name == "train":
+            return [self._pair(rng) for _ in range(count)]
+        seen = {record["prompt"] for record in self.split("train")}
+        records = []
+        for _ in range(100 * count + 100):
+            if len(records) == count:
+                break
+            record = self._pair(rng)
+            if record["prompt"] not in seen:
+                records.append(record)
+        if len(records) < count:
+            raise ValueError("WordRulesTask: too few unseen words for the held-out split; raise max_word_length")
+        return records
 
     def _pair(self, rng: random.Random) -> dict[str, str]:
         rule = rng.choice(self.rules)

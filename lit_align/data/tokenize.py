@@ -3,8 +3,9 @@
 Each pair becomes three id lists: ``prompt``, ``chosen`` and ``rejected``; the collator joins
 prompt + response and masks the prompt. Chat data is rendered with the tokenizer's chat template;
 the response is what the template adds after the generation prompt, so its end-of-turn tokens
-come from the template. An EOS token is appended to a response only when the response does not
-already contain one, so it appears exactly once.
+come from the template. An EOS token ends a plain-text response exactly once (none is added when
+it already ends with one); a rendered chat response keeps the template's end-of-turn token and
+gets an EOS only when the template put none in.
 
 Truncation (``truncation``):
 * ``keep_end`` (default): a prompt longer than ``max_prompt_length`` keeps its last tokens (the
@@ -50,6 +51,8 @@ def tokenize_pair(
     index: int = 0,
 ) -> dict[str, list[int]]:
     """Token ids ``{"prompt", "chosen", "rejected"}`` of one pair, truncated as documented above."""
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"max_prompt_length must be in (0, max_length={max_length}), got {max_prompt_length}")
     if pair.is_conversational:
         prompt_text, chosen_text = render_conversation(pair, pair.chosen, tokenizer, source, index)
         _, rejected_text = render_conversation(pair, pair.rejected, tokenizer, source, index)
@@ -61,7 +64,7 @@ def tokenize_pair(
             prompt_ids = prompt_ids[:-1]
     if not prompt_ids and tokenizer.bos_token_id is not None:
         prompt_ids = [tokenizer.bos_token_id]
-    responses = {name: _response_ids(text, tokenizer) for name, text in (("chosen", chosen_text), ("rejected", rejected_text))}
+    responses = {name: _response_ids(text, tokenizer, pair.is_conversational) for name, text in (("chosen", chosen_text), ("rejected", rejected_text))}
     longest = max(len(ids) for ids in responses.values())
     if len(prompt_ids) + longest > max_length or len(prompt_ids) > max_prompt_length:
         if truncation == "error":
@@ -77,9 +80,16 @@ def tokenize_pair(
     return {"prompt": prompt_ids, **responses}
 
 
-def _response_ids(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def _response_ids(text: str, tokenizer: PreTrainedTokenizerBase, rendered_by_template: bool) -> list[int]:
+    """Response ids ending in EOS exactly once.
+
+    Plain text gets an EOS unless it already ends with one. A chat-template rendering keeps the
+    template's end of turn (which may be followed by a newline, as in ChatML) and gets an EOS only
+    when the template put none in.
+    """
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    if eos is not None and eos not in ids:
+    has_eos = eos in ids if rendered_by_template else ids[-1:] == [eos]
+    if eos is not None and not has_eos:
         ids = ids + [eos]
     return ids

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -20,4 +22,4 @@ class PreferenceLoss(NamedTuple):
     losses: torch.Tensor
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
-    metrics: dict[str, torch.Tensor] = {}
+    metrics: Mapping[str, torch.Tensor] = MappingProxyType({})  # read-only shared default

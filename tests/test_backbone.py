@@ -144,3 +144,20 @@ def test_smollm2_gguf_loads_and_two_lora_dpo_steps_are_finite(tmp_path, monkeypa
     trainer.fit(module, data)
     assert trainer.global_step == 2
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_chunked_logps_under_bf16_autocast_match_naive_and_backpropagate():
+    """bf16-mixed training: backward (run outside autocast) repeats the forward's bf16 matmul."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 32, requires_grad=True)
+    weight = torch.randn(50, 32, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = chunked_label_logps(hidden, weight, labels, chunk_size=4)
+        naive = naive_label_logps(hidden @ weight.T, labels)
+    g_chunk = torch.autograd.grad(chunked.sum(), (hidden, weight))
+    g_naive = torch.autograd.grad(naive.sum(), (hidden, weight))
+    torch.testing.assert_close(chunked, naive, atol=1e-4, rtol=1e-4)
+    for a, b in zip(g_chunk, g_naive):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=0.05, rtol=0.02)

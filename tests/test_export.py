@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lit_align.backbone import Backbone, SequenceLogps
+from lit_align.backbone import Backbone
 from lit_align.callbacks import ExportHF
 from lit_align.cli import main
 from lit_align.data import PreferenceDataModule, WordRulesTask
@@ -53,6 +53,11 @@ def test_full_model_export_reloads_with_same_logps(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
     assert tokenizer("Reverse: ab")["input_ids"] == module.tokenizer("Reverse: ab")["input_ids"]
     assert tokenizer.chat_template == module.tokenizer.chat_template
+    # the exported folder is also a valid `name_or_path` for the next stage (e.g. DPO after SFT)
+    local = Backbone(ModelSettings(name_or_path=str(tmp_path / "export")), needs_reference=True)
+    with torch.no_grad():
+        torch.testing.assert_close(local.logps(batch).sum, trained_logps(module, batch), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(local.reference_logps(batch).sum, trained_logps(module, batch), atol=1e-5, rtol=1e-5)
     fresh = Backbone(ModelSettings(), needs_reference=False)  # the untrained weights differ
     assert (logps_of(fresh.policy, batch) - trained_logps(module, batch)).abs().max() > 1e-3
 

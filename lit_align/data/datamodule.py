@@ -105,6 +105,8 @@ class PreferenceDataModule(LightningDataModule):
         h = self.hparams
         if h.train == BUILTIN:
             splits = {name: (f"builtin:{name}", list(enumerate(self.task.split(name)))) for name in ("train", "val")}
+            if h.val:
+                splits["val"] = (h.val, list(enumerate(read_records(h.val, h.val_split or h.split))))
         else:
             train_records = list(enumerate(read_records(h.train, h.split)))
             if h.val:
@@ -141,11 +143,12 @@ class PreferenceDataModule(LightningDataModule):
         h = dict(self.hparams)
         for name in ("batch_size", "eval_batch_size", "num_workers", "cache_dir", "use_cache"):
             h.pop(name, None)
-        sources = [h["train"], h["val"]] if h["train"] != BUILTIN else [repr(self.task)]
+        train_id = repr(self.task) if h["train"] == BUILTIN else source_fingerprint(h["train"])
+        val_id = source_fingerprint(h["val"]) if h["val"] else None
         identity = {
             "version": CACHE_VERSION,
             "settings": {k: v for k, v in h.items() if k != "task"},
-            "sources": [source_fingerprint(s) if s and s != BUILTIN else s for s in sources],
+            "sources": [train_id, val_id],
             "tokenizer": tokenizer_fingerprint(self.tokenizer),
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -24,6 +24,14 @@ def _rewards(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     return chosen, rejected
 
 
+def _smoothed_logits(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, label_smoothing):
+    """(r_w, r_l, beta * m), after checking the label-noise rate is in [0, 0.5)."""
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen, rejected = _rewards(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta)
+    return chosen, rejected, chosen - rejected
+
+
 def dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -45,10 +53,7 @@ def dpo_loss(
         beta: inverse temperature; the strength of the implicit KL penalty to the reference.
         label_smoothing: eps in [0, 0.5), the assumed label-noise rate.
     """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    chosen, rejected = _rewards(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta)
-    logits = chosen - rejected
+    chosen, rejected, logits = _smoothed_logits(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, label_smoothing)
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     return PreferenceLoss(losses, chosen.detach(), rejected.detach())
 
@@ -73,10 +78,7 @@ def robust_dpo_loss(
         beta: inverse temperature, as in DPO.
         label_smoothing: eps in [0, 0.5), the known label-flip rate.
     """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    chosen, rejected = _rewards(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta)
-    logits = chosen - rejected
+    chosen, rejected, logits = _smoothed_logits(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, label_smoothing)
     losses = (-(1 - label_smoothing) * F.logsigmoid(logits) + label_smoothing * F.logsigmoid(-logits)) / (1 - 2 * label_smoothing)
     return PreferenceLoss(losses, chosen.detach(), rejected.detach())
 

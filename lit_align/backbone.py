@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
-from contextlib import nullcontext
 from dataclasses import dataclass
 import importlib.util
 from pathlib import Path
@@ -14,7 +13,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from lit_align.flops import flops_per_token
 from lit_align.logprobs import IGNORE_INDEX, chunked_label_logps, naive_label_logps, shift_labels
+from lit_align.reference import STRATEGIES
 from lit_align.settings import ModelSettings
 from lit_align.tiny import build_tiny_tokenizer, tiny_llama_config
 
@@ -75,10 +76,11 @@ class Backbone(nn.Module):
         super().__init__()
         self.settings = settings
         self.reference_strategy = _resolve_reference(settings, needs_reference)
+        self.strategy = STRATEGIES[self.reference_strategy]()
         self.tokenizer = load_tokenizer(settings)
         model = load_causal_lm(settings, self.tokenizer)
         self.reference: PreTrainedModel | None = None
-        if self.reference_strategy == "copy":
+        if self.strategy.builds_copy:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         if settings.lora is not None:
             model = _add_lora(model, settings)
@@ -86,6 +88,7 @@ class Backbone(nn.Module):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.policy = model
+        self._flops = None
 
     @property
     def is_peft(self) -> bool:
@@ -112,18 +115,22 @@ class Backbone(nn.Module):
             tokens = chunked_label_logps(hidden, head.weight, labels, head.bias, chunk_size=chunk)
         return SequenceLogps(tokens, labels != IGNORE_INDEX)
 
+    def step_flops(self, batch: dict[str, torch.Tensor], train: bool) -> int:
+        """Analytic FLOPs of one step on ``batch``: policy forward (+ backward when training)
+        plus a reference forward when the strategy runs one (see :mod:`lit_align.flops`)."""
+        if self._flops is None:
+            self._flops = flops_per_token(self.policy)
+        rows, seq_len = batch["input_ids"].shape
+        tokens = rows * seq_len
+        total = self._flops.forward_backward(tokens, seq_len) if train else self._flops.forward(tokens, seq_len)
+        if self.strategy.runs_forward:
+            total += flops_per_token(self.reference or self.policy).forward(tokens, seq_len)
+        return total
+
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         """Reference log-probs under the configured strategy (no gradients)."""
-        if self.reference_strategy == "copy":
-            return self.logps(batch, self.reference)
-        if self.reference_strategy == "adapter":
-            with self.policy.disable_adapter():
-                return self.logps(batch)
-        raise RuntimeError("this method was built without a reference model (reference='none')")
-
-    def reference_context(self):
-        return self.policy.disable_adapter() if self.reference_strategy == "adapter" else nullcontext()
+        return self.strategy.logps(self, batch)
 
 
 def _resolve_reference(settings: ModelSettings, needs_reference: bool) -> str:
@@ -135,7 +142,7 @@ def _resolve_reference(settings: ModelSettings, needs_reference: bool) -> str:
     if strategy == "auto":
         return "adapter" if settings.lora is not None else "copy"
     if strategy == "none":
-        raise ValueError("model.reference=none, but this method needs a reference model; use copy or adapter")
+        raise ValueError("model.reference=none, but this method needs a reference model; use copy, adapter or cached")
     if strategy == "adapter" and settings.lora is None:
         raise ValueError("model.reference=adapter needs model.lora (the reference is the policy with its LoRA adapters disabled)")
     return strategy

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-ReferenceStrategy = Literal["auto", "copy", "adapter", "none"]
+ReferenceStrategy = Literal["auto", "copy", "adapter", "cached", "none"]
 
 
 @dataclass
@@ -81,8 +81,9 @@ class ModelSettings:
     """4-bit base weights (QLoRA); needs ``lora``."""
     reference: ReferenceStrategy = "auto"
     """Reference model: ``copy`` (frozen copy), ``adapter`` (the same weights with LoRA disabled,
-    no second copy), ``none``; ``auto`` = adapter with LoRA, copy without, none for
-    reference-free methods."""
+    no second copy), ``cached`` (log-probs computed once before training and stored with the
+    tokenized data: no reference forward while training), ``none``; ``auto`` = adapter with LoRA,
+    copy without, none for reference-free methods."""
     logp_chunk_size: Optional[int] = 1024
     """Tokens per chunk when computing log-probs from hidden states (the [B, T, V] logits are
     never built); ``null`` = the naive path through full logits."""

@@ -1,5 +1,6 @@
 """Callbacks configurable under ``trainer.callbacks`` in YAML."""
 
 from lit_align.callbacks.export import ExportHF
+from lit_align.callbacks.throughput import Throughput
 
-__all__ = ["ExportHF"]
+__all__ = ["ExportHF", "Throughput"]

@@ -10,7 +10,10 @@ from collections.abc import Sequence
 
 import torch
 
-from lit_align.logprobs import IGNORE_INDEX
+from lit_align.logprobs import IGNORE_INDEX, shift_labels
+from lit_align.reference import REFERENCE_LOGPS_KEY
+
+REFERENCE_FIELDS = ("ref_chosen", "ref_rejected")  # per-token reference log-probs of each response
 
 
 class PairCollator:
@@ -33,7 +36,20 @@ class PairCollator:
             labels[row, len(prompt): len(ids)] = torch.tensor(response)
             attention_mask[row, : len(ids)] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if REFERENCE_FIELDS[0] in examples[0]:
+            batch[REFERENCE_LOGPS_KEY] = _reference_logps(examples, labels)
         for key in examples[0]:
-            if key not in ("prompt", "chosen", "rejected"):  # e.g. cached reference log-probs
+            if key not in ("prompt", "chosen", "rejected", *REFERENCE_FIELDS):
                 batch[key] = torch.stack([torch.as_tensor(ex[key]) for ex in examples])
         return batch
+
+
+def _reference_logps(examples: Sequence[dict], labels: torch.Tensor) -> torch.Tensor:
+    """``[2B, T]`` cached per-token reference log-probs, aligned like the backbone's log-probs
+    (position t holds the log-prob of token t+1); zero off the response."""
+    mask = shift_labels(labels) != IGNORE_INDEX
+    values = [ex[REFERENCE_FIELDS[0]] for ex in examples] + [ex[REFERENCE_FIELDS[1]] for ex in examples]
+    out = torch.zeros(labels.shape, dtype=torch.float32)
+    for row, row_values in enumerate(values):
+        out[row, mask[row]] = torch.as_tensor(row_values, dtype=torch.float32)
+    return out

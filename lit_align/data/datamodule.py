@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -16,6 +15,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from lit_align.atomic import atomic_torch_save, load_or_none
 from lit_align.data.collate import PairCollator
 from lit_align.data.errors import DataError, DroppableRecord
 from lit_align.data.formats import FormatName, normalise_record
@@ -139,7 +139,8 @@ class PreferenceDataModule(LightningDataModule):
         return examples, skipped
 
     # ---- cache ---------------------------------------------------------------------------
-    def _cache_key(self) -> str:
+    def cache_key(self) -> str:
+        """Identity of the tokenized data: sources, settings and tokenizer."""
         h = dict(self.hparams)
         for name in ("batch_size", "eval_batch_size", "num_workers", "cache_dir", "use_cache"):
             h.pop(name, None)
@@ -154,27 +155,18 @@ class PreferenceDataModule(LightningDataModule):
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     def _cache_path(self) -> Path:
-        return Path(self.hparams.cache_dir or default_cache_dir()) / "tokenized" / f"{self._cache_key()}.pt"
+        return self.cache_root() / "tokenized" / f"{self.cache_key()}.pt"
+
+    def cache_root(self) -> Path:
+        return Path(self.hparams.cache_dir or default_cache_dir())
 
     def _load_cache(self, path: Path) -> dict[str, Any] | None:
-        if not (self.hparams.use_cache and path.is_file()):
+        if not self.hparams.use_cache:
             return None
-        try:
-            return torch.load(path, weights_only=True)
-        except Exception as error:  # a truncated or corrupt cache is rebuilt, not trusted
-            log.warning("tokenized cache %s is unreadable (%s); rebuilding it", path, error)
-            return None
-
-    def _save_cache(self, path: Path, payload: dict[str, Any]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(handle)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        payload = load_or_none(path)
+        if payload is None and path.is_file():  # a truncated or corrupt cache is rebuilt, not trusted
+            log.warning("tokenized cache %s is unreadable; rebuilding it", path)
+        return payload
 
     # ---- Lightning hooks -----------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -193,7 +185,7 @@ class PreferenceDataModule(LightningDataModule):
                 cached["splits"][name] = examples
                 cached["skipped"][name] = skipped
             if self.hparams.use_cache:
-                self._save_cache(path, cached)
+                atomic_torch_save(cached, path)
         self.datasets = cached["splits"]
         self.skipped = {name: len(reasons) for name, reasons in cached["skipped"].items()}
         for name, reasons in cached["skipped"].items():

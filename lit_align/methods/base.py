@@ -38,6 +38,8 @@ class PairedPreferenceModule(LightningModule):
         self.optimizer_settings = as_settings(optimizer, OptimizerSettings)
         self.backbone = Backbone(self.model_settings, needs_reference=self.needs_reference)
         self.metrics = torch.nn.ModuleDict()
+        self._policy_is_initial = True  # False once trained or loaded: then no reference can be derived from it
+        self._reference_attached = False
 
     @property
     def tokenizer(self):
@@ -69,6 +71,7 @@ class PairedPreferenceModule(LightningModule):
         return self.backbone.reference_logps(batch)
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        self.flops_per_batch = self.backbone.step_flops(batch, train=stage == "train")  # read by ThroughputMonitor
         output = self.forward_pair(batch)
         loss = output.losses.mean()
         margins = output.chosen_rewards - output.rejected_rewards
@@ -97,6 +100,7 @@ class PairedPreferenceModule(LightningModule):
             self.log(key, metric, on_step=on_step, on_epoch=not on_step, prog_bar=name in PROGRESS_BAR, batch_size=batch_size, metric_attribute=f"metrics.{slot}")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self._policy_is_initial = False
         return self._step(batch, "train")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -112,6 +116,31 @@ class PairedPreferenceModule(LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = get_scheduler(settings.schedule, optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- cached reference log-probs --------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self._attach_cached_reference()
+
+    def on_validation_start(self) -> None:
+        self._attach_cached_reference()
+
+    def on_test_start(self) -> None:
+        self._attach_cached_reference()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._policy_is_initial = False
+
+    def _attach_cached_reference(self) -> None:
+        """With ``reference: cached``, attach stored (or compute once) reference log-probs."""
+        if self.backbone.reference_strategy != "cached" or self._reference_attached:
+            return
+        from lit_align.reference_cache import attach_reference_logps
+
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "cache_key"):
+            raise RuntimeError("model.reference=cached needs a lit-align data module (it stores the log-probs with the tokenized data)")
+        attach_reference_logps(self.backbone, datamodule, self._policy_is_initial, self.device, self.trainer.is_global_zero)
+        self._reference_attached = True
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the class so ``lit-align export`` can rebuild the module from the file alone."""

@@ -1,0 +1,39 @@
+"""Throughput and MFU logging: Lightning's ThroughputMonitor fed with lit-align's analytic FLOPs."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from lightning.pytorch.callbacks import ThroughputMonitor
+
+
+def _pairs(batch) -> int:
+    return batch["input_ids"].shape[0] // 2
+
+
+def _tokens(batch) -> int:
+    return int(batch["attention_mask"].sum())
+
+
+class Throughput(ThroughputMonitor):
+    """Logs samples (pairs), tokens and FLOPs per second, and MFU, every ``log_every_n_steps``.
+
+    FLOPs per batch come from the module's ``flops_per_batch`` (analytic, :mod:`lit_align.flops`).
+    MFU needs the peak FLOP/s of one device: Lightning knows common GPUs; on a CPU, or to override,
+    give ``peak_flops`` (e.g. 157e9 for the 2-core AVX2 CPU these docs were measured on).
+
+    Args:
+        peak_flops: peak FLOP/s of one device at the training dtype; unset = Lightning's table.
+        window_size: number of batches in the moving average.
+    """
+
+    def __init__(self, peak_flops: Optional[float] = None, window_size: int = 20):
+        super().__init__(batch_size_fn=_pairs, length_fn=_tokens, window_size=window_size)
+        self.peak_flops = peak_flops
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.peak_flops is not None:
+            self.available_flops = self.peak_flops
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.peak_flops

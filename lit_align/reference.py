@@ -1,0 +1,80 @@
+"""Reference strategies: where an objective's reference log-probs come from.
+
+Objectives call ``backbone.reference_logps(batch)`` and never know which strategy ran:
+
+* ``copy``: a frozen copy of the initial policy (twice the weights in memory).
+* ``adapter``: the policy with its LoRA adapters disabled (no second copy; needs LoRA).
+* ``cached``: log-probs computed once, before training, from the initial policy (adapters
+  disabled under LoRA) and stored next to the tokenized data; training runs no reference forward
+  and holds no reference weights. See :mod:`lit_align.reference_cache`.
+* ``none``: reference-free objectives; nothing is built.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
+
+import torch
+
+from lit_align.logprobs import IGNORE_INDEX, shift_labels
+
+if TYPE_CHECKING:
+    from lit_align.backbone import Backbone, SequenceLogps
+
+REFERENCE_LOGPS_KEY = "reference_logps"
+
+
+class FrozenCopy:
+    """A frozen copy of the initial policy, built once by the backbone."""
+
+    builds_copy = True
+    runs_forward = True  # a reference forward per step (counted in FLOPs)
+
+    def logps(self, backbone: Backbone, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+        return backbone.logps(batch, backbone.reference)
+
+
+class DisabledAdapter:
+    """The policy's own weights with LoRA adapters switched off."""
+
+    builds_copy = False
+    runs_forward = True
+
+    def logps(self, backbone: Backbone, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+        with backbone.policy.disable_adapter():
+            return backbone.logps(batch)
+
+
+class CachedLogps:
+    """Per-token reference log-probs that the collator put in ``batch["reference_logps"]``."""
+
+    builds_copy = False
+    runs_forward = False
+
+    def logps(self, backbone: Backbone, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+        from lit_align.backbone import SequenceLogps
+
+        if REFERENCE_LOGPS_KEY not in batch:
+            raise RuntimeError("model.reference=cached, but this batch carries no precomputed reference log-probs; "
+                               "they are attached when fit/validate/test starts (use a lit-align data module)")
+        labels = shift_labels(batch["labels"])
+        return SequenceLogps(batch[REFERENCE_LOGPS_KEY].to(torch.float32), labels != IGNORE_INDEX)
+
+    @staticmethod
+    def source(backbone: Backbone):
+        """Context in which the policy computes the reference: adapters off under LoRA."""
+        return backbone.policy.disable_adapter() if backbone.is_peft else nullcontext()
+
+
+class NoReference:
+    """Reference-free objectives: asking for reference log-probs is a bug."""
+
+    builds_copy = False
+    runs_forward = False
+
+    def logps(self, backbone: Backbone, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+        raise RuntimeError("this method was built without a reference model (reference='none')")
+
+
+STRATEGIES = {"copy": FrozenCopy, "adapter": DisabledAdapter, "cached": CachedLogps, "none": NoReference}

@@ -1,22 +1,19 @@
 """lit-align DPO against TRL's DPOTrainer: numerical parity, then step time and peak memory.
 
-1. Parity: one tiny Llama (built by lit-align, saved with ``save_pretrained`` and loaded by TRL from
-   that folder), the same preference pairs tokenized by TRL's own pipeline (``DPOTrainer`` dataset
-   preparation + ``DataCollatorForPreference``) and fed as identical token ids to lit-align's
-   ``PairCollator``. Compares per-token policy log-probs, summed policy/reference log-probs and the
-   DPO loss, fp32, and asserts agreement (see ``check``). Also reports whether lit-align's own
-   tokenizer pipeline produced the same ids.
-2. Speed/memory: fresh worker processes alternating lit-align / TRL (``--repeats`` each). Both load
-   the same saved weights and read the same pairs (every row exactly ``--seq`` tokens, so there is
-   no padding and the work per step does not depend on shuffling), fp32, sdpa, AdamW (torch.optim),
-   cosine schedule, grad-norm clipping at 1.0, batch ``--batch`` pairs, an online frozen reference
-   copy, no gradient checkpointing. lit-align runs ``lightning.Trainer.fit(max_steps=...)``, TRL
-   ``DPOTrainer.train()``; a callback in each times every optimizer step (batch start -> after the
-   optimizer step); the first ``--warmup`` steps are dropped. Peak RSS: the process lifetime
-   high-water mark (imports, model loading and training), plus the training-phase peak above the
-   RSS at the first step.
+1. Parity (fp32): a tiny Llama built by lit-align is saved with ``save_pretrained``; TRL's
+   ``DPOTrainer`` loads policy and reference from that folder. Both policies get the same small
+   perturbation (so policy != reference and the loss is not just log 2). Pairs are tokenized by
+   TRL's own pipeline (``DPOTrainer`` dataset preparation + ``DataCollatorForPreference``) and the
+   identical ids go through lit-align's ``PairCollator``. Compared: per-token policy log-probs,
+   summed policy and reference log-probs, the DPO loss and its gradients.
+2. Speed/memory: fresh worker processes alternating lit-align / TRL, ``--repeats`` each, same saved
+   weights and pairs (every row exactly ``--seq`` tokens: no padding, so shuffling cannot change
+   the work), fp32, sdpa, torch.optim.AdamW, cosine schedule, grad-norm clip 1.0, online frozen
+   reference copy, no gradient checkpointing. lit-align: ``lightning.Trainer.fit(max_steps)``;
+   TRL: ``DPOTrainer.train()``. A callback in each times every step (batch start -> after the
+   optimizer step; the first ``--warmup`` dropped). Peak RSS = the worker's VmHWM over its life.
 
-    python benchmarks/against_trl.py            # full run (~5 min on 2 cores)
+    python benchmarks/against_trl.py            # full run (~5 min on 2 idle cores)
     python benchmarks/against_trl.py --quick    # smoke run
 
 Needs the benchmark extra: ``pip install trl matplotlib``.
@@ -40,30 +37,7 @@ HERE = Path(__file__).resolve().parent
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 MIB = 1024 * 1024
 FRAMEWORKS = ("lit-align", "trl")
-
-
-# ---------------------------------------------------------------------------- small helpers
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-
-
-def rss_now() -> int:
-    return _status_kib("VmRSS") * 1024
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as clear_refs:  # VmHWM := VmRSS (Linux)
-        clear_refs.write("5")
-
-
-def run_worker(args: argparse.Namespace, framework: str, workdir: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", framework, "--workdir", str(workdir), *sys.argv[1:]]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{framework} worker failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+QUIET = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,14 +48,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--intermediate", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=32000, help="padded vocabulary (TinyModel.vocab_size)")
     p.add_argument("--seq", type=int, default=256, help="tokens per row: seq/2 prompt + seq/2 response (incl. EOS)")
-    p.add_argument("--batch", type=int, default=2, help="pairs per step (2x rows)")
+    p.add_argument("--batch", type=int, default=2, help="pairs per step (the policy sees 2x rows)")
     p.add_argument("--parity-pairs", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2, help="steps dropped before timing")
     p.add_argument("--steps", type=int, default=10, help="timed steps per worker")
-    p.add_argument("--repeats", type=int, default=2, help="fresh processes per framework (alternating)")
+    p.add_argument("--repeats", type=int, default=2, help="fresh processes per framework, alternating")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--chunk", type=int, default=1024, help="lit-align logp_chunk_size")
+    p.add_argument("--chunk", type=int, default=1024, help="lit-align logp_chunk_size (its default)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the workers")
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
     p.add_argument("--quick", action="store_true", help="smoke run: small model, few steps, 1 repeat")
@@ -94,56 +68,56 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-# ---------------------------------------------------------------------------- data and model
+def status_bytes(field: str) -> int:
+    """VmRSS / VmHWM of this process (Linux). VmHWM is per address space, so unlike ru_maxrss it
+    does not inherit the parent's peak through fork+exec."""
+    with open("/proc/self/status") as status:
+        return 1024 * next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+# ---------------------------------------------------------------------------- data and models
 def _cut(text: str, n_bytes: int, keep_end: bool) -> str:
     raw = text.encode()
     return (raw[-n_bytes:] if keep_end else raw[:n_bytes]).decode(errors="ignore")
 
 
 def load_records(n: int, seq: int) -> list[dict[str, str]]:
-    """``n`` explicit pairs whose prompt is exactly seq/2 bytes and responses seq/2 - 1 bytes (the
-    tokenizer is byte-level, so with EOS every row is exactly ``seq`` tokens in both frameworks)."""
+    """``n`` explicit pairs: prompt exactly seq/2 bytes, responses seq/2 - 1 bytes. The tokenizer is
+    byte-level, so with EOS every row is exactly ``seq`` tokens and neither framework truncates."""
     from lit_align.data.formats import normalise_record
 
-    half = seq // 2
-    if HH.is_file():
+    if HH.is_file():  # Anthropic HH transcripts, split at the last "\n\nAssistant:" by lit-align
         with gzip.open(HH, "rt") as f:
             raw = [json.loads(line) for line in f]
         pairs = []
         for i, record in enumerate(raw):
             try:
-                pairs.append(normalise_record(record, "hh", i, "implicit"))
+                pair = normalise_record(record, "hh", i, "implicit")
+                pairs.append((pair.prompt, pair.chosen, pair.rejected))
             except ValueError:
                 continue
-        pairs = [(p.prompt, p.chosen, p.rejected) for p in pairs]
     else:  # built-in task, texts repeated to length
         from lit_align.data import WordRulesTask
 
         pairs = [(r["prompt"] * seq, r["chosen"] * seq, r["rejected"] * seq) for r in WordRulesTask().split("train")]
-    out = []
+    half, out = seq // 2, []
     for prompt, chosen, rejected in pairs:
         rec = {"prompt": _cut(prompt, half, True), "chosen": _cut(chosen, half - 1, False), "rejected": _cut(rejected, half - 1, False)}
-        sizes = [len(rec[k].encode()) for k in ("prompt", "chosen", "rejected")]
-        if sizes == [half, half - 1, half - 1] and rec["chosen"] != rec["rejected"] and "<|" not in "".join(rec.values()):
+        if [len(v.encode()) for v in rec.values()] == [half, half - 1, half - 1] and rec["chosen"] != rec["rejected"] and "<|" not in str(rec):
             out.append(rec)
         if len(out) == n:
             return out
     raise RuntimeError(f"only {len(out)} usable pairs for seq={seq}")
 
 
-def model_settings(args, name_or_path: str = "tiny"):
-    from lit_align.settings import ModelSettings, TinyModel
+def lit_module(args, name_or_path: str = "tiny"):
+    from lit_align.methods import DPO
+    from lit_align.settings import ModelSettings, OptimizerSettings, TinyModel
 
     tiny = TinyModel(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, intermediate_size=args.intermediate,
                      max_position_embeddings=max(512, args.seq), vocab_size=args.vocab, seed=0)
-    return ModelSettings(name_or_path=name_or_path, tiny=tiny, dtype="float32", attn_implementation="sdpa", logp_chunk_size=args.chunk, reference="copy")
-
-
-def lit_module(args, name_or_path: str = "tiny"):
-    from lit_align.methods import DPO
-    from lit_align.settings import OptimizerSettings
-
-    return DPO(beta=args.beta, label_smoothing=0.0, model=model_settings(args, name_or_path), optimizer=OptimizerSettings(lr=args.lr, warmup_ratio=0.1, schedule="cosine"))
+    model = ModelSettings(name_or_path=name_or_path, tiny=tiny, dtype="float32", attn_implementation="sdpa", logp_chunk_size=args.chunk, reference="copy")
+    return DPO(beta=args.beta, label_smoothing=0.0, model=model, optimizer=OptimizerSettings(lr=args.lr, warmup_ratio=0.1, schedule="cosine"))
 
 
 def trl_trainer(args, workdir: Path, max_steps: int, n_records: int, callbacks=()):
@@ -152,18 +126,19 @@ def trl_trainer(args, workdir: Path, max_steps: int, n_records: int, callbacks=(
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    # TRL defaults to gradient checkpointing and bf16; transformers 5 renamed the former
     no_ckpt = {"activation_checkpointing" if "activation_checkpointing" in DPOConfig.__dataclass_fields__ else "gradient_checkpointing": False}
     config = DPOConfig(
         **no_ckpt, output_dir=str(workdir / "trl-out"), max_steps=max_steps, per_device_train_batch_size=args.batch, learning_rate=args.lr,
-        lr_scheduler_type="cosine", warmup_steps=0.1, optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0,
-        bf16=False, use_cpu=True, max_length=args.seq, beta=args.beta, loss_type=["sigmoid"],
-        precompute_ref_log_probs=False, padding_free=False, model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
-        report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0, seed=0,
+        lr_scheduler_type="cosine", warmup_steps=0.1, optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0, bf16=False, use_cpu=True,
+        max_length=args.seq, beta=args.beta, loss_type=["sigmoid"], precompute_ref_log_probs=False, padding_free=False,
+        model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"}, report_to="none", save_strategy="no",
+        logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0, seed=0,
     )
     records = [json.loads(line) for line in open(workdir / "pairs.jsonl")][:n_records]
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     trainer = DPOTrainer(model=str(workdir / "model"), args=config, train_dataset=Dataset.from_list(records), processing_class=tokenizer, callbacks=list(callbacks))
-    assert not trainer.model.is_gradient_checkpointing and trainer.model.dtype == trainer.ref_model.dtype == torch.float32
+    assert not trainer.args.gradient_checkpointing and trainer.model.dtype == trainer.ref_model.dtype == torch.float32
     return trainer
 
 
@@ -181,33 +156,48 @@ def parity(args, workdir: Path, module) -> dict:
     trl_batch = trainer.data_collator(examples)
     records = [json.loads(line) for line in open(workdir / "pairs.jsonl")][:n]
     own = [tokenize_pair(PreferencePair(r["prompt"], r["chosen"], r["rejected"]), module.tokenizer, args.seq, args.seq // 2) for r in records]
-    same_tokenization = all(o == {"prompt": e["prompt_ids"], "chosen": e["chosen_ids"], "rejected": e["rejected_ids"]} for o, e in zip(own, examples))
-    lit_batch = PairCollator(module.tokenizer.pad_token_id)([{"prompt": e["prompt_ids"], "chosen": e["chosen_ids"], "rejected": e["rejected_ids"]} for e in examples])
+    ids = [{"prompt": e["prompt_ids"], "chosen": e["chosen_ids"], "rejected": e["rejected_ids"]} for e in examples]
+    lit_batch = PairCollator(module.tokenizer.pad_token_id)(ids)
     assert torch.equal(lit_batch["input_ids"], trl_batch["input_ids"]) and torch.equal(lit_batch["attention_mask"], trl_batch["attention_mask"])
     assert torch.equal(lit_batch["labels"] != -100, trl_batch["completion_mask"].bool())
 
-    with torch.no_grad():  # TRL: its fused-LM-head forward (as in _compute_loss), compute_ref_log_probs, compute_loss
+    lit_policy, trl_policy = module.backbone.policy, trainer.model
+    with torch.no_grad():  # the same perturbation of both policies; the references stay at the saved weights
+        gen = torch.Generator().manual_seed(1)
+        for (name, a), (other, b) in zip(lit_policy.named_parameters(), trl_policy.named_parameters(), strict=True):
+            assert name == other and torch.equal(a, b), name
+            noise = 0.002 * torch.randn(a.shape, generator=gen)
+            a.add_(noise)
+            b.add_(noise)
+        # TRL: the fused-LM-head forward _compute_loss uses, compute_ref_log_probs; lit-align: Backbone.logps
         labels = trl_batch["input_ids"].masked_fill(trl_batch["completion_mask"] == 0, -100)
-        trl_tokens = trainer.model(input_ids=trl_batch["input_ids"], attention_mask=trl_batch["attention_mask"], labels=labels, use_cache=False, fused_lm_head=True).log_probs
-        trl_policy = trl_tokens.sum(1)
+        trl_tokens = trl_policy(input_ids=trl_batch["input_ids"], attention_mask=trl_batch["attention_mask"], labels=labels, use_cache=False, fused_lm_head=True).log_probs
         trl_ref = torch.cat(trainer.compute_ref_log_probs(trainer.ref_model, trl_batch))
-        trl_loss = trainer.compute_loss(trainer.model, trl_batch)
-        lit_tokens = module.backbone.logps(lit_batch).tokens[:, :-1]  # last position predicts nothing
-        out = module.forward_pair(lit_batch)
-        lit_policy = torch.cat([out.metrics["logps/chosen"], out.metrics["logps/rejected"]])
+        lit_tokens = module.backbone.logps(lit_batch).tokens[:, :-1]  # the last position predicts nothing
         lit_ref = module.reference_logps(lit_batch).sum
-        lit_loss = out.losses.mean()
-    diff = lambda a, b: float((a.double() - b.double()).abs().max())  # noqa: E731
-    rel = lambda a, b: float(((a.double() - b.double()).abs() / b.double().abs().clamp(min=1)).max())  # noqa: E731
+    trl_loss = trainer.compute_loss(trl_policy, trl_batch)  # TRL's DPO loss (sigmoid), with TRL's metrics
+    trl_loss.backward()
+    out = module.forward_pair(lit_batch)
+    lit_loss = out.losses.mean()
+    lit_loss.backward()
+    lit_sums = torch.cat([out.metrics["logps/chosen"], out.metrics["logps/rejected"]])
+
+    def diff(a, b, rel=False):
+        d = (a.double() - b.double()).abs()
+        return float((d / b.double().abs().clamp(min=1) if rel else d).max())
+
+    grads = [(a.grad, b.grad) for a, b in zip(lit_policy.parameters(), trl_policy.parameters())]
     result = {
-        "pairs": n, "same_tokenization": same_tokenization, "rows_x_tokens": list(lit_batch["input_ids"].shape),
-        "token_logp_max_abs": diff(lit_tokens, trl_tokens), "policy_sum_max_abs": diff(lit_policy, trl_policy),
-        "policy_sum_max_rel": rel(lit_policy, trl_policy), "ref_sum_max_abs": diff(lit_ref, trl_ref), "ref_sum_max_rel": rel(lit_ref, trl_ref),
-        "loss_abs": diff(lit_loss, trl_loss), "loss": float(lit_loss), "policy_sum_magnitude": float(lit_policy.abs().max()),
+        "pairs": n, "shape": list(lit_batch["input_ids"].shape), "same_tokenization": own == ids,
+        "token_abs": diff(lit_tokens, trl_tokens), "policy_sum_abs": diff(lit_sums, trl_tokens.sum(1)),
+        "policy_sum_rel": diff(lit_sums, trl_tokens.sum(1), rel=True), "sum_magnitude": float(lit_sums.abs().max()),
+        "ref_sum_abs": diff(lit_ref, trl_ref), "ref_sum_rel": diff(lit_ref, trl_ref, rel=True),
+        "loss": float(trl_loss), "loss_abs": diff(lit_loss, trl_loss),
+        "grad_abs": max(diff(a, b) for a, b in grads), "grad_max": max(float(b.abs().max()) for _, b in grads),
     }
-    # fp32: per-token log-probs (|x| ~ ln V) and the loss are compared absolutely; sums of ~seq/2
-    # tokens (|x| ~ seq/2 * ln V, whose fp32 ulp alone exceeds 1e-5) relatively
-    for key in ("token_logp_max_abs", "loss_abs", "policy_sum_max_rel", "ref_sum_max_rel"):
+    # fp32: per-token log-probs (|x| ~ ln V), the loss and gradients are compared absolutely; sums of
+    # seq/2 tokens (|x| ~ 1e3, where one fp32 ulp is already ~1e-4) relatively
+    for key in ("token_abs", "loss_abs", "grad_abs", "policy_sum_rel", "ref_sum_rel"):
         assert result[key] <= 1e-5, f"parity failed: {key}={result[key]:.3g}"
     return result
 
@@ -215,16 +205,18 @@ def parity(args, workdir: Path, module) -> dict:
 # ---------------------------------------------------------------------------- 2. workers
 class StepTimer:
     def __init__(self):
-        self.times, self.t0, self.setup_rss, self.setup_peak = [], None, None, None
+        self.wall, self.cpu, self.setup_peak = [], [], None
 
     def begin(self):
-        if self.setup_rss is None:
-            self.setup_rss, self.setup_peak = rss_now(), _status_kib("VmHWM") * 1024
-            reset_peak()
-        self.t0 = time.perf_counter()
+        if self.setup_peak is None:
+            self.setup_rss, self.setup_peak = status_bytes("VmRSS"), status_bytes("VmHWM")
+            with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to VmRSS: the training-phase peak
+                f.write("5")
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
 
     def end(self):
-        self.times.append(time.perf_counter() - self.t0)
+        self.wall.append(time.perf_counter() - self.t0)
+        self.cpu.append(time.process_time() - self.c0)  # CPU time of all threads: less sensitive to other load
 
 
 def worker(args) -> None:
@@ -241,13 +233,12 @@ def worker(args) -> None:
             def on_train_batch_end(self, *_):
                 timer.end()
 
-        module = lit_module(args, str(args.workdir / "model"))
-        data = PreferenceDataModule(train=str(args.workdir / "pairs.jsonl"), val=str(args.workdir / "pairs.jsonl"), format="explicit",
-                                    max_length=args.seq, batch_size=args.batch, num_workers=0, use_cache=False)
+        pairs = str(args.workdir / "pairs.jsonl")
+        data = PreferenceDataModule(train=pairs, val=pairs, format="explicit", max_length=args.seq, batch_size=args.batch, use_cache=False)
         trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=total, gradient_clip_val=1.0, limit_val_batches=0,
                             num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, callbacks=[Timing()])
-        trainer.fit(module, data)
+        trainer.fit(lit_module(args, str(args.workdir / "model")), data)
     else:
         from transformers import TrainerCallback
 
@@ -259,39 +250,42 @@ def worker(args) -> None:
                 timer.end()
 
         trl_trainer(args, args.workdir, max_steps=total, n_records=total * args.batch, callbacks=[Timing()]).train()
-    assert len(timer.times) == total, timer.times
-    steps = timer.times[args.warmup:]
-    train_peak = _status_kib("VmHWM") * 1024  # since the first step; VmHWM before it covers set-up
-    print(json.dumps({
-        "framework": args.worker, "step_s": steps, "median_step_s": statistics.median(steps),
-        "peak_rss": max(timer.setup_peak, train_peak), "setup_rss": timer.setup_rss, "train_peak_rss": train_peak,
-    }), flush=True)
+    assert len(timer.wall) == total, timer.wall
+    train_peak = status_bytes("VmHWM")
+    print(json.dumps({"framework": args.worker, "wall": timer.wall[args.warmup:], "cpu": timer.cpu[args.warmup:],
+                      "peak_rss": max(timer.setup_peak, train_peak), "setup_rss": timer.setup_rss, "train_peak": train_peak}))
+
+
+def run_worker(args, framework: str, workdir: Path) -> dict:
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", framework, "--workdir", str(workdir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **QUIET, "OMP_NUM_THREADS": str(args.threads)})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{framework} worker failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------- 3. report
-def report(args, runs: list[dict]) -> list[dict]:
+def report(args, runs: list[dict]) -> None:
+    med = statistics.median
     rows = []
     for fw in FRAMEWORKS:
         mine = [r for r in runs if r["framework"] == fw]
-        rows.append({
-            "framework": fw, "median_step_s": statistics.median([s for r in mine for s in r["step_s"]]),
-            "peak_rss_mib": statistics.median([r["peak_rss"] for r in mine]) / MIB,
-            "setup_rss_mib": statistics.median([r["setup_rss"] for r in mine]) / MIB,
-            "train_peak_above_setup_mib": statistics.median([r["train_peak_rss"] - r["setup_rss"] for r in mine]) / MIB,
-            "per_run_median_step_s": " ".join(f"{r['median_step_s']:.3f}" for r in mine),
-            "per_run_peak_rss_mib": " ".join(f"{r['peak_rss'] / MIB:.0f}" for r in mine),
-        })
-    trl = rows[-1]
+        rows.append({"framework": fw, "median_step_s": med([s for r in mine for s in r["wall"]]),
+                     "peak_rss_mib": med([r["peak_rss"] for r in mine]) / MIB,
+                     "median_step_cpu_s": med([s for r in mine for s in r["cpu"]]),
+                     "rss_at_first_step_mib": med([r["setup_rss"] for r in mine]) / MIB,
+                     "training_peak_above_it_mib": med([r["train_peak"] - r["setup_rss"] for r in mine]) / MIB,
+                     "per_run_median_step_s": " ".join(f"{med(r['wall']):.3f}" for r in mine),
+                     "per_run_peak_rss_mib": " ".join(f"{r['peak_rss'] / MIB:.0f}" for r in mine)})
     for row in rows:
-        row["step_ratio_vs_trl"] = row["median_step_s"] / trl["median_step_s"]
-        row["rss_ratio_vs_trl"] = row["peak_rss_mib"] / trl["peak_rss_mib"]
-        row["train_mem_ratio_vs_trl"] = row["train_peak_above_setup_mib"] / trl["train_peak_above_setup_mib"]
-    header = ["framework", "median step s", "ratio vs TRL", "peak RSS MiB", "ratio", "RSS at 1st step MiB", "training peak above it MiB", "ratio"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for key in ("median_step_s", "peak_rss_mib", "median_step_cpu_s", "training_peak_above_it_mib"):
+            row[key + "_ratio_vs_trl"] = row[key] / rows[-1][key]
+    print("| framework | median step s | ratio vs TRL | peak RSS MiB | ratio | CPU s/step | ratio | RSS at 1st step MiB | training peak above it MiB | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        lines.append(f"| {r['framework']} | {r['median_step_s']:.3f} | {r['step_ratio_vs_trl']:.2f}x | {r['peak_rss_mib']:.0f} | {r['rss_ratio_vs_trl']:.2f}x"
-                     f" | {r['setup_rss_mib']:.0f} | {r['train_peak_above_setup_mib']:.0f} | {r['train_mem_ratio_vs_trl']:.2f}x |")
-    print("\n".join(lines))
+        print(f"| {r['framework']} | {r['median_step_s']:.3f} | {r['median_step_s_ratio_vs_trl']:.2f}x | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib_ratio_vs_trl']:.2f}x"
+              f" | {r['median_step_cpu_s']:.2f} | {r['median_step_cpu_s_ratio_vs_trl']:.2f}x | {r['rss_at_first_step_mib']:.0f}"
+              f" | {r['training_peak_above_it_mib']:.0f} | {r['training_peak_above_it_mib_ratio_vs_trl']:.2f}x |")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     with open(args.out_dir / "against_trl.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -303,22 +297,20 @@ def report(args, runs: list[dict]) -> list[dict]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib missing: no PNG (pip install matplotlib)")
-        return rows
+        return print("matplotlib is not installed: no PNG (pip install matplotlib)")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, key, label in ((axes[0], "median_step_s", "median step time (s)"), (axes[1], "peak_rss_mib", "peak RSS (MiB)")):
+    for ax, key, label, fmt in ((axes[0], "median_step_s", "median step time (s)", "{:.2f}"), (axes[1], "peak_rss_mib", "peak RSS (MiB)", "{:.0f}")):
         bars = ax.bar([r["framework"] for r in rows], [r[key] for r in rows], color=["tab:blue", "tab:orange"])
-        ax.bar_label(bars, labels=[f"{r[key]:.2f}" if key == "median_step_s" else f"{r[key]:.0f}" for r in rows])
+        ax.bar_label(bars, labels=[fmt.format(r[key]) + f" ({r[key + '_ratio_vs_trl']:.2f}x)" for r in rows])
         ax.set_ylabel(label)
-    fig.suptitle(f"DPO step, fp32 CPU ({args.threads} threads): hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
+    fig.suptitle(f"DPO training step, fp32 CPU, {args.threads} threads: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
                  f"{args.batch} pairs x {args.seq} tokens", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out_dir / "against_trl.png", dpi=120)
-    return rows
 
 
 def main() -> None:
-    os.environ.update(HF_DATASETS_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+    os.environ.update(QUIET)
     args = parse_args()
     if args.worker:
         return worker(args)
@@ -329,29 +321,28 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="against_trl_") as tmp:
         workdir = Path(tmp)
-        n = max(args.parity_pairs, (args.warmup + args.steps) * args.batch)
         with open(workdir / "pairs.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in load_records(n, args.seq))
-        module = lit_module(args)  # the weights both sides use
+            f.writelines(json.dumps(r) + "\n" for r in load_records(max(args.parity_pairs, (args.warmup + args.steps) * args.batch), args.seq))
+        module = lit_module(args)  # the weights both sides start from
         module.backbone.policy.save_pretrained(workdir / "model")
         module.tokenizer.save_pretrained(workdir / "model")
-        result = parity(args, workdir, module)
+        r = parity(args, workdir, module)
         del module
-        print(f"parity ({result['pairs']} pairs, {result['rows_x_tokens'][0]} rows x {result['rows_x_tokens'][1]} tokens, fp32): "
-              f"per-token log-prob max|diff| {result['token_logp_max_abs']:.2e}; summed log-probs policy max|diff| {result['policy_sum_max_abs']:.2e} "
-              f"(rel {result['policy_sum_max_rel']:.1e}, |sum| up to {result['policy_sum_magnitude']:.0f}), reference max|diff| {result['ref_sum_max_abs']:.2e} "
-              f"(rel {result['ref_sum_max_rel']:.1e}); loss {result['loss']:.6f}, |diff| {result['loss_abs']:.2e}; "
-              f"lit-align's own tokenization identical to TRL's: {result['same_tokenization']}")
+        print(f"parity ({r['pairs']} pairs = {r['shape'][0]} rows x {r['shape'][1]} tokens, fp32, TRL's token ids): max |diff| per-token policy "
+              f"log-prob {r['token_abs']:.1e}; summed policy log-prob {r['policy_sum_abs']:.1e} (rel {r['policy_sum_rel']:.0e}; |sum| up to "
+              f"{r['sum_magnitude']:.0f}); summed reference log-prob {r['ref_sum_abs']:.1e} (rel {r['ref_sum_rel']:.0e}); DPO loss {r['loss']:.6f}, "
+              f"|diff| {r['loss_abs']:.1e}; gradients {r['grad_abs']:.1e} (max |grad| {r['grad_max']:.1e}). "
+              f"lit-align's own tokenization gives the same ids: {r['same_tokenization']}", flush=True)
         runs = []
         for i in range(args.repeats):
-            for fw in FRAMEWORKS:
+            for fw in FRAMEWORKS:  # A/B/A/B
                 runs.append(run_worker(args, fw, workdir))
-                r = runs[-1]
-                print(f"  run {i + 1} {fw}: median step {r['median_step_s']:.3f} s (min {min(r['step_s']):.3f}, max {max(r['step_s']):.3f}), "
-                      f"peak RSS {r['peak_rss'] / MIB:.0f} MiB", flush=True)
-    print(f"\nTRL {trl.__version__}, torch {torch.__version__}, {args.threads} threads\n")
+                w = runs[-1]["wall"]
+                print(f"  run {i + 1} {fw}: median step {statistics.median(w):.3f} s (min {min(w):.3f}, max {max(w):.3f}), "
+                      f"peak RSS {runs[-1]['peak_rss'] / MIB:.0f} MiB", flush=True)
+    print(f"\nTRL {trl.__version__}, torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} logical CPUs\n")
     report(args, runs)
-    print(f"\nwrote {args.out_dir / 'against_trl.csv'} and .png in {time.perf_counter() - started:.0f} s")
+    print(f"\nwrote {args.out_dir / 'against_trl.csv'} and .png ({time.perf_counter() - started:.0f} s in all)")
 
 
 if __name__ == "__main__":

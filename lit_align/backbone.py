@@ -14,7 +14,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_align.flops import flops_per_token
-from lit_align.logprobs import IGNORE_INDEX, chunked_label_logps, naive_label_logps, shift_labels
+from lit_align.logprobs import chunked_label_logps, naive_label_logps, shift_labels
+from lit_align.packing import is_packed, response_mask, unpack_rows
 from lit_align.reference import STRATEGIES
 from lit_align.settings import ModelSettings
 from lit_align.tiny import build_tiny_tokenizer, tiny_llama_config
@@ -101,26 +102,56 @@ class Backbone(nn.Module):
         return self
 
     def logps(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None) -> SequenceLogps:
-        """Per-token log-probs of ``batch["labels"]`` under ``model`` (default: the policy)."""
+        """Per-token log-probs of ``batch["labels"]`` under ``model`` (default: the policy).
+
+        Padded batches pass their attention mask; packed batches (:mod:`lit_align.packing`) pass
+        ``position_ids`` and no mask, and their values come back in the padded layout.
+        """
         model = model if model is not None else self.policy
         labels = shift_labels(batch["labels"])
+        inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+        if is_packed(batch):
+            inputs["position_ids"] = batch["position_ids"]
+        else:
+            inputs["attention_mask"] = batch["attention_mask"]
         chunk = self.settings.logp_chunk_size
         if chunk is None:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            tokens = naive_label_logps(logits, labels)
+            tokens = naive_label_logps(model(**inputs).logits, labels)
         else:
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+            hidden = base.get_decoder()(**inputs).last_hidden_state
             head = base.get_output_embeddings()
             tokens = chunked_label_logps(hidden, head.weight, labels, head.bias, chunk_size=chunk)
-        return SequenceLogps(tokens, labels != IGNORE_INDEX)
+        if is_packed(batch):
+            tokens = unpack_rows(tokens, batch["seq_lens"])
+        return SequenceLogps(tokens, response_mask(batch))
+
+    @torch.no_grad()
+    def packing_isolates_sequences(self, device: torch.device | None = None, tolerance: float = 1e-4) -> tuple[bool, float]:
+        """Whether packed sequences stay isolated under this model's attention implementation:
+        log-probs of two short random sequences packed into one row vs each alone."""
+        from lit_align.data.collate import PackedPairCollator, PairCollator
+
+        generator = torch.Generator().manual_seed(0)
+        vocab = min(self.policy.get_input_embeddings().num_embeddings, len(self.tokenizer))
+        ids = torch.randint(0, vocab, (17,), generator=generator).tolist()
+        examples = [{"prompt": ids[:4], "chosen": ids[4:9], "rejected": ids[9:17]}]
+        was_training = self.training
+        self.eval()
+        try:
+            padded = self.logps({k: v.to(device) for k, v in PairCollator(self.tokenizer.pad_token_id)(examples).items()})
+            packed = self.logps({k: v.to(device) for k, v in PackedPairCollator()(examples).items()})
+        finally:
+            self.train(was_training)
+        difference = float((padded.tokens - packed.tokens).abs().max())
+        return difference <= tolerance, difference
 
     def step_flops(self, batch: dict[str, torch.Tensor], train: bool) -> int:
         """Analytic FLOPs of one step on ``batch``: policy forward (+ backward when training)
         plus a reference forward when the strategy runs one (see :mod:`lit_align.flops`)."""
         if self._flops is None:
             self._flops = flops_per_token(self.policy)
-        rows, seq_len = batch["input_ids"].shape
+        rows, seq_len = batch["input_ids"].shape  # packed: one row of all tokens (dense block mask)
         tokens = rows * seq_len
         total = self._flops.forward_backward(tokens, seq_len) if train else self._flops.forward(tokens, seq_len)
         if self.strategy.runs_forward:

@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lit_align.logprobs import IGNORE_INDEX, shift_labels
+from lit_align.data.collate import REFERENCE_LOGPS_KEY
+from lit_align.packing import response_mask
 
 if TYPE_CHECKING:
     from lit_align.backbone import Backbone, SequenceLogps
-
-REFERENCE_LOGPS_KEY = "reference_logps"
 
 
 class FrozenCopy:
@@ -58,8 +57,7 @@ class CachedLogps:
         if REFERENCE_LOGPS_KEY not in batch:
             raise RuntimeError("model.reference=cached, but this batch carries no precomputed reference log-probs; "
                                "they are attached when fit/validate/test starts (use a lit-align data module)")
-        labels = shift_labels(batch["labels"])
-        return SequenceLogps(batch[REFERENCE_LOGPS_KEY].to(torch.float32), labels != IGNORE_INDEX)
+        return SequenceLogps(batch[REFERENCE_LOGPS_KEY].to(torch.float32), response_mask(batch))
 
     @staticmethod
     def source(backbone: Backbone):

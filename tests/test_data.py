@@ -187,9 +187,9 @@ def test_collator_masks_prompt_and_padding(tokenizer):
 
 
 def test_collator_stacks_extra_fields(tokenizer):
-    examples = [dict(tokenize_pair(PreferencePair("Q ", "a", "b"), tokenizer, 64, 32), ref_chosen=float(i)) for i in range(3)]
+    examples = [dict(tokenize_pair(PreferencePair("Q ", "a", "b"), tokenizer, 64, 32), score=float(i)) for i in range(3)]
     batch = PairCollator(tokenizer.pad_token_id)(examples)
-    assert batch["ref_chosen"].tolist() == [0.0, 1.0, 2.0]
+    assert batch["score"].tolist() == [0.0, 1.0, 2.0]
 
 
 def test_datamodule_batches(tokenizer, tmp_path):

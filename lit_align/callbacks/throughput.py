@@ -6,13 +6,11 @@ from typing import Optional
 
 from lightning.pytorch.callbacks import ThroughputMonitor
 
+from lit_align.packing import row_count, token_count
+
 
 def _pairs(batch) -> int:
-    return batch["input_ids"].shape[0] // 2
-
-
-def _tokens(batch) -> int:
-    return int(batch["attention_mask"].sum())
+    return row_count(batch) // 2
 
 
 class Throughput(ThroughputMonitor):
@@ -28,7 +26,7 @@ class Throughput(ThroughputMonitor):
     """
 
     def __init__(self, peak_flops: Optional[float] = None, window_size: int = 20):
-        super().__init__(batch_size_fn=_pairs, length_fn=_tokens, window_size=window_size)
+        super().__init__(batch_size_fn=_pairs, length_fn=token_count, window_size=window_size)
         self.peak_flops = peak_flops
 
     def setup(self, trainer, pl_module, stage: str) -> None:

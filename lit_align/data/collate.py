@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import torch
 
 from lit_align.logprobs import IGNORE_INDEX, shift_labels
-from lit_align.reference import REFERENCE_LOGPS_KEY
 
 REFERENCE_FIELDS = ("ref_chosen", "ref_rejected")  # per-token reference log-probs of each response
+REFERENCE_LOGPS_KEY = "reference_logps"  # their [2B, T] tensor in a batch
 
 
 class PairCollator:
@@ -41,6 +41,39 @@ class PairCollator:
         for key in examples[0]:
             if key not in ("prompt", "chosen", "rejected", *REFERENCE_FIELDS):
                 batch[key] = torch.stack([torch.as_tensor(ex[key]) for ex in examples])
+        return batch
+
+
+class PackedPairCollator:
+    """All chosen then all rejected sequences of a batch in one padding-free row.
+
+    Returns ``input_ids``, ``labels``, ``position_ids`` of shape ``[1, L]`` and ``seq_lens``
+    ``[2B]``; no attention mask (see :mod:`lit_align.packing`). The first token of each sequence is
+    never a label, so no sequence is scored on the end of the previous one.
+    """
+
+    def __call__(self, examples: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        rows = [(ex["prompt"], ex["chosen"]) for ex in examples] + [(ex["prompt"], ex["rejected"]) for ex in examples]
+        input_ids, labels, positions, lengths = [], [], [], []
+        for prompt, response in rows:
+            ids = prompt + response
+            input_ids += ids
+            labels += [IGNORE_INDEX] * len(prompt) + response
+            labels[len(input_ids) - len(ids)] = IGNORE_INDEX
+            positions += range(len(ids))
+            lengths.append(len(ids))
+        batch = {
+            "input_ids": torch.tensor([input_ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]),
+            "seq_lens": torch.tensor(lengths),
+        }
+        if REFERENCE_FIELDS[0] in examples[0]:
+            width = max(lengths)
+            padded_labels = torch.full((len(rows), width), IGNORE_INDEX)
+            for row, (prompt, response) in enumerate(rows):
+                padded_labels[row, len(prompt): len(prompt) + len(response)] = torch.tensor(response)
+            batch[REFERENCE_LOGPS_KEY] = _reference_logps(examples, padded_labels)
         return batch
 
 

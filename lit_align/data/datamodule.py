@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.atomic import atomic_torch_save, load_or_none
-from lit_align.data.collate import PairCollator
+from lit_align.data.collate import PackedPairCollator, PairCollator
 from lit_align.data.errors import DataError, DroppableRecord
 from lit_align.data.formats import FormatName, normalise_record
 from lit_align.data.sources import read_records, source_fingerprint
@@ -58,6 +58,9 @@ class PreferenceDataModule(LightningDataModule):
         max_records: use only the first N records of each source (quick runs).
         batch_size: pairs per training batch (the policy sees 2x rows).
         eval_batch_size: pairs per validation/test batch (default: ``batch_size``).
+        packing: put all sequences of a batch in one padding-free row (``position_ids``, no
+            attention mask); used only after the model passes a check that packed sequences stay
+            isolated under its attention implementation, else padding is used and the reason logged.
         num_workers: DataLoader worker processes.
         seed: seed for shuffling and for the ``val_fraction`` split.
         cache_dir: where tokenized data is cached (default ``$LIT_ALIGN_CACHE`` or ~/.cache/lit-align).
@@ -82,6 +85,7 @@ class PreferenceDataModule(LightningDataModule):
         max_records: Optional[int] = None,
         batch_size: int = 8,
         eval_batch_size: Optional[int] = None,
+        packing: bool = False,
         num_workers: int = 0,
         seed: int = 0,
         cache_dir: Optional[str] = None,
@@ -96,6 +100,7 @@ class PreferenceDataModule(LightningDataModule):
         self.task = task or WordRulesTask()
         self.max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
         self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.packing_active = packing  # switched off by the module if the model cannot isolate packed sequences
         self.datasets: dict[str, list[dict[str, Any]]] = {}
         self.skipped: dict[str, int] = {}
 
@@ -142,7 +147,7 @@ class PreferenceDataModule(LightningDataModule):
     def cache_key(self) -> str:
         """Identity of the tokenized data: sources, settings and tokenizer."""
         h = dict(self.hparams)
-        for name in ("batch_size", "eval_batch_size", "num_workers", "cache_dir", "use_cache"):
+        for name in ("batch_size", "eval_batch_size", "packing", "num_workers", "cache_dir", "use_cache"):
             h.pop(name, None)
         train_id = repr(self.task) if h["train"] == BUILTIN else source_fingerprint(h["train"])
         val_id = source_fingerprint(h["val"]) if h["val"] else None
@@ -195,8 +200,14 @@ class PreferenceDataModule(LightningDataModule):
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         size = self.hparams.batch_size if name == "train" else self.hparams.eval_batch_size or self.hparams.batch_size
         generator = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(self.datasets[name], batch_size=size, shuffle=shuffle, generator=generator, collate_fn=self.collate, num_workers=self.hparams.num_workers)
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Padded or packed batch; decided per call, so the packing check may switch it late."""
+        if self.packing_active:
+            return PackedPairCollator()(examples)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        return DataLoader(self.datasets[name], batch_size=size, shuffle=shuffle, generator=generator, collate_fn=PairCollator(pad), num_workers=self.hparams.num_workers)
+        return PairCollator(pad)(examples)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

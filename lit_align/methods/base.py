@@ -6,6 +6,7 @@ does the concatenated forward, the reference log-probs, metrics and the optimize
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar, Optional
 
 import torch
@@ -18,6 +19,7 @@ from lit_align.losses.types import PreferenceLoss
 from lit_align.settings import ModelSettings, OptimizerSettings, as_settings
 
 PROGRESS_BAR = {"loss", "rewards/accuracies"}
+log = logging.getLogger(__name__)
 
 
 class PairedPreferenceModule(LightningModule):
@@ -117,15 +119,31 @@ class PairedPreferenceModule(LightningModule):
         scheduler = get_scheduler(settings.schedule, optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ---- cached reference log-probs --------------------------------------------------------
+    # ---- before the first batch: cached reference, packing check ----------------------------
     def on_fit_start(self) -> None:
-        self._attach_cached_reference()
+        self._prepare_data()
 
     def on_validation_start(self) -> None:
-        self._attach_cached_reference()
+        self._prepare_data()
 
     def on_test_start(self) -> None:
+        self._prepare_data()
+
+    def _prepare_data(self) -> None:
         self._attach_cached_reference()
+        self._check_packing()
+
+    def _check_packing(self) -> None:
+        """Keep packing only if packed and padded log-probs agree under this model's attention."""
+        datamodule = self.trainer.datamodule
+        if not getattr(datamodule, "packing_active", False) or getattr(self, "_packing_checked", False):
+            return
+        self._packing_checked = True
+        isolated, difference = self.backbone.packing_isolates_sequences(self.device)
+        if not isolated:
+            datamodule.packing_active = False
+            log.warning("packing disabled, using padding: attention %r lets packed sequences see each other "
+                        "(packed vs padded log-probs differ by %.2e)", self.backbone.settings.attn_implementation, difference)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._policy_is_initial = False

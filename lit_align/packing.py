@@ -1,0 +1,51 @@
+"""Padding-free batches: every sequence of a batch in one row, separated by ``position_ids``.
+
+A packed batch has ``input_ids``/``labels``/``position_ids`` of shape ``[1, L]`` (L = total
+tokens, no padding) and ``seq_lens`` ``[R]``; it has no ``attention_mask``. transformers then
+builds a block-diagonal causal mask from the position resets (sdpa, eager) or runs variable-length
+kernels (flash attention). Passing an attention mask, or using the KV cache, would let sequences
+attend to each other silently, so neither is ever passed with a packed batch; the backbone checks
+once per model that packed and padded log-probs agree before packing is used (else: padding).
+
+Per-token values come back in the padded layout ``[R, max_len]``, so objectives never see packing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lit_align.logprobs import IGNORE_INDEX, shift_labels
+
+
+def is_packed(batch: dict[str, torch.Tensor]) -> bool:
+    return "seq_lens" in batch
+
+
+def unpack_rows(values: torch.Tensor, seq_lens: torch.Tensor, fill: float | int = 0) -> torch.Tensor:
+    """``[1, L]`` packed values -> ``[R, max(seq_lens)]`` rows, ``fill`` past each row's end."""
+    seq_lens = seq_lens.to(values.device)
+    starts = torch.cumsum(seq_lens, 0) - seq_lens
+    width = int(seq_lens.max())
+    offsets = torch.arange(width, device=values.device)
+    index = starts[:, None] + offsets[None, :]
+    inside = offsets[None, :] < seq_lens[:, None]
+    rows = values[0, index.clamp(max=values.shape[1] - 1)]
+    return torch.where(inside, rows, torch.full_like(rows, fill))
+
+
+def response_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[R, T]`` True where the (shifted) label is a response token, in the padded layout."""
+    labels = shift_labels(batch["labels"])
+    if is_packed(batch):
+        labels = unpack_rows(labels, batch["seq_lens"], fill=IGNORE_INDEX)
+    return labels != IGNORE_INDEX
+
+
+def token_count(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens in a padded or packed batch."""
+    return int(batch["seq_lens"].sum()) if is_packed(batch) else int(batch["attention_mask"].sum())
+
+
+def row_count(batch: dict[str, torch.Tensor]) -> int:
+    """Sequences in a padded or packed batch (2 per pair)."""
+    return int(batch["seq_lens"].shape[0]) if is_packed(batch) else int(batch["input_ids"].shape[0])

@@ -16,6 +16,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 MIB = 1024 * 1024
@@ -75,6 +76,29 @@ class PeakRSS:
     def __exit__(self, *exc) -> None:
         self.delta = peak_rss_bytes() - self.start
         self.ru_delta = ru_maxrss_bytes() - self.start
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all CPUs from /proc/stat, or None off Linux."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + fields[4], sum(fields)
+
+
+def wait_for_idle(min_idle_pct: float, window_s: float = 5.0, timeout_s: float = 600.0) -> float | None:
+    """Block until the host's CPUs were at least ``min_idle_pct`` idle over ``window_s`` (other
+    jobs on a shared machine skew wall times); give up after ``timeout_s``. Returns the last idle %."""
+    deadline, idle = time.monotonic() + timeout_s, None
+    while (before := _cpu_times()) is not None:
+        time.sleep(window_s)
+        after = _cpu_times()
+        idle = 100.0 * (after[0] - before[0]) / max(1, after[1] - before[1])
+        if idle >= min_idle_pct or time.monotonic() > deadline:
+            break
+    return idle
 
 
 def worker_env(threads: int = 2) -> dict[str, str]:

@@ -25,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-from _common import PeakRSS, emit, machine_summary, markdown_table, median, run_worker
+from _common import PeakRSS, emit, machine_summary, markdown_table, median, run_worker, wait_for_idle
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("naive", "chunked", "chunked+ckpt")
@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per worker (after 1 warm-up)")
     p.add_argument("--repeats", type=int, default=2, help="fresh processes per (vocab, variant)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the workers, unless already set")
+    p.add_argument("--wait-idle", type=float, default=90.0,
+                   help="before each worker, wait (up to 10 min) until the host is this %% idle; 0 = don't")
     p.add_argument("--out-dir", type=Path, default=HERE / "results", help="where the CSV and PNG go")
     p.add_argument("--quick", action="store_true", help="smoke run: small vocabs and model, 1 repeat")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -173,10 +175,12 @@ def main(argv=None) -> None:
     for vocab in args.vocabs:
         for repeat in range(args.repeats):
             for variant in VARIANTS:  # A/B/C alternate, each in a fresh process
+                idle = wait_for_idle(args.wait_idle) if args.wait_idle > 0 else None
                 r = run_worker(__file__, worker_args(args, vocab, variant), threads=args.threads)
-                print(f"  vocab {vocab:>6} {variant:<13} run {repeat + 1}: peak {r['peak_mib']:8.1f} MiB "
+                idle_note = "" if idle is None else f" [host {idle:.0f}% idle before]"
+                print(f"  vocab {vocab:>6} {variant:<13} run {repeat + 1}{idle_note}: peak {r['peak_mib']:8.1f} MiB "
                       f"(ru_maxrss {r['ru_maxrss_mib']:8.1f}), step {r['step_s']:.3f} s (cpu {r['cpu_s']:.3f} s), "
-                      f"max|chunked-naive| {r['max_abs_diff']:.2e}", flush=True)
+                      f"max|chunked-naive| {r['max_abs_diff']:.2e}, steps {r['all_step_s']}", flush=True)
                 runs.append(r)
     rows = summarise(runs, args.vocabs)
     print(f"# load average at the end (other work on the host skews wall times): {os.getloadavg()}")

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_align.flops import flops_per_token
-from lit_align.logprobs import chunked_label_logps, naive_label_logps, shift_labels
+from lit_align.logprobs import IGNORE_INDEX, chunked_label_logps, naive_label_logps, shift_labels
 from lit_align.packing import is_packed, response_mask, unpack_rows
 from lit_align.reference import STRATEGIES
 from lit_align.settings import ModelSettings
@@ -121,7 +121,10 @@ class Backbone(nn.Module):
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             hidden = base.get_decoder()(**inputs).last_hidden_state
             head = base.get_output_embeddings()
-            tokens = chunked_label_logps(hidden, head.weight, labels, head.bias, chunk_size=chunk)
+            # only response positions go through the LM head: prompt and padding rows are skipped
+            scored = labels != IGNORE_INDEX
+            values = chunked_label_logps(hidden[scored], head.weight, labels[scored], head.bias, chunk_size=chunk)
+            tokens = torch.zeros(labels.shape, dtype=values.dtype, device=values.device).masked_scatter(scored, values)
         if is_packed(batch):
             tokens = unpack_rows(tokens, batch["seq_lens"])
         return SequenceLogps(tokens, response_mask(batch))
@@ -153,9 +156,11 @@ class Backbone(nn.Module):
             self._flops = flops_per_token(self.policy)
         rows, seq_len = batch["input_ids"].shape  # packed: one row of all tokens (dense block mask)
         tokens = rows * seq_len
-        total = self._flops.forward_backward(tokens, seq_len) if train else self._flops.forward(tokens, seq_len)
+        head_tokens = None if self.settings.logp_chunk_size is None else int((shift_labels(batch["labels"]) != IGNORE_INDEX).sum())
+        policy = self._flops.forward_backward if train else self._flops.forward
+        total = policy(tokens, seq_len, head_tokens)
         if self.strategy.runs_forward:
-            total += flops_per_token(self.reference or self.policy).forward(tokens, seq_len)
+            total += flops_per_token(self.reference or self.policy).forward(tokens, seq_len, head_tokens)
         return total
 
     @torch.no_grad()

@@ -27,16 +27,19 @@ class _ChunkedLabelLogps(torch.autograd.Function):
         lse_all = hidden.new_zeros(n_rows, dtype=acc)
         valid = labels != IGNORE_INDEX
         safe_labels = labels.clamp(min=0)
+        matmul_dtype = weight.dtype
         for start in range(0, n_rows, chunk_size):
             stop = min(start + chunk_size, n_rows)
-            logits = _logits(hidden[start:stop], weight, bias)
+            raw = F.linear(hidden[start:stop], weight, bias)
+            matmul_dtype = raw.dtype  # lower than the weights' under autocast
+            logits = raw.to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(-1, safe_labels[start:stop, None]).squeeze(-1)
             out[start:stop] = picked - lse
             lse_all[start:stop] = lse
         out = out * valid
-        # under autocast the matmul ran in a lower precision; backward (outside autocast) repeats it
-        ctx.matmul_dtype = F.linear(hidden[:1], weight, bias).dtype if n_rows else weight.dtype
+        # backward runs outside autocast: it repeats the matmul in the precision the forward used
+        ctx.matmul_dtype = matmul_dtype
         ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), labels, lse_all)
         ctx.has_bias = bias is not None
         ctx.chunk_size = chunk_size
@@ -61,9 +64,10 @@ class _ChunkedLabelLogps(torch.autograd.Function):
             g = grad_out[start:stop]
             if not torch.any(g):
                 continue
-            logits = F.linear(hidden[start:stop].to(mm), weight_mm, bias_mm).to(acc)
-            # d(logit_label - lse)/d logits = onehot(label) - softmax
-            grad_logits = -torch.exp(logits - lse_all[start:stop, None]) * g[:, None]
+            # d(logit_label - lse)/d logits = onehot(label) - softmax, built in place in the
+            # freshly computed logits buffer (one chunk-sized tensor, no temporaries)
+            grad_logits = F.linear(hidden[start:stop].to(mm), weight_mm, bias_mm).to(acc)
+            grad_logits.sub_(lse_all[start:stop, None]).exp_().mul_(-g[:, None])
             grad_logits.scatter_add_(-1, safe_labels[start:stop, None], g[:, None])
             if need_h:
                 grad_hidden[start:stop] = (grad_logits.to(mm) @ weight_mm).to(hidden.dtype)
@@ -81,10 +85,6 @@ class _ChunkedLabelLogps(torch.autograd.Function):
 def _accum_dtype(hidden: torch.Tensor) -> torch.dtype:
     """Softmax statistics are kept in float32 (float64 when the inputs are float64)."""
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
-
-
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(hidden, weight, bias).to(_accum_dtype(hidden))
 
 
 def chunked_label_logps(

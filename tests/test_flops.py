@@ -56,7 +56,23 @@ def test_online_reference_adds_one_forward_and_cached_adds_none():
     assert cached.step_flops(batch, train=True) == train
     # full fine-tuning: forward+backward is 3x the forward for the linear layers (6N vs 2N)
     per_token = free._flops
-    assert per_token.linear_backward == 2 * per_token.linear_forward
+    assert per_token.body_backward == 2 * per_token.body_forward
+    assert per_token.head_backward == 2 * per_token.head_forward
+
+
+def test_chunked_path_applies_the_lm_head_to_response_tokens_only():
+    """Counted forward FLOPs of the chunked path equal the analytic count with the head applied to
+    the 4 x 80 response tokens (not the 4 x 96 positions); the full-logits path costs more."""
+    settings = dict(attn_implementation="eager", tiny=TinyModel(hidden_size=128, intermediate_size=256, vocab_size=2048))
+    chunked = Backbone(ModelSettings(logp_chunk_size=64, **settings), needs_reference=False)
+    batch = random_batch()
+    with torch.no_grad():
+        measured = counted(chunked, batch, train=False)
+    assert chunked.step_flops(batch, train=False) == measured
+    per_token = chunked._flops
+    assert measured == per_token.forward(4 * 96, 96, head_tokens=4 * 80)  # labels 16..95 of each row are scored
+    naive = Backbone(ModelSettings(logp_chunk_size=None, **settings), needs_reference=False)
+    assert naive.step_flops(batch, train=False) > measured
 
 
 def test_throughput_callback_logs_mfu_against_the_given_peak(tmp_path):

@@ -1,0 +1,105 @@
+"""Worker for the step benchmarks: build one method variant, time training steps on real data.
+
+Run by anatomy.py and padding_free.py in a fresh process per variant:
+
+    python benchmarks/_steps.py '{"method": "DPO", "reference": "copy", ...}'
+
+prints one JSON line: median step time, tokens/s, peak RSS of the steps, analytic FLOPs per
+pair, and (with "count_flops") FLOPs counted by torch's FlopCounterMode under eager attention.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PeakRSS, emit, median  # noqa: E402
+
+HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+METHOD_ARGS = {"DPO": {"beta": 0.1}, "IPO": {"beta": 0.1}, "ORPO": {"lam": 0.1}, "SimPO": {}, "CPO": {}}
+
+
+def build(spec: dict, attn: str = "sdpa"):
+    import lit_align.methods as methods
+    from lit_align.settings import LoRA, ModelSettings, OptimizerSettings, TinyModel
+
+    tiny = TinyModel(hidden_size=spec["hidden"], num_layers=spec["layers"], num_heads=spec["heads"],
+                     intermediate_size=spec["intermediate"], vocab_size=spec["vocab"], max_position_embeddings=4096)
+    settings = ModelSettings(tiny=tiny, reference=spec["reference"], attn_implementation=attn,
+                             lora=LoRA(r=16, alpha=32) if spec.get("lora") else None)
+    cls = getattr(methods, spec["method"])
+    return cls(model=settings, optimizer=OptimizerSettings(lr=1e-5), **METHOD_ARGS[spec["method"]])
+
+
+def batches(module, spec: dict, cache_dir: str) -> list[dict]:
+    from lit_align.data import PreferenceDataModule
+    from lit_align.reference_cache import attach_reference_logps
+
+    pairs = spec["batch"] * (spec["steps"] + spec["warmup"])
+    data = PreferenceDataModule(train=str(HH), val=str(HH), max_records=pairs, max_length=spec["max_length"],
+                                batch_size=spec["batch"], packing=spec.get("packing", False), cache_dir=cache_dir)
+    data.tokenizer = module.tokenizer
+    data.setup("fit")
+    if module.backbone.reference_strategy == "cached":
+        attach_reference_logps(module.backbone, data, policy_is_initial=True, device=torch.device("cpu"))
+    examples = data.datasets["train"]
+    return [data.collate(examples[i: i + spec["batch"]]) for i in range(0, len(examples) - spec["batch"] + 1, spec["batch"])]
+
+
+def count_flops(spec: dict, batch: dict) -> int:
+    """FLOPs of one training step counted by FlopCounterMode (eager attention, full-logits path:
+    every matmul is an aten op the counter sees)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module = build(spec, attn="eager")
+    module.backbone.settings.logp_chunk_size = None
+    with FlopCounterMode(display=False) as counter:
+        module.forward_pair(batch).losses.mean().backward()
+    return counter.get_total_flops()
+
+
+def main(spec: dict) -> dict:
+    torch.manual_seed(0)
+    module = build(spec)
+    with tempfile.TemporaryDirectory() as cache_dir:
+        data = batches(module, spec, cache_dir)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
+    module.train()
+
+    def step(batch):
+        optimizer.zero_grad(set_to_none=True)
+        module.forward_pair(batch).losses.mean().backward()
+        optimizer.step()
+
+    for batch in data[: spec["warmup"]]:
+        step(batch)
+    times, tokens = [], 0
+    with PeakRSS() as peak:
+        for batch in data[spec["warmup"]:]:
+            start = time.perf_counter()
+            step(batch)
+            times.append(time.perf_counter() - start)
+            tokens += int(batch["seq_lens"].sum()) if "seq_lens" in batch else int(batch["attention_mask"].sum())
+    pairs = spec["batch"]
+    result = {
+        **spec,
+        "step_s": median(times),
+        "tokens_per_s": tokens / sum(times),
+        "peak_step_mib": peak.delta / 2**20,
+        "flops_per_pair": module.backbone.step_flops(data[0], train=True) / pairs,
+        "sequence_forwards_per_pair": 2 * (1 + int(module.backbone.strategy.runs_forward)),
+        "model_calls_per_step": 1 + int(module.backbone.strategy.runs_forward),
+    }
+    if spec.get("count_flops"):
+        result["counted_flops_per_pair"] = count_flops(spec, data[0]) / pairs
+    return result
+
+
+if __name__ == "__main__":
+    emit(main(json.loads(sys.argv[1])))

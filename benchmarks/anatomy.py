@@ -14,13 +14,13 @@ Writes benchmarks/results/anatomy.csv and anatomy.png; prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import machine_summary, markdown_table, median, run_worker  # noqa: E402
+from _common import median, run_worker  # noqa: E402
+from _report import report  # noqa: E402
 
 VARIANTS = [  # (label, method, reference, lora)
     ("DPO, frozen-copy reference", "DPO", "copy", False),
@@ -62,25 +62,11 @@ def main() -> None:
         rows.append([label, runs[0]["sequence_forwards_per_pair"], runs[0]["model_calls_per_step"], f"{runs[0]['flops_per_pair'] / 1e9:.2f}",
                      f"{runs[0]['counted_flops_per_pair'] / 1e9:.2f}", f"{step:.3f}", f"{step / orpo[lora]:.2f}",
                      f"{median(r['tokens_per_s'] for r in runs):.0f}", f"{median(r['peak_step_mib'] for r in runs):.0f}"])
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "anatomy.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([header, *rows])
-    print(f"\nModel: tiny Llama hidden {size['hidden']}, {size['layers']} layers, vocab {size['vocab']}; "
-          f"{size['batch']} HH pairs per step, max_length {size['max_length']}, fp32, {args.rounds} round(s).\n"
-          f"Machine: {machine_summary()}\n")
-    print(markdown_table(header, rows))
-    plot(rows, args.out / "anatomy.png")
+    report(args.out, "anatomy", header, rows, f"Model: tiny Llama hidden {size['hidden']}, {size['layers']} layers, vocab {size['vocab']}; "
+          f"{size['batch']} HH pairs per step, max_length {size['max_length']}, fp32, {args.rounds} round(s).", plot)
 
 
-def plot(rows: list[list], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plot)", file=sys.stderr)
-        return
+def plot(plt, rows: list[list], path: Path) -> None:
     labels = [row[0] for row in rows]
     ratios = [float(row[6]) for row in rows]
     fig, ax = plt.subplots(figsize=(9, 4.5))

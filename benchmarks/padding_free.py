@@ -12,14 +12,14 @@ benchmarks/results/padding_free.csv and padding_free.png; prints a markdown tabl
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import machine_summary, markdown_table, median, run_worker  # noqa: E402
+from _common import median, run_worker  # noqa: E402
+from _report import report  # noqa: E402
 
 VARIANTS = [("ORPO", "none"), ("DPO", "cached")]
 
@@ -50,25 +50,11 @@ def main() -> None:
             speed = median(r["tokens_per_s"] for r in runs)
             rows.append([method, "packed" if packing else "padded", f"{speed:.0f}", f"{speed / padded:.2f}",
                          f"{median(r['step_s'] for r in runs):.3f}", f"{median(r['peak_step_mib'] for r in runs):.0f}"])
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "padding_free.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([header, *rows])
-    print(f"\nModel: tiny Llama hidden {size['hidden']}, {size['layers']} layers, vocab {size['vocab']}; {size['batch']} HH pairs "
-          f"per step, max_length {size['max_length']} (keep_end truncation), fp32, sdpa, {args.rounds} round(s).\n"
-          f"Machine: {machine_summary()}\n")
-    print(markdown_table(header, rows))
-    plot(rows, args.out / "padding_free.png")
+    report(args.out, "padding_free", header, rows, f"Model: tiny Llama hidden {size['hidden']}, {size['layers']} layers, vocab {size['vocab']}; {size['batch']} HH pairs "
+          f"per step, max_length {size['max_length']} (keep_end truncation), fp32, sdpa, {args.rounds} round(s).", plot)
 
 
-def plot(rows: list[list], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plot)", file=sys.stderr)
-        return
+def plot(plt, rows: list[list], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     labels = [f"{row[0]}\n{row[1]}" for row in rows]
     ax.bar(labels, [float(row[2]) for row in rows], color=["#4c72b0", "#55a868"] * (len(rows) // 2))

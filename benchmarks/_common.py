@@ -68,7 +68,7 @@ class PeakRSS:
     meaningful when the block's peak exceeds everything before it).
     """
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:  # noqa: PYI034 (typing.Self needs Python 3.11)
         self.resettable = reset_peak_rss()
         self.start = current_rss_bytes()
         return self
@@ -112,7 +112,7 @@ def worker_env(threads: int = 2) -> dict[str, str]:
 def run_worker(script: str | Path, args: list[str], threads: int = 2, timeout: float | None = None) -> dict:
     """Run ``python script args`` in a fresh process; return the JSON object on its last stdout line."""
     cmd = [sys.executable, str(script), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(threads), timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=worker_env(threads), timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"worker failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -13,7 +13,7 @@ high-water mark over 1 warm-up + ``--steps`` timed steps minus the RSS just befo
 abs difference between chunked and naive log-probs. The parent prints a markdown table and
 writes ``benchmarks/results/logits_vs_chunked.{csv,png}``.
 
-    python benchmarks/logits_vs_chunked.py            # full run (a few minutes on 2 cores)
+    python benchmarks/logits_vs_chunked.py            # full run (~6 min on 2 idle cores)
     python benchmarks/logits_vs_chunked.py --quick    # smoke run
 """
 
@@ -25,7 +25,15 @@ import os
 import time
 from pathlib import Path
 
-from _common import PeakRSS, emit, machine_summary, markdown_table, median, run_worker, wait_for_idle
+from _common import (
+    PeakRSS,
+    emit,
+    machine_summary,
+    markdown_table,
+    median,
+    run_worker,
+    wait_for_idle,
+)
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("naive", "chunked", "chunked+ckpt")

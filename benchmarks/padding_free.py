@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
-    size = dict(hidden=256, layers=4, heads=4, intermediate=688, vocab=32000, batch=8, steps=10, warmup=2, max_length=512, lora=False)
+    size = dict(hidden=256, layers=4, heads=4, intermediate=688, vocab=32000, batch=8, steps=8, warmup=1, max_length=1024, lora=False)
     if args.quick:
         size.update(hidden=64, layers=2, intermediate=128, vocab=1000, batch=2, steps=3, warmup=1, max_length=128)
         args.rounds = 1

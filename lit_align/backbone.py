@@ -126,7 +126,7 @@ class Backbone(nn.Module):
             values = chunked_label_logps(hidden[scored], head.weight, labels[scored], head.bias, chunk_size=chunk)
             tokens = torch.zeros(labels.shape, dtype=values.dtype, device=values.device).masked_scatter(scored, values)
         if is_packed(batch):
-            tokens = unpack_rows(tokens, batch["seq_lens"])
+            tokens = unpack_rows(tokens, batch)
         return SequenceLogps(tokens, response_mask(batch))
 
     @torch.no_grad()
@@ -143,7 +143,7 @@ class Backbone(nn.Module):
         self.eval()
         try:
             padded = self.logps({k: v.to(device) for k, v in PairCollator(self.tokenizer.pad_token_id)(examples).items()})
-            packed = self.logps({k: v.to(device) for k, v in PackedPairCollator()(examples).items()})
+            packed = self.logps({k: v.to(device) for k, v in PackedPairCollator(capacity=64)(examples).items()})
         finally:
             self.train(was_training)
         difference = float((padded.tokens - packed.tokens).abs().max())

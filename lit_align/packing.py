@@ -1,7 +1,8 @@
-"""Padding-free batches: every sequence of a batch in one row, separated by ``position_ids``.
+"""Padding-free batches: sequences packed side by side into rows, separated by ``position_ids``.
 
-A packed batch has ``input_ids``/``labels``/``position_ids`` of shape ``[1, L]`` (L = total
-tokens, no padding) and ``seq_lens`` ``[R]``; it has no ``attention_mask``. transformers then
+A packed batch has ``input_ids``/``labels``/``position_ids`` of shape ``[R, L]`` (sequences
+back to back, positions restarting at 0 for each) and per sequence ``seq_rows``, ``seq_starts``,
+``seq_lens``; it has no ``attention_mask``. transformers then
 builds a block-diagonal causal mask from the position resets (sdpa, eager) or runs variable-length
 kernels (flash attention). Passing an attention mask, or using the KV cache, would let sequences
 attend to each other silently, so neither is ever passed with a packed batch; the backbone checks
@@ -21,23 +22,23 @@ def is_packed(batch: dict[str, torch.Tensor]) -> bool:
     return "seq_lens" in batch
 
 
-def unpack_rows(values: torch.Tensor, seq_lens: torch.Tensor, fill: float | int = 0) -> torch.Tensor:
-    """``[1, L]`` packed values -> ``[R, max(seq_lens)]`` rows, ``fill`` past each row's end."""
-    seq_lens = seq_lens.to(values.device)
-    starts = torch.cumsum(seq_lens, 0) - seq_lens
-    width = int(seq_lens.max())
-    offsets = torch.arange(width, device=values.device)
-    index = starts[:, None] + offsets[None, :]
+def unpack_rows(values: torch.Tensor, batch: dict[str, torch.Tensor], fill: float | int = 0) -> torch.Tensor:
+    """``[R, L]`` packed values -> ``[S, max(seq_lens)]``, one row per sequence, ``fill`` past its end."""
+    seq_lens = batch["seq_lens"].to(values.device)
+    rows = batch["seq_rows"].to(values.device)
+    starts = batch["seq_starts"].to(values.device)
+    offsets = torch.arange(int(seq_lens.max()), device=values.device)
+    columns = (starts[:, None] + offsets[None, :]).clamp(max=values.shape[1] - 1)
     inside = offsets[None, :] < seq_lens[:, None]
-    rows = values[0, index.clamp(max=values.shape[1] - 1)]
-    return torch.where(inside, rows, torch.full_like(rows, fill))
+    unpacked = values[rows[:, None], columns]
+    return torch.where(inside, unpacked, torch.full_like(unpacked, fill))
 
 
 def response_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``[R, T]`` True where the (shifted) label is a response token, in the padded layout."""
     labels = shift_labels(batch["labels"])
     if is_packed(batch):
-        labels = unpack_rows(labels, batch["seq_lens"], fill=IGNORE_INDEX)
+        labels = unpack_rows(labels, batch, fill=IGNORE_INDEX)
     return labels != IGNORE_INDEX
 
 

@@ -21,16 +21,19 @@ def examples(tokenizer):
     return [{"prompt": encode(p), "chosen": encode(c) + [tokenizer.eos_token_id], "rejected": encode(r) + [tokenizer.eos_token_id]} for p, c, r in pairs]
 
 
+@pytest.mark.parametrize("capacity", [512, None], ids=["one-row", "several-rows"])
 @pytest.mark.parametrize("chunk", [1024, None], ids=["chunked", "full-logits"])
-def test_packed_logps_and_gradients_equal_padded(chunk):
+def test_packed_logps_and_gradients_equal_padded(chunk, capacity):
     backbone = Backbone(ModelSettings(logp_chunk_size=chunk), needs_reference=False)
     batch = examples(backbone.tokenizer)
     padded = backbone.logps(PairCollator(backbone.tokenizer.pad_token_id)(batch))
     padded.sum.sum().backward()
     padded_grads = [p.grad.clone() for p in backbone.parameters()]
     backbone.zero_grad()
-    packed_batch = PackedPairCollator()(batch)
-    assert packed_batch["input_ids"].shape[0] == 1 and "attention_mask" not in packed_batch
+    packed_batch = PackedPairCollator(backbone.tokenizer.pad_token_id, capacity=capacity)(batch)
+    assert "attention_mask" not in packed_batch
+    assert packed_batch["input_ids"].shape[0] == (1 if capacity else 4)  # 6 sequences, first-fit decreasing
+    assert int((packed_batch["labels"] != -100).sum()) == sum(len(ex["chosen"]) + len(ex["rejected"]) for ex in batch)
     packed = backbone.logps(packed_batch)
     packed.sum.sum().backward()
     torch.testing.assert_close(packed.tokens, padded.tokens, atol=1e-5, rtol=1e-5)
@@ -42,9 +45,10 @@ def test_packed_logps_and_gradients_equal_padded(chunk):
 def test_packed_sequences_do_not_see_each_other():
     backbone = Backbone(ModelSettings(), needs_reference=False)
     batch = examples(backbone.tokenizer)
-    before = backbone.logps(PackedPairCollator()(batch))
+    pack = PackedPairCollator(capacity=512)
+    before = backbone.logps(pack(batch))
     changed = [dict(batch[0], prompt=[7] * 30)] + batch[1:]  # only the first pair's sequences change
-    after = backbone.logps(PackedPairCollator()(changed))
+    after = backbone.logps(pack(changed))
     others = [1, 2, 4, 5]  # rows of pairs 2 and 3 (chosen rows first, then rejected rows)
     torch.testing.assert_close(after.sum[others], before.sum[others], atol=1e-5, rtol=0)
     assert (after.sum[[0, 3]] - before.sum[[0, 3]]).abs().min() > 1e-3
@@ -64,6 +68,18 @@ def test_the_pitfall_an_attention_mask_with_packed_positions_leaks():
         with_mask = decoder(input_ids=packed, position_ids=positions, attention_mask=torch.ones_like(packed), use_cache=False).last_hidden_state[:, 7:]
     torch.testing.assert_close(no_mask, alone, atol=1e-5, rtol=1e-5)
     assert (with_mask - alone).abs().max() > 1e-2
+
+
+def test_first_fit_decreasing_rows_respect_capacity():
+    lengths = {"a": 30, "b": 20, "c": 25, "d": 10}
+    examples = [{"prompt": [1] * 5, "chosen": [2] * (lengths[k] - 5), "rejected": [3] * (lengths[k] - 5)} for k in lengths]
+    batch = PackedPairCollator(capacity=60)(examples)
+    assert batch["seq_lens"].tolist() == [30, 20, 25, 10] * 2
+    used = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long).index_add_(0, batch["seq_rows"], batch["seq_lens"])
+    assert used.max() <= 60 and int(used.sum()) == 170 and batch["input_ids"].shape[0] == 3  # ceil(170 / 60)
+    # positions restart at every sequence start
+    for row, start, length in zip(batch["seq_rows"], batch["seq_starts"], batch["seq_lens"]):
+        assert batch["position_ids"][row, start: start + length].tolist() == list(range(length))
 
 
 def fit_first_loss(packing: bool, reference: str = "copy", monkeypatch=None) -> tuple[float, PreferenceDataModule]:

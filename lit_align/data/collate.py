@@ -45,34 +45,66 @@ class PairCollator:
 
 
 class PackedPairCollator:
-    """All chosen then all rejected sequences of a batch in one padding-free row.
+    """The chosen and rejected sequences of a batch packed, without padding between them, into as
+    few rows of at most ``capacity`` tokens as first-fit-decreasing finds.
 
-    Returns ``input_ids``, ``labels``, ``position_ids`` of shape ``[1, L]`` and ``seq_lens``
-    ``[2B]``; no attention mask (see :mod:`lit_align.packing`). The first token of each sequence is
-    never a label, so no sequence is scored on the end of the previous one.
+    Returns ``input_ids``, ``labels``, ``position_ids`` of shape ``[R, L]`` (positions restart at 0
+    for each sequence; the short tail of a row is filler that no real token attends to) and, per
+    sequence (chosen rows first, then rejected), ``seq_rows``/``seq_starts``/``seq_lens``; no
+    attention mask (see :mod:`lit_align.packing`). Bounded rows keep attention cost near that of
+    the sequences themselves instead of growing with the square of the whole batch.
+
+    Args:
+        pad_token_id: filler token at row ends.
+        capacity: tokens per row (at least the longest sequence); ``None`` = the longest sequence.
     """
+
+    def __init__(self, pad_token_id: int = 0, capacity: int | None = None):
+        self.pad_token_id, self.capacity = pad_token_id, capacity
 
     def __call__(self, examples: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         rows = [(ex["prompt"], ex["chosen"]) for ex in examples] + [(ex["prompt"], ex["rejected"]) for ex in examples]
-        input_ids, labels, positions, lengths = [], [], [], []
-        for prompt, response in rows:
-            ids = prompt + response
-            input_ids += ids
-            labels += [IGNORE_INDEX] * len(prompt) + response
-            labels[len(input_ids) - len(ids)] = IGNORE_INDEX
-            positions += range(len(ids))
-            lengths.append(len(ids))
+        lengths = [len(prompt) + len(response) for prompt, response in rows]
+        capacity = max(self.capacity or 0, *lengths)
+        bins: list[list[int]] = []  # sequence indices per packed row
+        used: list[int] = []
+        for index in sorted(range(len(rows)), key=lambda i: -lengths[i]):
+            slot = next((b for b, size in enumerate(used) if size + lengths[index] <= capacity), None)
+            if slot is None:
+                bins.append([])
+                used.append(0)
+                slot = len(bins) - 1
+            bins[slot].append(index)
+            used[slot] += lengths[index]
+        width = max(used)
+        input_ids = torch.full((len(bins), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((len(bins), width), dtype=torch.long)
+        seq_rows, seq_starts = [0] * len(rows), [0] * len(rows)
+        for row, members in enumerate(bins):
+            offset = 0
+            for index in members:
+                prompt, response = rows[index]
+                ids = prompt + response
+                input_ids[row, offset: offset + len(ids)] = torch.tensor(ids)
+                labels[row, offset + len(prompt): offset + len(ids)] = torch.tensor(response)
+                labels[row, offset] = IGNORE_INDEX  # a sequence's first token is never predicted
+                positions[row, offset: offset + len(ids)] = torch.arange(len(ids))
+                seq_rows[index], seq_starts[index] = row, offset
+                offset += len(ids)
+            positions[row, offset:] = torch.arange(width - offset)  # filler: a segment of its own
         batch = {
-            "input_ids": torch.tensor([input_ids]),
-            "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions]),
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": positions,
+            "seq_rows": torch.tensor(seq_rows),
+            "seq_starts": torch.tensor(seq_starts),
             "seq_lens": torch.tensor(lengths),
         }
         if REFERENCE_FIELDS[0] in examples[0]:
-            width = max(lengths)
-            padded_labels = torch.full((len(rows), width), IGNORE_INDEX)
-            for row, (prompt, response) in enumerate(rows):
-                padded_labels[row, len(prompt): len(prompt) + len(response)] = torch.tensor(response)
+            padded_labels = torch.full((len(rows), max(lengths)), IGNORE_INDEX)
+            for index, (prompt, response) in enumerate(rows):
+                padded_labels[index, len(prompt): len(prompt) + len(response)] = torch.tensor(response)
             batch[REFERENCE_LOGPS_KEY] = _reference_logps(examples, padded_labels)
         return batch
 

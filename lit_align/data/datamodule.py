@@ -58,8 +58,8 @@ class PreferenceDataModule(LightningDataModule):
         max_records: use only the first N records of each source (quick runs).
         batch_size: pairs per training batch (the policy sees 2x rows).
         eval_batch_size: pairs per validation/test batch (default: ``batch_size``).
-        packing: put all sequences of a batch in one padding-free row (``position_ids``, no
-            attention mask); used only after the model passes a check that packed sequences stay
+        packing: pack the sequences of a batch back to back into rows of up to ``max_length``
+            tokens (``position_ids``, no attention mask, no padding between them); used only after the model passes a check that packed sequences stay
             isolated under its attention implementation, else padding is used and the reason logged.
         num_workers: DataLoader worker processes.
         seed: seed for shuffling and for the ``val_fraction`` split.
@@ -204,9 +204,9 @@ class PreferenceDataModule(LightningDataModule):
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Padded or packed batch; decided per call, so the packing check may switch it late."""
-        if self.packing_active:
-            return PackedPairCollator()(examples)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        if self.packing_active:
+            return PackedPairCollator(pad, capacity=self.hparams.max_length)(examples)
         return PairCollator(pad)(examples)
 
     def train_dataloader(self) -> DataLoader:

@@ -58,7 +58,7 @@ def main() -> None:
     header = ["variant", "seq. forwards / pair", "model calls / step", "GFLOPs / pair (analytic)", "counted / analytic",
               "step s (median)", "x ORPO", "tokens/s", "peak step MiB"]
     rows = []
-    for label, method, reference, lora in VARIANTS:
+    for label, _method, _reference, lora in VARIANTS:
         runs = results[label]
         step = median(r["step_s"] for r in runs)
         rows.append([label, runs[0]["sequence_forwards_per_pair"], runs[0]["model_calls_per_step"], f"{runs[0]['flops_per_pair'] / 1e9:.2f}",

@@ -100,3 +100,32 @@ def test_missing_cache_for_a_trained_policy_is_a_clear_error():
     module._policy_is_initial = False  # as after training or loading a checkpoint
     with pytest.raises(RuntimeError, match="no usable cache .* cannot be recomputed"):
         fit(module, data, steps=1)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_shards_the_precompute_and_writes_the_same_cache(tmp_path):
+    """Each rank computes its shard (30 train / 7 val pairs: uneven shards), the shards are
+    all-gathered, rank 0 writes the file; it equals a single-process computation."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "ddp_cached_reference.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (ddp_file,) = (tmp_path / "ddp" / "reference").glob("*.pt")
+
+    L.seed_everything(0)
+    module = DPO(model=ModelSettings(reference="cached"))
+    data = PreferenceDataModule(batch_size=4, max_length=48, task=WordRulesTask(num_train=30, num_val=7), cache_dir=str(tmp_path / "single"))
+    fit(module, data, steps=1)
+    (single_file,) = (tmp_path / "single" / "reference").glob("*.pt")
+    assert ddp_file.name == single_file.name  # same data and model keys
+    ddp, single = torch.load(ddp_file, weights_only=True), torch.load(single_file, weights_only=True)
+    for split in ("train", "val"):
+        assert len(ddp[split]) == len(single[split]) == {"train": 30, "val": 7}[split]
+        for (a_chosen, a_rejected), (b_chosen, b_rejected) in zip(ddp[split], single[split]):
+            torch.testing.assert_close(a_chosen, b_chosen, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a_rejected, b_rejected, atol=1e-5, rtol=1e-5)

@@ -27,8 +27,8 @@ def pyplot():
 
 
 def report(out: Path, name: str, header: list[str], rows: list[list], caption: str, plot) -> None:
-    """Write ``out/name.csv``, print the caption, the machine and a markdown table, then
-    ``plot(rows, out/name.png)`` if matplotlib is there."""
+    """Write ``out/name.csv``, print the caption, the machine and a markdown table, then save
+    the figure that ``plot(plt, rows)`` returns as ``out/name.png`` if matplotlib is there."""
     from _common import machine_summary, markdown_table
 
     write_csv(out / f"{name}.csv", header, rows)
@@ -36,4 +36,6 @@ def report(out: Path, name: str, header: list[str], rows: list[list], caption: s
     print(markdown_table(header, rows))
     plt = pyplot()
     if plt is not None:
-        plot(plt, rows, out / f"{name}.png")
+        figure = plot(plt, rows)
+        figure.tight_layout()
+        figure.savefig(out / f"{name}.png", dpi=120)

@@ -68,7 +68,7 @@ def main() -> None:
           f"{size['batch']} HH pairs per step, max_length {size['max_length']}, fp32, {args.rounds} round(s).", plot)
 
 
-def plot(plt, rows: list[list], path: Path) -> None:
+def plot(plt, rows: list[list]):
     labels = [row[0] for row in rows]
     ratios = [float(row[6]) for row in rows]
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -76,8 +76,7 @@ def plot(plt, rows: list[list], path: Path) -> None:
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("step time relative to ORPO (same fine-tuning mode)")
     ax.set_title("Cost of a preference step by objective and reference strategy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

@@ -54,14 +54,13 @@ def main() -> None:
           f"per step, max_length {size['max_length']} (keep_end truncation), fp32, sdpa, {args.rounds} round(s).", plot)
 
 
-def plot(plt, rows: list[list], path: Path) -> None:
+def plot(plt, rows: list[list]):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     labels = [f"{row[0]}\n{row[1]}" for row in rows]
     ax.bar(labels, [float(row[2]) for row in rows], color=["#4c72b0", "#55a868"] * (len(rows) // 2))
     ax.set_ylabel("real tokens / s")
     ax.set_title("Padded vs padding-free batches (HH lengths)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

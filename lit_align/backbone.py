@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import tempfile
 from dataclasses import dataclass
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -60,9 +60,6 @@ class SequenceLogps:
         half = self.tokens.shape[0] // 2
         return SequenceLogps(self.tokens[:half], self.mask[:half]), SequenceLogps(self.tokens[half:], self.mask[half:])
 
-    def detach(self) -> "SequenceLogps":
-        return SequenceLogps(self.tokens.detach(), self.mask)
-
 
 class Backbone(nn.Module):
     """Policy (optionally LoRA / QLoRA), tokenizer and reference strategy for one method.
@@ -76,8 +73,7 @@ class Backbone(nn.Module):
     def __init__(self, settings: ModelSettings, needs_reference: bool):
         super().__init__()
         self.settings = settings
-        self.reference_strategy = _resolve_reference(settings, needs_reference)
-        self.strategy = STRATEGIES[self.reference_strategy]()
+        self.strategy = STRATEGIES[_resolve_reference(settings, needs_reference)]()
         self.tokenizer = load_tokenizer(settings)
         model = load_causal_lm(settings, self.tokenizer)
         self.reference: PreTrainedModel | None = None
@@ -90,6 +86,11 @@ class Backbone(nn.Module):
             model.config.use_cache = False
         self.policy = model
         self._flops = None
+
+    @property
+    def reference_strategy(self) -> str:
+        """Name of the resolved reference strategy: copy, adapter, cached or none."""
+        return self.strategy.name
 
     @property
     def is_peft(self) -> bool:
@@ -154,13 +155,13 @@ class Backbone(nn.Module):
         plus a reference forward when the strategy runs one (see :mod:`lit_align.flops`)."""
         if self._flops is None:
             self._flops = flops_per_token(self.policy)
-        rows, seq_len = batch["input_ids"].shape  # packed: one row of all tokens (dense block mask)
+        rows, seq_len = batch["input_ids"].shape  # packed rows: attention runs over the whole row
         tokens = rows * seq_len
         head_tokens = None if self.settings.logp_chunk_size is None else int((shift_labels(batch["labels"]) != IGNORE_INDEX).sum())
         policy = self._flops.forward_backward if train else self._flops.forward
         total = policy(tokens, seq_len, head_tokens)
-        if self.strategy.runs_forward:
-            total += flops_per_token(self.reference or self.policy).forward(tokens, seq_len, head_tokens)
+        if self.strategy.runs_forward:  # the reference has the policy's architecture
+            total += self._flops.forward(tokens, seq_len, head_tokens)
         return total
 
     @torch.no_grad()

@@ -69,21 +69,20 @@ def export_main(argv: list[str]) -> None:
 
 
 def load_module_from_checkpoint(ckpt_path: str) -> PairedPreferenceModule:
-    """Rebuild the module class recorded in a lit-align checkpoint and load its weights."""
+    """Rebuild the module class recorded in a lit-align checkpoint and load it (Lightning's
+    ``load_from_checkpoint`` restores hyper-parameters and weights)."""
     import torch
 
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"lit-align export: checkpoint {ckpt_path!r} does not exist")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    module_name, _, class_name = checkpoint.get("lit_align_class", "").partition(":")
+    recorded = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False).get("lit_align_class", "")
+    module_name, _, class_name = recorded.partition(":")
     if not class_name:
         raise SystemExit(f"lit-align export: {ckpt_path!r} was not written by a lit-align module")
     cls = importlib.import_module(module_name)
     for part in class_name.split("."):
         cls = getattr(cls, part)
-    module = cls(**{k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")})
-    module.load_state_dict(checkpoint["state_dict"])
-    return module
+    return cls.load_from_checkpoint(ckpt_path, map_location="cpu")
 
 
 def main(argv: list[str] | None = None) -> None:

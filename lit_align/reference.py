@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 class FrozenCopy:
     """A frozen copy of the initial policy, built once by the backbone."""
 
+    name = "copy"
+    precomputed = False  # log-probs are attached to the data before the first batch
     builds_copy = True
     runs_forward = True  # a reference forward per step (counted in FLOPs)
 
@@ -37,6 +39,8 @@ class FrozenCopy:
 class DisabledAdapter:
     """The policy's own weights with LoRA adapters switched off."""
 
+    name = "adapter"
+    precomputed = False  # log-probs are attached to the data before the first batch
     builds_copy = False
     runs_forward = True
 
@@ -48,6 +52,8 @@ class DisabledAdapter:
 class CachedLogps:
     """Per-token reference log-probs that the collator put in ``batch["reference_logps"]``."""
 
+    name = "cached"
+    precomputed = True  # log-probs are attached to the data before the first batch
     builds_copy = False
     runs_forward = False
 
@@ -68,6 +74,8 @@ class CachedLogps:
 class NoReference:
     """Reference-free objectives: asking for reference log-probs is a bug."""
 
+    name = "none"
+    precomputed = False  # log-probs are attached to the data before the first batch
     builds_copy = False
     runs_forward = False
 
@@ -75,4 +83,4 @@ class NoReference:
         raise RuntimeError("this method was built without a reference model (reference='none')")
 
 
-STRATEGIES = {"copy": FrozenCopy, "adapter": DisabledAdapter, "cached": CachedLogps, "none": NoReference}
+STRATEGIES = {strategy.name: strategy for strategy in (FrozenCopy, DisabledAdapter, CachedLogps, NoReference)}

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from lit_align.logprobs import IGNORE_INDEX, shift_labels
+from lit_align.logprobs import IGNORE_INDEX
+from lit_align.packing import response_mask
 
 REFERENCE_FIELDS = ("ref_chosen", "ref_rejected")  # per-token reference log-probs of each response
 REFERENCE_LOGPS_KEY = "reference_logps"  # their [2B, T] tensor in a batch
@@ -24,7 +25,7 @@ class PairCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, examples: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        rows = [(ex["prompt"], ex["chosen"]) for ex in examples] + [(ex["prompt"], ex["rejected"]) for ex in examples]
+        rows = _sequences(examples)
         length = max(len(prompt) + len(response) for prompt, response in rows)
         length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
@@ -36,8 +37,7 @@ class PairCollator:
             labels[row, len(prompt): len(ids)] = torch.tensor(response)
             attention_mask[row, : len(ids)] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if REFERENCE_FIELDS[0] in examples[0]:
-            batch[REFERENCE_LOGPS_KEY] = _reference_logps(examples, labels)
+        _add_reference_logps(batch, examples)
         for key in examples[0]:
             if key not in ("prompt", "chosen", "rejected", *REFERENCE_FIELDS):
                 batch[key] = torch.stack([torch.as_tensor(ex[key]) for ex in examples])
@@ -63,7 +63,7 @@ class PackedPairCollator:
         self.pad_token_id, self.capacity = pad_token_id, capacity
 
     def __call__(self, examples: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        rows = [(ex["prompt"], ex["chosen"]) for ex in examples] + [(ex["prompt"], ex["rejected"]) for ex in examples]
+        rows = _sequences(examples)
         lengths = [len(prompt) + len(response) for prompt, response in rows]
         capacity = max(self.capacity or 0, *lengths)
         bins: list[list[int]] = []  # sequence indices per packed row
@@ -101,20 +101,24 @@ class PackedPairCollator:
             "seq_starts": torch.tensor(seq_starts),
             "seq_lens": torch.tensor(lengths),
         }
-        if REFERENCE_FIELDS[0] in examples[0]:
-            padded_labels = torch.full((len(rows), max(lengths)), IGNORE_INDEX)
-            for index, (prompt, response) in enumerate(rows):
-                padded_labels[index, len(prompt): len(prompt) + len(response)] = torch.tensor(response)
-            batch[REFERENCE_LOGPS_KEY] = _reference_logps(examples, padded_labels)
+        _add_reference_logps(batch, examples)
         return batch
 
 
-def _reference_logps(examples: Sequence[dict], labels: torch.Tensor) -> torch.Tensor:
-    """``[2B, T]`` cached per-token reference log-probs, aligned like the backbone's log-probs
-    (position t holds the log-prob of token t+1); zero off the response."""
-    mask = shift_labels(labels) != IGNORE_INDEX
+def _sequences(examples: Sequence[dict[str, list[int]]]) -> list[tuple[list[int], list[int]]]:
+    """(prompt, response) of every sequence: all chosen first, then all rejected."""
+    return [(ex["prompt"], ex["chosen"]) for ex in examples] + [(ex["prompt"], ex["rejected"]) for ex in examples]
+
+
+def _add_reference_logps(batch: dict[str, torch.Tensor], examples: Sequence[dict]) -> None:
+    """Cached per-token reference log-probs as ``[2B, T]`` in the padded layout the backbone
+    returns (position t holds the log-prob of token t+1, zero off the response), placed on the
+    same response positions the policy's log-probs will have."""
+    if REFERENCE_FIELDS[0] not in examples[0]:
+        return
+    mask = response_mask(batch)
     values = [ex[REFERENCE_FIELDS[0]] for ex in examples] + [ex[REFERENCE_FIELDS[1]] for ex in examples]
-    out = torch.zeros(labels.shape, dtype=torch.float32)
+    out = torch.zeros(mask.shape, dtype=torch.float32)
     for row, row_values in enumerate(values):
         out[row, mask[row]] = torch.as_tensor(row_values, dtype=torch.float32)
-    return out
+    batch[REFERENCE_LOGPS_KEY] = out

@@ -42,6 +42,8 @@ class PairedPreferenceModule(LightningModule):
         self.metrics = torch.nn.ModuleDict()
         self._policy_is_initial = True  # False once trained or loaded: then no reference can be derived from it
         self._reference_attached = False
+        self._packing_checked = False
+        self._last_batch: dict[str, torch.Tensor] | None = None
 
     @property
     def tokenizer(self):
@@ -72,8 +74,15 @@ class PairedPreferenceModule(LightningModule):
         """Reference log-probs of the batch under the configured strategy."""
         return self.backbone.reference_logps(batch)
 
+    @property
+    def flops_per_batch(self) -> int | None:
+        """Analytic FLOPs of the last batch, read by ThroughputMonitor; computed only when read."""
+        if self._last_batch is None:
+            return None
+        return self.backbone.step_flops(self._last_batch, train=self.training)
+
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        self.flops_per_batch = self.backbone.step_flops(batch, train=stage == "train")  # read by ThroughputMonitor
+        self._last_batch = batch
         output = self.forward_pair(batch)
         loss = output.losses.mean()
         margins = output.chosen_rewards - output.rejected_rewards
@@ -136,7 +145,7 @@ class PairedPreferenceModule(LightningModule):
     def _check_packing(self) -> None:
         """Keep packing only if packed and padded log-probs agree under this model's attention."""
         datamodule = self.trainer.datamodule
-        if not getattr(datamodule, "packing_active", False) or getattr(self, "_packing_checked", False):
+        if not getattr(datamodule, "packing_active", False) or self._packing_checked:
             return
         self._packing_checked = True
         isolated, difference = self.backbone.packing_isolates_sequences(self.device)
@@ -150,7 +159,7 @@ class PairedPreferenceModule(LightningModule):
 
     def _attach_cached_reference(self) -> None:
         """With ``reference: cached``, attach stored (or compute once) reference log-probs."""
-        if self.backbone.reference_strategy != "cached" or self._reference_attached:
+        if not self.backbone.strategy.precomputed or self._reference_attached:
             return
         from lit_align.reference_cache import attach_reference_logps
 

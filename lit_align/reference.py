@@ -24,24 +24,33 @@ if TYPE_CHECKING:
     from lit_align.backbone import Backbone, SequenceLogps
 
 
-class FrozenCopy:
+class ReferenceStrategy:
+    """What a strategy needs from the backbone; subclasses set only what differs."""
+
+    name = ""
+    precomputed = False  # log-probs are attached to the data before the first batch
+    builds_copy = False  # the backbone keeps a frozen copy of the initial weights
+    runs_forward = False  # a reference forward per step (counted in FLOPs)
+
+    def logps(self, backbone: Backbone, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+        raise NotImplementedError
+
+
+class FrozenCopy(ReferenceStrategy):
     """A frozen copy of the initial policy, built once by the backbone."""
 
     name = "copy"
-    precomputed = False  # log-probs are attached to the data before the first batch
     builds_copy = True
-    runs_forward = True  # a reference forward per step (counted in FLOPs)
+    runs_forward = True
 
     def logps(self, backbone: Backbone, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         return backbone.logps(batch, backbone.reference)
 
 
-class DisabledAdapter:
+class DisabledAdapter(ReferenceStrategy):
     """The policy's own weights with LoRA adapters switched off."""
 
     name = "adapter"
-    precomputed = False  # log-probs are attached to the data before the first batch
-    builds_copy = False
     runs_forward = True
 
     def logps(self, backbone: Backbone, batch: dict[str, torch.Tensor]) -> SequenceLogps:
@@ -49,13 +58,11 @@ class DisabledAdapter:
             return backbone.logps(batch)
 
 
-class CachedLogps:
+class CachedLogps(ReferenceStrategy):
     """Per-token reference log-probs that the collator put in ``batch["reference_logps"]``."""
 
     name = "cached"
-    precomputed = True  # log-probs are attached to the data before the first batch
-    builds_copy = False
-    runs_forward = False
+    precomputed = True
 
     def logps(self, backbone: Backbone, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         from lit_align.backbone import SequenceLogps
@@ -71,13 +78,10 @@ class CachedLogps:
         return backbone.policy.disable_adapter() if backbone.is_peft else nullcontext()
 
 
-class NoReference:
+class NoReference(ReferenceStrategy):
     """Reference-free objectives: asking for reference log-probs is a bug."""
 
     name = "none"
-    precomputed = False  # log-probs are attached to the data before the first batch
-    builds_copy = False
-    runs_forward = False
 
     def logps(self, backbone: Backbone, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         raise RuntimeError("this method was built without a reference model (reference='none')")

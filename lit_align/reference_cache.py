@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from lit_align.atomic import atomic_torch_save, load_or_none
-from lit_align.data.collate import REFERENCE_FIELDS, PairCollator
+from lit_align.data.collate import REFERENCE_FIELD, Collator, PairLayout
 from lit_align.reference import CachedLogps
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from lit_align.settings import ModelSettings
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2
 IRRELEVANT = ("lora", "gradient_checkpointing", "reference", "logp_chunk_size", "trust_remote_code")
 
 
@@ -60,35 +60,39 @@ def reference_cache_path(datamodule: PreferenceDataModule, settings: ModelSettin
 
 
 @torch.no_grad()
-def compute_reference_logps(backbone: Backbone, examples: list[dict], batch_size: int, pad_token_id: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(chosen, rejected) per-token reference log-probs of each example, from the current policy
-    with adapters disabled; the caller guarantees the policy still has its initial weights."""
-    collate = PairCollator(pad_token_id)
+def compute_reference_logps(backbone: Backbone, examples: list[dict], batch_size: int, pad_token_id: int, device: torch.device,
+                            layout: PairLayout | None = None) -> list[list[torch.Tensor]]:
+    """Per example, the per-token reference log-probs of each of its responses (in ``layout``
+    order), from the current policy with adapters disabled; the caller guarantees the policy
+    still has its initial weights."""
+    layout = layout or PairLayout()
+    collate = Collator(pad_token_id, layout)
     was_training = backbone.training
     backbone.eval()
     results = []
     try:
         for start in range(0, len(examples), batch_size):
-            chunk = [{k: ex[k] for k in ("prompt", "chosen", "rejected")} for ex in examples[start: start + batch_size]]
+            chunk = [{k: v for k, v in ex.items() if k != REFERENCE_FIELD} for ex in examples[start: start + batch_size]]
             batch = {k: v.to(device) for k, v in collate(chunk).items()}
             with CachedLogps.source(backbone):
                 logps = backbone.logps(batch)
-            rows = [logps.tokens[row][logps.mask[row]].float().cpu() for row in range(logps.tokens.shape[0])]
-            half = len(chunk)
-            results.extend(zip(rows[:half], rows[half:]))
+            values = [[None] * len(layout.responses(ex)) for ex in chunk]
+            for row, (i, k) in enumerate(layout.rows(chunk)):
+                values[i][k] = logps.tokens[row][logps.mask[row]].float().cpu()
+            results.extend(values)
     finally:
         backbone.train(was_training)
     return results
 
 
-def _compute_sharded(backbone: Backbone, examples: list[dict], batch_size: int, pad_token_id: int, device: torch.device) -> list:
+def _compute_sharded(backbone: Backbone, examples: list[dict], batch_size: int, pad_token_id: int, device: torch.device, layout: PairLayout) -> list:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return compute_reference_logps(backbone, examples, batch_size, pad_token_id, device)
+        return compute_reference_logps(backbone, examples, batch_size, pad_token_id, device, layout)
     world, rank = dist.get_world_size(), dist.get_rank()
     per_rank = -(-len(examples) // world)
     indices = list(range(rank, len(examples), world))
     indices += indices[-1:] * (per_rank - len(indices))  # equal batch counts on every rank
-    mine = compute_reference_logps(backbone, [examples[i] for i in indices], batch_size, pad_token_id, device)
+    mine = compute_reference_logps(backbone, [examples[i] for i in indices], batch_size, pad_token_id, device, layout)
     gathered: list = [None] * world
     dist.all_gather_object(gathered, list(zip(indices, mine)))
     by_index = {index: values for shard in gathered for index, values in shard}
@@ -109,10 +113,10 @@ def attach_reference_logps(backbone: Backbone, datamodule: PreferenceDataModule,
         log.info("computing reference log-probs once for %s", ", ".join(f"{len(v)} {k}" for k, v in datamodule.datasets.items()))
         size = datamodule.hparams.eval_batch_size or datamodule.hparams.batch_size
         pad = datamodule.tokenizer.pad_token_id
-        payload = {split: _compute_sharded(backbone, examples, size, pad, device) for split, examples in datamodule.datasets.items()}
+        payload = {split: _compute_sharded(backbone, examples, size, pad, device, datamodule.layout) for split, examples in datamodule.datasets.items()}
         if is_global_zero:
             atomic_torch_save(payload, path)
     for split, examples in datamodule.datasets.items():
-        for example, (chosen, rejected) in zip(examples, payload[split]):
-            example[REFERENCE_FIELDS[0]], example[REFERENCE_FIELDS[1]] = chosen, rejected
+        for example, values in zip(examples, payload[split]):
+            example[REFERENCE_FIELD] = values
     return path

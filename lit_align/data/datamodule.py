@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lit_align.atomic import atomic_torch_save, load_or_none
-from lit_align.data.collate import PackedPairCollator, PairCollator
+from lit_align.data.collate import Collator, PackedCollator, PairLayout
 from lit_align.data.errors import DataError, DroppableRecord
 from lit_align.data.formats import FormatName, normalise_record
 from lit_align.data.sources import read_records, source_fingerprint
@@ -25,7 +25,7 @@ from lit_align.data.tokenize import TruncationMode, tokenize_pair
 
 log = logging.getLogger(__name__)
 BUILTIN = "builtin"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -109,7 +109,7 @@ class PreferenceDataModule(LightningDataModule):
         """Per split: (source name, [(record number in that source, record), ...])."""
         h = self.hparams
         if h.train == BUILTIN:
-            splits = {name: (f"builtin:{name}", list(enumerate(self.task.split(name)))) for name in ("train", "val")}
+            splits = {name: (f"builtin:{name}", list(enumerate(self.builtin_records(name)))) for name in ("train", "val")}
             if h.val:
                 splits["val"] = (h.val, list(enumerate(read_records(h.val, h.val_split or h.split))))
         else:
@@ -128,15 +128,31 @@ class PreferenceDataModule(LightningDataModule):
             splits = {name: (src, recs[: h.max_records]) for name, (src, recs) in splits.items()}
         return splits
 
-    def _tokenize_split(self, source: str, records: list[tuple[int, dict[str, Any]]]) -> tuple[list[dict[str, list[int]]], list[str]]:
+    # ---- what a data regime defines (paired here; unpaired and listwise subclasses override) ----
+    layout = PairLayout()
+    """Which responses of an example become policy rows, and in which order."""
+
+    def builtin_records(self, split: str) -> list[dict[str, Any]]:
+        """Raw records of the built-in task's ``split`` (``train`` or ``val``)."""
+        return self.task.split(split)
+
+    def tokenize_record(self, record: dict[str, Any], source: str, index: int) -> list[dict[str, Any]]:
+        """Token-id examples of one raw record (a paired record gives one example)."""
         h = self.hparams
+        pair = normalise_record(record, source, index, h.format, h.columns, h.assistant_marker)
+        return [tokenize_pair(pair, self.tokenizer, h.max_length, self.max_prompt_length, h.truncation, source, index)]
+
+    def finish_split(self, name: str, source: str, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Last touch on a tokenized split before it is cached (e.g. mismatched completions)."""
+        return examples
+
+    def _tokenize_split(self, source: str, records: list[tuple[int, dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[str]]:
         examples, skipped = [], []
         for index, record in records:
             try:
-                pair = normalise_record(record, source, index, h.format, h.columns, h.assistant_marker)
-                examples.append(tokenize_pair(pair, self.tokenizer, h.max_length, self.max_prompt_length, h.truncation, source, index))
+                examples.extend(self.tokenize_record(record, source, index))
             except DroppableRecord as error:
-                if h.invalid_records == "error":
+                if self.hparams.invalid_records == "error":
                     raise
                 skipped.append(str(error))
         if not examples:
@@ -153,11 +169,16 @@ class PreferenceDataModule(LightningDataModule):
         val_id = source_fingerprint(h["val"]) if h["val"] else None
         identity = {
             "version": CACHE_VERSION,
+            "regime": [type(self).__qualname__, *self.cache_identity()],
             "settings": {k: v for k, v in h.items() if k != "task"},
             "sources": [train_id, val_id],
             "tokenizer": tokenizer_fingerprint(self.tokenizer),
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def cache_identity(self) -> list[Any]:
+        """Anything besides the hyper-parameters that changes the tokenized examples."""
+        return []
 
     def _cache_path(self) -> Path:
         return self.cache_root() / "tokenized" / f"{self.cache_key()}.pt"
@@ -178,7 +199,7 @@ class PreferenceDataModule(LightningDataModule):
         if self.datasets:
             return
         if self.tokenizer is None:
-            self.tokenizer = getattr(getattr(self, "trainer", None) and self.trainer.lightning_module, "tokenizer", None)
+            self.tokenizer = getattr(self._module(), "tokenizer", None)
         if self.tokenizer is None:
             raise RuntimeError("PreferenceDataModule needs a tokenizer: set `datamodule.tokenizer` or use it with a lit-align module")
         path = self._cache_path()
@@ -187,7 +208,7 @@ class PreferenceDataModule(LightningDataModule):
             cached = {"splits": {}, "skipped": {}}
             for name, (source, records) in self._raw_splits().items():
                 examples, skipped = self._tokenize_split(source, records)
-                cached["splits"][name] = examples
+                cached["splits"][name] = self.finish_split(name, source, examples)
                 cached["skipped"][name] = skipped
             if self.hparams.use_cache:
                 atomic_torch_save(cached, path)
@@ -196,6 +217,11 @@ class PreferenceDataModule(LightningDataModule):
         for name, reasons in cached["skipped"].items():
             if reasons:
                 log.warning("skipped %d of %d %s records that cannot train (invalid_records=skip); first: %s", len(reasons), len(reasons) + len(self.datasets[name]), name, reasons[0])
+
+    def _module(self):
+        """The LightningModule this data feeds, when attached to a trainer."""
+        trainer = getattr(self, "trainer", None)
+        return trainer.lightning_module if trainer is not None else None
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         size = self.hparams.batch_size if name == "train" else self.hparams.eval_batch_size or self.hparams.batch_size
@@ -206,8 +232,8 @@ class PreferenceDataModule(LightningDataModule):
         """Padded or packed batch; decided per call, so the packing check may switch it late."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         if self.packing_active:
-            return PackedPairCollator(pad, capacity=self.hparams.max_length)(examples)
-        return PairCollator(pad)(examples)
+            return PackedCollator(pad, capacity=self.hparams.max_length, layout=self.layout)(examples)
+        return Collator(pad, layout=self.layout)(examples)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -10,13 +10,17 @@ Three record shapes are understood (``format="auto"`` picks per record):
   prompt is their shared prefix up to and including the last assistant marker in it
   (``"\\n\\nAssistant:"`` by default), the responses are the rest.
 
+Optional numeric ``score_chosen``/``score_rejected`` fields (e.g. reward-model or rater scores)
+are kept for objectives that use them (ODPO's offset).
+
 A column mapping renames fields first, e.g. ``{"prompt": "question", "chosen": "good"}``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Union
 
 from lit_align.data.errors import DataError, DroppableRecord
@@ -33,6 +37,8 @@ class PreferencePair:
     prompt: Union[str, tuple[Message, ...]]
     chosen: str
     rejected: str
+    score_chosen: float | None = None
+    score_rejected: float | None = None
 
     @property
     def is_conversational(self) -> bool:
@@ -48,23 +54,33 @@ def normalise_record(
     assistant_marker: str = "\n\nAssistant:",
 ) -> PreferencePair:
     """Turn one raw record into a :class:`PreferencePair`, or raise :class:`DataError` saying where."""
-    fields = {name: _field(record, (columns or {}).get(name, name), source, index, required=name != "prompt") for name in ("prompt", "chosen", "rejected")}
+    fields = {name: read_field(record, (columns or {}).get(name, name), source, index, required=name != "prompt") for name in ("prompt", "chosen", "rejected")}
     prompt, chosen, rejected = fields["prompt"], fields["chosen"], fields["rejected"]
     shape = format if format != "auto" else _detect(prompt, chosen, source, index)
     if shape == "explicit":
-        pair = PreferencePair(_text(prompt, "prompt", source, index, allow_empty=True), _text(chosen, "chosen", source, index), _text(rejected, "rejected", source, index))
+        pair = PreferencePair(read_text(prompt, "prompt", source, index, allow_empty=True), read_text(chosen, "chosen", source, index), read_text(rejected, "rejected", source, index))
     elif shape == "implicit":
-        pair = _split_implicit(_text(chosen, "chosen", source, index), _text(rejected, "rejected", source, index), assistant_marker, source, index)
+        pair = _split_implicit(read_text(chosen, "chosen", source, index), read_text(rejected, "rejected", source, index), assistant_marker, source, index)
     elif shape == "conversational":
         pair = _conversational(prompt, chosen, rejected, source, index)
     else:
         raise DataError(source, f"unknown format '{format}'; use one of auto, explicit, conversational, implicit")
     if pair.chosen == pair.rejected:
         raise DroppableRecord(source, "chosen and rejected responses are identical", index, "rejected")
-    return pair
+    scores = {name: read_number(record.get((columns or {}).get(name, name)), name, source, index) for name in ("score_chosen", "score_rejected")}
+    return replace(pair, **scores)
 
 
-def _field(record: Mapping[str, Any], key: str, source: str, index: int, required: bool) -> Any:
+def read_number(value: Any, field: str, source: str, index: int) -> float | None:
+    """A finite score, or None when the field is absent or null."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(source, f"expected a finite number, got {value!r}", index, field)
+    return float(value)
+
+
+def read_field(record: Mapping[str, Any], key: str, source: str, index: int, required: bool) -> Any:
     if key not in record:
         if required:
             raise DataError(source, f"missing (record has fields: {', '.join(map(str, record)) or 'none'})", index, key)
@@ -80,7 +96,7 @@ def _detect(prompt: Any, chosen: Any, source: str, index: int) -> str:
     return "explicit"
 
 
-def _text(value: Any, field: str, source: str, index: int, allow_empty: bool = False) -> str:
+def read_text(value: Any, field: str, source: str, index: int, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise DataError(source, f"expected a string, got {type(value).__name__}", index, field)
     if not allow_empty and not value.strip():
@@ -88,7 +104,7 @@ def _text(value: Any, field: str, source: str, index: int, allow_empty: bool = F
     return value
 
 
-def _messages(value: Any, field: str, source: str, index: int) -> tuple[Message, ...]:
+def read_messages(value: Any, field: str, source: str, index: int) -> tuple[Message, ...]:
     if not isinstance(value, Sequence) or isinstance(value, str):
         raise DataError(source, f"expected a list of chat messages, got {type(value).__name__}", index, field)
     messages = []
@@ -104,27 +120,27 @@ def _messages(value: Any, field: str, source: str, index: int) -> tuple[Message,
     return tuple(messages)
 
 
-def _assistant_reply(messages: tuple[Message, ...], field: str, source: str, index: int) -> str:
+def read_reply(messages: tuple[Message, ...], field: str, source: str, index: int) -> str:
     if len(messages) != 1 or messages[0]["role"] != "assistant":
         raise DataError(source, "expected exactly one assistant message as the response", index, field)
-    return _text(messages[0]["content"], field, source, index)
+    return read_text(messages[0]["content"], field, source, index)
 
 
 def _conversational(prompt: Any, chosen: Any, rejected: Any, source: str, index: int) -> PreferencePair:
     if prompt is None:  # whole conversations: the shared leading messages are the prompt
-        chosen_msgs, rejected_msgs = _messages(chosen, "chosen", source, index), _messages(rejected, "rejected", source, index)
+        chosen_msgs, rejected_msgs = read_messages(chosen, "chosen", source, index), read_messages(rejected, "rejected", source, index)
         shared = 0
         while shared < min(len(chosen_msgs), len(rejected_msgs)) - 1 and chosen_msgs[shared] == rejected_msgs[shared]:
             shared += 1
         prompt_msgs = chosen_msgs[:shared]
         chosen_msgs, rejected_msgs = chosen_msgs[shared:], rejected_msgs[shared:]
     else:
-        prompt_msgs = _messages(prompt, "prompt", source, index)
-        chosen_msgs = _messages(chosen, "chosen", source, index) if isinstance(chosen, list) else ({"role": "assistant", "content": _text(chosen, "chosen", source, index)},)
-        rejected_msgs = _messages(rejected, "rejected", source, index) if isinstance(rejected, list) else ({"role": "assistant", "content": _text(rejected, "rejected", source, index)},)
+        prompt_msgs = read_messages(prompt, "prompt", source, index)
+        chosen_msgs = read_messages(chosen, "chosen", source, index) if isinstance(chosen, list) else ({"role": "assistant", "content": read_text(chosen, "chosen", source, index)},)
+        rejected_msgs = read_messages(rejected, "rejected", source, index) if isinstance(rejected, list) else ({"role": "assistant", "content": read_text(rejected, "rejected", source, index)},)
     if not prompt_msgs:
         raise DataError(source, "conversation has no prompt messages", index, "prompt")
-    return PreferencePair(prompt_msgs, _assistant_reply(chosen_msgs, "chosen", source, index), _assistant_reply(rejected_msgs, "rejected", source, index))
+    return PreferencePair(prompt_msgs, read_reply(chosen_msgs, "chosen", source, index), read_reply(rejected_msgs, "rejected", source, index))
 
 
 def _split_implicit(chosen: str, rejected: str, marker: str, source: str, index: int) -> PreferencePair:
@@ -136,4 +152,21 @@ def _split_implicit(chosen: str, rejected: str, marker: str, source: str, index:
     if cut < 0:
         raise DataError(source, f"implicit-prompt pair: the shared prefix of chosen and rejected contains no assistant marker {marker!r}", index, "chosen")
     cut += len(marker)
-    return PreferencePair(chosen[:cut], _text(chosen[cut:], "chosen", source, index), _text(rejected[cut:], "rejected", source, index))
+    return PreferencePair(chosen[:cut], read_text(chosen[cut:], "chosen", source, index), read_text(rejected[cut:], "rejected", source, index))
+
+
+def read_prompt(value: Any, field: str, source: str, index: int) -> Union[str, tuple[Message, ...]]:
+    """A text prompt (may be empty) or a non-empty list of chat messages."""
+    if isinstance(value, list):
+        prompt = read_messages(value, field, source, index)
+        if not prompt:
+            raise DataError(source, "conversation has no prompt messages", index, field)
+        return prompt
+    return read_text(value, field, source, index, allow_empty=True)
+
+
+def read_response(value: Any, field: str, source: str, index: int) -> str:
+    """A response: text, or a list holding exactly one assistant message."""
+    if isinstance(value, list):
+        return read_reply(read_messages(value, field, source, index), field, source, index)
+    return read_text(value, field, source, index)

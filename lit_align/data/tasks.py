@@ -93,17 +93,62 @@ class WordRulesTask:
             wrong = rng.choice([letter for letter in string.ascii_lowercase if letter not in word])
         else:
             wrong = word
-        return {"prompt": prompt, "chosen": answer, "rejected": wrong}
+        return {"prompt": prompt, "chosen": answer, "rejected": wrong, "score_chosen": 1.0, "score_rejected": self.score(prompt, wrong)}
+
+    def unpaired(self, name: str) -> list[dict]:
+        """Records ``{prompt, completion, label}`` of a split: each pair's correct answer
+        (desirable) followed by its wrong one (undesirable)."""
+        return [record for pair in self.split(name) for record in (
+            {"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
+            {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})]
+
+    def ranked(self, name: str, list_size: int = 4) -> list[dict]:
+        """Records ``{prompt, responses, scores}`` of a split: the correct answer, the word
+        unchanged and partly-correct answers (some letters transformed), each scored by
+        :meth:`score`, the fraction of positions that match the correct answer. Lists hold up to
+        ``list_size`` distinct responses (fewer when a short word has fewer distinct variants)."""
+        if list_size < 2:
+            raise ValueError(f"WordRulesTask.ranked: list_size must be >= 2, got {list_size}")
+        rng = random.Random(f"{self.seed}:{name}:ranked")
+        records = []
+        for pair in self.split(name):
+            rule, word = parse_prompt(pair["prompt"])
+            answer = prompt_and_answer(rule, word)[1]
+            responses = [answer, pair["rejected"]]
+            for _ in range(20 * list_size):
+                if len(responses) == list_size or len(answer) < 2:
+                    break
+                keep = rng.sample(range(len(answer)), rng.randint(1, len(answer) - 1))
+                candidate = "".join(answer[i] if i in keep else pair["rejected"][i] for i in range(len(answer))) if len(pair["rejected"]) == len(answer) else answer[: len(keep)]
+                if candidate not in responses:
+                    responses.append(candidate)
+            records.append({"prompt": pair["prompt"], "responses": responses, "scores": [self.score(pair["prompt"], r) for r in responses]})
+        return records
+
+    @staticmethod
+    def score(prompt: str, response: str) -> float:
+        """Graded verifier: fraction of the correct answer's positions that ``response`` matches
+        (1.0 exactly when :meth:`is_correct`)."""
+        answer = prompt_and_answer(*parse_prompt(prompt))[1]
+        response = response.strip()
+        if response == answer:
+            return 1.0
+        matches = sum(a == b for a, b in zip(answer, response))
+        return matches / max(len(answer), len(response))
 
     @staticmethod
     def is_correct(prompt: str, response: str) -> bool:
         """Verifier: does ``response`` follow the rule asked for in ``prompt``?"""
-        for rule, template in PROMPTS.items():
-            head, tail = template.split("{word}")
-            if prompt.startswith(head) and prompt.endswith(tail):
-                word = prompt[len(head): len(prompt) - len(tail)]
-                return response.strip() == prompt_and_answer(rule, word)[1]
-        raise ValueError(f"not a prompt of the built-in task: {prompt!r}")
+        return response.strip() == prompt_and_answer(*parse_prompt(prompt))[1]
+
+
+def parse_prompt(prompt: str) -> tuple[str, str]:
+    """(rule, word) of a prompt of the built-in task."""
+    for rule, template in PROMPTS.items():
+        head, tail = template.split("{word}")
+        if prompt.startswith(head) and prompt.endswith(tail):
+            return rule, prompt[len(head): len(prompt) - len(tail)]
+    raise ValueError(f"not a prompt of the built-in task: {prompt!r}")
 
 
 def prompt_and_answer(rule: str, word: str) -> tuple[str, str]:

@@ -16,7 +16,9 @@ Truncation (``truncation``):
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal, Union
 
 from transformers import PreTrainedTokenizerBase
 
@@ -24,13 +26,14 @@ from lit_align.data.errors import DataError, DroppableRecord
 from lit_align.data.formats import PreferencePair
 
 TruncationMode = Literal["keep_end", "drop", "error"]
+Prompt = Union[str, Sequence[dict[str, str]]]
 
 
-def render_conversation(pair: PreferencePair, response: str, tokenizer: PreTrainedTokenizerBase, source: str, index: int) -> tuple[str, str]:
-    """(prompt text, response text) of a conversational pair, rendered by the chat template."""
+def render_conversation(prompt: Sequence[dict[str, str]], response: str, tokenizer: PreTrainedTokenizerBase, source: str, index: int) -> tuple[str, str]:
+    """(prompt text, response text) of a chat prompt and its reply, rendered by the chat template."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(source, "conversational data needs a tokenizer with a chat template, and this one has none", index, "prompt")
-    messages = list(pair.prompt)
+    messages = list(prompt)
     try:
         prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
@@ -39,6 +42,47 @@ def render_conversation(pair: PreferencePair, response: str, tokenizer: PreTrain
     if not full_text.startswith(prompt_text):
         raise DataError(source, "the chat template renders the prompt differently with and without the response", index, "prompt")
     return prompt_text, full_text[len(prompt_text):]
+
+
+def tokenize_responses(
+    prompt: Prompt,
+    responses: Mapping[str, str],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    max_prompt_length: int,
+    truncation: TruncationMode = "keep_end",
+    source: str = "<data>",
+    index: int = 0,
+) -> tuple[list[int], dict[str, list[int]]]:
+    """(prompt ids, {field: response ids}) for one prompt and its named responses, truncated as
+    documented above (every response must fit next to the prompt)."""
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"max_prompt_length must be in (0, max_length={max_length}), got {max_prompt_length}")
+    conversational = not isinstance(prompt, str)
+    if conversational:
+        rendered = {name: render_conversation(prompt, text, tokenizer, source, index) for name, text in responses.items()}
+        prompt_text = next(iter(rendered.values()))[0]
+        texts = {name: response for name, (_, response) in rendered.items()}
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    else:
+        texts = dict(responses)
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+        if tokenizer.eos_token_id is not None and prompt_ids[-1:] == [tokenizer.eos_token_id]:
+            prompt_ids = prompt_ids[:-1]
+    if not prompt_ids and tokenizer.bos_token_id is not None:
+        prompt_ids = [tokenizer.bos_token_id]
+    ids = {name: _response_ids(text, tokenizer, conversational) for name, text in texts.items()}
+    longest = max(len(values) for values in ids.values())
+    if len(prompt_ids) + longest > max_length or len(prompt_ids) > max_prompt_length:
+        if truncation == "error":
+            field = "prompt" if len(prompt_ids) > max_prompt_length else next(name for name, values in ids.items() if len(values) == longest)
+            raise DataError(source, f"{len(prompt_ids)} prompt + {longest} response tokens do not fit max_length={max_length} (max_prompt_length={max_prompt_length}); set truncation to keep_end or drop", index, field)
+        if truncation == "drop":
+            raise DroppableRecord(source, f"longer than max_length={max_length} tokens", index, "prompt")
+        prompt_ids = prompt_ids[-max_prompt_length:]
+        room = max_length - len(prompt_ids)
+        ids = {name: values[:room] for name, values in ids.items()}
+    return prompt_ids, ids
 
 
 def tokenize_pair(
@@ -50,34 +94,15 @@ def tokenize_pair(
     source: str = "<data>",
     index: int = 0,
 ) -> dict[str, list[int]]:
-    """Token ids ``{"prompt", "chosen", "rejected"}`` of one pair, truncated as documented above."""
-    if not 0 < max_prompt_length < max_length:
-        raise ValueError(f"max_prompt_length must be in (0, max_length={max_length}), got {max_prompt_length}")
-    if pair.is_conversational:
-        prompt_text, chosen_text = render_conversation(pair, pair.chosen, tokenizer, source, index)
-        _, rejected_text = render_conversation(pair, pair.rejected, tokenizer, source, index)
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    else:
-        prompt_text, chosen_text, rejected_text = pair.prompt, pair.chosen, pair.rejected
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"] if prompt_text else []
-        if tokenizer.eos_token_id is not None and prompt_ids[-1:] == [tokenizer.eos_token_id]:
-            prompt_ids = prompt_ids[:-1]
-    if not prompt_ids and tokenizer.bos_token_id is not None:
-        prompt_ids = [tokenizer.bos_token_id]
-    responses = {name: _response_ids(text, tokenizer, pair.is_conversational) for name, text in (("chosen", chosen_text), ("rejected", rejected_text))}
-    longest = max(len(ids) for ids in responses.values())
-    if len(prompt_ids) + longest > max_length or len(prompt_ids) > max_prompt_length:
-        if truncation == "error":
-            field = "prompt" if len(prompt_ids) > max_prompt_length else "chosen" if len(responses["chosen"]) == longest else "rejected"
-            raise DataError(source, f"{len(prompt_ids)} prompt + {longest} response tokens do not fit max_length={max_length} (max_prompt_length={max_prompt_length}); set truncation to keep_end or drop", index, field)
-        if truncation == "drop":
-            raise DroppableRecord(source, f"longer than max_length={max_length} tokens", index, "prompt")
-        prompt_ids = prompt_ids[-max_prompt_length:]
-        room = max_length - len(prompt_ids)
-        responses = {name: ids[:room] for name, ids in responses.items()}
+    """Token ids ``{"prompt", "chosen", "rejected"}`` of one pair (plus its scores when it has them)."""
+    prompt_ids, responses = tokenize_responses(pair.prompt, {"chosen": pair.chosen, "rejected": pair.rejected}, tokenizer, max_length, max_prompt_length, truncation, source, index)
     if responses["chosen"] == responses["rejected"]:
         raise DroppableRecord(source, "chosen and rejected are identical after tokenization and truncation", index, "rejected")
-    return {"prompt": prompt_ids, **responses}
+    example = {"prompt": prompt_ids, **responses}
+    if pair.score_chosen is not None or pair.score_rejected is not None:
+        example["score_chosen"] = math.nan if pair.score_chosen is None else pair.score_chosen
+        example["score_rejected"] = math.nan if pair.score_rejected is None else pair.score_rejected
+    return example
 
 
 def _response_ids(text: str, tokenizer: PreTrainedTokenizerBase, rendered_by_template: bool) -> list[int]:

@@ -17,7 +17,7 @@ from jsonargparse import set_parsing_settings  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from lit_align.data.datamodule import PreferenceDataModule  # noqa: E402
-from lit_align.methods.base import PairedPreferenceModule  # noqa: E402
+from lit_align.methods.alignment import AlignmentModule  # noqa: E402
 
 # settings dataclasses document each field in an attribute docstring: show them in --help
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -46,7 +46,7 @@ class LitAlignCLI(LightningCLI):
             self._before = results[0] if results else None
 
     def after_fit(self) -> None:
-        metric = "val/rewards/accuracies"
+        metric = self.model.headline_metric
         after = self.trainer.callback_metrics.get(metric)
         if self.trainer.is_global_zero and after is not None:
             before = "" if not self._before else f"{self._before[metric]:.3f} -> "
@@ -68,7 +68,7 @@ def export_main(argv: list[str]) -> None:
     print(f"exported to {export_policy(module.backbone, args.output_dir, merge_lora=args.merge_lora)}")
 
 
-def load_module_from_checkpoint(ckpt_path: str) -> PairedPreferenceModule:
+def load_module_from_checkpoint(ckpt_path: str) -> AlignmentModule:
     """Rebuild the module class recorded in a lit-align checkpoint and load it (Lightning's
     ``load_from_checkpoint`` restores hyper-parameters and weights)."""
     import torch
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         export_main(words[1:])
         return
     LitAlignCLI(
-        PairedPreferenceModule,
+        AlignmentModule,
         PreferenceDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

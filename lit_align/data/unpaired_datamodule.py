@@ -1,0 +1,83 @@
+"""The unpaired data module: ``{prompt, completion, label}`` examples for KTO, NPO and BCO."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lit_align.data.collate import UnpairedLayout
+from lit_align.data.datamodule import PreferenceDataModule
+from lit_align.data.errors import DataError
+from lit_align.data.formats import normalise_record
+from lit_align.data.tokenize import tokenize_responses
+from lit_align.data.unpaired import normalise_unpaired, pair_to_unpaired
+
+
+class UnpairedDataModule(PreferenceDataModule):
+    """Unpaired examples: a prompt, one completion and a label (true = desirable).
+
+    Every setting of :class:`PreferenceDataModule` applies. Records are ``{prompt, completion,
+    label}`` (text or chat messages; ``columns`` renames fields), or preference pairs when
+    ``from_pairs`` is set: each pair then gives its chosen response as a desirable example and its
+    rejected response as an undesirable one. The built-in task is always converted from pairs.
+
+    When the objective asks for them (KTO's reference point), each example also gets a
+    *mismatched* completion: the completion of the next example with a different prompt, tokenized
+    after this example's prompt. They are fixed when the data is prepared, so the KL estimate
+    works at any batch size (batch size 1 included) and with the cached reference.
+
+    After ``setup``, ``class_counts`` holds the number of desirable and undesirable training
+    examples (KTO's class-balance weights are computed from them).
+
+    Args:
+        from_pairs: the records are preference pairs (any paired format) to convert.
+    """
+
+    layout = UnpairedLayout()
+
+    def __init__(self, *args, from_pairs: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mismatched_completions = False  # set from the module's `needs_mismatched_completions`
+        self.class_counts: dict[str, int] = {}
+
+    def builtin_records(self, split: str) -> list[dict[str, Any]]:
+        return self.task.split(split)  # converted in tokenize_record, like any paired source
+
+    def _converts_pairs(self, source: str) -> bool:
+        return self.hparams.from_pairs or source.startswith("builtin:")
+
+    def tokenize_record(self, record: dict[str, Any], source: str, index: int) -> list[dict[str, Any]]:
+        h = self.hparams
+        if self._converts_pairs(source):
+            items = pair_to_unpaired(normalise_record(record, source, index, h.format, h.columns, h.assistant_marker))
+        else:
+            items = [normalise_unpaired(record, source, index, h.columns)]
+        return [self._tokenize(item, source, index) for item in items]
+
+    def _tokenize(self, item, source: str, index: int) -> dict[str, Any]:
+        h = self.hparams
+        prompt, responses = tokenize_responses(item.prompt, {"completion": item.completion}, self.tokenizer, h.max_length,
+                                               self.max_prompt_length, h.truncation, source, index)
+        return {"prompt": prompt, "completion": responses["completion"], "label": item.label}
+
+    def cache_identity(self) -> list[Any]:
+        return [self._wants_mismatched()]
+
+    def _wants_mismatched(self) -> bool:
+        return self.mismatched_completions or bool(getattr(self._module(), "needs_mismatched_completions", False))
+
+    def finish_split(self, name: str, source: str, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not self._wants_mismatched():
+            return examples
+        for position, example in enumerate(examples):
+            other = next((examples[(position + step) % len(examples)] for step in range(1, len(examples))
+                          if examples[(position + step) % len(examples)]["prompt"] != example["prompt"]), None)
+            if other is None:
+                raise DataError(source, "every example has the same prompt, so no mismatched completions exist for the KL estimate")
+            room = self.hparams.max_length - len(example["prompt"])
+            example["kl_completion"] = other["completion"][:room]
+        return examples
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        labels = [bool(example["label"]) for example in self.datasets["train"]]
+        self.class_counts = {"desirable": sum(labels), "undesirable": len(labels) - sum(labels)}

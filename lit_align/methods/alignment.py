@@ -1,0 +1,165 @@
+"""The LightningModule every lit-align method subclasses: backbone, reference, metrics, optimizer.
+
+A data regime (paired, unpaired, listwise) is a subclass that implements :meth:`AlignmentModule.step`
+and declares the data layout it consumes; an objective is a short subclass of a regime that
+implements its ``loss``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+import torch
+from lightning import LightningModule
+from torchmetrics import MeanMetric
+from transformers import get_scheduler
+
+from lit_align.backbone import Backbone, SequenceLogps
+from lit_align.data.collate import PairLayout
+from lit_align.settings import ModelSettings, OptimizerSettings, as_settings
+
+PROGRESS_BAR = {"loss", "rewards/accuracies", "rewards/margins"}
+log = logging.getLogger(__name__)
+
+
+class AlignmentModule(LightningModule):
+    """Shared machinery of every method.
+
+    Args:
+        model: the causal LM, LoRA/QLoRA and reference strategy.
+        optimizer: AdamW and learning-rate schedule.
+    """
+
+    needs_reference: ClassVar[bool] = True
+    """Whether the objective uses reference log-probs (False: no reference is ever built)."""
+    data_layout: ClassVar[type] = PairLayout
+    """The data layout (:mod:`lit_align.data.collate`) this method consumes."""
+    data_module_name: ClassVar[str] = "lit_align.data.PreferenceDataModule"
+    """The data module to name in the error when the configured one has another layout."""
+    headline_metric: ClassVar[str] = "val/rewards/accuracies"
+    """Held-out metric the CLI prints before and after fit."""
+
+    def __init__(self, model: ModelSettings = ModelSettings(), optimizer: OptimizerSettings = OptimizerSettings()):  # noqa: B008 (never mutated)
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_settings = as_settings(model, ModelSettings)
+        self.optimizer_settings = as_settings(optimizer, OptimizerSettings)
+        self.backbone = Backbone(self.model_settings, needs_reference=self.needs_reference)
+        self.metrics = torch.nn.ModuleDict()
+        self.current_batch: dict[str, torch.Tensor] | None = None
+        """The batch of the step being run: objectives read per-example data columns from it (ODPO's scores)."""
+        self._policy_is_initial = True  # False once trained or loaded: then no reference can be derived from it
+        self._reference_attached = False
+        self._packing_checked = False
+
+    @property
+    def tokenizer(self):
+        return self.backbone.tokenizer
+
+    # ---- what a data regime implements ---------------------------------------------------
+    def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        """Loss of ``batch`` (logging metrics under ``stage``: train, val or test)."""
+        raise NotImplementedError
+
+    # ---- shared machinery ------------------------------------------------------------------
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+        """Reference log-probs of the batch under the configured strategy."""
+        return self.backbone.reference_logps(batch)
+
+    @property
+    def flops_per_batch(self) -> int | None:
+        """Analytic FLOPs of the last batch, read by ThroughputMonitor; computed only when read."""
+        if self.current_batch is None:
+            return None
+        return self.backbone.step_flops(self.current_batch, train=self.training)
+
+    def log_metrics(self, stage: str, values: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Accumulate per-example ``values`` in torchmetrics means, logged as ``{stage}/{name}``
+        (per step in training, per epoch otherwise, reduced across processes). Empty tensors are skipped."""
+        for name, value in values.items():
+            if value.numel() == 0:
+                continue
+            key = f"{stage}/{name}"
+            slot = key.replace("/", "__")
+            if slot not in self.metrics:  # created on first use; never as inference tensors
+                with torch.inference_mode(False):
+                    self.metrics[slot] = MeanMetric().to(self.device)
+            metric = self.metrics[slot]
+            metric(value.float())  # forward: accumulates and keeps the batch value for on_step logging
+            on_step = stage == "train"
+            self.log(key, metric, on_step=on_step, on_epoch=not on_step, prog_bar=name in PROGRESS_BAR, batch_size=batch_size, metric_attribute=f"metrics.{slot}")
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self._policy_is_initial = False
+        self.current_batch = batch
+        return self.step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.current_batch = batch
+        self.step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.current_batch = batch
+        self.step(batch, "test")
+
+    def configure_optimizers(self):
+        settings = self.optimizer_settings
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps, weight_decay=settings.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = get_scheduler(settings.schedule, optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- before the first batch: data check, cached reference, packing check ---------------
+    def on_fit_start(self) -> None:
+        self.prepare_data_for_method()
+
+    def on_validation_start(self) -> None:
+        self.prepare_data_for_method()
+
+    def on_test_start(self) -> None:
+        self.prepare_data_for_method()
+
+    def prepare_data_for_method(self) -> None:
+        """Check the data module's layout, attach cached reference log-probs, check packing."""
+        self._check_layout()
+        self._attach_cached_reference()
+        self._check_packing()
+
+    def _check_layout(self) -> None:
+        layout = getattr(self.trainer.datamodule, "layout", None)
+        if layout is not None and type(layout) is not self.data_layout:
+            raise ValueError(f"{type(self).__name__} trains on {self.data_layout.__name__} data, but the data module "
+                             f"{type(self.trainer.datamodule).__name__} gives {type(layout).__name__} data; use {self.data_module_name}")
+
+    def _check_packing(self) -> None:
+        """Keep packing only if packed and padded log-probs agree under this model's attention."""
+        datamodule = self.trainer.datamodule
+        if not getattr(datamodule, "packing_active", False) or self._packing_checked:
+            return
+        self._packing_checked = True
+        isolated, difference = self.backbone.packing_isolates_sequences(self.device)
+        if not isolated:
+            datamodule.packing_active = False
+            log.warning("packing disabled, using padding: attention %r lets packed sequences see each other "
+                        "(packed vs padded log-probs differ by %.2e)", self.backbone.settings.attn_implementation, difference)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._policy_is_initial = False
+
+    def _attach_cached_reference(self) -> None:
+        """With ``reference: cached``, attach stored (or compute once) reference log-probs."""
+        if not self.backbone.strategy.precomputed or self._reference_attached:
+            return
+        from lit_align.reference_cache import attach_reference_logps
+
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "cache_key"):
+            raise RuntimeError("model.reference=cached needs a lit-align data module (it stores the log-probs with the tokenized data)")
+        attach_reference_logps(self.backbone, datamodule, self._policy_is_initial, self.device, self.trainer.is_global_zero)
+        self._reference_attached = True
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the class so ``lit-align export`` can rebuild the module from the file alone."""
+        checkpoint["lit_align_class"] = f"{type(self).__module__}:{type(self).__qualname__}"

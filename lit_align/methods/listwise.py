@@ -1,0 +1,114 @@
+"""The listwise LightningModule: objectives on K scored responses per prompt (RRHF, PRO, LiPO).
+
+The K responses of every prompt run as adjacent rows of one policy forward; the base gathers
+their log-probs into ``[B, K]`` tables (:class:`ResponseLists`) for :meth:`ListwisePreferenceModule.loss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import NamedTuple, Optional
+
+import torch
+
+from lit_align.backbone import SequenceLogps
+from lit_align.data.collate import ListLayout
+from lit_align.methods.alignment import AlignmentModule
+
+
+@dataclass
+class ResponseLists:
+    """Log-probs of K responses per prompt.
+
+    Attributes:
+        sum: ``[B, K]`` log pi(y_k|x) (0 where ``valid`` is False).
+        count: ``[B, K]`` response lengths |y_k|.
+        valid: ``[B, K]`` True where the prompt has a k-th response.
+    """
+
+    sum: torch.Tensor
+    count: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Length-normalised log-probs log pi(y_k|x) / |y_k| (0 where invalid)."""
+        return self.sum / self.count.clamp(min=1)
+
+    @classmethod
+    def gather(cls, rows: SequenceLogps, list_index: torch.Tensor) -> "ResponseLists":
+        """Tables ``[B, K]`` from per-row log-probs and the batch's ``list_index`` (-1 = none)."""
+        valid = list_index >= 0
+        index = list_index.clamp(min=0)
+        zero = torch.zeros((), dtype=rows.tokens.dtype, device=rows.tokens.device)
+        return cls(torch.where(valid, rows.sum[index], zero), torch.where(valid, rows.count[index], 0), valid)
+
+
+class ListwiseLoss(NamedTuple):
+    """Per-prompt outputs of a listwise objective.
+
+    Attributes:
+        losses: ``[B]`` loss of each prompt's list; the module averages them.
+        rewards: ``[B, K]`` implicit reward of each response (detached); ranking metrics compare
+            them with the scores.
+        metrics: extra values to log under their names (``[B]`` or scalars).
+    """
+
+    losses: torch.Tensor
+    rewards: torch.Tensor
+    metrics: Mapping[str, torch.Tensor] = MappingProxyType({})
+
+
+class ListwisePreferenceModule(AlignmentModule):
+    """Base for objectives on a prompt with K scored responses; use with
+    :class:`lit_align.data.ListwiseDataModule`.
+
+    Logged: ``loss``; ``rewards/accuracies``: over every pair of responses with different scores,
+    how often the implicit rewards order them as the scores do (ties count 1/2; chance is 0.5);
+    ``rewards/top1``: whether the highest reward falls on a best-scored response; and the
+    objective's extras.
+
+    Args:
+        model: the causal LM, LoRA/QLoRA and reference strategy.
+        optimizer: AdamW and learning-rate schedule.
+    """
+
+    data_layout = ListLayout
+    data_module_name = "lit_align.data.ListwiseDataModule"
+
+    def loss(self, policy: ResponseLists, reference: Optional[ResponseLists], scores: torch.Tensor) -> ListwiseLoss:
+        """Per-prompt losses and implicit rewards.
+
+        Args:
+            policy: policy log-probs ``[B, K]`` of each response.
+            reference: the reference's, or None when ``needs_reference`` is False.
+            scores: ``[B, K]`` scores (higher = better; NaN where ``policy.valid`` is False).
+        """
+        raise NotImplementedError
+
+    def forward_lists(self, batch: dict[str, torch.Tensor]) -> ListwiseLoss:
+        """One policy forward over the K responses of every prompt, then the objective."""
+        self.current_batch = batch
+        policy = ResponseLists.gather(self.backbone.logps(batch), batch["list_index"])
+        reference = ResponseLists.gather(self.reference_logps(batch), batch["list_index"]) if self.needs_reference else None
+        return self.loss(policy, reference, batch["scores"])
+
+    def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        output = self.forward_lists(batch)
+        values = {"loss": output.losses.detach(), **ranking_metrics(output.rewards, batch["scores"], batch["list_index"] >= 0), **output.metrics}
+        self.log_metrics(stage, values, batch_size=output.losses.shape[0])
+        return output.losses.mean()
+
+
+def ranking_metrics(rewards: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Pairwise ranking accuracy (over pairs with different scores, ties in reward = 1/2) and top-1 hit."""
+    better = (scores[:, :, None] > scores[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    difference = rewards[:, :, None] - rewards[:, None, :]
+    correct = (difference > 0).float() + 0.5 * (difference == 0).float()
+    accuracies = correct[better]
+    masked = rewards.masked_fill(~valid, float("-inf"))
+    best = scores.masked_fill(~valid, float("-inf")).amax(dim=1)
+    top1 = (scores.gather(1, masked.argmax(dim=1, keepdim=True)).squeeze(1) == best).float()
+    return {"rewards/accuracies": accuracies, "rewards/top1": top1}

@@ -3,6 +3,7 @@
     lit-align fit --config configs/dpo.yaml [--model.beta 0.2]
     lit-align validate|test --config configs/dpo.yaml [--ckpt_path ...]
     lit-align export --ckpt_path runs/.../last.ckpt --output_dir outputs/policy [--merge_lora true]
+    lit-align convert-pairs --input pairs.jsonl --output unpaired.jsonl
 """
 
 from __future__ import annotations
@@ -68,6 +69,22 @@ def export_main(argv: list[str]) -> None:
     print(f"exported to {export_policy(module.backbone, args.output_dir, merge_lora=args.merge_lora)}")
 
 
+def convert_pairs_main(argv: list[str]) -> None:
+    """``lit-align convert-pairs``: paired preference data to unpaired {prompt, completion, label} JSONL."""
+    from jsonargparse import ArgumentParser
+
+    from lit_align.data.unpaired import convert_pairs_file
+
+    parser = ArgumentParser(prog="lit-align convert-pairs", description="Write each preference pair as a desirable (chosen) and an undesirable (rejected) example.")
+    parser.add_argument("--input", type=str, required=True, help="Paired data: a file, saved datasets folder or hub name (any paired format).")
+    parser.add_argument("--output", type=str, required=True, help="Unpaired JSONL to write (atomically).")
+    parser.add_argument("--format", type=str, default="auto", help="Paired format: auto, explicit, conversational or implicit.")
+    parser.add_argument("--split", type=str, default="train", help="Split to read from a hub dataset or saved DatasetDict.")
+    args = parser.parse_args(argv)
+    count, skipped = convert_pairs_file(args.input, args.output, format=args.format, split=args.split)
+    print(f"wrote {count} unpaired records to {args.output} ({skipped} pairs skipped: empty or identical responses)")
+
+
 def load_module_from_checkpoint(ckpt_path: str) -> AlignmentModule:
     """Rebuild the module class recorded in a lit-align checkpoint and load it (Lightning's
     ``load_from_checkpoint`` restores hyper-parameters and weights)."""
@@ -88,8 +105,9 @@ def load_module_from_checkpoint(ckpt_path: str) -> AlignmentModule:
 def main(argv: list[str] | None = None) -> None:
     """Entry point; ``argv`` defaults to the command line."""
     words = sys.argv[1:] if argv is None else argv
-    if words[:1] == ["export"]:
-        export_main(words[1:])
+    commands = {"export": export_main, "convert-pairs": convert_pairs_main}
+    if words[:1] and words[0] in commands:
+        commands[words[0]](words[1:])
         return
     LitAlignCLI(
         AlignmentModule,

@@ -125,3 +125,23 @@ def test_a_method_given_another_regime_names_the_data_module_to_use():
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match=r"DPO trains on PairLayout data, but the data module ListwiseDataModule gives ListLayout data; use lit_align\.data\.PreferenceDataModule"):
         trainer.fit(DPO(), datamodule=ListwiseDataModule(task=TASK, max_length=48))
+
+
+HH = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+@pytest.mark.skipif(not HH.exists(), reason="../shared/data is not next to the checkout")
+def test_convert_pairs_command_on_anthropic_hh(tmp_path, capsys, tokenizer):
+    from lit_align.cli import main
+
+    output = tmp_path / "hh_unpaired.jsonl"
+    main(["convert-pairs", "--input", str(HH), "--output", str(output)])
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    skipped = int(capsys.readouterr().out.split("(")[1].split()[0])
+    assert len(lines) == 2 * (2312 - skipped) and skipped < 10
+    assert [r["label"] for r in lines[:4]] == [True, False, True, False]
+    assert lines[0]["prompt"] == lines[1]["prompt"] and lines[0]["prompt"].endswith("\n\nAssistant:")
+    dm = UnpairedDataModule(train=str(output), max_records=40, max_length=128, batch_size=4)
+    dm.tokenizer = tokenizer
+    dm.setup()
+    assert dm.class_counts["desirable"] + dm.class_counts["undesirable"] == len(dm.datasets["train"])

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from lit_align.data.errors import DataError
+from lit_align.data.errors import DataError, DroppableRecord
 from lit_align.data.formats import FormatName, Message, PreferencePair, normalise_record, read_field, read_prompt, read_response
 from lit_align.data.sources import read_records
 
@@ -53,12 +53,21 @@ def pair_to_unpaired(pair: PreferencePair) -> list[UnpairedExample]:
 
 
 def convert_pairs_file(source: str, output: str, format: FormatName = "auto", columns: Mapping[str, str] | None = None,
-                       assistant_marker: str = "\n\nAssistant:", split: str = "train") -> int:
-    """Write paired ``source`` as unpaired JSONL ``output`` (two records per pair); returns the
-    number of records written. The file appears complete or not at all (temp file, then rename)."""
-    records = []
+                       assistant_marker: str = "\n\nAssistant:", split: str = "train", invalid_records: str = "skip") -> tuple[int, int]:
+    """Write paired ``source`` as unpaired JSONL ``output`` (two records per pair); returns
+    (records written, pairs skipped). Pairs that cannot train (empty or identical responses) are
+    skipped, or raise with ``invalid_records="error"``; malformed records always raise. The file
+    appears complete or not at all (temp file, then rename)."""
+    records, skipped = [], 0
     for index, record in enumerate(read_records(source, split)):
-        for example in pair_to_unpaired(normalise_record(record, source, index, format, columns, assistant_marker)):
+        try:
+            pair = normalise_record(record, source, index, format, columns, assistant_marker)
+        except DroppableRecord:
+            if invalid_records == "error":
+                raise
+            skipped += 1
+            continue
+        for example in pair_to_unpaired(pair):
             prompt = example.prompt if isinstance(example.prompt, str) else list(example.prompt)
             records.append({"prompt": prompt, "completion": example.completion, "label": example.label})
     target = Path(output)
@@ -72,4 +81,4 @@ def convert_pairs_file(source: str, output: str, format: FormatName = "auto", co
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return len(records)
+    return len(records), skipped

@@ -145,3 +145,15 @@ def test_convert_pairs_command_on_anthropic_hh(tmp_path, capsys, tokenizer):
     dm.tokenizer = tokenizer
     dm.setup()
     assert dm.class_counts["desirable"] + dm.class_counts["undesirable"] == len(dm.datasets["train"])
+
+
+def test_top1_is_shared_among_tied_rewards():
+    """Untrained policy: all four rewards equal, one best-scored response -> top-1 = 1/4, not 1.
+    Second list: rewards (2, 2, 0) with the best at index 1 -> 1/2; third list has 2 valid entries."""
+    from lit_align.methods.listwise import ranking_metrics
+
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 0.0], [2.0, 2.0, 0.0, 0.0], [1.0, 3.0, 9.0, 9.0]])
+    scores = torch.tensor([[1.0, 0.5, 0.2, 0.0], [0.1, 0.9, 0.5, math.nan], [0.0, 1.0, math.nan, math.nan]])
+    valid = ~scores.isnan()
+    top1 = ranking_metrics(rewards, scores, valid)["rewards/top1"]
+    assert top1.tolist() == [0.25, 0.5, 1.0]

@@ -6,15 +6,14 @@ their log-probs into ``[B, K]`` tables (:class:`ResponseLists`) for :meth:`Listw
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from lit_align.backbone import SequenceLogps
 from lit_align.data.collate import ListLayout
+from lit_align.losses.types import ListwiseLoss
 from lit_align.methods.alignment import AlignmentModule
 
 
@@ -44,21 +43,6 @@ class ResponseLists:
         index = list_index.clamp(min=0)
         zero = torch.zeros((), dtype=rows.tokens.dtype, device=rows.tokens.device)
         return cls(torch.where(valid, rows.sum[index], zero), torch.where(valid, rows.count[index], 0), valid)
-
-
-class ListwiseLoss(NamedTuple):
-    """Per-prompt outputs of a listwise objective.
-
-    Attributes:
-        losses: ``[B]`` loss of each prompt's list; the module averages them.
-        rewards: ``[B, K]`` implicit reward of each response (detached); ranking metrics compare
-            them with the scores.
-        metrics: extra values to log under their names (``[B]`` or scalars).
-    """
-
-    losses: torch.Tensor
-    rewards: torch.Tensor
-    metrics: Mapping[str, torch.Tensor] = MappingProxyType({})
 
 
 class ListwisePreferenceModule(AlignmentModule):
@@ -103,12 +87,14 @@ class ListwisePreferenceModule(AlignmentModule):
 
 
 def ranking_metrics(rewards: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Pairwise ranking accuracy (over pairs with different scores, ties in reward = 1/2) and top-1 hit."""
+    """Pairwise ranking accuracy over pairs with different scores, and the top-1 hit rate; a tie in
+    reward counts one half in accuracy, and top-1 is shared among tied highest rewards (so an
+    untrained policy, whose rewards are all equal, scores chance, not a hit)."""
     better = (scores[:, :, None] > scores[:, None, :]) & valid[:, :, None] & valid[:, None, :]
     difference = rewards[:, :, None] - rewards[:, None, :]
     correct = (difference > 0).float() + 0.5 * (difference == 0).float()
-    accuracies = correct[better]
     masked = rewards.masked_fill(~valid, float("-inf"))
-    best = scores.masked_fill(~valid, float("-inf")).amax(dim=1)
-    top1 = (scores.gather(1, masked.argmax(dim=1, keepdim=True)).squeeze(1) == best).float()
-    return {"rewards/accuracies": accuracies, "rewards/top1": top1}
+    highest = (masked == masked.amax(dim=1, keepdim=True)) & valid
+    best = scores.masked_fill(~valid, float("-inf")).amax(dim=1, keepdim=True)
+    top1 = (highest & (scores == best)).sum(1) / highest.sum(1)
+    return {"rewards/accuracies": correct[better], "rewards/top1": top1.float()}

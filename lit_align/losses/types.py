@@ -1,4 +1,4 @@
-"""What every paired objective returns."""
+"""What every paired and listwise objective returns."""
 
 from __future__ import annotations
 
@@ -22,4 +22,33 @@ class PreferenceLoss(NamedTuple):
     losses: torch.Tensor
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
+    metrics: Mapping[str, torch.Tensor] = MappingProxyType({})  # read-only shared default
+
+
+class ListwiseLoss(NamedTuple):
+    """Per-prompt outputs of a listwise objective.
+
+    Attributes:
+        losses: ``[B]`` loss of each prompt's list; the module averages them.
+        rewards: ``[B, K]`` implicit reward of each response (detached); ranking metrics compare
+            them with the scores.
+        metrics: extra values to log under their names (``[B]`` or scalars).
+    """
+
+    losses: torch.Tensor
+    rewards: torch.Tensor
+    metrics: Mapping[str, torch.Tensor] = MappingProxyType({})
+
+
+class UnpairedLoss(NamedTuple):
+    """Per-example outputs of an unpaired objective (KTO, NPO, BCO).
+
+    Attributes:
+        losses: ``[B]`` loss of each example; the module averages them.
+        rewards: ``[B]`` implicit reward of each completion (detached), e.g. beta * log-ratio.
+        metrics: extra values to log under their names (``[B]`` or scalars, e.g. ``kl``).
+    """
+
+    losses: torch.Tensor
+    rewards: torch.Tensor
     metrics: Mapping[str, torch.Tensor] = MappingProxyType({})  # read-only shared default

@@ -7,29 +7,14 @@ mismatched prompt/completion rows of KTO's reference point), the reference, and 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
-from typing import ClassVar, NamedTuple, Optional
+from typing import ClassVar, Optional
 
 import torch
 
 from lit_align.backbone import SequenceLogps
 from lit_align.data.collate import UnpairedLayout
+from lit_align.losses.types import UnpairedLoss
 from lit_align.methods.alignment import AlignmentModule
-
-
-class UnpairedLoss(NamedTuple):
-    """Per-example outputs of an unpaired objective.
-
-    Attributes:
-        losses: ``[B]`` loss of each example; the module averages them.
-        rewards: ``[B]`` implicit reward of each completion (detached), e.g. beta * log-ratio.
-        metrics: extra values to log under their names (``[B]`` or scalars, e.g. ``kl``).
-    """
-
-    losses: torch.Tensor
-    rewards: torch.Tensor
-    metrics: Mapping[str, torch.Tensor] = MappingProxyType({})
 
 
 class UnpairedPreferenceModule(AlignmentModule):

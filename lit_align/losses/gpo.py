@@ -1,0 +1,95 @@
+"""GPO: Generalized Preference Optimization (Tang et al. 2024, "Generalized Preference
+Optimization: A Unified Approach to Offline Alignment", arXiv:2402.05749).
+
+GPO writes an offline preference loss as a convex function ``f`` of the scaled log-ratio margin
+
+    rho = beta * m,   m = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)),
+    loss = f(rho)                                                    (the GPO loss, Sec. 3)
+
+and recovers known objectives through the choice of ``f`` (the paper's table of examples):
+
+==========================  ===========================  ======================================
+name                        f(rho)                       known as
+==========================  ===========================  ======================================
+``logistic``                log(1 + e^{-rho})            DPO (= ``dpo_loss``)
+``hinge``                   max(0, 1 - rho)              SLiC (= ``hinge_loss``)
+``squared``                 (rho - 1)^2                  IPO, up to a factor (see below)
+``exponential``             e^{-rho}                     (new in GPO)
+``truncated_quadratic``     max(0, 1 - rho)^2            (new in GPO)
+``savage``                  1 / (1 + e^{rho})^2          (new in GPO)
+==========================  ===========================  ======================================
+
+Squared vs IPO: (beta m - 1)^2 = beta^2 (m - 1/beta)^2, and ``ipo_loss`` with tau is
+(m - 1/(2 tau))^2, so ``gpo(function="squared", beta=b) == b**2 * ipo_loss(tau=b/2)`` exactly:
+the same minimiser (target margin m = 1/beta) and gradients scaled by beta^2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+
+import torch
+import torch.nn.functional as F
+
+from lit_align.losses.types import PreferenceLoss
+
+
+def _logistic(rho: torch.Tensor) -> torch.Tensor:
+    return F.softplus(-rho)  # log(1 + e^{-rho}), stable for large |rho|
+
+
+def _hinge(rho: torch.Tensor) -> torch.Tensor:
+    return torch.relu(1 - rho)
+
+
+def _squared(rho: torch.Tensor) -> torch.Tensor:
+    return (rho - 1) ** 2
+
+
+def _exponential(rho: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-rho)
+
+
+def _truncated_quadratic(rho: torch.Tensor) -> torch.Tensor:
+    return torch.relu(1 - rho) ** 2
+
+
+def _savage(rho: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(-rho) ** 2  # 1 / (1 + e^{rho})^2
+
+
+GPO_FUNCTIONS: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = MappingProxyType({
+    "logistic": _logistic,
+    "hinge": _hinge,
+    "squared": _squared,
+    "exponential": _exponential,
+    "truncated_quadratic": _truncated_quadratic,
+    "savage": _savage,
+})
+"""Name -> convex function f of rho = beta * m (read-only)."""
+
+
+def gpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float = 0.1,
+    function: str = "logistic",
+) -> PreferenceLoss:
+    """GPO (Tang et al. 2024): loss = f(beta m) for the convex ``f`` named by ``function``.
+
+    Args:
+        beta: scale of the log-ratio margin; with the hinge/squared/truncated-quadratic
+            functions the target margin is m = 1 / beta.
+        function: the convex function, one of :data:`GPO_FUNCTIONS` (see the module docstring).
+    """
+    try:
+        f = GPO_FUNCTIONS[function]
+    except KeyError:
+        raise ValueError(f"unknown GPO function {function!r}; choose one of {sorted(GPO_FUNCTIONS)}") from None
+    chosen = beta * (policy_chosen - reference_chosen)
+    rejected = beta * (policy_rejected - reference_rejected)
+    losses = f(chosen - rejected)
+    return PreferenceLoss(losses, chosen.detach(), rejected.detach())

@@ -110,17 +110,12 @@ class Backbone(nn.Module):
         """
         model = model if model is not None else self.policy
         labels = shift_labels(batch["labels"])
-        inputs = {"input_ids": batch["input_ids"], "use_cache": False}
-        if is_packed(batch):
-            inputs["position_ids"] = batch["position_ids"]
-        else:
-            inputs["attention_mask"] = batch["attention_mask"]
         chunk = self.settings.logp_chunk_size
         if chunk is None:
-            tokens = naive_label_logps(model(**inputs).logits, labels)
+            tokens = naive_label_logps(model(**_model_inputs(batch)).logits, labels)
         else:
+            hidden = self.hidden_states(batch, model)
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            hidden = base.get_decoder()(**inputs).last_hidden_state
             head = base.get_output_embeddings()
             # only response positions go through the LM head: prompt and padding rows are skipped
             scored = labels != IGNORE_INDEX
@@ -129,6 +124,17 @@ class Backbone(nn.Module):
         if is_packed(batch):
             tokens = unpack_rows(tokens, batch)
         return SequenceLogps(tokens, response_mask(batch))
+
+    def hidden_states(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None) -> torch.Tensor:
+        """``[R, L, H]`` last decoder hidden states of ``batch`` under ``model`` (default: the policy),
+        before the LM head, in the batch's own layout (packed rows stay packed).
+
+        Padded batches pass their attention mask, packed batches their ``position_ids``; LoRA
+        adapters take part unless the caller disabled them.
+        """
+        model = model if model is not None else self.policy
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return base.get_decoder()(**_model_inputs(batch)).last_hidden_state
 
     @torch.no_grad()
     def packing_isolates_sequences(self, device: torch.device | None = None, tolerance: float = 1e-4) -> tuple[bool, float]:
@@ -168,6 +174,16 @@ class Backbone(nn.Module):
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         """Reference log-probs under the configured strategy (no gradients)."""
         return self.strategy.logps(self, batch)
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bool]:
+    """Forward inputs: the attention mask of a padded batch, the ``position_ids`` of a packed one."""
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if is_packed(batch):
+        inputs["position_ids"] = batch["position_ids"]
+    else:
+        inputs["attention_mask"] = batch["attention_mask"]
+    return inputs
 
 
 def _resolve_reference(settings: ModelSettings, needs_reference: bool) -> str:

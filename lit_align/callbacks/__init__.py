@@ -1,6 +1,8 @@
 """Callbacks configurable under ``trainer.callbacks`` in YAML."""
 
 from lit_align.callbacks.export import ExportHF
+from lit_align.callbacks.reference_sync import ReferenceSync, StepwiseDPO
 from lit_align.callbacks.throughput import Throughput
 
 __all__ = ["ExportHF", "Throughput"]
+__all__ += ["ReferenceSync", "StepwiseDPO"]  # reference_sync.py

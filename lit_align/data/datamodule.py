@@ -103,6 +103,11 @@ class PreferenceDataModule(LightningDataModule):
         self.packing_active = packing  # switched off by the module if the model cannot isolate packed sequences
         self.datasets: dict[str, list[dict[str, Any]]] = {}
         self.skipped: dict[str, int] = {}
+        self.train_chunks: int | None = None
+        """Serve the training examples in this many consecutive chunks, in their order: chunk
+        ``current_epoch % train_chunks`` in each epoch, shuffled only within the chunk. Set by
+        :class:`lit_align.callbacks.StepwiseDPO`, which also makes the trainer reload the train
+        loader every epoch; None serves every example every epoch."""
 
     # ---- records -------------------------------------------------------------------------
     def _raw_splits(self) -> dict[str, tuple[str, list[tuple[int, dict[str, Any]]]]]:
@@ -223,10 +228,11 @@ class PreferenceDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return trainer.lightning_module if trainer is not None else None
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+    def _loader(self, name: str, shuffle: bool, examples: list[dict[str, Any]] | None = None) -> DataLoader:
         size = self.hparams.batch_size if name == "train" else self.hparams.eval_batch_size or self.hparams.batch_size
         generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.datasets[name], batch_size=size, shuffle=shuffle, generator=generator, collate_fn=self.collate, num_workers=self.hparams.num_workers)
+        examples = self.datasets[name] if examples is None else examples
+        return DataLoader(examples, batch_size=size, shuffle=shuffle, generator=generator, collate_fn=self.collate, num_workers=self.hparams.num_workers)
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Padded or packed batch; decided per call, so the packing check may switch it late."""
@@ -236,7 +242,12 @@ class PreferenceDataModule(LightningDataModule):
         return Collator(pad, layout=self.layout)(examples)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        if not self.train_chunks:
+            return self._loader("train", shuffle=True)
+        examples, trainer = self.datasets["train"], getattr(self, "trainer", None)
+        k = (trainer.current_epoch if trainer is not None else 0) % self.train_chunks
+        bounds = [len(examples) * i // self.train_chunks for i in range(self.train_chunks + 1)]
+        return self._loader("train", shuffle=True, examples=examples[bounds[k]:bounds[k + 1]])
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -1,0 +1,266 @@
+"""Per-token KL between the reference and the policy over the whole vocabulary, in chunks.
+
+TDPO (:class:`lit_align.methods.TDPO`) needs, at every response position t, the forward KL
+
+    KL_t = KL(pi_ref(.|x, y_<t) || pi(.|x, y_<t)) = sum_v q_v (log q_v - log p_v),
+
+with p = softmax(z) the policy's and q = softmax(r) the reference's next-token distribution,
+and its sum over t, the sequential KL D_SeqKL(x, y; pi_ref || pi). That takes the logits of *both*
+models at every position: the naive way builds two ``[rows, T, V]`` logits tensors, and autograd
+keeps a softmax of the same size for backward.
+
+How it is done here instead (:func:`chunked_token_kl`, a custom autograd Function):
+
+1. The backbone runs each model's decoder once (:meth:`Backbone.hidden_states`) and keeps only
+   the hidden states of response positions (prompt and padding never reach an LM head). The
+   policy's keep their graph; the reference's are computed without gradients.
+2. Forward walks over the positions ``chunk_size`` at a time: for one chunk it multiplies both
+   hidden-state blocks by their LM heads (``[chunk, V]`` logits each), takes the two
+   log-softmaxes in place, and keeps three numbers per position: KL_t, the policy's log-prob of
+   the label and the reference's. The chunk's logits are then dropped. For backward it saves the
+   inputs and one log-sum-exp per position and model, nothing of size V.
+3. Backward walks over the chunks again and recomputes both chunks' logits (the reference's
+   without gradients). With p and q rebuilt from the saved log-sum-exps, the gradient of
+   ``g_kl * KL_t + g_lp * log p_label`` with respect to the policy logits is
+   ``g_kl (p - q) + g_lp (onehot(label) - p)`` (d KL_t / d z = p - q since sum q = 1); it goes
+   through the LM head to the hidden states, the head's weight and bias, chunk by chunk.
+
+Peak extra memory is a few ``chunk_size x V`` buffers (O(chunk x V), not O(T x V)); the cost is
+one extra logits matmul per model in backward, as in :mod:`lit_align.logprobs`. Softmax
+statistics are float32 (float64 for float64 inputs); under autocast, backward repeats each
+matmul in the precision the forward used. Values and gradients equal the naive full-logits
+computation (tests/test_tdpo.py, float64).
+
+The reference's hidden states come from the frozen copy (``reference: copy``) or from the policy
+with its LoRA adapters disabled (``reference: adapter``). ``cached`` keeps only the log-probs of
+the data's own tokens and ``none`` has no reference, so neither can give KL over the vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_align.logprobs import IGNORE_INDEX, _accum_dtype, shift_labels
+from lit_align.packing import is_packed, response_mask, unpack_rows
+
+if TYPE_CHECKING:
+    from lit_align.backbone import Backbone, SequenceLogps
+
+KL_REFERENCES = ("copy", "adapter")
+
+
+class TokenKL(NamedTuple):
+    """Per-position outputs of :func:`chunked_token_kl` (0 where the label is -100).
+
+    Attributes:
+        kl: KL(pi_ref || pi) over the vocabulary at each position (differentiable).
+        logps: the policy's log-prob of each label (differentiable).
+        reference_logps: the reference's log-prob of each label (no gradient).
+    """
+
+    kl: torch.Tensor
+    logps: torch.Tensor
+    reference_logps: torch.Tensor
+
+
+class _ChunkedTokenKL(torch.autograd.Function):
+    """KL(softmax(r) || softmax(z)) and label log-probs per row, chunked over rows."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, chunk_size):
+        n_rows = hidden.shape[0]
+        acc = _accum_dtype(hidden)
+        kl = hidden.new_zeros(n_rows, dtype=acc)
+        logps = hidden.new_zeros(n_rows, dtype=acc)
+        ref_logps = hidden.new_zeros(n_rows, dtype=acc)
+        lse_all = hidden.new_zeros(n_rows, dtype=acc)
+        ref_lse_all = hidden.new_zeros(n_rows, dtype=acc)
+        safe_labels = labels.clamp(min=0)
+        matmul_dtype = ref_matmul_dtype = weight.dtype
+        for start in range(0, n_rows, chunk_size):
+            stop = min(start + chunk_size, n_rows)
+            label = safe_labels[start:stop, None]
+            raw = F.linear(hidden[start:stop], weight, bias)
+            matmul_dtype = raw.dtype  # lower than the weights' under autocast
+            logp = raw.to(acc)
+            del raw
+            lse = torch.logsumexp(logp, dim=-1)
+            logp.sub_(lse[:, None])
+            raw = F.linear(ref_hidden[start:stop], ref_weight, ref_bias)
+            ref_matmul_dtype = raw.dtype
+            logq = raw.to(acc)
+            del raw
+            ref_lse = torch.logsumexp(logq, dim=-1)
+            logq.sub_(ref_lse[:, None])
+            logps[start:stop] = logp.gather(-1, label).squeeze(-1)
+            ref_logps[start:stop] = logq.gather(-1, label).squeeze(-1)
+            # sum_v q_v (log q_v - log p_v), reusing the two chunk buffers
+            logp.neg_().add_(logq)
+            kl[start:stop] = logp.mul_(logq.exp_()).sum(-1)
+            lse_all[start:stop] = lse
+            ref_lse_all[start:stop] = ref_lse
+            del logp, logq
+        valid = labels != IGNORE_INDEX
+        kl, logps, ref_logps = kl * valid, logps * valid, ref_logps * valid
+        ctx.matmul_dtypes = (matmul_dtype, ref_matmul_dtype)
+        empty = torch.empty(0, device=hidden.device)
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else empty, ref_hidden, ref_weight,
+                              ref_bias if ref_bias is not None else empty, labels, lse_all, ref_lse_all)
+        ctx.has_bias = (bias is not None, ref_bias is not None)
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(ref_logps)
+        return kl, logps, ref_logps
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_logps, _grad_ref_logps):
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse_all, ref_lse_all = ctx.saved_tensors
+        bias = bias if ctx.has_bias[0] else None
+        ref_bias = ref_bias if ctx.has_bias[1] else None
+        valid = labels != IGNORE_INDEX
+        safe_labels = labels.clamp(min=0)
+        acc = lse_all.dtype
+        g_kl = (grad_kl.to(acc) * valid).contiguous()
+        g_lp = (grad_logps.to(acc) * valid).contiguous()
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_hidden = torch.zeros_like(hidden) if need_h else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if need_w else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        mm, ref_mm = ctx.matmul_dtypes
+        weight_mm, bias_mm = weight.to(mm), (bias.to(mm) if bias is not None else None)
+        ref_weight_mm, ref_bias_mm = ref_weight.to(ref_mm), (ref_bias.to(ref_mm) if ref_bias is not None else None)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            stop = min(start + ctx.chunk_size, hidden.shape[0])
+            gk, gl = g_kl[start:stop, None], g_lp[start:stop, None]
+            if not (torch.any(gk) or torch.any(gl)):
+                continue
+            # d(g_kl KL + g_lp log p_label)/dz = g_kl (p - q) + g_lp (onehot - p)
+            #                                 = p (g_kl - g_lp) - g_kl q + g_lp onehot
+            grad_logits = F.linear(hidden[start:stop].to(mm), weight_mm, bias_mm).to(acc)
+            grad_logits.sub_(lse_all[start:stop, None]).exp_().mul_(gk - gl)
+            q = F.linear(ref_hidden[start:stop].to(ref_mm), ref_weight_mm, ref_bias_mm).to(acc)
+            q.sub_(ref_lse_all[start:stop, None]).exp_().mul_(gk)
+            grad_logits.sub_(q)
+            del q
+            grad_logits.scatter_add_(-1, safe_labels[start:stop, None], gl)
+            if need_h:
+                grad_hidden[start:stop] = (grad_logits.to(mm) @ weight_mm).to(hidden.dtype)
+            if need_w:
+                grad_weight += grad_logits.t() @ hidden[start:stop].to(acc)
+            if need_b:
+                grad_bias += grad_logits.sum(0)
+        if need_w:
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_b:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def chunked_token_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    reference_hidden: torch.Tensor,
+    reference_weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    reference_bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> TokenKL:
+    """Per-position KL(pi_ref || pi) over the vocabulary and both label log-probs, never building
+    full logits (see the module docstring).
+
+    Args:
+        hidden: ``[..., H]`` policy hidden states that predict ``labels`` (already shifted); with grad.
+        weight: ``[V, H]`` the policy's LM-head weight.
+        reference_hidden: ``[..., H]`` the reference's hidden states at the same positions (no grad).
+        reference_weight: ``[V, H]`` the reference's LM-head weight (no grad).
+        labels: ``[...]`` token ids; positions equal to -100 give 0 everywhere and no gradient.
+        bias: optional ``[V]`` policy LM-head bias.
+        reference_bias: optional ``[V]`` reference LM-head bias.
+        chunk_size: positions per chunk; peak extra memory is a few ``chunk_size * V`` floats.
+
+    Returns:
+        :class:`TokenKL` of ``[...]`` tensors in float32 (float64 for float64 inputs).
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if reference_hidden.shape != hidden.shape:
+        raise ValueError(f"policy and reference hidden states differ in shape: {tuple(hidden.shape)} vs {tuple(reference_hidden.shape)}")
+    shape = labels.shape
+    detach = (lambda t: None if t is None else t.detach())
+    out = _ChunkedTokenKL.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+        reference_hidden.detach().reshape(-1, hidden.shape[-1]), reference_weight.detach(), detach(reference_bias),
+        labels.reshape(-1), chunk_size,
+    )
+    return TokenKL(*(values.view(shape) for values in out))
+
+
+class BatchTokenKL(NamedTuple):
+    """Per-row results of :func:`batch_token_kl`, in the padded layout (``[R, T]`` tokens).
+
+    Attributes:
+        policy: the policy's per-token log-probs of the labels.
+        reference: the reference's per-token log-probs (no gradient).
+        kl: per-token KL(pi_ref || pi) in ``tokens``; its ``sum`` is D_SeqKL(x, y; pi_ref || pi).
+    """
+
+    policy: SequenceLogps
+    reference: SequenceLogps
+    kl: SequenceLogps
+
+
+def check_kl_reference(strategy: str, method: str = "TDPO") -> None:
+    """Raise unless ``strategy`` can give reference logits over the whole vocabulary."""
+    if strategy in KL_REFERENCES or strategy == "auto":
+        return
+    why = {"cached": "reference=cached stores only the log-probs of the data's own tokens",
+           "none": "reference=none builds no reference model"}.get(strategy, f"reference={strategy}")
+    raise ValueError(f"{method} needs the reference model's logits over the whole vocabulary at every response "
+                     f"position (its per-token KL), but {why}; set model.reference: copy or adapter (adapter needs model.lora)")
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    """The output embedding (LM head) of a plain or peft-wrapped causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_output_embeddings()
+
+
+def batch_token_kl(backbone: Backbone, batch: dict[str, torch.Tensor], chunk_size: int | None = None) -> BatchTokenKL:
+    """Policy and reference label log-probs and per-token KL(pi_ref || pi) of every row of ``batch``.
+
+    One decoder forward per model; only response positions go through the two LM heads, in
+    chunks of ``chunk_size`` positions (default: ``model.logp_chunk_size``, or 1024 when that is
+    null). Padded and packed batches both come back in the padded layout.
+    """
+    from lit_align.backbone import SequenceLogps
+
+    check_kl_reference(backbone.reference_strategy)
+    if chunk_size is None:
+        chunk_size = backbone.settings.logp_chunk_size or 1024
+    labels = shift_labels(batch["labels"])
+    scored = labels != IGNORE_INDEX
+    hidden = backbone.hidden_states(batch)[scored]
+    with torch.no_grad():
+        if backbone.reference_strategy == "copy":
+            reference = backbone.reference
+            reference_hidden = backbone.hidden_states(batch, reference)[scored]
+        else:  # adapter: the policy's own weights with LoRA switched off
+            reference = backbone.policy
+            with backbone.policy.disable_adapter():
+                reference_hidden = backbone.hidden_states(batch)[scored]
+    head, reference_head = lm_head(backbone.policy), lm_head(reference)
+    values = chunked_token_kl(hidden, head.weight, reference_hidden, reference_head.weight, labels[scored],
+                              head.bias, reference_head.bias, chunk_size=chunk_size)
+    mask = response_mask(batch)
+
+    def rows(per_position: torch.Tensor) -> SequenceLogps:
+        tokens = torch.zeros(labels.shape, dtype=per_position.dtype, device=per_position.device).masked_scatter(scored, per_position)
+        if is_packed(batch):
+            tokens = unpack_rows(tokens, batch)
+        return SequenceLogps(tokens, mask)
+
+    return BatchTokenKL(rows(values.logps), rows(values.reference_logps), rows(values.kl))

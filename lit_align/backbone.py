@@ -11,10 +11,20 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lit_align.flops import flops_per_token
-from lit_align.logprobs import IGNORE_INDEX, chunked_label_logps, naive_label_logps, shift_labels
+from lit_align.logprobs import (
+    IGNORE_INDEX,
+    chunked_label_logps,
+    naive_label_logps,
+    shift_labels,
+)
 from lit_align.packing import is_packed, response_mask, unpack_rows
 from lit_align.reference import STRATEGIES
 from lit_align.settings import ModelSettings
@@ -297,8 +307,8 @@ def _bnb_config(settings: ModelSettings):
     if settings.lora is None:
         raise ValueError("model.quantization (4-bit) needs model.lora: quantized base weights cannot be trained directly")
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError:
         raise ModelLoadError("model.quantization needs bitsandbytes: pip install 'lit-align[qlora]'") from None
     return BitsAndBytesConfig(

@@ -112,7 +112,7 @@ def test_two_process_ddp_shards_the_precompute_and_writes_the_same_cache(tmp_pat
     from pathlib import Path
 
     script = Path(__file__).parent / "scripts" / "ddp_cached_reference.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
     run = subprocess.run([sys.executable, str(script), str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     (ddp_file,) = (tmp_path / "ddp" / "reference").glob("*.pt")

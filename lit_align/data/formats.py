@@ -18,8 +18,8 @@ A column mapping renames fields first, e.g. ``{"prompt": "question", "chosen": "
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Union
 

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from lit_align.data.errors import DataError, DroppableRecord
-from lit_align.data.formats import Message, read_field, read_number, read_prompt, read_response
+from lit_align.data.formats import (
+    Message,
+    read_field,
+    read_number,
+    read_prompt,
+    read_response,
+)
 
 
 @dataclass(frozen=True)

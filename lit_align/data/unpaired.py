@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any, Union
 
 from lit_align.data.errors import DataError, DroppableRecord
-from lit_align.data.formats import FormatName, Message, PreferencePair, normalise_record, read_field, read_prompt, read_response
+from lit_align.data.formats import (
+    FormatName,
+    Message,
+    PreferencePair,
+    normalise_record,
+    read_field,
+    read_prompt,
+    read_response,
+)
 from lit_align.data.sources import read_records
 
 UNPAIRED_FIELDS = ("prompt", "completion", "label")

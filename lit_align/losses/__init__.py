@@ -19,19 +19,52 @@ from lit_align.losses.dpo_variants import (
     sppo_hard_loss,
 )
 from lit_align.losses.gpo import GPO_FUNCTIONS, gpo_loss
-from lit_align.losses.listwise import lambda_weights, lipo_lambda_loss, pro_loss, rrhf_loss
+from lit_align.losses.listwise import (
+    lambda_weights,
+    lipo_lambda_loss,
+    pro_loss,
+    rrhf_loss,
+)
 from lit_align.losses.reference_free import cpo_loss, orpo_loss, simpo_loss
 from lit_align.losses.tdpo import tdpo_loss
-from lit_align.losses.types import ListwiseLoss, PreferenceLoss
-from lit_align.losses.types import UnpairedLoss
+from lit_align.losses.types import ListwiseLoss, PreferenceLoss, UnpairedLoss
 from lit_align.losses.unpaired import bco_loss, kto_loss, kto_reference_point, npo_loss
 
-__all__ = ["PreferenceLoss", "cpo_loss", "dpo_loss", "hinge_loss", "ipo_loss", "orpo_loss", "robust_dpo_loss", "simpo_loss"]
-__all__ += [  # paired DPO variants (dpo_variants.py) and GPO (gpo.py)
-    "GPO_FUNCTIONS", "ODPO_OFFSET_FUNCTIONS", "aot_loss", "aot_pair_loss", "apo_down_loss", "apo_zero_loss", "bco_pair_loss",
-    "beta_dpo_beta", "beta_dpo_filter", "beta_dpo_loss", "dpop_loss", "exo_pair_loss", "gpo_loss", "nca_pair_loss",
-    "odpo_loss", "rdpo_loss", "sppo_hard_loss",
+__all__ = [
+    "GPO_FUNCTIONS",
+    "ODPO_OFFSET_FUNCTIONS",
+    "ListwiseLoss",
+    "PreferenceLoss",
+    "UnpairedLoss",
+    "aot_loss",
+    "aot_pair_loss",
+    "apo_down_loss",
+    "apo_zero_loss",
+    "bco_loss",
+    "bco_pair_loss",
+    "beta_dpo_beta",
+    "beta_dpo_filter",
+    "beta_dpo_loss",
+    "cpo_loss",
+    "dpo_loss",
+    "dpop_loss",
+    "exo_pair_loss",
+    "gpo_loss",
+    "hinge_loss",
+    "ipo_loss",
+    "kto_loss",
+    "kto_reference_point",
+    "lambda_weights",
+    "lipo_lambda_loss",
+    "nca_pair_loss",
+    "npo_loss",
+    "odpo_loss",
+    "orpo_loss",
+    "pro_loss",
+    "rdpo_loss",
+    "robust_dpo_loss",
+    "rrhf_loss",
+    "simpo_loss",
+    "sppo_hard_loss",
+    "tdpo_loss",
 ]
-__all__ += ["UnpairedLoss", "bco_loss", "kto_loss", "kto_reference_point", "npo_loss"]  # unpaired.py
-__all__ += ["ListwiseLoss", "lambda_weights", "lipo_lambda_loss", "pro_loss", "rrhf_loss"]  # listwise.py
-__all__ += ["tdpo_loss"]  # tdpo.py

@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import Optional
 
 from lit_align.backbone import SequenceLogps
-from lit_align.losses import PreferenceLoss, dpo_loss, hinge_loss, ipo_loss, robust_dpo_loss
+from lit_align.losses import (
+    PreferenceLoss,
+    dpo_loss,
+    hinge_loss,
+    ipo_loss,
+    robust_dpo_loss,
+)
 from lit_align.methods.base import PairedPreferenceModule
 
 

@@ -53,10 +53,7 @@ class _ChunkedLabelLogps(torch.autograd.Function):
         safe_labels = labels.clamp(min=0)
         acc = lse_all.dtype
         grad_out = (grad_out.to(acc) * valid).contiguous()
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_hidden = torch.zeros_like(hidden) if need_h else None
-        grad_weight = torch.zeros_like(weight, dtype=acc) if need_w else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        grads = HeadGradients(ctx.needs_input_grad, hidden, weight, bias, acc)
         mm = ctx.matmul_dtype
         weight_mm, bias_mm = weight.to(mm), (bias.to(mm) if bias is not None else None)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
@@ -69,17 +66,33 @@ class _ChunkedLabelLogps(torch.autograd.Function):
             grad_logits = F.linear(hidden[start:stop].to(mm), weight_mm, bias_mm).to(acc)
             grad_logits.sub_(lse_all[start:stop, None]).exp_().mul_(-g[:, None])
             grad_logits.scatter_add_(-1, safe_labels[start:stop, None], g[:, None])
-            if need_h:
-                grad_hidden[start:stop] = (grad_logits.to(mm) @ weight_mm).to(hidden.dtype)
-            if need_w:
-                grad_weight += grad_logits.t() @ hidden[start:stop].to(acc)
-            if need_b:
-                grad_bias += grad_logits.sum(0)
-        if need_w:
-            grad_weight = grad_weight.to(weight.dtype)
-        if need_b:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None
+            grads.add(start, stop, grad_logits, hidden, weight_mm)
+        return *grads.result(), None, None
+
+
+class HeadGradients:
+    """Gradients of the hidden states, LM-head weight and bias of a chunked head backward,
+    accumulated chunk by chunk from each chunk's gradient w.r.t. its logits (in ``acc`` precision)."""
+
+    def __init__(self, needs_input_grad, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype):
+        need_h, need_w, need_b = needs_input_grad[:3]
+        self.hidden_grad = torch.zeros_like(hidden) if need_h else None
+        self.weight_grad = torch.zeros_like(weight, dtype=acc) if need_w else None
+        self.bias_grad = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        self.weight, self.bias = weight, bias
+
+    def add(self, start: int, stop: int, grad_logits: torch.Tensor, hidden: torch.Tensor, weight_mm: torch.Tensor) -> None:
+        if self.hidden_grad is not None:
+            self.hidden_grad[start:stop] = (grad_logits.to(weight_mm.dtype) @ weight_mm).to(hidden.dtype)
+        if self.weight_grad is not None:
+            self.weight_grad += grad_logits.t() @ hidden[start:stop].to(grad_logits.dtype)
+        if self.bias_grad is not None:
+            self.bias_grad += grad_logits.sum(0)
+
+    def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        weight_grad = self.weight_grad.to(self.weight.dtype) if self.weight_grad is not None else None
+        bias_grad = self.bias_grad.to(self.bias.dtype) if self.bias_grad is not None else None
+        return self.hidden_grad, weight_grad, bias_grad
 
 
 def _accum_dtype(hidden: torch.Tensor) -> torch.dtype:

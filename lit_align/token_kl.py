@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_align.logprobs import IGNORE_INDEX, _accum_dtype, shift_labels
+from lit_align.logprobs import IGNORE_INDEX, HeadGradients, _accum_dtype, shift_labels
 from lit_align.packing import is_packed, response_mask, unpack_rows
 
 if TYPE_CHECKING:
@@ -125,10 +125,7 @@ class _ChunkedTokenKL(torch.autograd.Function):
         acc = lse_all.dtype
         g_kl = (grad_kl.to(acc) * valid).contiguous()
         g_lp = (grad_logps.to(acc) * valid).contiguous()
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_hidden = torch.zeros_like(hidden) if need_h else None
-        grad_weight = torch.zeros_like(weight, dtype=acc) if need_w else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        grads = HeadGradients(ctx.needs_input_grad, hidden, weight, bias, acc)
         mm, ref_mm = ctx.matmul_dtypes
         weight_mm, bias_mm = weight.to(mm), (bias.to(mm) if bias is not None else None)
         ref_weight_mm, ref_bias_mm = ref_weight.to(ref_mm), (ref_bias.to(ref_mm) if ref_bias is not None else None)
@@ -146,17 +143,8 @@ class _ChunkedTokenKL(torch.autograd.Function):
             grad_logits.sub_(q)
             del q
             grad_logits.scatter_add_(-1, safe_labels[start:stop, None], gl)
-            if need_h:
-                grad_hidden[start:stop] = (grad_logits.to(mm) @ weight_mm).to(hidden.dtype)
-            if need_w:
-                grad_weight += grad_logits.t() @ hidden[start:stop].to(acc)
-            if need_b:
-                grad_bias += grad_logits.sum(0)
-        if need_w:
-            grad_weight = grad_weight.to(weight.dtype)
-        if need_b:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+            grads.add(start, stop, grad_logits, hidden, weight_mm)
+        return *grads.result(), None, None, None, None, None
 
 
 def chunked_token_kl(

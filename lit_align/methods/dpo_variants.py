@@ -8,7 +8,8 @@ averaged over every process under distributed training).
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import ClassVar, Literal
 
 import torch
 
@@ -178,64 +179,49 @@ class EXO(PairedPreferenceModule):
         return exo_pair_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, self.beta, self.label_smoothing)
 
 
-class NCA(PairedPreferenceModule):
-    """NCA, pairwise (Chen et al. 2024): classifies each response on its own implicit reward.
+class BetaObjective(PairedPreferenceModule):
+    """A paired objective whose only hyper-parameter is ``beta``: subclasses name the pure loss.
 
     Args:
-        beta: scale of the implicit rewards beta (log pi - log pi_ref).
+        beta: scale of the implicit rewards beta (log pi - log pi_ref); see each subclass.
     """
+
+    objective: ClassVar[Callable[..., PreferenceLoss]]
 
     def __init__(self, beta: float = 0.1, **kwargs):
         super().__init__(**kwargs)
         self.beta = beta
 
     def loss(self, chosen, rejected, ref_chosen, ref_rejected) -> PreferenceLoss:
-        return nca_pair_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, self.beta)
+        return type(self).objective(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, self.beta)
 
 
-class APOZero(PairedPreferenceModule):
-    """APO-zero (D'Oosterlinck et al. 2024): raise chosen and lower rejected likelihood (chosen better than the model).
+class NCA(BetaObjective):
+    """NCA, pairwise (Chen et al. 2024): classifies each response on its own implicit reward
+    (``beta``: scale of the implicit rewards)."""
 
-    Args:
-        beta: scale of the implicit rewards.
-    """
-
-    def __init__(self, beta: float = 0.1, **kwargs):
-        super().__init__(**kwargs)
-        self.beta = beta
-
-    def loss(self, chosen, rejected, ref_chosen, ref_rejected) -> PreferenceLoss:
-        return apo_zero_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, self.beta)
+    objective = staticmethod(nca_pair_loss)
 
 
-class APODown(PairedPreferenceModule):
-    """APO-down (D'Oosterlinck et al. 2024): lower both likelihoods, the rejected more (chosen worse than the model).
+class APOZero(BetaObjective):
+    """APO-zero (D'Oosterlinck et al. 2024): raise chosen and lower rejected likelihood (chosen
+    better than the model; ``beta``: scale of the implicit rewards)."""
 
-    Args:
-        beta: scale of the implicit rewards.
-    """
-
-    def __init__(self, beta: float = 0.1, **kwargs):
-        super().__init__(**kwargs)
-        self.beta = beta
-
-    def loss(self, chosen, rejected, ref_chosen, ref_rejected) -> PreferenceLoss:
-        return apo_down_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, self.beta)
+    objective = staticmethod(apo_zero_loss)
 
 
-class SPPOHard(PairedPreferenceModule):
-    """SPPO with hard win labels (Wu et al. 2024): log-ratios regressed to +-1/(2 beta).
+class APODown(BetaObjective):
+    """APO-down (D'Oosterlinck et al. 2024): lower both likelihoods, the rejected more (chosen
+    worse than the model; ``beta``: scale of the implicit rewards)."""
 
-    Args:
-        beta: 1 / eta; chosen log-ratios are driven to +1/(2 beta), rejected ones to -1/(2 beta).
-    """
+    objective = staticmethod(apo_down_loss)
 
-    def __init__(self, beta: float = 0.1, **kwargs):
-        super().__init__(**kwargs)
-        self.beta = beta
 
-    def loss(self, chosen, rejected, ref_chosen, ref_rejected) -> PreferenceLoss:
-        return sppo_hard_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, self.beta)
+class SPPOHard(BetaObjective):
+    """SPPO with hard win labels (Wu et al. 2024): log-ratios regressed to +-1/(2 beta)
+    (``beta`` = 1 / eta; chosen log-ratios are driven to +1/(2 beta), rejected ones to -1/(2 beta))."""
+
+    objective = staticmethod(sppo_hard_loss)
 
 
 class BCOPair(PairedPreferenceModule):

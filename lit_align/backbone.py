@@ -125,8 +125,7 @@ class Backbone(nn.Module):
             tokens = naive_label_logps(model(**_model_inputs(batch)).logits, labels)
         else:
             hidden = self.hidden_states(batch, model)
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            head = base.get_output_embeddings()
+            head = self.lm_head(model)
             # only response positions go through the LM head: prompt and padding rows are skipped
             scored = labels != IGNORE_INDEX
             values = chunked_label_logps(hidden[scored], head.weight, labels[scored], head.bias, chunk_size=chunk)
@@ -145,6 +144,12 @@ class Backbone(nn.Module):
         model = model if model is not None else self.policy
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         return base.get_decoder()(**_model_inputs(batch)).last_hidden_state
+
+    @staticmethod
+    def lm_head(model: nn.Module) -> nn.Module:
+        """The output embedding (LM head) of a plain or peft-wrapped causal LM."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return base.get_output_embeddings()
 
     @torch.no_grad()
     def packing_isolates_sequences(self, device: torch.device | None = None, tolerance: float = 1e-4) -> tuple[bool, float]:

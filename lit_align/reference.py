@@ -35,6 +35,11 @@ class ReferenceStrategy:
     def logps(self, backbone: Backbone, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         raise NotImplementedError
 
+    def hidden_states(self, backbone: Backbone, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.nn.Module]:
+        """(last hidden states, LM head) of the reference, for objectives that need its full
+        next-token distributions (TDPO); only strategies that run a forward (``runs_forward``) have them."""
+        raise NotImplementedError(f"reference={self.name} has no reference weights to run")
+
 
 class FrozenCopy(ReferenceStrategy):
     """A frozen copy of the initial policy, built once by the backbone."""
@@ -46,6 +51,9 @@ class FrozenCopy(ReferenceStrategy):
     def logps(self, backbone: Backbone, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         return backbone.logps(batch, backbone.reference)
 
+    def hidden_states(self, backbone: Backbone, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.nn.Module]:
+        return backbone.hidden_states(batch, backbone.reference), backbone.lm_head(backbone.reference)
+
 
 class DisabledAdapter(ReferenceStrategy):
     """The policy's own weights with LoRA adapters switched off."""
@@ -56,6 +64,10 @@ class DisabledAdapter(ReferenceStrategy):
     def logps(self, backbone: Backbone, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         with backbone.policy.disable_adapter():
             return backbone.logps(batch)
+
+    def hidden_states(self, backbone: Backbone, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.nn.Module]:
+        with backbone.policy.disable_adapter():
+            return backbone.hidden_states(batch), backbone.lm_head(backbone.policy)
 
 
 class CachedLogps(ReferenceStrategy):

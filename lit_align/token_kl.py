@@ -42,15 +42,15 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from lit_align.logprobs import IGNORE_INDEX, HeadGradients, _accum_dtype, shift_labels
 from lit_align.packing import is_packed, response_mask, unpack_rows
+from lit_align.reference import STRATEGIES
 
 if TYPE_CHECKING:
     from lit_align.backbone import Backbone, SequenceLogps
 
-KL_REFERENCES = ("copy", "adapter")
+KL_REFERENCES = tuple(name for name, strategy in STRATEGIES.items() if strategy.runs_forward)  # copy, adapter
 
 
 class TokenKL(NamedTuple):
@@ -211,12 +211,6 @@ def check_kl_reference(strategy: str, method: str = "TDPO") -> None:
                      f"position (its per-token KL), but {why}; set model.reference: copy or adapter (adapter needs model.lora)")
 
 
-def lm_head(model: nn.Module) -> nn.Module:
-    """The output embedding (LM head) of a plain or peft-wrapped causal LM."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_output_embeddings()
-
-
 def batch_token_kl(backbone: Backbone, batch: dict[str, torch.Tensor], chunk_size: int | None = None) -> BatchTokenKL:
     """Policy and reference label log-probs and per-token KL(pi_ref || pi) of every row of ``batch``.
 
@@ -233,14 +227,9 @@ def batch_token_kl(backbone: Backbone, batch: dict[str, torch.Tensor], chunk_siz
     scored = labels != IGNORE_INDEX
     hidden = backbone.hidden_states(batch)[scored]
     with torch.no_grad():
-        if backbone.reference_strategy == "copy":
-            reference = backbone.reference
-            reference_hidden = backbone.hidden_states(batch, reference)[scored]
-        else:  # adapter: the policy's own weights with LoRA switched off
-            reference = backbone.policy
-            with backbone.policy.disable_adapter():
-                reference_hidden = backbone.hidden_states(batch)[scored]
-    head, reference_head = lm_head(backbone.policy), lm_head(reference)
+        reference_hidden, reference_head = backbone.strategy.hidden_states(backbone, batch)
+        reference_hidden = reference_hidden[scored]
+    head = backbone.lm_head(backbone.policy)
     values = chunked_token_kl(hidden, head.weight, reference_hidden, reference_head.weight, labels[scored],
                               head.bias, reference_head.bias, chunk_size=chunk_size)
     mask = response_mask(batch)

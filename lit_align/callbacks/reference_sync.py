@@ -45,7 +45,7 @@ def check_copy_reference(pl_module: LightningModule, who: str) -> None:
         raise TypeError(f"{who} updates a lit-align module's reference model (module.backbone.reference); "
                         f"{type(pl_module).__name__} has no backbone")
     strategy = backbone.reference_strategy
-    if strategy != "copy":
+    if not backbone.strategy.builds_copy:
         reason = _NO_WEIGHTS.get(strategy, f"reference={strategy}")
         raise ValueError(f"{who} updates the reference model from the policy, but model.reference={strategy}: {reason}")
     if backbone.settings.quantization is not None:
@@ -180,10 +180,12 @@ class StepwiseDPO(Callback):
             log.info("StepwiseDPO: setting trainer.reload_dataloaders_every_n_epochs = 1 (one chunk per epoch)")
             trainer.reload_dataloaders_every_n_epochs = 1
 
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.current_epoch > 0:
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # at the end of a chunk rather than the start of the next: a run resumed in the middle of
+        # a chunk keeps the reference restored from its checkpoint instead of overwriting it
+        if trainer.current_epoch + 1 < self.num_chunks:
             update_reference(pl_module.backbone, 1.0)
-            log.info("StepwiseDPO: chunk %d of %d starts; the reference is now the current policy", trainer.current_epoch + 1, self.num_chunks)
+            log.info("StepwiseDPO: chunk %d of %d ends; the reference is now the current policy", trainer.current_epoch + 1, self.num_chunks)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.datamodule is not None and hasattr(trainer.datamodule, "train_chunks"):

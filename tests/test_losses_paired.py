@@ -452,14 +452,14 @@ def test_running_statistics_update_in_training_only(batch):
     for module in (beta_dpo, bco):
         module.eval()
         module.forward_pair(batch)
-    assert beta_dpo.margin_updates.item() == 0 and bco.reward_shift_updates.item() == 0
+    assert beta_dpo.margin_updates.item() == 0 and bco.reward_shift.count.item() == 0
     for module in (beta_dpo, bco):
         module.train()
         output = module.forward_pair(batch)
-    assert beta_dpo.margin_updates.item() == 1 and bco.reward_shift_updates.item() == 1
+    assert beta_dpo.margin_updates.item() == 1 and bco.reward_shift.count.item() == 1
     assert output.metrics["delta"].shape == (6,)
     assert {"margin_mean", "margin_std", "margin_updates"} <= set(beta_dpo.state_dict())  # checkpointed
-    assert "reward_shift" in bco.state_dict()
+    assert "reward_shift.value" in bco.state_dict()
     kept = beta_dpo.forward_pair(batch).metrics["kept"]
     assert kept.sum().item() == 3  # rho = 0.5 of 6 pairs
     with pytest.raises(ValueError, match=r"rho .* must be in \[0, 1\)"):

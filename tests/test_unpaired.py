@@ -235,10 +235,10 @@ def test_bco_reward_shift_running_mean(momentum, expected):
     exponential average with momentum 0.5 starts at the first batch mean 2, then 0.5*2 + 0.5*5 = 3.5."""
     module = BCO(beta=0.5, delta_momentum=momentum)
     module.update_reward_shift(torch.tensor([1.0, 3.0]))
-    assert module.reward_shift.item() == pytest.approx(2.0)
+    assert module.reward_shift.value.item() == pytest.approx(2.0)
     module.update_reward_shift(torch.tensor([5.0]))
-    assert module.reward_shift.item() == pytest.approx(expected)
-    assert "reward_shift" in module.state_dict()  # checkpointed
+    assert module.reward_shift.value.item() == pytest.approx(expected)
+    assert "reward_shift.value" in module.state_dict()  # checkpointed
 
 
 def test_bco_updates_the_shift_in_training_only_and_before_the_loss():
@@ -249,10 +249,10 @@ def test_bco_updates_the_shift_in_training_only_and_before_the_loss():
     completions, references = logps([-1.0], [-4.0]), logps([-2.0], [-2.0])
     module.eval()
     module.loss(completions, references, torch.tensor([True, False]), None, None)
-    assert module.reward_shift.item() == 0.0 and module.reward_shift_count.item() == 0
+    assert module.reward_shift.value.item() == 0.0 and module.reward_shift.count.item() == 0
     module.train()
     out = module.loss(completions, references, torch.tensor([True, False]), None, None)
-    assert module.reward_shift.item() == pytest.approx(-0.25)
+    assert module.reward_shift.value.item() == pytest.approx(-0.25)
     assert_close(out.losses, t(sp(-0.75), sp(-0.75)), **TOL)
 
 

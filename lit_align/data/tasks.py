@@ -95,13 +95,6 @@ class WordRulesTask:
             wrong = word
         return {"prompt": prompt, "chosen": answer, "rejected": wrong, "score_chosen": 1.0, "score_rejected": self.score(prompt, wrong)}
 
-    def unpaired(self, name: str) -> list[dict]:
-        """Records ``{prompt, completion, label}`` of a split: each pair's correct answer
-        (desirable) followed by its wrong one (undesirable)."""
-        return [record for pair in self.split(name) for record in (
-            {"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
-            {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})]
-
     def ranked(self, name: str, list_size: int = 4) -> list[dict]:
         """Records ``{prompt, responses, scores}`` of a split: the correct answer, the word
         unchanged and partly-correct answers (some letters transformed), each scored by

@@ -39,10 +39,8 @@ class UnpairedDataModule(PreferenceDataModule):
         self.mismatched_completions = False  # set from the module's `needs_mismatched_completions`
         self.class_counts: dict[str, int] = {}
 
-    def builtin_records(self, split: str) -> list[dict[str, Any]]:
-        return self.task.split(split)  # converted in tokenize_record, like any paired source
-
     def _converts_pairs(self, source: str) -> bool:
+        """Paired records to convert: ``from_pairs``, or the built-in task's pairs."""
         return self.hparams.from_pairs or source.startswith("builtin:")
 
     def tokenize_record(self, record: dict[str, Any], source: str, index: int) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ from lit_align.losses import (
     sppo_hard_loss,
 )
 from lit_align.methods.base import PairedPreferenceModule
+from lit_align.methods.running import RunningMean
 
 
 def _global_moments(module: PairedPreferenceModule, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,21 +240,14 @@ class BCOPair(PairedPreferenceModule):
     def __init__(self, beta: float = 0.1, momentum: float = 0.9, **kwargs):
         _check_momentum(momentum)
         super().__init__(**kwargs)
-        self.beta, self.momentum = beta, momentum
-        self.register_buffer("reward_shift", torch.zeros(()))
-        self.register_buffer("reward_shift_updates", torch.zeros((), dtype=torch.long))
-
-    @torch.no_grad()
-    def _update_shift(self, rewards: torch.Tensor) -> None:
-        mean, _ = _global_moments(self, rewards)
-        weight = self.momentum if self.reward_shift_updates > 0 else 0.0
-        self.reward_shift.mul_(weight).add_((1 - weight) * mean.to(self.reward_shift.dtype))
-        self.reward_shift_updates += 1
+        self.beta = beta
+        self.reward_shift = RunningMean(momentum)  # an average of batch means: one update per batch
 
     def loss(self, chosen, rejected, ref_chosen, ref_rejected) -> PreferenceLoss:
         if self.training:
-            self._update_shift(self.beta * torch.cat([chosen.sum - ref_chosen.sum, rejected.sum - ref_rejected.sum]))
-        return bco_pair_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, self.beta, self.reward_shift)
+            mean, _ = _global_moments(self, self.beta * torch.cat([chosen.sum - ref_chosen.sum, rejected.sum - ref_rejected.sum]))
+            self.reward_shift.update(mean, 1)
+        return bco_pair_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, self.beta, self.reward_shift.value)
 
 
 AOT_VARIANTS = {"paired": aot_pair_loss, "unpaired": aot_loss}

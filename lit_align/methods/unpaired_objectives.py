@@ -16,6 +16,7 @@ import torch
 
 from lit_align.losses.types import UnpairedLoss
 from lit_align.losses.unpaired import bco_loss, kto_loss, kto_reference_point, npo_loss
+from lit_align.methods.running import RunningMean
 from lit_align.methods.unpaired import UnpairedPreferenceModule
 
 log = logging.getLogger(__name__)
@@ -133,9 +134,8 @@ class BCO(UnpairedPreferenceModule):
         _check_positive(beta=beta)
         if delta_momentum is not None and not 0.0 <= delta_momentum < 1.0:
             raise ValueError(f"delta_momentum must be null or in [0, 1), got {delta_momentum}")
-        self.beta, self.delta_momentum = beta, delta_momentum
-        self.register_buffer("reward_shift", torch.zeros(()))
-        self.register_buffer("reward_shift_count", torch.zeros((), dtype=torch.long))
+        self.beta = beta
+        self.reward_shift = RunningMean(delta_momentum)
 
     @torch.no_grad()
     def update_reward_shift(self, rewards: torch.Tensor) -> None:
@@ -145,20 +145,9 @@ class BCO(UnpairedPreferenceModule):
         gather = _gather_totals(self)
         if gather is not None:
             totals = gather(totals).sum(0)
-        total, count = totals
-        if count <= 0:
-            return
-        batch_mean = (total / count).to(self.reward_shift.dtype)
-        if self.reward_shift_count == 0:
-            weight = 0.0
-        elif self.delta_momentum is None:  # mean of everything seen: old values weighted by their count
-            weight = float(self.reward_shift_count) / (float(self.reward_shift_count) + float(count))
-        else:
-            weight = self.delta_momentum
-        self.reward_shift.mul_(weight).add_((1 - weight) * batch_mean)
-        self.reward_shift_count += int(count)
+        self.reward_shift.update(totals[0], totals[1])
 
     def loss(self, completions, ref_completions, desirable, mismatched, ref_mismatched) -> UnpairedLoss:
         if self.training:
             self.update_reward_shift(self.beta * (completions.sum - ref_completions.sum))
-        return bco_loss(completions.sum, ref_completions.sum, desirable, self.reward_shift, self.beta)
+        return bco_loss(completions.sum, ref_completions.sum, desirable, self.reward_shift.value, self.beta)

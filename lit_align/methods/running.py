@@ -1,0 +1,42 @@
+"""Running statistics that objectives keep across steps (checkpointed as buffers)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class RunningMean(torch.nn.Module):
+    """A running mean in buffers ``value`` and ``count``, so checkpoints carry it.
+
+    ``momentum=None``: the mean of every value folded in so far. A momentum in [0, 1): an
+    exponential moving average with that weight on the old value. The first update sets it.
+
+    Args:
+        momentum: None (cumulative mean) or the weight of the old value in [0, 1).
+    """
+
+    def __init__(self, momentum: Optional[float] = None):
+        super().__init__()
+        if momentum is not None and not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be null or in [0, 1), got {momentum}")
+        self.momentum = momentum
+        self.register_buffer("value", torch.zeros(()))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, total: torch.Tensor, count: int | torch.Tensor) -> None:
+        """Fold in ``count`` values summing to ``total``."""
+        count = int(count)
+        if count <= 0:
+            return
+        mean = (total / count).to(self.value.dtype)
+        if self.count == 0:
+            weight = 0.0
+        elif self.momentum is None:  # old values weighted by how many there were
+            weight = float(self.count) / (float(self.count) + count)
+        else:
+            weight = self.momentum
+        self.value.mul_(weight).add_((1 - weight) * mean)
+        self.count += count

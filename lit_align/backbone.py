@@ -112,19 +112,22 @@ class Backbone(nn.Module):
             self.reference.eval()
         return self
 
-    def logps(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None) -> SequenceLogps:
+    def logps(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None, hidden: torch.Tensor | None = None) -> SequenceLogps:
         """Per-token log-probs of ``batch["labels"]`` under ``model`` (default: the policy).
 
         Padded batches pass their attention mask; packed batches (:mod:`lit_align.packing`) pass
         ``position_ids`` and no mask, and their values come back in the padded layout.
+        ``hidden``: the batch's :meth:`hidden_states` under ``model`` when the caller already has
+        them (a value head reads the same pass); only the LM head then runs.
         """
         model = model if model is not None else self.policy
         labels = shift_labels(batch["labels"])
         chunk = self.settings.logp_chunk_size
-        if chunk is None:
+        if chunk is None and hidden is None:
             tokens = naive_label_logps(model(**_model_inputs(batch)).logits, labels)
         else:
-            hidden = self.hidden_states(batch, model)
+            hidden = self.hidden_states(batch, model) if hidden is None else hidden
+            chunk = chunk or hidden.shape[0] * hidden.shape[1]
             head = self.lm_head(model)
             # only response positions go through the LM head: prompt and padding rows are skipped
             scored = labels != IGNORE_INDEX

@@ -4,8 +4,10 @@ from lit_align.data.datamodule import PreferenceDataModule
 from lit_align.data.errors import DataError, DroppableRecord
 from lit_align.data.formats import PreferencePair
 from lit_align.data.listwise_datamodule import ListwiseDataModule
+from lit_align.data.prompt_datamodule import PromptDataModule
+from lit_align.data.sft_datamodule import SFTDataModule
 from lit_align.data.tasks import WordRulesTask
 from lit_align.data.unpaired import convert_pairs_file
 from lit_align.data.unpaired_datamodule import UnpairedDataModule
 
-__all__ = ["ListwiseDataModule", "UnpairedDataModule", "convert_pairs_file", "DataError", "DroppableRecord", "PreferenceDataModule", "PreferencePair", "WordRulesTask"]
+__all__ = ["ListwiseDataModule", "UnpairedDataModule", "convert_pairs_file", "DataError", "DroppableRecord", "PreferenceDataModule", "PreferencePair", "PromptDataModule", "SFTDataModule", "WordRulesTask"]

@@ -6,6 +6,8 @@ A *layout* says which responses an example has and in which order they become ro
 * :class:`UnpairedLayout` (KTO, NPO, BCO): one row per completion, then, when the examples carry
   one, a row per mismatched completion (another record's completion under this prompt, for KTO's
   reference point).
+* :class:`CompletionLayout` (SFT): one row per ``{prompt, completion}`` example.
+* :class:`PromptLayout` (on-policy methods): prompts only, left-padded by :class:`PromptCollator`.
 * :class:`ListLayout` (listwise): the K responses of each example next to each other; ``list_index``
   ``[B, K]`` gives each (example, response) its row (-1 where an example has fewer responses).
 
@@ -82,6 +84,49 @@ class ListLayout(PairLayout):
             scores[i, :count] = torch.as_tensor(example["scores"], dtype=torch.float32)
             row += count
         return {"list_index": index, "scores": scores, **_stack_scalars(examples, self.token_fields)}
+
+
+class CompletionLayout(PairLayout):
+    """Single-response examples ``{prompt, completion}`` (SFT): one row per example, in order."""
+
+    token_fields = ("prompt", "completion")
+
+    def responses(self, example: Example) -> list[list[int]]:
+        return [example["completion"]]
+
+    def rows(self, examples: Sequence[Example]) -> list[tuple[int, int]]:
+        return [(i, 0) for i in range(len(examples))]
+
+
+class PromptLayout(PairLayout):
+    """Prompts only ``{prompt, text}`` (on-policy methods generate the responses); collated by
+    :class:`PromptCollator`, left-padded for generation."""
+
+    token_fields = ("prompt",)
+
+    def responses(self, example: Example) -> list[list[int]]:
+        return []
+
+    def rows(self, examples: Sequence[Example]) -> list[tuple[int, int]]:
+        return []
+
+
+class PromptCollator:
+    """Prompts padded on the left (``prompt_ids``, ``prompt_mask``), as ``generate`` expects, plus
+    ``prompts``: the raw prompts (text or chat messages) for reward functions."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, Any]:
+        length = max(len(example["prompt"]) for example in examples)
+        ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for row, example in enumerate(examples):
+            prompt = example["prompt"]
+            ids[row, length - len(prompt):] = torch.tensor(prompt)
+            mask[row, length - len(prompt):] = 1
+        return {"prompt_ids": ids, "prompt_mask": mask, "prompts": [example["text"] for example in examples]}
 
 
 class Collator:

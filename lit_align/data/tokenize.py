@@ -94,7 +94,7 @@ def tokenize_pair(
     source: str = "<data>",
     index: int = 0,
 ) -> dict[str, list[int]]:
-    """Token ids ``{"prompt", "chosen", "rejected"}`` of one pair (plus its scores when it has them)."""
+    """Token ids ``{"prompt", "chosen", "rejected"}`` of one pair (plus its scores and margin when it has them)."""
     prompt_ids, responses = tokenize_responses(pair.prompt, {"chosen": pair.chosen, "rejected": pair.rejected}, tokenizer, max_length, max_prompt_length, truncation, source, index)
     if responses["chosen"] == responses["rejected"]:
         raise DroppableRecord(source, "chosen and rejected are identical after tokenization and truncation", index, "rejected")
@@ -102,6 +102,8 @@ def tokenize_pair(
     if pair.score_chosen is not None or pair.score_rejected is not None:
         example["score_chosen"] = math.nan if pair.score_chosen is None else pair.score_chosen
         example["score_rejected"] = math.nan if pair.score_rejected is None else pair.score_rejected
+    if pair.margin is not None:
+        example["margin"] = pair.margin
     return example
 
 
@@ -117,4 +119,35 @@ def _response_ids(text: str, tokenizer: PreTrainedTokenizerBase, rendered_by_tem
     has_eos = eos in ids if rendered_by_template else ids[-1:] == [eos]
     if eos is not None and not has_eos:
         ids = ids + [eos]
+    return ids
+
+
+def tokenize_prompt(
+    prompt: Prompt,
+    tokenizer: PreTrainedTokenizerBase,
+    max_prompt_length: int,
+    truncation: TruncationMode = "keep_end",
+    source: str = "<data>",
+    index: int = 0,
+) -> list[int]:
+    """Prompt ids to generate from, exactly as :func:`tokenize_responses` tokenizes the prompt of a
+    response (chat prompts end with the template's generation prompt). A prompt longer than
+    ``max_prompt_length`` keeps its last tokens, is dropped or raises, per ``truncation``."""
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+        if tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]:
+            ids = ids[:-1]
+    else:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(source, "conversational data needs a tokenizer with a chat template, and this one has none", index, "prompt")
+        text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id]
+    if len(ids) > max_prompt_length:
+        if truncation == "error":
+            raise DataError(source, f"{len(ids)} prompt tokens do not fit max_prompt_length={max_prompt_length}; set truncation to keep_end or drop", index, "prompt")
+        if truncation == "drop":
+            raise DroppableRecord(source, f"prompt longer than max_prompt_length={max_prompt_length} tokens", index, "prompt")
+        ids = ids[-max_prompt_length:]
     return ids

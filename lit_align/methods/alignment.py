@@ -8,6 +8,8 @@ implements its ``loss``.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -39,10 +41,16 @@ class AlignmentModule(LightningModule):
     """The data module to name in the error when the configured one has another layout."""
     headline_metric: ClassVar[str] = "val/rewards/accuracies"
     """Held-out metric the CLI prints before and after fit."""
+    hparams_ignore: ClassVar[tuple[str, ...]] = ()
+    """Constructor arguments kept out of the checkpoint's hyper-parameters (e.g. reward functions
+    holding a model: they are rebuilt from the config, not pickled)."""
+    exports_lora_adapter: ClassVar[bool] = True
+    """Whether :meth:`export_hf` can write an adapter-only folder under LoRA (False: every export is
+    a full model, so :class:`lit_align.callbacks.ExportHF` writes one folder)."""
 
     def __init__(self, model: ModelSettings = ModelSettings(), optimizer: OptimizerSettings = OptimizerSettings()):  # noqa: B008 (never mutated)
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=list(self.hparams_ignore))
         self.model_settings = as_settings(model, ModelSettings)
         self.optimizer_settings = as_settings(optimizer, OptimizerSettings)
         self.backbone = Backbone(self.model_settings, needs_reference=self.needs_reference)
@@ -73,6 +81,13 @@ class AlignmentModule(LightningModule):
         if self.current_batch is None:
             return None
         return self.backbone.step_flops(self.current_batch, train=self.training)
+
+    def export_hf(self, output_dir: str | os.PathLike, merge_lora: bool = False) -> Path:
+        """Write the trained model and tokenizer to ``output_dir`` as a Hugging Face folder,
+        atomically; here the policy (see :func:`lit_align.export.export_policy`)."""
+        from lit_align.export import export_policy
+
+        return export_policy(self.backbone, output_dir, merge_lora=merge_lora)
 
     def log_metrics(self, stage: str, values: dict[str, torch.Tensor], batch_size: int) -> None:
         """Accumulate per-example ``values`` in torchmetrics means, logged as ``{stage}/{name}``

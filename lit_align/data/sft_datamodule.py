@@ -1,0 +1,59 @@
+"""The SFT data module: ``{prompt, completion}`` examples; the loss sees completion tokens only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lit_align.data.collate import CompletionLayout
+from lit_align.data.datamodule import PreferenceDataModule
+from lit_align.data.errors import DataError
+from lit_align.data.formats import normalise_record, read_field, read_messages, read_prompt, read_response, read_text
+from lit_align.data.tokenize import tokenize_responses
+
+
+class SFTDataModule(PreferenceDataModule):
+    """Demonstrations for supervised fine-tuning. Every setting of :class:`PreferenceDataModule`
+    applies (sources, ``columns``, truncation, packing, caching).
+
+    Record shapes (``columns`` renames fields):
+
+    * ``{"prompt": ..., "completion": ...}``: prompt text or chat messages; completion text or a
+      list holding one assistant message.
+    * ``{"messages": [...]}``: a whole conversation; the last message (an assistant turn) is the
+      completion, the messages before it the prompt.
+    * ``{"text": ...}``: plain text, every token trained (continued pre-training; PPO-ptx data).
+    * preference pairs, when ``from_pairs`` is set: the chosen response is the completion. The
+      built-in task is always read this way (its correct answers).
+
+    Args:
+        from_pairs: the records are preference pairs (any paired format); train on ``chosen``.
+    """
+
+    layout = CompletionLayout()
+
+    def __init__(self, *args, from_pairs: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+
+    def tokenize_record(self, record: dict[str, Any], source: str, index: int) -> list[dict[str, Any]]:
+        h = self.hparams
+        prompt, completion = self._demonstration(record, source, index)
+        prompt_ids, responses = tokenize_responses(prompt, {"completion": completion}, self.tokenizer, h.max_length, self.max_prompt_length, h.truncation, source, index)
+        return [{"prompt": prompt_ids, "completion": responses["completion"]}]
+
+    def _demonstration(self, record: dict[str, Any], source: str, index: int):
+        """(prompt, completion) of one raw record."""
+        h = self.hparams
+        if h.from_pairs or source.startswith("builtin:"):
+            pair = normalise_record(record, source, index, h.format, h.columns, h.assistant_marker)
+            return pair.prompt, pair.chosen
+        name = (h.columns or {}).get
+        if name("messages", "messages") in record:
+            messages = read_messages(record[name("messages", "messages")], "messages", source, index)
+            if len(messages) < 2 or messages[-1]["role"] != "assistant":
+                raise DataError(source, "expected a conversation ending in an assistant message after at least one other message", index, "messages")
+            return messages[:-1], read_text(messages[-1]["content"], "messages", source, index)
+        if name("text", "text") in record and name("completion", "completion") not in record:
+            return "", read_text(record[name("text", "text")], "text", source, index)
+        prompt = read_prompt(read_field(record, name("prompt", "prompt"), source, index, required=True), "prompt", source, index)
+        completion = read_response(read_field(record, name("completion", "completion"), source, index, required=True), "completion", source, index)
+        return prompt, completion

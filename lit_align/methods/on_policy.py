@@ -1,0 +1,283 @@
+"""On-policy methods inside Lightning: each training step samples a rollout and optimises on it.
+
+``training_step`` receives a batch of prompts (:class:`lit_align.data.PromptDataModule`) and
+
+1. samples completions with the current policy (``generate``, KV cache; :mod:`lit_align.rollout`),
+2. scores them with the configured reward (a Python reward function or a reward model, picked by
+   ``class_path``; :mod:`lit_align.rewards`),
+3. computes log-probs under the sampling policy and the reference, and the per-token KL,
+4. lets the method turn that into advantages (:meth:`OnPolicyModule.prepare`), then
+5. runs ``epochs`` passes of minibatch updates over the rollout with manual optimisation
+   (:meth:`OnPolicyModule.loss` per minibatch; one optimizer step each).
+
+Lightning keeps the loop, devices, checkpointing and logging; there is no training loop outside
+the Trainer. ``trainer.max_steps`` counts optimizer steps (a rollout gives ``epochs`` x
+minibatches of them); ``val_check_interval`` counts rollouts. Held-out evaluation generates
+(greedily by default) for held-out prompts and logs ``val/objective/scores``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from lit_align.backbone import SequenceLogps
+from lit_align.data.collate import PromptLayout
+from lit_align.kl_control import KLPenalty
+from lit_align.losses.policy_gradient import KL_ESTIMATORS, masked_mean
+from lit_align.losses.sft import completion_nll
+from lit_align.methods.alignment import AlignmentModule
+from lit_align.rewards import RewardFunction
+from lit_align.rollout import GenerationSettings, Rollout, sample_completions
+from lit_align.settings import ModelSettings, OptimizerSettings, as_settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PolicyPass:
+    """One decoder pass over rollout rows: log-probs, critic values (None without a critic) and
+    the last hidden states (for the entropy, without another pass)."""
+
+    logps: SequenceLogps
+    values: Optional[torch.Tensor]
+    hidden: torch.Tensor
+
+
+class OnPolicyModule(AlignmentModule):
+    """Shared machinery of the on-policy family (PPO, REINFORCE, A2C, TRPO, RLOO, GRPO, online DPO).
+
+    A method implements :meth:`prepare` (advantages of a fresh rollout) and :meth:`loss` (the
+    loss of a minibatch of it).
+
+    Args:
+        reward: scores completions: ``lit_align.rewards.WordRulesReward`` (built-in task),
+            ``lit_align.methods.RewardModelReward`` (a trained reward model) or your own
+            :class:`lit_align.rewards.RewardFunction`. Required for training.
+        eval_reward: reward reported on held-out prompts (default: ``reward``); e.g. the
+            verifier while training against a learned reward model.
+        generation: sampling settings (max new tokens, temperature, top-p, top-k).
+        samples_per_prompt: completions sampled per prompt (RLOO and GRPO need >= 2).
+        kl: per-token KL penalty to the reference: estimator k1/k2/k3, fixed or adaptive beta.
+        epochs: passes over each rollout (PPO's K epochs of minibatch reuse).
+        minibatch_size: rollout rows per optimizer step (default: the whole rollout).
+        max_grad_norm: clip the gradient norm to this (null: no clipping).
+        missing_eos_penalty: subtracted from the score of completions that hit
+            ``max_new_tokens`` without EOS (null: none).
+        model: the causal LM, LoRA/QLoRA and reference strategy (``cached`` is not possible:
+            completions are new every step).
+        optimizer: AdamW and learning-rate schedule.
+    """
+
+    data_layout: ClassVar[type] = PromptLayout
+    data_module_name: ClassVar[str] = "lit_align.data.PromptDataModule"
+    headline_metric: ClassVar[str] = "val/objective/scores"
+    hparams_ignore: ClassVar[tuple[str, ...]] = ("reward", "eval_reward")
+    min_samples_per_prompt: ClassVar[int] = 1
+    ptx_coef: float = 0.0
+    """Weight of the NLL of ``ptx`` batches (demonstrations or pre-training text) in the loss;
+    PPO sets it (PPO-ptx), other methods keep 0."""
+
+    def __init__(
+        self,
+        reward: Optional[RewardFunction] = None,
+        eval_reward: Optional[RewardFunction] = None,
+        generation: GenerationSettings = GenerationSettings(),  # noqa: B008 (never mutated)
+        samples_per_prompt: int = 1,
+        kl: KLPenalty = KLPenalty(),  # noqa: B008
+        epochs: int = 1,
+        minibatch_size: Optional[int] = None,
+        max_grad_norm: Optional[float] = 1.0,
+        missing_eos_penalty: Optional[float] = None,
+        model: ModelSettings = ModelSettings(),  # noqa: B008
+        optimizer: OptimizerSettings = OptimizerSettings(),  # noqa: B008
+    ):
+        settings = as_settings(model, ModelSettings)
+        if self.needs_reference and settings.reference == "cached":
+            raise ValueError(f"{type(self).__name__}: model.reference=cached is not possible for on-policy methods "
+                             "(completions are sampled anew every step); use copy or adapter")
+        if samples_per_prompt < self.min_samples_per_prompt:
+            raise ValueError(f"{type(self).__name__} needs samples_per_prompt >= {self.min_samples_per_prompt}, got {samples_per_prompt}")
+        if epochs < 1 or (minibatch_size is not None and minibatch_size < 1):
+            raise ValueError(f"epochs and minibatch_size must be >= 1, got {epochs} and {minibatch_size}")
+        super().__init__(settings, optimizer)
+        self.automatic_optimization = False
+        self.reward, self.eval_reward = reward, eval_reward
+        self.generation = as_settings(generation, GenerationSettings)
+        self.samples_per_prompt, self.epochs, self.minibatch_size = samples_per_prompt, epochs, minibatch_size
+        self.max_grad_norm, self.missing_eos_penalty = max_grad_norm, missing_eos_penalty
+        self.kl_settings = as_settings(kl, KLPenalty)
+        self.kl_controller = self.kl_settings.controller()
+        self.kl_estimator = KL_ESTIMATORS[self.kl_settings.estimator]
+
+    # ---- what a method implements ------------------------------------------------------------
+    def prepare(self, rollout: Rollout) -> None:
+        """Fill ``rollout.advantages`` (and whatever else :meth:`loss` reads) from a fresh rollout."""
+        raise NotImplementedError
+
+    def loss(self, part: Rollout, current: PolicyPass) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, metrics) of a minibatch ``part`` given the current policy's pass over it."""
+        raise NotImplementedError
+
+    # ---- forward passes ----------------------------------------------------------------------
+    def forward_rollout(self, batch: dict[str, torch.Tensor]) -> PolicyPass:
+        """Per-token log-probs of the completions under the policy (no critic here)."""
+        hidden = self.backbone.hidden_states(batch)
+        return PolicyPass(self.backbone.logps(batch, hidden=hidden), None, hidden)
+
+    def entropy(self, current: PolicyPass) -> torch.Tensor:
+        """``[N, T]`` entropy of the policy's next-token distribution at each completion token
+        (logits only at completion positions; 0 elsewhere)."""
+        mask = current.logps.mask
+        logits = self.backbone.lm_head(self.backbone.policy)(current.hidden[mask]).float()
+        values = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+        return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+
+    @property
+    def flops_per_batch(self) -> int | None:
+        """Not counted for on-policy methods (generation dominates and is not modelled)."""
+        return None
+
+    # ---- rollout -----------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.reward is None:
+            raise ValueError(f"{type(self).__name__} needs a reward: set model.init_args.reward.class_path, e.g. "
+                             "lit_align.rewards.WordRulesReward (built-in task) or lit_align.methods.RewardModelReward (a trained reward model)")
+        for reward in (self.reward, self.eval_reward):
+            if reward is not None:
+                reward.to(self.device)
+        if hasattr(self.reward, "attach"):
+            self.reward.attach(self)
+
+    @torch.no_grad()
+    def make_rollout(self, batch: dict[str, Any], samples: int | None = None, temperature: float | None = None) -> Rollout:
+        """Sample, decode, score and compute the sampling policy's and reference's log-probs."""
+        samples = self.samples_per_prompt if samples is None else samples
+        tokens, ended = sample_completions(self.backbone.policy, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.generation, samples, temperature)
+        prompts = [prompt for prompt in batch["prompts"] for _ in range(samples)]
+        completions = self.decode(tokens)
+        scores = self.reward(prompts, completions).to(self.device)
+        if self.missing_eos_penalty is not None:
+            scores = scores - self.missing_eos_penalty * (~ended).float()
+        current = self.forward_rollout(tokens)
+        ref = self.reference_logps(tokens).tokens if self.needs_reference else None
+        values = None if current.values is None else current.values.detach()
+        return Rollout(tokens, prompts, completions, ended, scores, current.logps.mask, current.logps.tokens.detach(), ref, values)
+
+    def decode(self, batch: dict[str, torch.Tensor]) -> list[str]:
+        labels = batch["labels"]
+        return [self.tokenizer.decode(row[row != -100].tolist(), skip_special_tokens=True) for row in labels]
+
+    def token_kl(self, rollout: Rollout) -> torch.Tensor:
+        """``[N, T]`` per-token KL estimate of the sampling policy to the reference (0 off the mask)."""
+        if rollout.ref_logps is None:
+            return torch.zeros_like(rollout.old_logps)
+        return self.kl_estimator(rollout.old_logps, rollout.ref_logps) * rollout.mask
+
+    # ---- training ----------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._policy_is_initial = False
+        rollout = self.make_rollout(batch)
+        beta = self.kl_controller.beta
+        kl = self.token_kl(rollout).sum(-1)
+        self.prepare(rollout)
+        self.log_rollout("train", rollout, kl, beta)
+        self.kl_controller.update(float(kl.mean()))
+        for _ in range(self.epochs):
+            for rows in self.minibatches(rollout.size):
+                self.optimise(rollout.select(rows), batch.get("ptx"))
+
+    def minibatches(self, size: int) -> list[torch.Tensor]:
+        """Row indices of each minibatch of one pass (shuffled; one optimizer step each)."""
+        order = torch.randperm(size, device=self.device)
+        step = self.minibatch_size or size
+        return [order[start: start + step] for start in range(0, size, step)]
+
+    def optimise(self, part: Rollout, ptx: dict[str, torch.Tensor] | None = None) -> None:
+        """One optimizer step on a minibatch of the rollout."""
+        optimizer = self.optimizers()
+        loss, metrics = self.loss(part, self.forward_rollout(part.batch))
+        if ptx is not None and self.ptx_coef:
+            ptx_logps = self.backbone.logps(ptx)
+            ptx_loss = completion_nll(ptx_logps.tokens, ptx_logps.mask)
+            loss = loss + self.ptx_coef * ptx_loss
+            metrics["loss/ptx"] = ptx_loss.detach()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{type(self).__name__}: non-finite loss {float(loss)} at step {self.global_step}")
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        if self.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        self.lr_schedulers().step()
+        metrics["loss"] = loss.detach()
+        self.log_metrics("train", {name: value.reshape(-1) for name, value in metrics.items()}, batch_size=part.size)
+
+    def log_rollout(self, stage: str, rollout: Rollout, kl: torch.Tensor, beta: float) -> None:
+        """Rollout metrics: scores, KL, RLHF reward (score - beta KL), length, EOS rate, beta."""
+        lengths = rollout.mask.sum(-1).float()
+        self.log_metrics(stage, {
+            "objective/scores": rollout.scores,
+            "objective/kl": kl,
+            "objective/rlhf_reward": rollout.scores - beta * kl,
+            "objective/beta": torch.tensor([beta], device=self.device),
+            "response_length": lengths,
+            "ended_with_eos": rollout.ended.float(),
+        }, batch_size=rollout.size)
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.evaluate(batch, "test")
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        """Held-out prompts: one completion each at ``generation.eval_temperature``, scored by
+        ``eval_reward`` (else ``reward``)."""
+        reward = self.eval_reward or self.reward
+        if reward is None:
+            raise ValueError(f"{type(self).__name__} needs a reward to evaluate: set model.init_args.reward (or eval_reward)")
+        tokens, ended = sample_completions(self.backbone.policy, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.generation, 1, self.generation.eval_temperature)
+        scores = reward(batch["prompts"], self.decode(tokens)).to(self.device)
+        mask = tokens["labels"] != -100
+        self.log_metrics(stage, {"objective/scores": scores, "response_length": mask.sum(-1).float(), "ended_with_eos": ended.float()}, batch_size=len(scores))
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        for reward in (self.reward, self.eval_reward):
+            if reward is not None:
+                reward.to(self.device)
+
+
+class ActorCriticModule(OnPolicyModule):
+    """An on-policy method with a critic: a scalar value head on the policy's last hidden state
+    (shared trunk: one decoder pass gives log-probs and values). PPO and A2C share it.
+
+    Args:
+        vf_coef: weight of the value loss in the total loss.
+        (everything else: :class:`OnPolicyModule`)
+    """
+
+    def __init__(self, *args, vf_coef: float = 0.1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vf_coef = vf_coef
+        hidden = self.backbone.policy.get_input_embeddings().embedding_dim
+        self.value_head = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward_rollout(self, batch: dict[str, torch.Tensor]) -> PolicyPass:
+        current = super().forward_rollout(batch)
+        current.values = self.value_head(current.hidden.to(self.value_head.weight.dtype)).squeeze(-1) * current.logps.mask
+        return current
+
+
+def response_means(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[N]`` mean of per-token ``values`` over each completion."""
+    return masked_mean(values, mask, dim=-1)

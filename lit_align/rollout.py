@@ -1,0 +1,123 @@
+"""Rollouts of on-policy methods: sample completions with ``generate`` and lay them out for training.
+
+``generate`` works on left-padded prompts; training batches in lit-align are right-padded
+(``input_ids``, ``attention_mask``, ``labels`` with -100 off the response), so every row is
+shifted left by its prompt padding. The completion is the generated tokens up to and including
+the first EOS; a completion that hits ``max_new_tokens`` first has no EOS (``ended`` is False).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Optional
+
+import torch
+from transformers import GenerationConfig
+
+from lit_align.logprobs import IGNORE_INDEX
+
+
+@dataclass
+class GenerationSettings:
+    """Sampling of completions (transformers ``generate`` with the KV cache)."""
+
+    max_new_tokens: int = 16
+    """Longest completion in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature for training rollouts (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with this much probability."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off)."""
+    eval_temperature: float = 0.0
+    """Temperature for held-out evaluation (0 = greedy, deterministic)."""
+
+    def config(self, tokenizer, samples: int, temperature: float) -> GenerationConfig:
+        sampling = temperature > 0
+        options = {"temperature": temperature, "top_p": self.top_p, "top_k": self.top_k or None} if sampling else {}
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=sampling, num_return_sequences=samples,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True, **options)
+
+
+@dataclass
+class Rollout:
+    """Completions of a batch of prompts and everything the update needs, one row per completion
+    (the samples of a prompt are adjacent rows). Per-token tensors are ``[N, T]`` in the shifted
+    label layout of :class:`lit_align.backbone.SequenceLogps` (``mask`` True on completion tokens)."""
+
+    batch: dict[str, torch.Tensor]
+    """Right-padded prompt + completion rows: ``input_ids``, ``attention_mask``, ``labels``."""
+    prompts: list[Any]
+    """The raw prompt (text or chat messages) of each row."""
+    completions: list[str]
+    """Decoded completions (special tokens removed)."""
+    ended: torch.Tensor
+    """``[N]`` True where the completion ended with EOS."""
+    scores: torch.Tensor
+    """``[N]`` reward-function scores (EOS penalty included)."""
+    mask: torch.Tensor
+    old_logps: torch.Tensor
+    """Per-token log-probs under the policy that sampled (frozen during the update)."""
+    ref_logps: Optional[torch.Tensor] = None
+    values: Optional[torch.Tensor] = None
+    """Critic values at sampling time (actor-critic methods)."""
+    advantages: Optional[torch.Tensor] = None
+    returns: Optional[torch.Tensor] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Method-specific per-row tensors (first dimension N), sliced with the rollout."""
+
+    @property
+    def size(self) -> int:
+        return int(self.scores.shape[0])
+
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        """The rollout restricted to ``rows`` (e.g. a minibatch), columns trimmed to their longest row."""
+        rows = rows.to(self.scores.device)
+        width = int(self.batch["attention_mask"][rows].sum(1).max())
+        changes: dict[str, Any] = {
+            "batch": {key: value[rows, :width] for key, value in self.batch.items()},
+            "prompts": [self.prompts[i] for i in rows.tolist()],
+            "completions": [self.completions[i] for i in rows.tolist()],
+            "extra": {key: value[rows] for key, value in self.extra.items()},
+        }
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name not in changes and isinstance(value, torch.Tensor):
+                changes[item.name] = value[rows] if value.dim() == 1 else value[rows, :width]
+        return replace(self, **changes)
+
+
+@torch.no_grad()
+def sample_completions(policy, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation: GenerationSettings,
+                       samples: int = 1, temperature: float | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Generate ``samples`` completions per prompt (in eval mode, KV cache on) and return
+    (right-padded training batch, ended ``[N]``), rows ordered prompt by prompt."""
+    temperature = generation.temperature if temperature is None else temperature
+    was_training = policy.training
+    policy.eval()
+    try:
+        sequences = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation.config(tokenizer, samples, temperature))
+    finally:
+        policy.train(was_training)
+    prompt_mask = prompt_mask.repeat_interleave(samples, dim=0)
+    return completion_batch(sequences, prompt_mask, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def completion_batch(sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_id: int | None, pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Left-padded ``generate`` output -> right-padded rows with labels on the completion tokens
+    (up to and including the first EOS), and whether each completion ended with EOS."""
+    prompt_width = prompt_mask.shape[1]
+    response = sequences[:, prompt_width:]
+    is_eos = response == eos_id if eos_id is not None else torch.zeros_like(response, dtype=torch.bool)
+    before_end = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # up to and including the first EOS
+    ended = is_eos.any(1)
+    mask = torch.cat([prompt_mask.bool(), before_end], 1)
+    pads = prompt_width - prompt_mask.sum(1)
+    width = sequences.shape[1]
+    index = (torch.arange(width, device=sequences.device)[None, :] + pads[:, None]) % width
+    input_ids = torch.where(mask, sequences, pad_id).gather(1, index)
+    mask = mask.gather(1, index)
+    is_response = torch.arange(width, device=sequences.device)[None, :] >= (prompt_width - pads)[:, None]
+    labels = torch.where(mask & is_response, input_ids, IGNORE_INDEX)
+    keep = int(mask.sum(1).max())
+    return {"input_ids": input_ids[:, :keep], "attention_mask": mask[:, :keep].long(), "labels": labels[:, :keep]}, ended

@@ -63,10 +63,8 @@ def export_main(argv: list[str]) -> None:
     parser.add_argument("--output_dir", type=str, required=True, help="Destination folder (written atomically).")
     parser.add_argument("--merge_lora", type=bool, default=False, help="With LoRA: merge adapters into the base weights instead of saving the adapter only.")
     args = parser.parse_args(argv)
-    from lit_align.export import export_policy
-
     module = load_module_from_checkpoint(args.ckpt_path)
-    print(f"exported to {export_policy(module.backbone, args.output_dir, merge_lora=args.merge_lora)}")
+    print(f"exported to {module.export_hf(args.output_dir, merge_lora=args.merge_lora)}")
 
 
 def convert_pairs_main(argv: list[str]) -> None:

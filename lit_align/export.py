@@ -10,6 +10,8 @@ import copy
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lit_align.backbone import Backbone
@@ -23,10 +25,7 @@ def export_policy(backbone: Backbone, output_dir: str | os.PathLike, merge_lora:
     output_dir)``), ``merge_lora=True`` folds the adapter into a copy of the base weights and saves
     a plain model.
     """
-    target = Path(output_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_folder(output_dir) as staging:
         model = backbone.policy
         if backbone.is_peft and merge_lora:
             model = copy.deepcopy(model).merge_and_unload()
@@ -34,10 +33,21 @@ def export_policy(backbone: Backbone, output_dir: str | os.PathLike, merge_lora:
             model.peft_config["default"].base_model_name_or_path = backbone.settings.name_or_path
         model.save_pretrained(staging)
         backbone.tokenizer.save_pretrained(staging)
+    return Path(output_dir)
+
+
+@contextmanager
+def staged_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temporary folder next to ``output_dir`` to write into; when the block ends without
+    an error it replaces ``output_dir``, otherwise it is deleted and ``output_dir`` is untouched."""
+    target = Path(output_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
         _replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _replace(staging: Path, target: Path) -> None:

@@ -1,19 +1,22 @@
-"""Export the policy as a Hugging Face folder when training ends (configured in YAML)."""
+"""Export the trained model as a Hugging Face folder when training ends (configured in YAML)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from lightning import Callback, LightningModule, Trainer
+from lightning import Callback, Trainer
 
-from lit_align.export import export_policy
+from lit_align.methods.alignment import AlignmentModule
 
 
 class ExportHF(Callback):
-    """Save the trained policy + tokenizer at the end of ``fit``.
+    """Save the trained model + tokenizer at the end of ``fit`` through the module's
+    :meth:`~lit_align.methods.AlignmentModule.export_hf` (a policy: a causal LM; a reward model:
+    a sequence classifier).
 
     Without LoRA the model goes to ``output_dir``. With LoRA, ``output_dir/adapter`` gets the
-    adapter (if ``adapter``) and ``output_dir/merged`` the merged model (if ``merged``).
+    adapter (if ``adapter``) and ``output_dir/merged`` the merged model (if ``merged``); a module
+    whose exports are always full models (the reward model: LoRA merged) writes ``output_dir``.
 
     Args:
         output_dir: destination folder.
@@ -24,14 +27,13 @@ class ExportHF(Callback):
     def __init__(self, output_dir: str = "outputs/export", adapter: bool = True, merged: bool = True):
         self.output_dir, self.adapter, self.merged = Path(output_dir), adapter, merged
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_fit_end(self, trainer: Trainer, pl_module: AlignmentModule) -> None:
         if not trainer.is_global_zero:
             return
-        backbone = pl_module.backbone
-        if not backbone.is_peft:
-            export_policy(backbone, self.output_dir)
+        if not pl_module.backbone.is_peft or not pl_module.exports_lora_adapter:
+            pl_module.export_hf(self.output_dir)
             return
         if self.adapter:
-            export_policy(backbone, self.output_dir / "adapter", merge_lora=False)
+            pl_module.export_hf(self.output_dir / "adapter", merge_lora=False)
         if self.merged:
-            export_policy(backbone, self.output_dir / "merged", merge_lora=True)
+            pl_module.export_hf(self.output_dir / "merged", merge_lora=True)

@@ -25,7 +25,7 @@ from lit_align.data.tokenize import TruncationMode, tokenize_pair
 
 log = logging.getLogger(__name__)
 BUILTIN = "builtin"
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: pairs carry their optional `margin` column
 
 
 def default_cache_dir() -> Path:

@@ -11,7 +11,8 @@ Three record shapes are understood (``format="auto"`` picks per record):
   (``"\\n\\nAssistant:"`` by default), the responses are the rest.
 
 Optional numeric ``score_chosen``/``score_rejected`` fields (e.g. reward-model or rater scores)
-are kept for objectives that use them (ODPO's offset).
+are kept for objectives that use them (ODPO's offset); an optional numeric ``margin`` (how
+strongly chosen is preferred, e.g. from a rating gap) is kept for the reward model's margin.
 
 A column mapping renames fields first, e.g. ``{"prompt": "question", "chosen": "good"}``.
 """
@@ -39,6 +40,7 @@ class PreferencePair:
     rejected: str
     score_chosen: float | None = None
     score_rejected: float | None = None
+    margin: float | None = None
 
     @property
     def is_conversational(self) -> bool:
@@ -67,7 +69,7 @@ def normalise_record(
         raise DataError(source, f"unknown format '{format}'; use one of auto, explicit, conversational, implicit")
     if pair.chosen == pair.rejected:
         raise DroppableRecord(source, "chosen and rejected responses are identical", index, "rejected")
-    scores = {name: read_number(record.get((columns or {}).get(name, name)), name, source, index) for name in ("score_chosen", "score_rejected")}
+    scores = {name: read_number(record.get((columns or {}).get(name, name)), name, source, index) for name in ("score_chosen", "score_rejected", "margin")}
     return replace(pair, **scores)
 
 

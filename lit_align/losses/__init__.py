@@ -26,6 +26,11 @@ from lit_align.losses.listwise import (
     rrhf_loss,
 )
 from lit_align.losses.reference_free import cpo_loss, orpo_loss, simpo_loss
+from lit_align.losses.reward import (
+    RewardLoss,
+    bradley_terry_loss,
+    listwise_bradley_terry_loss,
+)
 from lit_align.losses.tdpo import tdpo_loss
 from lit_align.losses.types import ListwiseLoss, PreferenceLoss, UnpairedLoss
 from lit_align.losses.unpaired import bco_loss, kto_loss, kto_reference_point, npo_loss
@@ -35,6 +40,7 @@ __all__ = [
     "ODPO_OFFSET_FUNCTIONS",
     "ListwiseLoss",
     "PreferenceLoss",
+    "RewardLoss",
     "UnpairedLoss",
     "aot_loss",
     "aot_pair_loss",
@@ -45,6 +51,7 @@ __all__ = [
     "beta_dpo_beta",
     "beta_dpo_filter",
     "beta_dpo_loss",
+    "bradley_terry_loss",
     "cpo_loss",
     "dpo_loss",
     "dpop_loss",
@@ -56,6 +63,7 @@ __all__ = [
     "kto_reference_point",
     "lambda_weights",
     "lipo_lambda_loss",
+    "listwise_bradley_terry_loss",
     "nca_pair_loss",
     "npo_loss",
     "odpo_loss",

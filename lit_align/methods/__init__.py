@@ -2,6 +2,7 @@
 
 from lit_align.backbone import SequenceLogps
 from lit_align.losses.types import ListwiseLoss, PreferenceLoss, UnpairedLoss
+from lit_align.methods.actor_critic import A2C, PPO
 from lit_align.methods.alignment import AlignmentModule
 from lit_align.methods.base import PairedPreferenceModule
 from lit_align.methods.dpo import DPO, IPO, HingeDPO, RobustDPO
@@ -21,12 +22,24 @@ from lit_align.methods.dpo_variants import (
 )
 from lit_align.methods.listwise import ListwisePreferenceModule, ResponseLists
 from lit_align.methods.listwise_objectives import PRO, RRHF, LiPO
+from lit_align.methods.on_policy import ActorCriticModule, OnPolicyModule, PolicyPass
+from lit_align.methods.policy_gradient import GRPO, REINFORCE, RLOO
 from lit_align.methods.reference_free import CPO, ORPO, SimPO
+from lit_align.methods.reward_model import RewardModel, RewardModelReward
+from lit_align.methods.sft import SFT
 from lit_align.methods.tdpo import TDPO
 from lit_align.methods.unpaired import UnpairedPreferenceModule
 from lit_align.methods.unpaired_objectives import BCO, KTO, NPO
 
 __all__ = [
+    "A2C",
+    "ActorCriticModule",
+    "GRPO",
+    "OnPolicyModule",
+    "PPO",
+    "PolicyPass",
+    "REINFORCE",
+    "RLOO",
     "AOT",
     "BCO",
     "CPO",
@@ -56,7 +69,10 @@ __all__ = [
     "PairedPreferenceModule",
     "PreferenceLoss",
     "ResponseLists",
+    "RewardModel",
+    "RewardModelReward",
     "RobustDPO",
+    "SFT",
     "SPPOHard",
     "SequenceLogps",
     "SimPO",

@@ -32,6 +32,14 @@ from lit_align.losses.reward import (
     listwise_bradley_terry_loss,
 )
 from lit_align.losses.tdpo import tdpo_loss
+from lit_align.losses.trpo import (
+    backtracking_line_search,
+    categorical_kl,
+    conjugate_gradient,
+    fisher_vector_product,
+    trpo_surrogate,
+    trust_region_step_size,
+)
 from lit_align.losses.types import ListwiseLoss, PreferenceLoss, UnpairedLoss
 from lit_align.losses.unpaired import bco_loss, kto_loss, kto_reference_point, npo_loss
 
@@ -46,16 +54,20 @@ __all__ = [
     "aot_pair_loss",
     "apo_down_loss",
     "apo_zero_loss",
+    "backtracking_line_search",
     "bco_loss",
     "bco_pair_loss",
     "beta_dpo_beta",
     "beta_dpo_filter",
     "beta_dpo_loss",
     "bradley_terry_loss",
+    "categorical_kl",
+    "conjugate_gradient",
     "cpo_loss",
     "dpo_loss",
     "dpop_loss",
     "exo_pair_loss",
+    "fisher_vector_product",
     "gpo_loss",
     "hinge_loss",
     "ipo_loss",
@@ -75,4 +87,6 @@ __all__ = [
     "simpo_loss",
     "sppo_hard_loss",
     "tdpo_loss",
+    "trpo_surrogate",
+    "trust_region_step_size",
 ]

@@ -23,11 +23,13 @@ from lit_align.methods.dpo_variants import (
 from lit_align.methods.listwise import ListwisePreferenceModule, ResponseLists
 from lit_align.methods.listwise_objectives import PRO, RRHF, LiPO
 from lit_align.methods.on_policy import ActorCriticModule, OnPolicyModule, PolicyPass
+from lit_align.methods.online_dpo import OnlineDPO, SelfJudge
 from lit_align.methods.policy_gradient import GRPO, REINFORCE, RLOO
 from lit_align.methods.reference_free import CPO, ORPO, SimPO
 from lit_align.methods.reward_model import RewardModel, RewardModelReward
 from lit_align.methods.sft import SFT
 from lit_align.methods.tdpo import TDPO
+from lit_align.methods.trpo import TRPO
 from lit_align.methods.unpaired import UnpairedPreferenceModule
 from lit_align.methods.unpaired_objectives import BCO, KTO, NPO
 
@@ -57,6 +59,7 @@ __all__ = [
     "RDPO",
     "RRHF",
     "TDPO",
+    "TRPO",
     "APODown",
     "APOZero",
     "AlignmentModule",
@@ -66,6 +69,7 @@ __all__ = [
     "LiPO",
     "ListwiseLoss",
     "ListwisePreferenceModule",
+    "OnlineDPO",
     "PairedPreferenceModule",
     "PreferenceLoss",
     "ResponseLists",
@@ -74,6 +78,7 @@ __all__ = [
     "RobustDPO",
     "SFT",
     "SPPOHard",
+    "SelfJudge",
     "SequenceLogps",
     "SimPO",
     "UnpairedLoss",

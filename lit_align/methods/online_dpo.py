@@ -1,0 +1,175 @@
+"""Online (iterative) DPO on fresh samples of the policy, and a self-rewarding judge."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from lit_align.logprobs import IGNORE_INDEX
+from lit_align.losses.dpo import dpo_loss
+from lit_align.methods.on_policy import OnPolicyModule, PolicyPass
+from lit_align.rewards import RewardFunction
+from lit_align.rollout import Rollout
+
+
+def best_worst_pairs(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen rows, rejected rows) of a rollout whose ``group_size`` samples per prompt are
+    adjacent: per prompt the highest against the lowest score (the first one on equal scores);
+    prompts whose samples all tie give no pair (Yuan et al. 2024, Self-Rewarding Language Models,
+    sec. 2.3: "we take the highest and lowest scoring responses ... discard the pair if their
+    scores are the same")."""
+    if group_size < 2:
+        raise ValueError(f"pairs need at least 2 samples per prompt, got {group_size}")
+    groups = scores.view(-1, group_size)
+    offsets = torch.arange(groups.shape[0], device=scores.device) * group_size
+    keep = groups.max(1).values > groups.min(1).values
+    return (groups.argmax(1) + offsets)[keep], (groups.argmin(1) + offsets)[keep]
+
+
+class OnlineDPO(OnPolicyModule):
+    """Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback";
+    iterative DPO, Xu et al. 2023 / Xiong et al. 2024) with the DPO loss of Rafailov et al. 2023, eq. 7.
+
+    Each rollout samples ``samples_per_prompt`` completions per prompt with the current policy,
+    scores them with ``reward`` (a reward function, a reward model or :class:`SelfJudge`), pairs
+    the best against the worst of each prompt (:func:`best_worst_pairs`; tied prompts give no
+    pair) and takes ``epochs`` passes of DPO steps over the fresh pairs: loss
+    -log sigma(beta [(log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))]) with
+    summed completion log-probs. ``minibatch_size`` counts pairs. A rollout without any pair takes
+    one empty optimizer step (no parameter changes) so ``trainer.max_steps`` still bounds the run.
+
+    Args:
+        beta: DPO inverse temperature (the strength of the implicit KL penalty to the reference).
+        samples_per_prompt: completions per prompt (>= 2; 2 = one pair per prompt at most).
+        (everything else: :class:`lit_align.methods.on_policy.OnPolicyModule`; ``kl`` only sets
+        the beta of the logged ``objective/rlhf_reward``; ``generation.temperature`` must be > 0,
+        or the samples of a prompt are identical and never form a pair.)
+    """
+
+    min_samples_per_prompt: ClassVar[int] = 2
+
+    def __init__(self, *args, beta: float = 0.1, samples_per_prompt: int = 2, **kwargs):
+        super().__init__(*args, samples_per_prompt=samples_per_prompt, **kwargs)
+        if self.generation.temperature <= 0:
+            raise ValueError("OnlineDPO samples with generation.temperature > 0: greedy samples of a prompt are identical and never form a pair")
+        if self.kl_controller.adaptive:
+            raise ValueError("OnlineDPO has no KL penalty to adapt (DPO's beta is its KL control): leave kl.target unset")
+        self.beta = beta
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._policy_is_initial = False
+        rollout = self.make_rollout(batch)
+        self.log_rollout("train", rollout, self.token_kl(rollout).sum(-1), self.kl_controller.beta)
+        chosen, rejected = best_worst_pairs(rollout.scores, self.samples_per_prompt)
+        self.log_metrics("train", {"pairs": torch.tensor([float(len(chosen))], device=self.device)}, batch_size=rollout.size)
+        if len(chosen) == 0:
+            optimizer = self.optimizers()
+            optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without a gradient
+            optimizer.step()
+            self.lr_schedulers().step()
+            return
+        for _ in range(self.epochs):
+            for rows in self.minibatches(len(chosen)):
+                self.optimise(rollout.select(torch.cat([chosen[rows], rejected[rows]])))
+
+    def loss(self, part: Rollout, current: PolicyPass) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """DPO loss of a part whose first half is the chosen and second half the rejected rows."""
+        chosen, rejected = current.logps.split()
+        half = part.size // 2
+        reference = part.ref_logps.sum(-1)
+        output = dpo_loss(chosen.sum, rejected.sum, reference[:half], reference[half:], self.beta)
+        margins = output.chosen_rewards - output.rejected_rewards
+        return output.losses.mean(), {
+            "rewards/chosen": output.chosen_rewards,
+            "rewards/rejected": output.rejected_rewards,
+            "rewards/accuracies": (margins > 0).float() + 0.5 * (margins == 0).float(),
+            "rewards/margins": margins,
+            "logps/chosen": chosen.sum.detach(),
+            "logps/rejected": rejected.sum.detach(),
+            "scores/chosen": part.scores[:half],
+            "scores/rejected": part.scores[half:],
+        }
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        for reward in (self.reward, self.eval_reward):  # a SelfJudge evaluating before fit needs the module too
+            if hasattr(reward, "attach"):
+                reward.attach(self)
+
+
+class SelfJudge(RewardFunction):
+    """The policy judges its own completions (LLM-as-a-judge of Yuan et al. 2024, Self-Rewarding
+    Language Models, sec. 2.2, reduced to a yes/no question): score = p(yes) / (p(yes) + p(no))
+    = sigmoid(log p(yes | q) - log p(no | q)) for the judge question q = ``template`` filled with
+    the prompt and the completion, under the current policy (LoRA adapters on), no gradients.
+    ``yes``/``no`` are scored by their full log-probability, which is the next-token
+    distribution when each is one token (as " yes"/" no" are for most BPE tokenizers).
+
+    :class:`lit_align.methods.on_policy.OnPolicyModule` calls :meth:`attach` at fit start. Meant
+    for real instruction-tuned models (with ``chat_template: true``); with a tiny random model the
+    judgement is noise and meaningless. The judge is the live policy, so it changes as it trains.
+
+    Args:
+        template: the judge question, with ``{prompt}`` and ``{completion}`` fields.
+        yes: the affirmative answer's text.
+        no: the negative answer's text.
+        chat_template: wrap the question in the tokenizer's chat template as one user turn.
+        max_length: longest judge question in tokens (longer ones keep their end).
+        batch_size: judge questions per forward (two rows each).
+    """
+
+    def __init__(self, template: str = "Question: {prompt}\nAnswer: {completion}\nIs this answer correct? Answer yes or no:",
+                 yes: str = " yes", no: str = " no", chat_template: bool = False, max_length: int = 512, batch_size: int = 16):
+        self.template, self.yes, self.no = template, yes, no
+        self.chat_template, self.max_length, self.batch_size = chat_template, max_length, batch_size
+        self.module: OnPolicyModule | None = None
+
+    def attach(self, module: OnPolicyModule) -> None:
+        """Use ``module``'s policy and tokenizer as the judge."""
+        self.module = module
+
+    def question_ids(self, prompt: str | Sequence[dict[str, str]], completion: str) -> list[int]:
+        tokenizer = self.module.tokenizer
+        if not isinstance(prompt, str):
+            prompt = "\n".join(f"{message['role']}: {message['content']}" for message in prompt)
+        question = self.template.format(prompt=prompt, completion=completion)
+        if self.chat_template:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(question, add_special_tokens=True)["input_ids"]
+        return ids[:-1] if tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id] else ids
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence, completions: Sequence[str]) -> torch.Tensor:
+        if self.module is None:
+            raise RuntimeError("SelfJudge is not attached to a module: on-policy methods attach their reward at fit start; call attach(module) first")
+        tokenizer, backbone = self.module.tokenizer, self.module.backbone
+        answers = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (self.yes, self.no)]
+        rows = []
+        for prompt, completion in zip(prompts, completions):
+            question = self.question_ids(prompt, completion)
+            rows += [(question[max(0, len(question) + len(answer) - self.max_length):], answer) for answer in answers]
+        was_training = backbone.policy.training
+        backbone.policy.eval()
+        try:
+            logps = torch.cat([backbone.logps(self.collate(rows[start: start + 2 * self.batch_size])).sum
+                               for start in range(0, len(rows), 2 * self.batch_size)]) if rows else torch.zeros(0)
+        finally:
+            backbone.policy.train(was_training)
+        return torch.sigmoid(logps[0::2] - logps[1::2]).float()
+
+    def collate(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        """Right-padded question + answer rows, labels on the answer tokens only."""
+        pad = self.module.tokenizer.pad_token_id if self.module.tokenizer.pad_token_id is not None else 0
+        width = max(len(q) + len(a) for q, a in rows)
+        ids, mask, labels = [], [], []
+        for question, answer in rows:
+            fill = width - len(question) - len(answer)
+            ids.append(question + answer + [pad] * fill)
+            mask.append([1] * (len(question) + len(answer)) + [0] * fill)
+            labels.append([IGNORE_INDEX] * len(question) + answer + [IGNORE_INDEX] * fill)
+        device = self.module.device
+        return {"input_ids": torch.tensor(ids, device=device), "attention_mask": torch.tensor(mask, device=device),
+                "labels": torch.tensor(labels, device=device)}

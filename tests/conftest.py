@@ -15,3 +15,34 @@ def tokenizer():
 def _isolated_cache(tmp_path, monkeypatch):
     """Keep every test's tokenized cache in its own temporary folder, never ~/.cache."""
     monkeypatch.setenv("LIT_ALIGN_CACHE", str(tmp_path / "lit-align-cache"))
+
+
+@pytest.fixture(scope="session")
+def sft_policy(tmp_path_factory):
+    """configs/sft.yaml run once per test session: the starting policy (outputs/sft) of every
+    on-policy config. Its held-out NLL per completion token must fall by more than 3 nats."""
+    import csv
+    from pathlib import Path
+
+    from lit_align.cli import main
+
+    folder = tmp_path_factory.mktemp("sft")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setenv("LIT_ALIGN_CACHE", str(folder / "lit-align-cache"))
+        main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "sft.yaml"), "--trainer.enable_checkpointing", "false",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+        (metrics,) = Path("runs").rglob("metrics.csv")
+        with open(metrics) as handle:
+            losses = [float(row["val/loss"]) for row in csv.DictReader(handle) if row.get("val/loss")]
+    assert losses[-1] < losses[0] - 3.0, losses
+    return folder / "outputs" / "sft"
+
+
+@pytest.fixture
+def in_sft_workdir(sft_policy, tmp_path, monkeypatch):
+    """A fresh working directory whose outputs/sft is the SFT policy, as the on-policy configs expect."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "sft").symlink_to(sft_policy)
+    return tmp_path

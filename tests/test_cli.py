@@ -38,7 +38,7 @@ TRAINED_ELSEWHERE = {  # config -> the test file whose slow CLI test trains it
     "rrhf": "test_listwise.py", "pro": "test_listwise.py", "lipo": "test_listwise.py",
     "tdpo": "test_tdpo.py", "tr_dpo": "test_reference_sync.py", "sdpo": "test_reference_sync.py",
     "reward": "test_reward_model.py",
-    "sft": "test_on_policy.py", "reinforce": "test_on_policy.py", "rloo": "test_on_policy.py", "grpo": "test_on_policy.py",
+    "sft": "conftest.py", "reinforce": "test_on_policy.py", "rloo": "test_on_policy.py", "grpo": "test_on_policy.py",
     "ppo": "test_on_policy.py", "a2c": "test_on_policy.py", "trpo": "test_trpo.py", "online_dpo": "test_online_dpo.py",
 }
 

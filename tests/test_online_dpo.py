@@ -4,7 +4,6 @@ import math
 
 import lightning
 import pytest
-import test_on_policy
 import torch
 from test_on_policy import CONFIGS, QUIET, metric_rows
 
@@ -187,16 +186,12 @@ def test_self_judge_as_reward_end_to_end():
     assert torch.isfinite(trainer.callback_metrics["train/objective/scores"])
 
 
-sft_policy = test_on_policy.sft_policy  # fixture: configs/sft.yaml run once per module (outputs/sft)
 
 
 @pytest.mark.slow
-def test_online_dpo_config_raises_held_out_reward(sft_policy, tmp_path, monkeypatch):
+def test_online_dpo_config_raises_held_out_reward(in_sft_workdir):
     """configs/online_dpo.yaml as shipped from the SFT policy: held-out mean reward rises
     (measured 0.305 -> 0.517), pairs form, the loss stays finite."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "outputs").mkdir()
-    (tmp_path / "outputs" / "sft").symlink_to(sft_policy)
     main(["fit", "--config", str(CONFIGS / "online_dpo.yaml"), "--trainer.enable_checkpointing", "false", *QUIET])
     scores = metric_rows("val/objective/scores")
     assert scores[-1] >= scores[0] + 0.05, scores

@@ -5,7 +5,6 @@ import math
 
 import lightning
 import pytest
-import test_on_policy
 import torch
 from test_on_policy import CONFIGS, QUIET, metric_rows
 
@@ -196,17 +195,13 @@ def test_trpo_end_to_end_accepted_steps_within_trust_region(one_thread):
         assert name in trainer.callback_metrics
 
 
-sft_policy = test_on_policy.sft_policy  # fixture: configs/sft.yaml run once per module (outputs/sft)
 
 
 @pytest.mark.slow
-def test_trpo_config_raises_held_out_reward_inside_the_trust_region(sft_policy, tmp_path, monkeypatch):
+def test_trpo_config_raises_held_out_reward_inside_the_trust_region(in_sft_workdir):
     """configs/trpo.yaml from the SFT policy (50 of its 150 rollouts): held-out mean reward rises
     (measured 0.305 -> 0.525; 0.576 after all 150) and the KL of every step, logged each step,
     is within max_kl = 0.01."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "outputs").mkdir()
-    (tmp_path / "outputs" / "sft").symlink_to(sft_policy)
     main(["fit", "--config", str(CONFIGS / "trpo.yaml"), "--trainer.max_steps", "50", "--trainer.val_check_interval", "50",
           "--trainer.log_every_n_steps", "1", "--trainer.enable_checkpointing", "false", *QUIET])
     scores = metric_rows("val/objective/scores")

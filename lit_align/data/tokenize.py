@@ -63,14 +63,9 @@ def tokenize_responses(
         rendered = {name: render_conversation(prompt, text, tokenizer, source, index) for name, text in responses.items()}
         prompt_text = next(iter(rendered.values()))[0]
         texts = {name: response for name, (_, response) in rendered.items()}
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     else:
-        texts = dict(responses)
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
-        if tokenizer.eos_token_id is not None and prompt_ids[-1:] == [tokenizer.eos_token_id]:
-            prompt_ids = prompt_ids[:-1]
-    if not prompt_ids and tokenizer.bos_token_id is not None:
-        prompt_ids = [tokenizer.bos_token_id]
+        texts, prompt_text = dict(responses), prompt
+    prompt_ids = _prompt_ids(prompt_text, tokenizer, rendered_by_template=conversational)
     ids = {name: _response_ids(text, tokenizer, conversational) for name, text in texts.items()}
     longest = max(len(values) for values in ids.values())
     if len(prompt_ids) + longest > max_length or len(prompt_ids) > max_prompt_length:
@@ -107,6 +102,20 @@ def tokenize_pair(
     return example
 
 
+def _prompt_ids(text: str, tokenizer: PreTrainedTokenizerBase, rendered_by_template: bool) -> list[int]:
+    """Prompt ids: a chat rendering as is; plain text with the tokenizer's special tokens but no
+    trailing EOS; an empty prompt becomes BOS (when the tokenizer has one)."""
+    if rendered_by_template:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"] if text else []
+        if tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]:
+            ids = ids[:-1]
+    if not ids and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id]
+    return ids
+
+
 def _response_ids(text: str, tokenizer: PreTrainedTokenizerBase, rendered_by_template: bool) -> list[int]:
     """Response ids ending in EOS exactly once.
 
@@ -133,17 +142,12 @@ def tokenize_prompt(
     """Prompt ids to generate from, exactly as :func:`tokenize_responses` tokenizes the prompt of a
     response (chat prompts end with the template's generation prompt). A prompt longer than
     ``max_prompt_length`` keeps its last tokens, is dropped or raises, per ``truncation``."""
-    if isinstance(prompt, str):
-        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"] if prompt else []
-        if tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]:
-            ids = ids[:-1]
-    else:
+    conversational = not isinstance(prompt, str)
+    if conversational:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(source, "conversational data needs a tokenizer with a chat template, and this one has none", index, "prompt")
-        text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids and tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id]
+        prompt = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+    ids = _prompt_ids(prompt, tokenizer, rendered_by_template=conversational)
     if len(ids) > max_prompt_length:
         if truncation == "error":
             raise DataError(source, f"{len(ids)} prompt tokens do not fit max_prompt_length={max_prompt_length}; set truncation to keep_end or drop", index, "prompt")

@@ -32,6 +32,9 @@ def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
+AGGREGATION_LEVELS = ("token", "sequence")
+
+
 # ---- reductions ----------------------------------------------------------------------------------
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of ``values`` where ``mask`` is True (over all entries, or along ``dim``)."""

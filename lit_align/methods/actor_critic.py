@@ -9,7 +9,6 @@ import torch
 from lit_align.losses.policy_gradient import (
     clipped_surrogate,
     clipped_value_loss,
-    explained_variance,
     gae,
     masked_mean,
     n_step_advantages,
@@ -37,17 +36,18 @@ class PPO(ActorCriticModule):
         clip: epsilon of the clipped ratio.
         value_clip: epsilon of the clipped value loss (null: unclipped squared error).
         vf_coef: weight of the value loss.
-        entropy_coef: weight of the entropy bonus (subtracted from the loss).
         whiten_advantages: normalise advantages to zero mean, unit variance over the rollout.
-        ptx_coef: weight of the NLL on the data module's ``ptx`` batches (PPO-ptx; 0 = off).
+        ptx_coef: weight of the NLL on ``ptx`` batches (PPO-ptx; 0 = off). Needs a data module
+            that adds them to each training batch (``provides_ptx``); ``PromptDataModule`` does not
+            yet, so a nonzero value stops before training with an error.
         (everything else: :class:`lit_align.methods.on_policy.OnPolicyModule`)
     """
 
     def __init__(self, *args, gamma: float = 1.0, lam: float = 0.95, clip: float = 0.2, value_clip: Optional[float] = 0.2,
-                 entropy_coef: float = 0.0, whiten_advantages: bool = True, ptx_coef: float = 0.0, epochs: int = 4, **kwargs):
+                 whiten_advantages: bool = True, ptx_coef: float = 0.0, epochs: int = 4, **kwargs):
         super().__init__(*args, epochs=epochs, **kwargs)
         self.gamma, self.lam, self.clip, self.value_clip = gamma, lam, clip, value_clip
-        self.entropy_coef, self.whiten_advantages, self.ptx_coef = entropy_coef, whiten_advantages, ptx_coef
+        self.whiten_advantages, self.ptx_coef = whiten_advantages, ptx_coef
 
     def prepare(self, rollout: Rollout) -> None:
         rewards = token_rewards(rollout.scores, self.token_kl(rollout), self.kl_controller.beta, rollout.mask)
@@ -62,20 +62,11 @@ class PPO(ActorCriticModule):
             value_loss, value_clipped = 0.5 * (current.values - part.returns) ** 2, torch.zeros_like(mask)
         else:
             value_loss, value_clipped = clipped_value_loss(current.values, part.values, part.returns, self.value_clip)
-        value_loss = masked_mean(value_loss, mask)
-        entropy = masked_mean(self.entropy(current), mask) if self.entropy_coef else None
-        loss = policy_loss + self.vf_coef * value_loss - (self.entropy_coef * entropy if entropy is not None else 0.0)
-        metrics = {
-            "loss/policy": policy_loss.detach(),
-            "loss/value": value_loss.detach(),
+        return self.combine(policy_loss, masked_mean(value_loss, mask), part, current, {
             "policy/clipfrac": masked_mean(clipped.float(), mask),
             "policy/approxkl": masked_mean(0.5 * (current.logps.tokens - part.old_logps).detach() ** 2, mask),
             "value/clipfrac": masked_mean(value_clipped.float(), mask),
-            "value/explained_variance": explained_variance(part.values, part.returns, mask),
-        }
-        if entropy is not None:
-            metrics["policy/entropy"] = entropy.detach()
-        return loss, metrics
+        })
 
 
 class A2C(ActorCriticModule):
@@ -89,15 +80,14 @@ class A2C(ActorCriticModule):
     Args:
         gamma: discount per token.
         n_steps: steps before bootstrapping from the critic (1 = TD(0)).
-        entropy_coef: weight of the entropy bonus.
         (everything else: :class:`lit_align.methods.on_policy.ActorCriticModule`)
     """
 
-    def __init__(self, *args, gamma: float = 1.0, n_steps: int = 1, entropy_coef: float = 0.0, **kwargs):
+    def __init__(self, *args, gamma: float = 1.0, n_steps: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         if n_steps < 1:
             raise ValueError(f"A2C n_steps must be >= 1, got {n_steps}")
-        self.gamma, self.n_steps, self.entropy_coef = gamma, n_steps, entropy_coef
+        self.gamma, self.n_steps = gamma, n_steps
 
     def prepare(self, rollout: Rollout) -> None:
         rewards = token_rewards(rollout.scores, self.token_kl(rollout), self.kl_controller.beta, rollout.mask)
@@ -107,10 +97,4 @@ class A2C(ActorCriticModule):
         mask = part.mask
         policy_loss = masked_mean(-part.advantages * current.logps.tokens, mask)
         value_loss = masked_mean(0.5 * (current.values - part.returns) ** 2, mask)
-        entropy = masked_mean(self.entropy(current), mask) if self.entropy_coef else None
-        loss = policy_loss + self.vf_coef * value_loss - (self.entropy_coef * entropy if entropy is not None else 0.0)
-        metrics = {"loss/policy": policy_loss.detach(), "loss/value": value_loss.detach(),
-                   "value/explained_variance": explained_variance(part.values, part.returns, mask)}
-        if entropy is not None:
-            metrics["policy/entropy"] = entropy.detach()
-        return loss, metrics
+        return self.combine(policy_loss, value_loss, part, current, {})

@@ -27,7 +27,7 @@ import torch
 from lit_align.backbone import SequenceLogps
 from lit_align.data.collate import PromptLayout
 from lit_align.kl_control import KLPenalty
-from lit_align.losses.policy_gradient import KL_ESTIMATORS, masked_mean
+from lit_align.losses.policy_gradient import KL_ESTIMATORS, explained_variance, masked_mean
 from lit_align.losses.sft import completion_nll
 from lit_align.methods.alignment import AlignmentModule
 from lit_align.rewards import RewardFunction
@@ -147,11 +147,20 @@ class OnPolicyModule(AlignmentModule):
         if self.reward is None:
             raise ValueError(f"{type(self).__name__} needs a reward: set model.init_args.reward.class_path, e.g. "
                              "lit_align.rewards.WordRulesReward (built-in task) or lit_align.methods.RewardModelReward (a trained reward model)")
+        if self.ptx_coef and not getattr(self.trainer.datamodule, "provides_ptx", False):
+            raise ValueError(f"{type(self).__name__}: ptx_coef={self.ptx_coef} needs ``ptx`` batches (demonstrations or pre-training text) "
+                             f"in the training batches, and the data module {type(self.trainer.datamodule).__name__} provides none")
+
+    def prepare_data_for_method(self) -> None:
+        """Also ready the rewards (fit, validate and test start): move them to the policy's device
+        and hand the module to rewards that use it (``attach``, e.g. a self-rewarding judge)."""
+        super().prepare_data_for_method()
         for reward in (self.reward, self.eval_reward):
-            if reward is not None:
-                reward.to(self.device)
-        if hasattr(self.reward, "attach"):
-            self.reward.attach(self)
+            if reward is None:
+                continue
+            reward.to(self.device)
+            if hasattr(reward, "attach"):
+                reward.attach(self)
 
     @torch.no_grad()
     def make_rollout(self, batch: dict[str, Any], samples: int | None = None, temperature: float | None = None) -> Rollout:
@@ -248,25 +257,19 @@ class OnPolicyModule(AlignmentModule):
         mask = tokens["labels"] != -100
         self.log_metrics(stage, {"objective/scores": scores, "response_length": mask.sum(-1).float(), "ended_with_eos": ended.float()}, batch_size=len(scores))
 
-    def on_validation_start(self) -> None:
-        super().on_validation_start()
-        for reward in (self.reward, self.eval_reward):
-            if reward is not None:
-                reward.to(self.device)
-
-
 class ActorCriticModule(OnPolicyModule):
     """An on-policy method with a critic: a scalar value head on the policy's last hidden state
     (shared trunk: one decoder pass gives log-probs and values). PPO and A2C share it.
 
     Args:
         vf_coef: weight of the value loss in the total loss.
+        entropy_coef: weight of the entropy bonus (subtracted from the loss; 0 = not computed).
         (everything else: :class:`OnPolicyModule`)
     """
 
-    def __init__(self, *args, vf_coef: float = 0.1, **kwargs):
+    def __init__(self, *args, vf_coef: float = 0.1, entropy_coef: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.vf_coef = vf_coef
+        self.vf_coef, self.entropy_coef = vf_coef, entropy_coef
         hidden = self.backbone.policy.get_input_embeddings().embedding_dim
         self.value_head = torch.nn.Linear(hidden, 1)
         torch.nn.init.zeros_(self.value_head.weight)
@@ -277,7 +280,17 @@ class ActorCriticModule(OnPolicyModule):
         current.values = self.value_head(current.hidden.to(self.value_head.weight.dtype)).squeeze(-1) * current.logps.mask
         return current
 
+    def combine(self, policy_loss: torch.Tensor, value_loss: torch.Tensor, part: Rollout, current: PolicyPass,
+                metrics: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """policy loss + vf_coef * value loss - entropy_coef * entropy, and the metrics every
+        actor-critic method logs (added to the method's own ``metrics``)."""
+        mask = part.mask
+        loss = policy_loss + self.vf_coef * value_loss
+        metrics.update({"loss/policy": policy_loss.detach(), "loss/value": value_loss.detach(),
+                        "value/explained_variance": explained_variance(part.values, part.returns, mask)})
+        if self.entropy_coef:
+            entropy = masked_mean(self.entropy(current), mask)
+            loss = loss - self.entropy_coef * entropy
+            metrics["policy/entropy"] = entropy.detach()
+        return loss, metrics
 
-def response_means(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[N]`` mean of per-token ``values`` over each completion."""
-    return masked_mean(values, mask, dim=-1)

@@ -92,12 +92,6 @@ class OnlineDPO(OnPolicyModule):
             "scores/rejected": part.scores[half:],
         }
 
-    def on_validation_start(self) -> None:
-        super().on_validation_start()
-        for reward in (self.reward, self.eval_reward):  # a SelfJudge evaluating before fit needs the module too
-            if hasattr(reward, "attach"):
-                reward.attach(self)
-
 
 class SelfJudge(RewardFunction):
     """The policy judges its own completions (LLM-as-a-judge of Yuan et al. 2024, Self-Rewarding
@@ -107,7 +101,7 @@ class SelfJudge(RewardFunction):
     ``yes``/``no`` are scored by their full log-probability, which is the next-token
     distribution when each is one token (as " yes"/" no" are for most BPE tokenizers).
 
-    :class:`lit_align.methods.on_policy.OnPolicyModule` calls :meth:`attach` at fit start. Meant
+    :class:`lit_align.methods.on_policy.OnPolicyModule` calls :meth:`attach` at fit, validation and test start. Meant
     for real instruction-tuned models (with ``chat_template: true``); with a tiny random model the
     judgement is noise and meaningless. The judge is the live policy, so it changes as it trains.
 

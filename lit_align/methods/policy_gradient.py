@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 import torch
 
 from lit_align.losses.policy_gradient import (
+    AGGREGATION_LEVELS,
     aggregate,
     clipped_surrogate,
     group_normalised_advantages,
@@ -29,7 +30,6 @@ class SequencePolicyGradient(OnPolicyModule):
 
     def prepare(self, rollout: Rollout) -> None:
         returns = rollout.scores - self.kl_controller.beta * self.token_kl(rollout).sum(-1)
-        rollout.extra["returns"] = returns
         rollout.extra["advantage"] = self.sequence_advantages(returns, rollout)
         rollout.advantages = rollout.extra["advantage"][:, None] * rollout.mask
 
@@ -100,7 +100,8 @@ class GRPO(OnPolicyModule):
     def __init__(self, *args, samples_per_prompt: int = 4, clip: float = 0.2, loss_aggregation: Literal["sequence", "token"] = "sequence",
                  scale_advantages: bool = True, **kwargs):
         super().__init__(*args, samples_per_prompt=samples_per_prompt, **kwargs)
-        aggregate(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), loss_aggregation)  # validates the name
+        if loss_aggregation not in AGGREGATION_LEVELS:
+            raise ValueError(f"GRPO loss_aggregation must be one of {AGGREGATION_LEVELS}, got {loss_aggregation!r}")
         self.clip, self.loss_aggregation, self.scale_advantages = clip, loss_aggregation, scale_advantages
 
     def token_kl(self, rollout: Rollout) -> torch.Tensor:

@@ -101,3 +101,66 @@ def test_each_on_policy_method_raises_held_out_reward(method, in_sft_workdir):
     scores = metric_rows("val/objective/scores")
     assert scores[-1] >= scores[0] + 0.05, scores
     assert all(torch.isfinite(torch.tensor(metric_rows("train/loss"))))
+
+
+def _template_texts(names: list[str], foods: list[str]) -> list[dict[str, str]]:
+    return [{"text": f"{name} eats {food} daily."} for name in names for food in foods]
+
+
+def _demonstration_nll(module: PPO, data: SFTDataModule) -> float:
+    module.eval()
+    with torch.no_grad():
+        batch = next(iter(data.val_dataloader()))
+        logps = module.backbone.logps(batch)
+        return float(-(logps.tokens * logps.mask).sum() / logps.mask.sum())
+
+
+@pytest.mark.slow
+def test_ppo_ptx_term_lowers_nll_of_held_out_demonstrations(sft_policy, tmp_path):
+    """PPO-ptx (InstructGPT eq. 2): the same short PPO run with ptx_coef 1 versus 0, the ptx
+    batches being template sentences; on sentences of the template never trained on, the NLL of
+    the ptx run's policy ends clearly below the plain PPO run's, and ``loss/ptx`` is logged."""
+    train, held_out = tmp_path / "ptx.jsonl", tmp_path / "ptx_val.jsonl"
+    train.write_text("\n".join(json.dumps(r) for r in _template_texts(["Ann", "Bob", "Cy", "Dee"], ["rice", "figs", "kale", "corn"])))
+    held_out.write_text("\n".join(json.dumps(r) for r in _template_texts(["Eve", "Flo"], ["rice", "plums"])))
+    evaluation = SFTDataModule(train=str(held_out), val=str(held_out), max_length=32, batch_size=8, use_cache=False)
+    evaluation.tokenizer = build_tiny_tokenizer()
+    evaluation.setup()
+    nll = {}
+    for coef in (0.0, 1.0):
+        lightning.seed_everything(0)
+        module = PPO(reward=WordRulesReward(), ptx_coef=coef, epochs=2, minibatch_size=8, generation={"max_new_tokens": 4, "temperature": 0.7},
+                     model={"name_or_path": str(sft_policy)}, optimizer={"lr": 1e-4, "warmup_ratio": 0.0, "schedule": "constant_with_warmup"})
+        data = PromptDataModule(task=WordRulesTask(num_train=64, num_val=8, rules=("first",)), batch_size=8, max_length=32,
+                                ptx_train=str(train) if coef else None, ptx_batch_size=8, use_cache=False)
+        assert data.provides_ptx == bool(coef)
+        logger = lightning.pytorch.loggers.CSVLogger(tmp_path / f"logs{coef}")
+        trainer = lightning.Trainer(max_steps=40, logger=logger, log_every_n_steps=1, limit_val_batches=0, enable_checkpointing=False,
+                                    enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, datamodule=data)
+        nll[coef] = _demonstration_nll(module, evaluation)
+        if coef:
+            (metrics,) = Path(logger.log_dir).glob("metrics.csv")
+            with open(metrics) as handle:
+                ptx_losses = [float(row["train/loss/ptx"]) for row in csv.DictReader(handle) if row.get("train/loss/ptx")]
+            assert len(ptx_losses) >= 15 and ptx_losses[-1] < ptx_losses[0], ptx_losses
+    assert nll[1.0] < nll[0.0] - 1.0, nll
+
+
+@pytest.mark.slow
+def test_sft_reward_model_ppo_pipeline_through_the_cli(in_sft_workdir):
+    """The README's pipeline: a reward model trained from the SFT policy on the first-letter
+    rule (configs/reward.yaml + pipeline overlay), then PPO against it (configs/ppo.yaml +
+    overlay). The reward model ranks held-out pairs well; PPO raises the learned reward on its
+    rollouts and the verifier's mean score on held-out prompts."""
+    pipeline = CONFIGS / "pipeline"
+    main(["fit", "--config", str(CONFIGS / "reward.yaml"), "--config", str(pipeline / "reward_from_sft.yaml"), "--trainer.enable_checkpointing", "false", *QUIET])
+    accuracies = metric_rows("val/accuracy")
+    assert accuracies[0] == 0.5 and accuracies[-1] >= 0.8, accuracies
+    assert (Path("outputs") / "reward" / "config.json").is_file()
+    Path("runs").rename("reward_runs")  # the PPO run's metrics are read from runs/ next
+    main(["fit", "--config", str(CONFIGS / "ppo.yaml"), "--config", str(pipeline / "ppo_with_reward_model.yaml"), "--trainer.enable_checkpointing", "false", *QUIET])
+    learned = metric_rows("train/objective/scores")
+    verifier = metric_rows("val/objective/scores")
+    assert sum(learned[-3:]) / 3 > sum(learned[:3]) / 3 + 0.3, learned
+    assert verifier[-1] >= verifier[0] + 0.05, verifier

@@ -38,8 +38,8 @@ class PPO(ActorCriticModule):
         vf_coef: weight of the value loss.
         whiten_advantages: normalise advantages to zero mean, unit variance over the rollout.
         ptx_coef: weight of the NLL on ``ptx`` batches (PPO-ptx; 0 = off). Needs a data module
-            that adds them to each training batch (``provides_ptx``); ``PromptDataModule`` does not
-            yet, so a nonzero value stops before training with an error.
+            that adds them to each training batch (``provides_ptx``): ``PromptDataModule`` with
+            ``ptx_train`` set; without one a nonzero value stops before training with an error.
         (everything else: :class:`lit_align.methods.on_policy.OnPolicyModule`)
     """
 

@@ -149,7 +149,8 @@ class OnPolicyModule(AlignmentModule):
                              "lit_align.rewards.WordRulesReward (built-in task) or lit_align.methods.RewardModelReward (a trained reward model)")
         if self.ptx_coef and not getattr(self.trainer.datamodule, "provides_ptx", False):
             raise ValueError(f"{type(self).__name__}: ptx_coef={self.ptx_coef} needs ``ptx`` batches (demonstrations or pre-training text) "
-                             f"in the training batches, and the data module {type(self.trainer.datamodule).__name__} provides none")
+                             f"in the training batches, and the data module {type(self.trainer.datamodule).__name__} provides none: set data.init_args.ptx_train "
+                             "(PromptDataModule: a demonstrations/text source or builtin)")
 
     def prepare_data_for_method(self) -> None:
         """Also ready the rewards (fit, validate and test start): move them to the policy's device

@@ -152,7 +152,7 @@ def _split_implicit(chosen: str, rejected: str, marker: str, source: str, index:
         shared += 1
     cut = chosen.rfind(marker, 0, shared)
     if cut < 0:
-        raise DataError(source, f"implicit-prompt pair: the shared prefix of chosen and rejected contains no assistant marker {marker!r}", index, "chosen")
+        raise DataError(source, f"implicit-prompt pair (a record without 'prompt' is read as whole transcripts): the shared prefix of chosen and rejected contains no assistant marker {marker!r}", index, "chosen")
     cut += len(marker)
     return PreferencePair(chosen[:cut], read_text(chosen[cut:], "chosen", source, index), read_text(rejected[cut:], "rejected", source, index))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,34 +58,53 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
 
 
 def _open_text(path: Path):
+    # undecodable bytes become lone surrogates (U+DC80..U+DCFF), found by `_not_utf8` with their line
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape")
+    return open(path, encoding="utf-8", errors="surrogateescape")
+
+
+_UNDECODED = re.compile("[\udc80-\udcff]")
+
+
+def _not_utf8(text: str, line_number: int) -> str | None:
+    """Why ``text`` (read by `_open_text`) is not UTF-8, naming the line and byte; None if it is."""
+    bad = None if text.isascii() else _UNDECODED.search(text)
+    if bad is None:
+        return None
+    position = bad.start()
+    line_number += text.count("\n", 0, position)
+    column = position - text.rfind("\n", 0, position)
+    return f"line {line_number} is not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x} at character {column}); save the file as UTF-8"
 
 
 def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    try:
-        with _open_text(path) as handle:
-            count = 0  # records are numbered from 0 skipping blank lines, as everywhere else
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(str(path), f"line {line_number} is not valid JSON ({error.msg})", record=count) from None
-                if not isinstance(record, dict):
-                    raise DataError(str(path), f"line {line_number} is a JSON {type(record).__name__}, expected an object", record=count)
-                count += 1
-                yield record
-    except UnicodeDecodeError as error:
-        raise DataError(str(path), f"not UTF-8 text (byte offset {error.start})") from None
+    with _open_text(path) as handle:
+        count = 0  # records are numbered from 0 skipping blank lines, as everywhere else
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            problem = _not_utf8(line, line_number)
+            if problem:
+                raise DataError(str(path), problem, record=count)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(str(path), f"line {line_number} is not valid JSON ({error.msg})", record=count) from None
+            if not isinstance(record, dict):
+                raise DataError(str(path), f"line {line_number} is a JSON {type(record).__name__}, expected an object", record=count)
+            count += 1
+            yield record
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
+    with _open_text(path) as handle:
+        text = handle.read()
+    problem = _not_utf8(text, 1)
+    if problem:
+        raise DataError(str(path), problem)
     try:
-        with _open_text(path) as handle:
-            data = json.load(handle)
+        data = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(str(path), f"not valid JSON (line {error.lineno}: {error.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):

@@ -146,7 +146,10 @@ def tokenize_prompt(
     if conversational:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(source, "conversational data needs a tokenizer with a chat template, and this one has none", index, "prompt")
-        prompt = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+        try:
+            prompt = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+        except Exception as error:  # jinja raises TemplateError for roles the template rejects
+            raise DataError(source, f"the chat template rejected this conversation: {error}", index, "prompt") from None
     ids = _prompt_ids(prompt, tokenizer, rendered_by_template=conversational)
     if len(ids) > max_prompt_length:
         if truncation == "error":

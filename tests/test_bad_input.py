@@ -1,0 +1,503 @@
+"""The bad-input catalogue: one test per problem, in every data regime where it can occur (paired,
+unpaired, listwise, prompt-only, SFT). Each bad input stops with an error naming the file, record
+and field before training starts, or is a documented skip whose count is logged."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import re
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_align.backbone import ModelLoadError, load_tokenizer
+from lit_align.cli import main
+from lit_align.data import (
+    DataError,
+    DroppableRecord,
+    ListwiseDataModule,
+    PreferenceDataModule,
+    PromptDataModule,
+    SFTDataModule,
+    UnpairedDataModule,
+)
+from lit_align.settings import ModelSettings
+from lit_align.tiny import build_tiny_tokenizer
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+LOGGER = "lit_align.data.datamodule"
+IGNORE = -100
+
+MODULES = {"paired": PreferenceDataModule, "unpaired": UnpairedDataModule, "listwise": ListwiseDataModule,
+           "prompt": PromptDataModule, "sft": SFTDataModule}
+REGIMES = list(MODULES)
+WITH_RESPONSES = ["paired", "unpaired", "listwise", "sft"]
+# regime -> (method, data module) class paths, and the config file of that regime
+CLASSES = {"paired": ("lit_align.methods.DPO", "lit_align.data.PreferenceDataModule"),
+           "unpaired": ("lit_align.methods.KTO", "lit_align.data.UnpairedDataModule"),
+           "listwise": ("lit_align.methods.RRHF", "lit_align.data.ListwiseDataModule"),
+           "prompt": ("lit_align.methods.GRPO", "lit_align.data.PromptDataModule"),
+           "sft": ("lit_align.methods.SFT", "lit_align.data.SFTDataModule")}
+CONFIG_OF = {"paired": "dpo", "unpaired": "kto", "listwise": "rrhf", "prompt": "grpo", "sft": "sft"}
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def good(regime: str, i: int) -> dict:
+    """A valid record of ``regime`` (prompts and responses differ in length with ``i``)."""
+    prompt = f"Question {i}: "
+    return {
+        "paired": {"prompt": prompt, "chosen": f"good answer {i}", "rejected": f"bad {i}"},
+        "unpaired": {"prompt": prompt, "completion": f"answer {i}", "label": i % 2 == 0},
+        "listwise": {"prompt": prompt, "responses": [f"best {i}", f"middle {i}", f"worst {i}"], "scores": [1.0, 0.5, 0.0]},
+        "prompt": {"prompt": prompt},
+        "sft": {"prompt": prompt, "completion": f"answer {i}"},
+    }[regime]
+
+
+def records(regime: str, n: int = 4) -> list[dict]:
+    return [good(regime, i) for i in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def data_module(regime: str, tokenizer, train: Path, **kwargs) -> PreferenceDataModule:
+    """The regime's data module on ``train``, with a clean held-out file beside it (so the train
+    file is read in order), no cache, and ``tokenizer``."""
+    val = kwargs.pop("val", None) or write_jsonl(train.parent / "heldout.jsonl", [good(regime, 10), good(regime, 1000)])
+    dm = MODULES[regime](train=str(train), val=str(val), use_cache=False, **kwargs)
+    dm.tokenizer = tokenizer
+    return dm
+
+
+def where(path: Path, record: int, field: str) -> str:
+    """The escaped start of a DataError message."""
+    return re.escape(f"{path}, record {record}, field '{field}': ")
+
+
+def assert_skipped_then_strict(regime, tokenizer, train, caplog, message: str, **kwargs) -> None:
+    """Record 2 of 4 is skipped with its count and reason logged; with invalid_records=error it raises."""
+    dm = data_module(regime, tokenizer, train, **kwargs)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        dm.setup("fit")
+    assert dm.skipped == {"train": 1, "val": 0}
+    assert len(dm.datasets["train"]) == 3
+    assert "skipped 1 of 4 train records that cannot train (invalid_records=skip)" in caplog.text
+    assert re.search(message, caplog.text), caplog.text
+    strict = data_module(regime, tokenizer, train, invalid_records="error", **kwargs)
+    with pytest.raises(DroppableRecord, match=message):
+        strict.setup("fit")
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the CLI writes runs/ under the working directory
+    return tmp_path
+
+
+# ---- missing field ---------------------------------------------------------------------------
+@pytest.mark.parametrize("regime, field", [
+    ("paired", "chosen"), ("paired", "rejected"),
+    ("unpaired", "prompt"), ("unpaired", "completion"), ("unpaired", "label"),
+    ("listwise", "prompt"), ("listwise", "responses"), ("listwise", "scores"),
+    ("prompt", "prompt"),
+    ("sft", "prompt"), ("sft", "completion"),
+])
+def test_missing_field(regime, field, tokenizer, tmp_path):
+    rows = records(regime)
+    del rows[2][field]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    left = ", ".join(rows[2]) or "none"
+    tail = rf"missing.*\(record has fields: {re.escape(left)}\)"
+    with pytest.raises(DataError, match=where(train, 2, field) + tail):
+        data_module(regime, tokenizer, train).setup("fit")
+
+
+def test_paired_record_without_prompt_is_read_as_a_transcript_and_says_so(tokenizer, tmp_path):
+    rows = records("paired")
+    del rows[2]["prompt"]  # with format auto, no prompt means an implicit-prompt (Anthropic HH) record
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match=where(train, 2, "chosen") + re.escape("implicit-prompt pair (a record without 'prompt' is read as whole transcripts)")):
+        data_module("paired", tokenizer, train).setup("fit")
+
+
+# ---- wrong type ------------------------------------------------------------------------------
+@pytest.mark.parametrize("regime, field, value, reported, message", [
+    ("paired", "chosen", 5, "chosen", "expected a string, got int"),
+    ("paired", "prompt", {"text": "Q"}, "prompt", "expected a string, got dict"),
+    ("unpaired", "completion", 5, "completion", "expected a string, got int"),
+    ("unpaired", "prompt", 5, "prompt", "expected a string, got int"),
+    ("listwise", "responses", "best", "responses", "expected a list of responses, got str"),
+    ("listwise", "responses", ["best", 5, "worst"], "responses[1]", "expected a string, got int"),
+    ("prompt", "prompt", 5, "prompt", "expected a string, got int"),
+    ("prompt", "prompt", [{"role": "user"}], "prompt[0]", "expected a message {'role': ..., 'content': ...}"),
+    ("sft", "completion", ["answer"], "completion[0]", "expected a message {'role': ..., 'content': ...}"),
+    ("sft", "completion", 5, "completion", "expected a string, got int"),
+])
+def test_wrong_type(regime, field, value, reported, message, tokenizer, tmp_path):
+    rows = records(regime)
+    rows[2][field] = value
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match=where(train, 2, reported) + re.escape(message)) as info:
+        data_module(regime, tokenizer, train).setup("fit")
+    assert not isinstance(info.value, DroppableRecord)  # malformed: always an error, never skipped
+
+
+# ---- empty completion ------------------------------------------------------------------------
+EMPTY = {"paired": ("chosen", "chosen"), "unpaired": ("completion", "completion"), "listwise": ("responses", "responses[1]"),
+         "sft": ("completion", "completion")}
+
+
+@pytest.mark.parametrize("blank", ["", "  \n"], ids=["empty", "whitespace"])
+@pytest.mark.parametrize("regime", WITH_RESPONSES)
+def test_empty_completion_is_skipped_and_counted_or_raises(regime, blank, tokenizer, tmp_path, caplog):
+    rows = records(regime)
+    field, reported = EMPTY[regime]
+    if regime == "listwise":
+        rows[2]["responses"][1] = blank
+    else:
+        rows[2][field] = blank
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    assert_skipped_then_strict(regime, tokenizer, train, caplog, where(train, 2, reported) + "is empty")
+
+
+def test_prompt_only_data_accepts_an_empty_prompt(tokenizer, tmp_path):
+    """Prompt-only data has no completion; an empty prompt is legal and becomes BOS (as everywhere)."""
+    rows = records("prompt")
+    rows[2]["prompt"] = ""
+    dm = data_module("prompt", tokenizer, write_jsonl(tmp_path / "train.jsonl", rows))
+    dm.setup("fit")
+    assert dm.datasets["train"][2]["prompt"] == [tokenizer.bos_token_id]
+
+
+# ---- identical responses ---------------------------------------------------------------------
+@pytest.mark.parametrize("regime, change, reported, message, settings", [
+    ("paired", {"rejected": "good answer 2"}, "rejected", "chosen and rejected responses are identical", {}),
+    ("paired", {"prompt": "Q", "chosen": "x" * 40 + "a", "rejected": "x" * 40 + "b"}, "rejected",
+     "chosen and rejected are identical after tokenization and truncation", {"max_length": 32}),
+    ("listwise", {"responses": ["same", "same", "other"]}, "responses", "two responses are identical after tokenization and truncation", {}),
+    ("listwise", {"scores": [0.5, 0.5, 0.5]}, "scores", "all responses have the same score: no preference to learn", {}),
+    ("listwise", {"responses": ["only"], "scores": [1.0]}, "responses", "a list needs at least two responses", {}),
+], ids=["paired", "paired-after-truncation", "listwise-identical", "listwise-tied-scores", "listwise-one-response"])
+def test_identical_responses_are_skipped_and_counted_or_raise(regime, change, reported, message, settings, tokenizer, tmp_path, caplog):
+    rows = records(regime)
+    rows[2].update(change)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    assert_skipped_then_strict(regime, tokenizer, train, caplog, where(train, 2, reported) + re.escape(message), **settings)
+
+
+# ---- prompt longer than max length -----------------------------------------------------------
+LONG_PROMPT = "long " * 40  # 200 tokens
+TOO_LONG = {"prompt": r"200 prompt tokens do not fit max_prompt_length=48; set truncation to keep_end or drop",
+            "other": r"200 prompt \+ \d+ response tokens do not fit max_length=48 \(max_prompt_length=24\); set truncation to keep_end or drop"}
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_prompt_longer_than_max_length_with_truncation_error(regime, tokenizer, tmp_path):
+    rows = records(regime)
+    rows[2]["prompt"] = LONG_PROMPT
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match=where(train, 2, "prompt") + TOO_LONG["prompt" if regime == "prompt" else "other"]) as info:
+        data_module(regime, tokenizer, train, max_length=48, truncation="error").setup("fit")
+    assert not isinstance(info.value, DroppableRecord)  # an error even under invalid_records=skip
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_prompt_longer_than_max_length_with_truncation_drop(regime, tokenizer, tmp_path, caplog):
+    rows = records(regime)
+    rows[2]["prompt"] = LONG_PROMPT
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    message = "prompt longer than max_prompt_length=48 tokens" if regime == "prompt" else "longer than max_length=48 tokens"
+    assert_skipped_then_strict(regime, tokenizer, train, caplog, where(train, 2, "prompt") + re.escape(message), max_length=48, truncation="drop")
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_prompt_longer_than_max_length_keeps_its_end_by_default(regime, tokenizer, tmp_path):
+    rows = records(regime)
+    rows[2]["prompt"] = LONG_PROMPT
+    dm = data_module(regime, tokenizer, write_jsonl(tmp_path / "train.jsonl", rows), max_length=48)
+    dm.setup("fit")
+    assert dm.skipped["train"] == 0
+    assert len(dm.datasets["train"][2]["prompt"]) == dm.max_prompt_length == (48 if regime == "prompt" else 24)
+
+
+# ---- non-UTF-8 bytes -------------------------------------------------------------------------
+def write_bytes(path: Path, content: bytes) -> Path:
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "wb") as handle:
+            handle.write(content)
+    else:
+        path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".json"])
+@pytest.mark.parametrize("regime", REGIMES)
+def test_non_utf8_bytes_name_the_file_line_and_byte(regime, suffix, tokenizer, tmp_path):
+    lines = [json.dumps(row).encode() for row in records(regime)]
+    lines[2] = lines[2].replace(b"Question", b"Caf\xe9 question")  # Latin-1, not UTF-8
+    content = b"\n".join(lines) + b"\n" if suffix != ".json" else b"[\n" + b",\n".join(lines) + b"\n]\n"
+    train = write_bytes(tmp_path / f"train{suffix}", content)
+    line = content[:content.index(b"\xe9")].count(b"\n") + 1
+    column = lines[2].index(b"\xe9") + 1
+    head = f"{train}, record 2: " if suffix != ".json" else f"{train}: "  # a .json file has no record per line
+    message = f"{head}line {line} is not UTF-8 text (byte 0xe9 at character {column}); save the file as UTF-8"
+    with pytest.raises(DataError, match=re.escape(message)):
+        data_module(regime, tokenizer, train).setup("fit")
+
+
+def test_valid_non_ascii_utf8_is_read(tokenizer, tmp_path):
+    rows = records("paired")
+    rows[2]["prompt"] = "Café? ünïcödé ✓ "
+    dm = data_module("paired", tokenizer, write_jsonl(tmp_path / "train.jsonl", rows))
+    dm.setup("fit")
+    assert tokenizer.decode(dm.datasets["train"][2]["prompt"]) == "Café? ünïcödé ✓ "
+
+
+# ---- line not JSON ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["not-json", "json-list", "json-file"])
+@pytest.mark.parametrize("regime", REGIMES)
+def test_line_not_json(regime, kind, tokenizer, tmp_path):
+    lines = [json.dumps(row) for row in records(regime)]
+    if kind == "json-file":
+        train = tmp_path / "train.json"
+        train.write_text("[\n" + ",\n".join(lines[:2]) + ",\n{oops\n]\n", encoding="utf-8")
+        message = re.escape(f"{train}: not valid JSON (line 4: Expecting property name enclosed in double quotes)")
+    else:
+        lines[2] = "{this is not json" if kind == "not-json" else "[1, 2]"
+        train = tmp_path / "train.jsonl"
+        train.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        problem = "is not valid JSON (Expecting property name enclosed in double quotes)" if kind == "not-json" else "is a JSON list, expected an object"
+        message = re.escape(f"{train}, record 2: line 3 {problem}")
+    with pytest.raises(DataError, match=message):
+        data_module(regime, tokenizer, train).setup("fit")
+
+
+# ---- empty file ------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["zero-bytes", "blank-lines", "empty-json-list", "empty-val-file"])
+@pytest.mark.parametrize("regime", REGIMES)
+def test_empty_file(regime, kind, tokenizer, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", records(regime))
+    val = None
+    if kind == "empty-val-file":
+        empty = val = tmp_path / "val.jsonl"
+        val.write_bytes(b"")
+    else:
+        empty = train = tmp_path / ("train.json" if kind == "empty-json-list" else "train.jsonl")
+        train.write_text({"zero-bytes": "", "blank-lines": "\n  \n\n", "empty-json-list": "[]"}[kind], encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{empty}: no records (the file is empty)")):
+        data_module(regime, tokenizer, train, val=val).setup("fit")
+
+
+# ---- labels not boolean (unpaired) -----------------------------------------------------------
+@pytest.mark.parametrize("label", [1, 0, "true", "yes", None, 0.5])
+def test_unpaired_label_not_boolean(label, tokenizer, tmp_path):
+    rows = records("unpaired")
+    rows[2]["label"] = label
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    message = f"expected a boolean (true = desirable, false = undesirable), got {label!r}"
+    with pytest.raises(DataError, match=where(train, 2, "label") + re.escape(message)):
+        data_module("unpaired", tokenizer, train).setup("fit")
+
+
+# ---- scores not numeric (listwise; paired scores and margin) ---------------------------------
+@pytest.mark.parametrize("regime, change, reported, message", [
+    ("listwise", {"scores": ["high", "mid", "low"]}, "scores[0]", "expected a finite number, got 'high'"),
+    ("listwise", {"scores": [1.0, None, 0.0]}, "scores[1]", "expected a finite number, got null"),
+    ("listwise", {"scores": [1.0, float("nan"), 0.0]}, "scores[1]", "expected a finite number, got nan"),
+    ("listwise", {"scores": [True, False, False]}, "scores[0]", "expected a finite number, got True"),
+    ("listwise", {"scores": "1, 0.5, 0"}, "scores", "expected a list of 3 numbers (one per response), got '1, 0.5, 0'"),
+    ("listwise", {"scores": [1.0, 0.0]}, "scores", "expected a list of 3 numbers (one per response), got [1.0, 0.0]"),
+    ("listwise", {"ranks": ["first", "second", "third"]}, "ranks[0]", "expected a finite number, got 'first'"),
+    ("paired", {"score_chosen": "high"}, "score_chosen", "expected a finite number, got 'high'"),
+    ("paired", {"score_chosen": 0.9, "score_rejected": True}, "score_rejected", "expected a finite number, got True"),
+    ("paired", {"score_chosen": float("inf")}, "score_chosen", "expected a finite number, got inf"),
+    ("paired", {"margin": "big"}, "margin", "expected a finite number, got 'big'"),
+], ids=["words", "null", "nan", "booleans", "string", "wrong-length", "ranks", "score-chosen", "score-rejected", "infinite", "margin"])
+def test_scores_not_numeric(regime, change, reported, message, tokenizer, tmp_path):
+    rows = records(regime)
+    rows[2].update(change)
+    if "ranks" in change:
+        del rows[2]["scores"]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match=where(train, 2, reported) + re.escape(message)):
+        data_module(regime, tokenizer, train).setup("fit")
+
+
+# ---- unknown chat-template role --------------------------------------------------------------
+@pytest.mark.parametrize("role", ["robot", "tool"])
+@pytest.mark.parametrize("regime", [*REGIMES, "sft-messages"])
+def test_unknown_chat_role(regime, role, tokenizer, tmp_path):
+    turn = {"role": role, "content": "42"}
+    if regime == "sft-messages":
+        regime, rows = "sft", records("sft")
+        rows[2] = {"messages": [turn, {"role": "assistant", "content": "answer"}]}
+        field = "messages"
+    else:
+        rows = records(regime)
+        rows[2]["prompt"] = [turn]
+        field = "prompt"
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    if role == "robot":  # not a chat role at all: rejected when the record is read
+        message = where(train, 2, f"{field}[0]") + re.escape("unknown chat role 'robot' (known: system, user, assistant, tool)")
+    else:  # a known role this tokenizer's chat template refuses: rejected when rendered
+        message = where(train, 2, "prompt") + re.escape("the chat template rejected this conversation: unknown chat role: tool")
+    with pytest.raises(DataError, match=message):
+        data_module(regime, tokenizer, train).setup("fit")
+
+
+# ---- tokenizer without a pad token -----------------------------------------------------------
+@pytest.mark.parametrize("regime", REGIMES)
+def test_tokenizer_without_pad_token_pads_with_eos(regime, tmp_path):
+    """The documented fallback: batches are padded with EOS, and padding stays masked out."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.pad_token = None
+    eos = tokenizer.eos_token_id
+    dm = data_module(regime, tokenizer, write_jsonl(tmp_path / "train.jsonl", records(regime)))
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))  # held-out records of different lengths: padding needed
+    if regime == "prompt":
+        pad = batch["prompt_mask"] == 0
+        assert pad.any() and (batch["prompt_ids"][pad] == eos).all()
+    else:
+        pad = batch["attention_mask"] == 0
+        assert pad.any() and (batch["input_ids"][pad] == eos).all()
+        assert (batch["labels"][pad] == IGNORE).all()
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_tokenizer_without_pad_or_eos_token_is_an_error_before_training(regime, tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.eos_token = None
+    dm = data_module(regime, tokenizer, write_jsonl(tmp_path / "train.jsonl", records(regime)))
+    message = f"{type(dm).__name__}: the tokenizer has neither a pad nor an eos token, so batches cannot be padded; set tokenizer.pad_token"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dm.setup("fit")
+
+
+def test_loaded_tokenizer_without_pad_token_uses_eos_or_is_named(tmp_path, caplog):
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path / "no-pad")
+    with caplog.at_level(logging.INFO, logger="lit_align.backbone"):
+        loaded = load_tokenizer(ModelSettings(tokenizer=str(tmp_path / "no-pad")))
+    assert loaded.pad_token_id == loaded.eos_token_id == tokenizer.eos_token_id
+    assert "tokenizer has no pad token; using eos '<|eos|>' for padding (padding is masked out)" in caplog.text
+
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(tmp_path / "no-pad-no-eos")
+    folder = str(tmp_path / "no-pad-no-eos")
+    with pytest.raises(ModelLoadError, match=re.escape(f"tokenizer {folder!r} has neither a pad nor an eos token; set one")):
+        load_tokenizer(ModelSettings(tokenizer=folder))
+
+
+# ---- model path missing ----------------------------------------------------------------------
+@pytest.mark.parametrize("path, message", [
+    ("./no/such/model", "model.name_or_path: local model folder './no/such/model' does not exist"),
+    ("/no/such/model.gguf", "model.name_or_path: GGUF file '/no/such/model.gguf' does not exist"),
+], ids=["folder", "gguf"])
+@pytest.mark.parametrize("regime", REGIMES)
+def test_missing_model_path_is_named_by_the_cli(regime, path, message, in_tmp):
+    with pytest.raises(ModelLoadError, match=re.escape(message)):  # the loader's own error, not the parser's wrapper
+        main(["fit", "--config", str(CONFIGS / f"{CONFIG_OF[regime]}.yaml"), "--model.init_args.model.name_or_path", path])
+    assert not Path("runs").exists()
+
+
+def test_missing_relative_model_folder_is_named_when_the_hub_lookup_fails(monkeypatch, in_tmp):
+    """``outputs/sft`` (the on-policy configs' starting policy) without ``./`` is also a possible hub
+    id; when neither exists, the error says there is no such local folder."""
+    from lit_align import backbone
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(backbone.AutoTokenizer, "from_pretrained", offline)
+    message = "cannot load tokenizer from 'outputs/sft': no local folder 'outputs/sft' exists, and as a hub id: We couldn't connect"
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        load_tokenizer(ModelSettings(name_or_path="outputs/sft"))
+
+
+# ---- unknown config key / wrong type in YAML -------------------------------------------------
+def tiny_yaml(tmp_path: Path, regime: str, section: str, key: str, value: str) -> Path:
+    """A minimal config of ``regime`` with ``key: value`` added to the trainer, model or data section."""
+    method, data = CLASSES[regime]
+    args = {"trainer": {}, "model": {"reward": "{class_path: lit_align.rewards.WordRulesReward}"} if regime == "prompt" else {}, "data": {}}
+    args[section][key] = value
+    lines = [f"trainer: {{{', '.join(f'{k}: {v}' for k, v in args['trainer'].items())}}}"]
+    for name, class_path in (("model", method), ("data", data)):
+        lines += [f"{name}:", f"  class_path: {class_path}", "  init_args:" + ("" if args[name] else " {}")]
+        lines += [f"    {k}: {v}" for k, v in args[name].items()]
+    path = tmp_path / "bad.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("data", "max_lenght", "64", ["Problem with given class_path '{data}'", "Option 'max_lenght' is not accepted"]),
+    ("data", "max_length", "lots", ["Problem with given class_path '{data}'", 'Parser key "max_length"', "Expected a <class 'int'>. Got value: lots"]),
+    ("model", "lr", "0.1", ["Problem with given class_path '{method}'", "Option 'lr' is not accepted"]),
+    ("model", "optimizer", "{lr: fast}", ["Problem with given class_path '{method}'", 'Parser key "optimizer.lr"', "Got value: fast"]),
+], ids=["data-unknown-key", "data-wrong-type", "model-unknown-key", "model-wrong-type"])
+def test_bad_yaml_is_named_by_the_parser(regime, section, key, value, expected, in_tmp, capsys):
+    config = tiny_yaml(in_tmp, regime, section, key, value)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config)])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    method, data = CLASSES[regime]
+    for words in expected:
+        assert words.format(method=method, data=data) in err, err
+    assert not Path("runs").exists()
+
+
+def test_unknown_trainer_key_in_yaml_is_named(in_tmp, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tiny_yaml(in_tmp, "paired", "trainer", "max_stepz", "3"))])
+    assert "Subcommand 'fit' does not accept option 'trainer.max_stepz'" in capsys.readouterr().err
+
+
+# ---- corrupt checkpoint ----------------------------------------------------------------------
+def bad_checkpoint(folder: Path, kind: str) -> Path:
+    path = folder / f"{kind}.ckpt"
+    if kind == "garbage":
+        path.write_bytes(b"\x00 not a checkpoint \xff" * 20)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":  # a checkpoint cut short, as by a full disk or a killed copy
+        torch.save({"state_dict": {"weight": torch.zeros(4096)}}, path)
+        path.write_bytes(path.read_bytes()[:8000])
+    elif kind == "other-zip":  # a zip archive, but not one torch.save wrote
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("notes.txt", "hello")
+    elif kind == "not-lightning":
+        torch.save({"weight": torch.zeros(4)}, path)
+    return path
+
+
+NOT_ZIP = "cannot be read (not a zip archive as torch.save writes: empty, truncated or another kind of file)"
+
+
+@pytest.mark.parametrize("kind, problem", [
+    ("garbage", NOT_ZIP), ("empty", NOT_ZIP), ("truncated", NOT_ZIP),
+    ("other-zip", "cannot be read (RuntimeError: "),  # then torch's own words, which vary by version
+    ("not-lightning", "is not a Lightning checkpoint (it has no state_dict)"), ("missing", "does not exist"),
+], ids=["garbage", "empty", "truncated", "other-zip", "not-lightning", "missing"])
+@pytest.mark.parametrize("command", ["fit", "validate", "test", "export"])
+def test_corrupt_checkpoint_is_named(command, kind, problem, in_tmp):
+    path = bad_checkpoint(in_tmp, kind)
+    if command == "export":
+        argv = ["export", "--ckpt_path", str(path), "--output_dir", str(in_tmp / "out")]
+    else:
+        argv = [command, "--config", str(CONFIGS / "dpo.yaml"), "--ckpt_path", str(path)]
+    named = re.escape(f"lit-align {command}: " + ("checkpoint " if kind != "not-lightning" else "") + f"{str(path)!r} {problem}")
+    with pytest.raises(SystemExit, match=named):
+        main(argv)
+    assert not Path("runs").exists() and not (in_tmp / "out").exists()

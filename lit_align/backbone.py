@@ -145,8 +145,7 @@ class Backbone(nn.Module):
         adapters take part unless the caller disabled them.
         """
         model = model if model is not None else self.policy
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        return base.get_decoder()(**_model_inputs(batch)).last_hidden_state
+        return decoder_of(model)(**_model_inputs(batch)).last_hidden_state
 
     @staticmethod
     def lm_head(model: nn.Module) -> nn.Module:
@@ -240,6 +239,12 @@ def resolve_model_path(settings: ModelSettings) -> tuple[str, str | None]:
     return name, gguf
 
 
+def _not_local(source: str) -> str:
+    """Why a load may have failed: a relative path such as ``outputs/sft`` that does not exist is
+    taken for a hub id (only ``./``, ``/`` or ``~`` paths are known to be local)."""
+    return "" if Path(source).expanduser().exists() else f"no local folder {source!r} exists, and as a hub id: "
+
+
 def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
     if settings.name_or_path == "tiny" and settings.tokenizer is None:
         return build_tiny_tokenizer()
@@ -250,7 +255,7 @@ def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf, trust_remote_code=settings.trust_remote_code)
     except Exception as error:
-        raise ModelLoadError(f"cannot load tokenizer from {source!r}: {error}") from None
+        raise ModelLoadError(f"cannot load tokenizer from {source!r}: {_not_local(source)}{error}") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ModelLoadError(f"tokenizer {source!r} has neither a pad nor an eos token; set one")
@@ -300,7 +305,7 @@ def _from_pretrained(source, gguf, settings, dtype, quantization) -> PreTrainedM
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:
-        raise ModelLoadError(f"cannot load model {settings.name_or_path!r}: {error}") from None
+        raise ModelLoadError(f"cannot load model {settings.name_or_path!r}: {_not_local(source)}{error}") from None
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -334,3 +339,15 @@ def _add_lora(model: PreTrainedModel, settings: ModelSettings):
     lora = settings.lora
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder stack (embeddings, layers, final norm) of a plain or peft-wrapped causal LM,
+    as its parent holds it: under FSDP that is the wrapper that gathers the stack's shards
+    (``get_decoder()`` alone would reach past it to the bare module)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder()
+    for child in base.children():
+        if child is not decoder and getattr(child, "module", None) is decoder:
+            return child
+    return decoder

@@ -191,7 +191,7 @@ def test_self_judge_as_reward_end_to_end():
 @pytest.mark.slow
 def test_online_dpo_config_raises_held_out_reward(in_sft_workdir):
     """configs/online_dpo.yaml as shipped from the SFT policy: held-out mean reward rises
-    (measured 0.305 -> 0.517), pairs form, the loss stays finite."""
+    (measured 0.50 -> 0.68), pairs form, the loss stays finite."""
     main(["fit", "--config", str(CONFIGS / "online_dpo.yaml"), "--trainer.enable_checkpointing", "false", *QUIET])
     scores = metric_rows("val/objective/scores")
     assert scores[-1] >= scores[0] + 0.05, scores

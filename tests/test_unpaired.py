@@ -397,14 +397,14 @@ def test_kto_trains_at_batch_size_one(tmp_path):
     L.seed_everything(0)
     module = KTO(beta=0.5, optimizer=OptimizerSettings(lr=1e-2))
     data = UnpairedDataModule(batch_size=1, max_length=32, task=WordRulesTask(num_train=6, num_val=2))
-    fit = trainer(6, logger=CSVLogger(tmp_path, name="kto"), log_every_n_steps=1)
+    fit = trainer(12, logger=CSVLogger(tmp_path, name="kto"), log_every_n_steps=1)
     fit.fit(module, data)
     (path,) = Path(tmp_path).rglob("metrics.csv")
     rows = list(csv.DictReader(path.open()))
     losses = [float(row["train/loss"]) for row in rows if row.get("train/loss")]
     kls = [float(row["train/kl"]) for row in rows if row.get("train/kl")]
-    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
-    assert len(kls) == 6 and all(v >= 0 for v in kls)
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
+    assert len(kls) == 12 and all(v >= 0 for v in kls)
 
     examples = data.datasets["train"]
     assert examples[0]["kl_completion"] == examples[2]["completion"]  # the next pair's chosen answer

@@ -22,14 +22,29 @@ class ExportHF(Callback):
         output_dir: destination folder.
         adapter: with LoRA, save the adapter-only folder.
         merged: with LoRA, save the adapter merged into the base weights.
+
+    Under FSDP the parameters are gathered from all processes first (one full copy, on process 0
+    only), so a sharded run exports one consolidated folder.
     """
 
     def __init__(self, output_dir: str = "outputs/export", adapter: bool = True, merged: bool = True):
         self.output_dir, self.adapter, self.merged = Path(output_dir), adapter, merged
 
     def on_fit_end(self, trainer: Trainer, pl_module: AlignmentModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(trainer.strategy, FSDPStrategy):  # gather the shards (every process takes part); process 0 writes
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False, rank0_only=True):
+                if trainer.is_global_zero:
+                    self.export(pl_module)
+            trainer.strategy.barrier("export")
+        elif trainer.is_global_zero:
+            self.export(pl_module)
+
+    def export(self, pl_module: AlignmentModule) -> None:
+        """Write the folder(s) this callback is configured for."""
         if not pl_module.backbone.is_peft or not pl_module.exports_lora_adapter:
             pl_module.export_hf(self.output_dir)
             return

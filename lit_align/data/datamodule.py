@@ -19,6 +19,7 @@ from lit_align.atomic import atomic_torch_save, load_or_none
 from lit_align.data.collate import Collator, PackedCollator, PairLayout
 from lit_align.data.errors import DataError, DroppableRecord
 from lit_align.data.formats import FormatName, normalise_record
+from lit_align.data.sampling import GlobalBatchOrder
 from lit_align.data.sources import read_records, source_fingerprint
 from lit_align.data.tasks import WordRulesTask
 from lit_align.data.tokenize import TruncationMode, tokenize_pair
@@ -207,6 +208,8 @@ class PreferenceDataModule(LightningDataModule):
             self.tokenizer = getattr(self._module(), "tokenizer", None)
         if self.tokenizer is None:
             raise RuntimeError("PreferenceDataModule needs a tokenizer: set `datamodule.tokenizer` or use it with a lit-align module")
+        if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is None:  # without pad, batches are padded with eos
+            raise ValueError(f"{type(self).__name__}: the tokenizer has neither a pad nor an eos token, so batches cannot be padded; set tokenizer.pad_token")
         path = self._cache_path()
         cached = self._load_cache(path)
         if cached is None:
@@ -229,10 +232,15 @@ class PreferenceDataModule(LightningDataModule):
         return trainer.lightning_module if trainer is not None else None
 
     def _loader(self, name: str, shuffle: bool, examples: list[dict[str, Any]] | None = None) -> DataLoader:
+        """Batches of ``batch_size`` per process; the global batches are the same for any number
+        of processes and a resumed epoch continues where it stopped (see :mod:`lit_align.data.sampling`)."""
         size = self.hparams.batch_size if name == "train" else self.hparams.eval_batch_size or self.hparams.batch_size
-        generator = torch.Generator().manual_seed(self.hparams.seed)
         examples = self.datasets[name] if examples is None else examples
-        return DataLoader(examples, batch_size=size, shuffle=shuffle, generator=generator, collate_fn=self.collate, num_workers=self.hparams.num_workers)
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        skip = _completed_batches_of_resumed_epoch(trainer) if name == "train" else 0
+        order = GlobalBatchOrder(len(examples), size, shuffle=shuffle, seed=self.hparams.seed, num_replicas=world, rank=rank, skip_batches=skip)
+        return DataLoader(examples, batch_size=size, sampler=order, collate_fn=self.collate, num_workers=self.hparams.num_workers)
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Padded or packed batch; decided per call, so the packing check may switch it late."""
@@ -254,6 +262,30 @@ class PreferenceDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
+
+
+def _completed_batches_of_resumed_epoch(trainer) -> int:
+    """Batches of the current epoch that the checkpoint being resumed had already trained on (0
+    when not resuming, or when the checkpointed epoch had used all its batches: the resumed run
+    then starts a new epoch).
+
+    Lightning restores the loop counters before it asks for the train loader, but only corrects
+    them later (``_TrainingEpochLoop.reset``): a checkpoint written in ``on_train_batch_end``
+    (``ModelCheckpoint(every_n_train_steps=...)``) records the batch as processed but not yet
+    completed, and Lightning counts it as completed when the loop restarts. The same rule is
+    applied here, so the loader skips exactly the batches the resumed run will not repeat.
+    """
+    loop = getattr(trainer, "fit_loop", None) if trainer is not None else None
+    if loop is None or not loop.restarting:
+        return 0
+    progress = loop.epoch_loop.batch_progress
+    current = progress.current
+    completed = current.completed
+    if current.ready == current.started == current.processed == completed + 1:  # saved in on_train_batch_end
+        completed += 1
+    if progress.is_last_batch and completed >= current.ready:  # the saved epoch had ended
+        return 0
+    return completed
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from lightning import LightningModule
 from torchmetrics import MeanMetric
@@ -60,6 +62,7 @@ class AlignmentModule(LightningModule):
         self._policy_is_initial = True  # False once trained or loaded: then no reference can be derived from it
         self._reference_attached = False
         self._packing_checked = False
+        self._rng_to_restore: list[dict[str, Any]] | None = None  # from a checkpoint; applied in on_train_start
 
     @property
     def tokenizer(self):
@@ -91,7 +94,11 @@ class AlignmentModule(LightningModule):
 
     def log_metrics(self, stage: str, values: dict[str, torch.Tensor], batch_size: int) -> None:
         """Accumulate per-example ``values`` in torchmetrics means, logged as ``{stage}/{name}``
-        (per step in training, per epoch otherwise, reduced across processes). Empty tensors are skipped."""
+        (per step in training, per epoch otherwise). Means are over the examples of all processes:
+        exact (sums and counts are reduced, not means of means). Empty tensors are skipped."""
+        if stage == "train" and self._trainer is not None and self._trainer.world_size > 1:
+            self._log_global_step_means(values, batch_size)
+            return
         for name, value in values.items():
             if value.numel() == 0:
                 continue
@@ -104,6 +111,22 @@ class AlignmentModule(LightningModule):
             metric(value.float())  # forward: accumulates and keeps the batch value for on_step logging
             on_step = stage == "train"
             self.log(key, metric, on_step=on_step, on_epoch=not on_step, prog_bar=name in PROGRESS_BAR, batch_size=batch_size, metric_attribute=f"metrics.{slot}")
+
+    def _log_global_step_means(self, values: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Training step means over the examples of every process: the union of the processes'
+        metric names (a metric may exist on one process only, e.g. a margin that needs both
+        classes in the batch), then one all-reduce of (sum, count) per name, counting 0 where a
+        process has no value."""
+        gathered: list[list[str] | None] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, sorted(values))
+        names = sorted(set().union(*gathered))
+        empty = torch.zeros(0, device=self.device)
+        totals = torch.stack([torch.stack([values.get(n, empty).detach().float().sum(), torch.tensor(float(values.get(n, empty).numel()), device=self.device)])
+                              for n in names])
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        for name, (total, count) in zip(names, totals):
+            if count > 0:
+                self.log(f"train/{name}", total / count, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR, batch_size=batch_size)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self._policy_is_initial = False
@@ -161,7 +184,27 @@ class AlignmentModule(LightningModule):
                         "(packed vs padded log-probs differ by %.2e)", self.backbone.settings.attn_implementation, difference)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Mark the policy as trained and keep the checkpoint's RNG states for :meth:`on_train_start`."""
         self._policy_is_initial = False
+        self._rng_to_restore = checkpoint.get(RNG_STATES_KEY)
+
+    def on_train_start(self) -> None:
+        """When ``fit`` resumes from a checkpoint, put back the random-number generators as they were
+        when it was saved (torch CPU and CUDA, Python ``random``, NumPy; one state per process).
+
+        Lightning restores weights, optimizer, schedulers and loop counters but not RNG states. They
+        are restored here, as late as possible before the first resumed batch: after the train
+        loader's iterator was created (``DataLoader.__iter__`` draws a seed from the torch RNG), so a
+        sampling method (dropout, on-policy generation) draws what an uninterrupted run would.
+        When the checkpoint ended an epoch, the uninterrupted run would create the next epoch's
+        iterator (one such draw) before its next batch, while the resumed run keeps the iterator it
+        already made: that one draw is repeated here."""
+        states, self._rng_to_restore = self._rng_to_restore, None
+        if not states or not self.trainer.ckpt_path:
+            return
+        _set_rng_state(states[self.global_rank % len(states)])
+        if _resumes_after_a_finished_epoch(self.trainer):
+            torch.empty((), dtype=torch.int64).random_()  # as DataLoader.__iter__ does (loader.generator is None)
 
     def _attach_cached_reference(self) -> None:
         """With ``reference: cached``, attach stored (or compute once) reference log-probs."""
@@ -176,5 +219,54 @@ class AlignmentModule(LightningModule):
         self._reference_attached = True
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Record the class so ``lit-align export`` can rebuild the module from the file alone."""
+        """Record the class so ``lit-align export`` can rebuild the module from the file alone, and
+        every process's RNG states so a resumed run samples as an uninterrupted one
+        (see :meth:`on_train_start`). Lightning calls this on every process when saving, so the
+        states of all processes are gathered here."""
         checkpoint["lit_align_class"] = f"{type(self).__module__}:{type(self).__qualname__}"
+        state = _rng_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            states: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)
+        else:
+            states = [state]
+        checkpoint[RNG_STATES_KEY] = states
+
+
+RNG_STATES_KEY = "lit_align_rng_states"
+"""Checkpoint entry with one dict of RNG states per process (rank order)."""
+
+
+def _resumes_after_a_finished_epoch(trainer) -> bool:
+    """Whether the checkpoint being resumed was saved after the last batch of its epoch (read
+    before Lightning's epoch loop adjusts its restored counters, as in
+    :func:`lit_align.data.datamodule._completed_batches_of_resumed_epoch`)."""
+    loop = trainer.fit_loop
+    if not loop.restarting:
+        return False
+    progress = loop.epoch_loop.batch_progress
+    current = progress.current
+    completed = current.completed + (current.ready == current.started == current.processed == current.completed + 1)
+    return bool(progress.is_last_batch) and completed >= current.ready
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's RNG states: torch CPU, CUDA (when initialised), Python ``random``, NumPy."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    # plain Python values and tensors only: the checkpoint stays loadable with torch.load(weights_only=True)
+    numpy_state = (str(kind), torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss))
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`_rng_state` (CUDA states only when the device count matches)."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)

@@ -1,0 +1,132 @@
+"""Scale-out: DDP and FSDP (2 CPU processes, gloo) reproduce a 1-process run with the same global
+batch, and FSDP units never mix frozen and trainable parameters."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from lit_align.methods import DPO, PPO
+from lit_align.strategies import _mixes_frozen_and_trainable, _own_parameters, decoder_layer_classes, plan_fsdp_units
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def _mixed_units(module: torch.nn.Module) -> list[str]:
+    units = plan_fsdp_units(module)
+    ids = {id(u) for u in units}
+    return [type(u).__name__ for u in [*units, module] if _mixes_frozen_and_trainable(_own_parameters(u, ids))]
+
+
+def test_decoder_layer_class_is_read_from_the_model():
+    assert [cls.__name__ for cls in decoder_layer_classes(DPO().backbone.policy)] == ["LlamaDecoderLayer"]
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    assert [cls.__name__ for cls in decoder_layer_classes(gpt2)] == ["GPT2Block"]
+    with pytest.raises(ValueError, match="no decoder layer class found"):
+        decoder_layer_classes(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("settings", [{"lora": {"r": 4}, "reference": "adapter"}, {"lora": {"r": 4}, "reference": "copy"}])
+def test_lora_units_never_mix_frozen_and_trainable_parameters(settings):
+    """LoRA: the trainable lora_A/lora_B leaves are units of their own inside each (frozen)
+    decoder layer; a copy reference's decoder stack is a unit of its own."""
+    module = DPO(model=settings)
+    assert _mixed_units(module) == []
+    units = plan_fsdp_units(module)
+    trainable = [u for u in units if all(p.requires_grad for p in u.parameters())]
+    assert trainable and all(type(u).__name__ == "Linear" for u in trainable)
+    assert _mixed_units(PPO(model=settings)) == []  # the value head too
+
+
+def test_full_fine_tuning_with_a_copy_reference_mixes_only_the_root(caplog):
+    """The reference's LM head stays in the root with the policy's (the chunked log-prob path
+    reads LM-head weights directly); everything else of the reference is in frozen units."""
+    module = DPO()
+    assert _mixed_units(module) == ["DPO"]
+    assert "mixes frozen and trainable parameters" in caplog.text
+    ids = {id(u) for u in plan_fsdp_units(module)}
+    frozen_in_root = [p for p in _own_parameters(module, ids) if not p.requires_grad]
+    assert [p.shape for p in frozen_in_root] == [module.backbone.reference.lm_head.weight.shape]
+
+
+def _run(tmp_path: Path, name: str, config: str, *args: str, checkpoints: bool = False) -> dict[str, list[float]]:
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LIT_ALIGN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "lit_align.cli", "fit", "--config", str(CONFIGS / config), "--trainer.max_steps", "6",
+               "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1", "--trainer.enable_checkpointing", str(checkpoints).lower(),
+               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--validate_before_fit", "false",
+               "--trainer.accelerator", "cpu", *args]
+    result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = max((folder / "runs").rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)  # a resumed run logs to a new version
+    rows = list(csv.DictReader(open(path)))
+    return {key: [float(r[key]) for r in rows if r.get(key)] for key in ("train/loss", "val/rewards/accuracies", "train/rewards/accuracies")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["dpo.yaml", "orpo.yaml"])
+def test_ddp_and_fsdp_on_two_processes_reproduce_one_process(tmp_path, config):
+    """Global batch 16: 1 process x 16 vs 2 processes x 8 under DDP and under FSDP (fp32). The
+    per-step training loss (reduced over both processes) agrees to 1e-5; held-out accuracy (sums
+    and counts reduced over processes, 200 examples) is the same number."""
+    single = _run(tmp_path, "single", config, "--trainer.devices", "1", "--data.init_args.batch_size", "16")
+    ddp = _run(tmp_path, "ddp", config, "--config", str(CONFIGS / "strategies" / "ddp.yaml"), "--trainer.devices", "2", "--data.init_args.batch_size", "8")
+    fsdp = _run(tmp_path, "fsdp", config, "--config", str(CONFIGS / "strategies" / "fsdp_cpu.yaml"), "--data.init_args.batch_size", "8")
+    assert len(single["train/loss"]) == 6 and len(single["val/rewards/accuracies"]) == 2
+    for run in (ddp, fsdp):
+        torch.testing.assert_close(torch.tensor(run["train/loss"]), torch.tensor(single["train/loss"]), rtol=0, atol=1e-5)
+        assert run["val/rewards/accuracies"] == single["val/rewards/accuracies"]
+        assert run["train/rewards/accuracies"] == single["train/rewards/accuracies"]
+
+
+def test_qlora_needs_one_storage_dtype_per_unit():
+    """QLoRA under FSDP: 4-bit weights packed as uint8 next to float32 norms cannot share a flat
+    parameter; the check names the settings to change. With quant_storage = compute dtype = model
+    dtype every unit has one dtype."""
+    pytest.importorskip("bitsandbytes")
+    from lit_align.strategies import check_unit_dtypes
+
+    module = DPO(model={"lora": {"r": 4}, "quantization": {}, "reference": "adapter"})
+    with pytest.raises(ValueError, match=r"uint8.*set model.quantization.quant_storage"):
+        check_unit_dtypes(module, plan_fsdp_units(module))
+    module = DPO(model={"lora": {"r": 4}, "quantization": {"quant_storage": "float32"}, "reference": "adapter"})
+    check_unit_dtypes(module, plan_fsdp_units(module))
+
+
+@pytest.mark.slow
+def test_fsdp_sharded_checkpoints_resume_and_export_one_consolidated_folder(tmp_path):
+    """FSDP on 2 processes with sharded checkpoints every 3 steps: the ExportHF callback writes
+    one consolidated folder equal to a 1-process run's (same global batch); ``lit-align export``
+    of the last sharded checkpoint folder writes the same weights; resuming from the step-3
+    folder reproduces steps 4-6."""
+    from safetensors.torch import load_file
+
+    from lit_align.cli import main
+
+    export = ["--trainer.callbacks+=lit_align.callbacks.ExportHF", "--trainer.callbacks.output_dir", "exported"]
+    every_3 = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "3",
+               "--trainer.callbacks.save_top_k", "-1", "--trainer.callbacks.dirpath", "checkpoints"]
+    fsdp = ["--config", str(CONFIGS / "strategies" / "fsdp_cpu.yaml"), "--data.init_args.batch_size", "8"]
+    single = _run(tmp_path, "single", "dpo.yaml", "--trainer.devices", "1", "--data.init_args.batch_size", "16", *export)
+    sharded = _run(tmp_path, "fsdp", "dpo.yaml", *fsdp, *export, *every_3, checkpoints=True)
+    torch.testing.assert_close(torch.tensor(sharded["train/loss"]), torch.tensor(single["train/loss"]), rtol=0, atol=1e-5)
+    weights = {name: load_file(tmp_path / name / "exported" / "model.safetensors") for name in ("single", "fsdp")}
+    assert weights["single"].keys() == weights["fsdp"].keys()
+    for key, value in weights["single"].items():
+        torch.testing.assert_close(weights["fsdp"][key], value, rtol=0, atol=1e-4)
+    folders = sorted((tmp_path / "fsdp" / "checkpoints").iterdir())
+    assert [f.name for f in folders] == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt"] and all(f.is_dir() for f in folders)
+    main(["export", "--ckpt_path", str(folders[-1]), "--output_dir", str(tmp_path / "from_shards")])
+    consolidated = load_file(tmp_path / "from_shards" / "model.safetensors")
+    assert all(torch.equal(consolidated[key], value) for key, value in weights["fsdp"].items())
+    resumed = _run(tmp_path, "fsdp", "dpo.yaml", *fsdp, "--ckpt_path", str(folders[0]))
+    torch.testing.assert_close(torch.tensor(resumed["train/loss"]), torch.tensor(sharded["train/loss"][3:]), rtol=0, atol=1e-6)

@@ -130,3 +130,16 @@ def test_fsdp_sharded_checkpoints_resume_and_export_one_consolidated_folder(tmp_
     assert all(torch.equal(consolidated[key], value) for key, value in weights["fsdp"].items())
     resumed = _run(tmp_path, "fsdp", "dpo.yaml", *fsdp, "--ckpt_path", str(folders[0]))
     torch.testing.assert_close(torch.tensor(resumed["train/loss"]), torch.tensor(sharded["train/loss"][3:]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp_with_activation_checkpointing_reproduces_one_process(tmp_path):
+    """LoRA with the adapter reference (trainable lora_A/lora_B leaves as units of their own) and
+    activation checkpointing of the policy's layers, 2 FSDP processes x 8 vs 1 process x 16."""
+    lora = ["--model.init_args.model.lora", "{r: 4}", "--model.init_args.model.reference", "adapter"]
+    single = _run(tmp_path, "single", "dpo.yaml", *lora, "--trainer.devices", "1", "--data.init_args.batch_size", "16")
+    fsdp = _run(tmp_path, "fsdp", "dpo.yaml", *lora, "--config", str(CONFIGS / "strategies" / "fsdp_cpu.yaml"),
+                "--trainer.strategy.init_args.checkpoint_layers", "true", "--data.init_args.batch_size", "8")
+    assert len(single["train/loss"]) == 6
+    torch.testing.assert_close(torch.tensor(fsdp["train/loss"]), torch.tensor(single["train/loss"]), rtol=0, atol=1e-5)
+    assert fsdp["val/rewards/accuracies"] == single["val/rewards/accuracies"]

@@ -57,7 +57,7 @@ def test_full_fine_tuning_with_a_copy_reference_mixes_only_the_root(caplog):
     assert [p.shape for p in frozen_in_root] == [module.backbone.reference.lm_head.weight.shape]
 
 
-def _run(tmp_path: Path, name: str, config: str, *args: str, checkpoints: bool = False) -> dict[str, list[float]]:
+def _run(tmp_path: Path, name: str, config: str, *args: str, checkpoints: bool = False, expect_error: str = "") -> dict[str, list[float]]:
     folder = tmp_path / name
     folder.mkdir(exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LIT_ALIGN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
@@ -66,10 +66,14 @@ def _run(tmp_path: Path, name: str, config: str, *args: str, checkpoints: bool =
                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--validate_before_fit", "false",
                "--trainer.accelerator", "cpu", *args]
     result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    if expect_error:
+        assert result.returncode != 0 and expect_error in result.stderr, result.stderr[-3000:]
+        return {}
     assert result.returncode == 0, result.stderr[-3000:]
     path = max((folder / "runs").rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)  # a resumed run logs to a new version
     rows = list(csv.DictReader(open(path)))
-    return {key: [float(r[key]) for r in rows if r.get(key)] for key in ("train/loss", "val/rewards/accuracies", "train/rewards/accuracies")}
+    keys = ("train/loss", "val/rewards/accuracies", "train/rewards/accuracies", "val/objective/scores")
+    return {key: [float(r[key]) for r in rows if r.get(key)] for key in keys}
 
 
 @pytest.mark.slow
@@ -143,3 +147,15 @@ def test_lora_under_fsdp_with_activation_checkpointing_reproduces_one_process(tm
     assert len(single["train/loss"]) == 6
     torch.testing.assert_close(torch.tensor(fsdp["train/loss"]), torch.tensor(single["train/loss"]), rtol=0, atol=1e-5)
     assert fsdp["val/rewards/accuracies"] == single["val/rewards/accuracies"]
+
+
+@pytest.mark.slow
+def test_on_policy_methods_run_under_ddp_and_refuse_fsdp(tmp_path, sft_policy):
+    """GRPO (several manual optimizer steps per training_step, generation in the step) trains on
+    2 DDP processes; under FSDP it stops before training with a message naming DDP instead."""
+    policy = ["--model.init_args.model.name_or_path", str(sft_policy), "--data.init_args.batch_size", "8", "--trainer.max_steps", "4",
+              "--trainer.val_check_interval", "2"]
+    ddp = _run(tmp_path, "ddp", "grpo.yaml", *policy, "--config", str(CONFIGS / "strategies" / "ddp.yaml"), "--trainer.devices", "2")
+    assert len(ddp["train/loss"]) >= 1 and all(0.0 <= v <= 1.0 for v in ddp["val/objective/scores"])
+    _run(tmp_path, "fsdp", "grpo.yaml", *policy, "--config", str(CONFIGS / "strategies" / "fsdp_cpu.yaml"),
+         expect_error="on-policy methods do not run under FSDP yet")

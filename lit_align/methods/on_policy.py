@@ -144,6 +144,11 @@ class OnPolicyModule(AlignmentModule):
     # ---- rollout -----------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError(f"{type(self).__name__}: on-policy methods do not run under FSDP yet (several backward passes per "
+                             "training_step inside one sharded forward); use DDP (configs/strategies/ddp.yaml) or one device")
         if self.reward is None:
             raise ValueError(f"{type(self).__name__} needs a reward: set model.init_args.reward.class_path, e.g. "
                              "lit_align.rewards.WordRulesReward (built-in task) or lit_align.methods.RewardModelReward (a trained reward model)")

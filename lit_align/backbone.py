@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +133,8 @@ class Backbone(nn.Module):
             head = self.lm_head(model)
             # only response positions go through the LM head: prompt and padding rows are skipped
             scored = labels != IGNORE_INDEX
-            values = chunked_label_logps(hidden[scored], head.weight, labels[scored], head.bias, chunk_size=chunk)
+            with gathered(head):
+                values = chunked_label_logps(hidden[scored], head.weight, labels[scored], head.bias, chunk_size=chunk)
             tokens = torch.zeros(labels.shape, dtype=values.dtype, device=values.device).masked_scatter(scored, values)
         if is_packed(batch):
             tokens = unpack_rows(tokens, batch)
@@ -351,3 +354,29 @@ def decoder_of(model: nn.Module) -> nn.Module:
         if child is not decoder and getattr(child, "module", None) is decoder:
             return child
     return decoder
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module) -> Iterator[None]:
+    """Inside the block, a module that FSDP wraps as a unit of its own (a frozen reference's LM
+    head, see :mod:`lit_align.strategies`) has its full weights, for code that reads them directly
+    instead of calling the module; anything else is left as it is. Only for reads without
+    gradients: the gathered weights are freed when the block ends."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(module, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(module, recurse=False, writeback=False):
+            yield
+    else:
+        yield
+
+
+def head_parameters(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of a frozen LM head for reads that outlive the call (e.g. tensors an autograd
+    function keeps for backward): copies of the gathered weights when FSDP shards the head."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not isinstance(module, FullyShardedDataParallel):
+        return module.weight, module.bias
+    with gathered(module):
+        return module.weight.detach().clone(), None if module.bias is None else module.bias.detach().clone()

@@ -7,15 +7,15 @@ the units so that never happens:
 
 * every decoder layer (the classes the loaded model names in ``_no_split_modules``: read from the
   model, not hard-coded to Llama);
-* a frozen model (the reference copy): its decoder stack (embeddings, layers, final norm);
+* a frozen model (the reference copy): its decoder stack (embeddings, layers, final norm) and,
+  when not tied to the embeddings, its LM head (read through :func:`lit_align.backbone.gathered`,
+  since the chunked log-prob path reads head weights directly instead of calling the head);
 * inside any unit that would still mix frozen and trainable parameters, each trainable leaf module
-  (LoRA's ``lora_A``/``lora_B``, a value head) as a unit of its own.
+  (LoRA's ``lora_A``/``lora_B``, a value head) as a unit of its own; LM heads are left out of
+  this: the policy's stays in the root unit, which is gathered for the whole step.
 
-LM heads stay in the root unit, which is gathered for the whole step: the chunked log-prob path
-(:mod:`lit_align.logprobs`) reads their weights directly instead of calling them. So with full
-fine-tuning and a ``copy`` reference, the reference's LM head is the one frozen weight that shares
-the root's flat parameter (its shard keeps gradient memory; a warning says so); LoRA with the
-``adapter`` reference, or ``cached``, has no such weight.
+A frozen head tied to its embeddings stays in the root (a warning says the root then mixes frozen
+and trainable weights).
 
 :class:`FSDPStrategy` applies that plan, optionally checkpoints the policy's decoder layers'
 activations, and also runs on CPU (``device_id=torch.device("cpu")``, gloo), which Lightning's
@@ -91,7 +91,11 @@ def plan_fsdp_units(model: nn.Module) -> list[nn.Module]:
     frozen and trainable parameters (see the module docstring)."""
     layers = decoder_layer_classes(model)
     units = [m for m in model.modules() if isinstance(m, layers)]
-    units.extend(frozen.get_decoder() for frozen in _frozen_models(model))
+    for frozen in _frozen_models(model):
+        units.append(frozen.get_decoder())
+        head = frozen.get_output_embeddings()
+        if head is not None and head.weight is not frozen.get_input_embeddings().weight:
+            units.append(head)  # read through lit_align.backbone.gathered
     heads = {id(m.get_output_embeddings()) for m in model.modules() if hasattr(m, "get_output_embeddings") and m.get_output_embeddings() is not None}
     ids = {id(m) for m in units}
     for unit in [*units, model]:

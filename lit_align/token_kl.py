@@ -218,7 +218,7 @@ def batch_token_kl(backbone: Backbone, batch: dict[str, torch.Tensor], chunk_siz
     chunks of ``chunk_size`` positions (default: ``model.logp_chunk_size``, or 1024 when that is
     null). Padded and packed batches both come back in the padded layout.
     """
-    from lit_align.backbone import SequenceLogps
+    from lit_align.backbone import SequenceLogps, head_parameters
 
     check_kl_reference(backbone.reference_strategy)
     if chunk_size is None:
@@ -229,9 +229,10 @@ def batch_token_kl(backbone: Backbone, batch: dict[str, torch.Tensor], chunk_siz
     with torch.no_grad():
         reference_hidden, reference_head = backbone.strategy.hidden_states(backbone, batch)
         reference_hidden = reference_hidden[scored]
+        reference_weight, reference_bias = head_parameters(reference_head)
     head = backbone.lm_head(backbone.policy)
-    values = chunked_token_kl(hidden, head.weight, reference_hidden, reference_head.weight, labels[scored],
-                              head.bias, reference_head.bias, chunk_size=chunk_size)
+    values = chunked_token_kl(hidden, head.weight, reference_hidden, reference_weight, labels[scored],
+                              head.bias, reference_bias, chunk_size=chunk_size)
     mask = response_mask(batch)
 
     def rows(per_position: torch.Tensor) -> SequenceLogps:

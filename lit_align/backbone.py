@@ -133,8 +133,8 @@ class Backbone(nn.Module):
             head = self.lm_head(model)
             # only response positions go through the LM head: prompt and padding rows are skipped
             scored = labels != IGNORE_INDEX
-            with gathered(head):
-                values = chunked_label_logps(hidden[scored], head.weight, labels[scored], head.bias, chunk_size=chunk)
+            weight, bias = head_parameters(head, hidden.dtype)
+            values = chunked_label_logps(hidden[scored], weight, labels[scored], bias, chunk_size=chunk)
             tokens = torch.zeros(labels.shape, dtype=values.dtype, device=values.device).masked_scatter(scored, values)
         if is_packed(batch):
             tokens = unpack_rows(tokens, batch)
@@ -371,12 +371,18 @@ def gathered(module: nn.Module) -> Iterator[None]:
         yield
 
 
-def head_parameters(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) of a frozen LM head for reads that outlive the call (e.g. tensors an autograd
-    function keeps for backward): copies of the gathered weights when FSDP shards the head."""
+def head_parameters(module: nn.Module, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of an LM head for code that reads them directly. A head that FSDP shards as a
+    unit of its own (a frozen reference's) gives copies of its gathered weights, in ``dtype`` when
+    given (under FSDP mixed precision the hidden states are in the compute dtype, the gathered
+    weights in full precision); any other head gives its own parameters, untouched."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if not isinstance(module, FullyShardedDataParallel):
         return module.weight, module.bias
     with gathered(module):
-        return module.weight.detach().clone(), None if module.bias is None else module.bias.detach().clone()
+        weight, bias = module.weight.detach(), module.bias
+        weight = weight.to(dtype, copy=True) if dtype is not None else weight.clone()
+        if bias is not None:
+            bias = bias.detach().to(dtype, copy=True) if dtype is not None else bias.detach().clone()
+        return weight, bias

@@ -229,7 +229,7 @@ def batch_token_kl(backbone: Backbone, batch: dict[str, torch.Tensor], chunk_siz
     with torch.no_grad():
         reference_hidden, reference_head = backbone.strategy.hidden_states(backbone, batch)
         reference_hidden = reference_hidden[scored]
-        reference_weight, reference_bias = head_parameters(reference_head)
+        reference_weight, reference_bias = head_parameters(reference_head, reference_hidden.dtype)
     head = backbone.lm_head(backbone.policy)
     values = chunked_token_kl(hidden, head.weight, reference_hidden, reference_weight, labels[scored],
                               head.bias, reference_bias, chunk_size=chunk_size)

@@ -163,8 +163,8 @@ def convert_pairs_main(argv: list[str]) -> None:
 def load_module_from_checkpoint(ckpt_path: str) -> AlignmentModule:
     """Rebuild the module class recorded in a lit-align checkpoint and load it (Lightning's
     ``load_from_checkpoint`` restores hyper-parameters and weights)."""
-    recorded = read_checkpoint(ckpt_path, "lit-align export", weights_only=False).get("lit_align_class", "")
-    module_name, _, class_name = recorded.partition(":")
+    checkpoint = read_checkpoint(ckpt_path, "lit-align export", weights_only=False)
+    module_name, _, class_name = checkpoint.get("lit_align_class", "").partition(":")
     if not class_name:
         raise SystemExit(f"lit-align export: {ckpt_path!r} was not written by a lit-align module")
     cls = importlib.import_module(module_name)
@@ -177,7 +177,7 @@ def load_module_from_checkpoint(ckpt_path: str) -> AlignmentModule:
 
         with tempfile.TemporaryDirectory() as folder:
             consolidated = os.path.join(folder, "consolidated.ckpt")
-            torch.save(read_checkpoint(ckpt_path, "lit-align export", weights_only=False), consolidated)
+            torch.save(checkpoint, consolidated)
             return cls.load_from_checkpoint(consolidated, map_location="cpu")
     return cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)  # read with weights_only=False above too
 

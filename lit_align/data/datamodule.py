@@ -19,7 +19,7 @@ from lit_align.atomic import atomic_torch_save, load_or_none
 from lit_align.data.collate import Collator, PackedCollator, PairLayout
 from lit_align.data.errors import DataError, DroppableRecord
 from lit_align.data.formats import FormatName, normalise_record
-from lit_align.data.sampling import GlobalBatchOrder
+from lit_align.data.sampling import GlobalBatchOrder, resumed_epoch_position
 from lit_align.data.sources import read_records, source_fingerprint
 from lit_align.data.tasks import WordRulesTask
 from lit_align.data.tokenize import TruncationMode, tokenize_pair
@@ -238,7 +238,7 @@ class PreferenceDataModule(LightningDataModule):
         examples = self.datasets[name] if examples is None else examples
         trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        skip = _completed_batches_of_resumed_epoch(trainer) if name == "train" else 0
+        skip = resumed_epoch_position(trainer)[0] if name == "train" else 0
         order = GlobalBatchOrder(len(examples), size, shuffle=shuffle, seed=self.hparams.seed, num_replicas=world, rank=rank, skip_batches=skip)
         return DataLoader(examples, batch_size=size, sampler=order, collate_fn=self.collate, num_workers=self.hparams.num_workers)
 
@@ -262,30 +262,6 @@ class PreferenceDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
-
-
-def _completed_batches_of_resumed_epoch(trainer) -> int:
-    """Batches of the current epoch that the checkpoint being resumed had already trained on (0
-    when not resuming, or when the checkpointed epoch had used all its batches: the resumed run
-    then starts a new epoch).
-
-    Lightning restores the loop counters before it asks for the train loader, but only corrects
-    them later (``_TrainingEpochLoop.reset``): a checkpoint written in ``on_train_batch_end``
-    (``ModelCheckpoint(every_n_train_steps=...)``) records the batch as processed but not yet
-    completed, and Lightning counts it as completed when the loop restarts. The same rule is
-    applied here, so the loader skips exactly the batches the resumed run will not repeat.
-    """
-    loop = getattr(trainer, "fit_loop", None) if trainer is not None else None
-    if loop is None or not loop.restarting:
-        return 0
-    progress = loop.epoch_loop.batch_progress
-    current = progress.current
-    completed = current.completed
-    if current.ready == current.started == current.processed == completed + 1:  # saved in on_train_batch_end
-        completed += 1
-    if progress.is_last_batch and completed >= current.ready:  # the saved epoch had ended
-        return 0
-    return completed
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -80,3 +80,27 @@ class GlobalBatchOrder(DistributedSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+
+def resumed_epoch_position(trainer) -> tuple[int, bool]:
+    """(batches of the current epoch already trained, whether that epoch had ended) of the
+    checkpoint a ``fit`` is resuming from; ``(0, False)`` when not resuming mid-run. The train
+    loader skips the first number; a finished epoch means the resumed run starts the next one.
+
+    Lightning restores the loop counters before it asks for the train loader, but only corrects
+    them later (``_TrainingEpochLoop.reset``): a checkpoint written in ``on_train_batch_end``
+    (``ModelCheckpoint(every_n_train_steps=...)``) records the batch as processed but not yet
+    completed, and Lightning counts it as completed when the loop restarts. The same rule is
+    applied here.
+    """
+    loop = getattr(trainer, "fit_loop", None) if trainer is not None else None
+    if loop is None or not loop.restarting:
+        return 0, False
+    progress = loop.epoch_loop.batch_progress
+    current = progress.current
+    completed = current.completed
+    if current.ready == current.started == current.processed == completed + 1:  # saved in on_train_batch_end
+        completed += 1
+    if progress.is_last_batch and completed >= current.ready:  # the saved epoch had ended
+        return 0, True
+    return completed, False

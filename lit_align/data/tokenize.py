@@ -29,16 +29,22 @@ TruncationMode = Literal["keep_end", "drop", "error"]
 Prompt = Union[str, Sequence[dict[str, str]]]
 
 
-def render_conversation(prompt: Sequence[dict[str, str]], response: str, tokenizer: PreTrainedTokenizerBase, source: str, index: int) -> tuple[str, str]:
-    """(prompt text, response text) of a chat prompt and its reply, rendered by the chat template."""
+def render_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, source: str, index: int, add_generation_prompt: bool = False) -> str:
+    """``messages`` rendered by the tokenizer's chat template, or a :class:`DataError` naming the
+    record when there is no template or the template rejects the conversation."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(source, "conversational data needs a tokenizer with a chat template, and this one has none", index, "prompt")
-    messages = list(prompt)
     try:
-        prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as error:  # jinja raises TemplateError for roles the template rejects
         raise DataError(source, f"the chat template rejected this conversation: {error}", index, "prompt") from None
+
+
+def render_conversation(prompt: Sequence[dict[str, str]], response: str, tokenizer: PreTrainedTokenizerBase, source: str, index: int) -> tuple[str, str]:
+    """(prompt text, response text) of a chat prompt and its reply, rendered by the chat template."""
+    messages = list(prompt)
+    prompt_text = render_chat(messages, tokenizer, source, index, add_generation_prompt=True)
+    full_text = render_chat(messages + [{"role": "assistant", "content": response}], tokenizer, source, index)
     if not full_text.startswith(prompt_text):
         raise DataError(source, "the chat template renders the prompt differently with and without the response", index, "prompt")
     return prompt_text, full_text[len(prompt_text):]
@@ -144,12 +150,7 @@ def tokenize_prompt(
     ``max_prompt_length`` keeps its last tokens, is dropped or raises, per ``truncation``."""
     conversational = not isinstance(prompt, str)
     if conversational:
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError(source, "conversational data needs a tokenizer with a chat template, and this one has none", index, "prompt")
-        try:
-            prompt = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-        except Exception as error:  # jinja raises TemplateError for roles the template rejects
-            raise DataError(source, f"the chat template rejected this conversation: {error}", index, "prompt") from None
+        prompt = render_chat(list(prompt), tokenizer, source, index, add_generation_prompt=True)
     ids = _prompt_ids(prompt, tokenizer, rendered_by_template=conversational)
     if len(ids) > max_prompt_length:
         if truncation == "error":

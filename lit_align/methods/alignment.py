@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from lightning import LightningModule
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torchmetrics import MeanMetric
 from transformers import get_scheduler
 
 from lit_align.backbone import Backbone, SequenceLogps
 from lit_align.data.collate import PairLayout
+from lit_align.data.sampling import resumed_epoch_position
 from lit_align.settings import ModelSettings, OptimizerSettings, as_settings
 
 PROGRESS_BAR = {"loss", "rewards/accuracies", "rewards/margins"}
@@ -63,6 +64,7 @@ class AlignmentModule(LightningModule):
         self._reference_attached = False
         self._packing_checked = False
         self._rng_to_restore: list[dict[str, Any]] | None = None  # from a checkpoint; applied in on_train_start
+        self._train_metric_names: list[str] = []  # the same on every process (see _log_global_step_means)
 
     @property
     def tokenizer(self):
@@ -113,18 +115,21 @@ class AlignmentModule(LightningModule):
             self.log(key, metric, on_step=on_step, on_epoch=not on_step, prog_bar=name in PROGRESS_BAR, batch_size=batch_size, metric_attribute=f"metrics.{slot}")
 
     def _log_global_step_means(self, values: dict[str, torch.Tensor], batch_size: int) -> None:
-        """Training step means over the examples of every process: the union of the processes'
-        metric names (a metric may exist on one process only, e.g. a margin that needs both
-        classes in the batch), then one all-reduce of (sum, count) per name, counting 0 where a
-        process has no value."""
-        gathered: list[list[str] | None] = [None] * self.trainer.world_size
-        torch.distributed.all_gather_object(gathered, sorted(values))
-        names = sorted(set().union(*gathered))
+        """Training step means over the examples of every process: one all-reduce of (sum, count)
+        per metric name, counting 0 where a process has no value. The names are the union over
+        processes (a metric may exist on one process only, e.g. a margin that needs both classes in
+        the batch); they are exchanged only on a step where some process has a name not seen before
+        (one boolean all-reduce otherwise)."""
+        known = self._train_metric_names
+        if self.trainer.strategy.reduce_boolean_decision(not set(values) <= set(known), all=False):
+            gathered: list[list[str] | None] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, sorted(values))
+            known[:] = sorted(set(known).union(*gathered))
         empty = torch.zeros(0, device=self.device)
         totals = torch.stack([torch.stack([values.get(n, empty).detach().float().sum(), torch.tensor(float(values.get(n, empty).numel()), device=self.device)])
-                              for n in names])
+                              for n in known])
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        for name, (total, count) in zip(names, totals):
+        for name, (total, count) in zip(known, totals):
             if count > 0:
                 self.log(f"train/{name}", total / count, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR, batch_size=batch_size)
 
@@ -203,7 +208,7 @@ class AlignmentModule(LightningModule):
         if not states or not self.trainer.ckpt_path:
             return
         _set_rng_state(states[self.global_rank % len(states)])
-        if _resumes_after_a_finished_epoch(self.trainer):
+        if resumed_epoch_position(self.trainer)[1]:
             torch.empty((), dtype=torch.int64).random_()  # as DataLoader.__iter__ does (loader.generator is None)
 
     def _attach_cached_reference(self) -> None:
@@ -237,36 +242,20 @@ RNG_STATES_KEY = "lit_align_rng_states"
 """Checkpoint entry with one dict of RNG states per process (rank order)."""
 
 
-def _resumes_after_a_finished_epoch(trainer) -> bool:
-    """Whether the checkpoint being resumed was saved after the last batch of its epoch (read
-    before Lightning's epoch loop adjusts its restored counters, as in
-    :func:`lit_align.data.datamodule._completed_batches_of_resumed_epoch`)."""
-    loop = trainer.fit_loop
-    if not loop.restarting:
-        return False
-    progress = loop.epoch_loop.batch_progress
-    current = progress.current
-    completed = current.completed + (current.ready == current.started == current.processed == current.completed + 1)
-    return bool(progress.is_last_batch) and completed >= current.ready
-
-
 def _rng_state() -> dict[str, Any]:
-    """This process's RNG states: torch CPU, CUDA (when initialised), Python ``random``, NumPy."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    # plain Python values and tensors only: the checkpoint stays loadable with torch.load(weights_only=True)
-    numpy_state = (str(kind), torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss))
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    """This process's RNG states (Lightning's collection: torch, CUDA when initialised, Python,
+    NumPy), with NumPy's key as a tensor so the checkpoint loads with ``torch.load(weights_only=True)``."""
+    state = _collect_rng_states(include_cuda=torch.cuda.is_available() and torch.cuda.is_initialized())
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    state["numpy"] = (str(kind), torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss))
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     """Inverse of :func:`_rng_state` (CUDA states only when the device count matches)."""
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    state = dict(state)
     kind, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    state["numpy"] = (kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss)
+    if len(state.get("torch.cuda", [])) != (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        state.pop("torch.cuda", None)
+    _set_rng_states(state)

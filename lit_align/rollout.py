@@ -55,8 +55,9 @@ class Rollout:
     """``[N]`` True where the completion ended with EOS."""
     scores: torch.Tensor
     """``[N]`` reward-function scores (EOS penalty included)."""
-    mask: torch.Tensor
-    old_logps: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+    """``[N, T]`` True on completion tokens (set with the sampling pass)."""
+    old_logps: Optional[torch.Tensor] = None
     """Per-token log-probs under the policy that sampled (frozen during the update)."""
     ref_logps: Optional[torch.Tensor] = None
     values: Optional[torch.Tensor] = None
@@ -65,6 +66,12 @@ class Rollout:
     returns: Optional[torch.Tensor] = None
     extra: dict[str, Any] = field(default_factory=dict)
     """Method-specific per-row tensors (first dimension N), sliced with the rollout."""
+
+    def take_sampling_pass(self, current: Any) -> None:
+        """Freeze the sampling policy's pass (a :class:`lit_align.methods.on_policy.PolicyPass`):
+        completion mask, log-probs and critic values, detached."""
+        self.mask, self.old_logps = current.logps.mask, current.logps.tokens.detach()
+        self.values = None if current.values is None else current.values.detach()
 
     @property
     def size(self) -> int:

@@ -169,8 +169,10 @@ class OnPolicyModule(AlignmentModule):
                 reward.attach(self)
 
     @torch.no_grad()
-    def make_rollout(self, batch: dict[str, Any], samples: int | None = None, temperature: float | None = None) -> Rollout:
-        """Sample, decode, score and compute the sampling policy's and reference's log-probs."""
+    def make_rollout(self, batch: dict[str, Any], samples: int | None = None, temperature: float | None = None,
+                     sampling_pass: bool = True) -> Rollout:
+        """Sample, decode, score and compute the reference's and (``sampling_pass``) the sampling
+        policy's log-probs; without it the caller fills them with :meth:`Rollout.take_sampling_pass`."""
         samples = self.samples_per_prompt if samples is None else samples
         tokens, ended = sample_completions(self.backbone.policy, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.generation, samples, temperature)
         prompts = [prompt for prompt in batch["prompts"] for _ in range(samples)]
@@ -178,10 +180,11 @@ class OnPolicyModule(AlignmentModule):
         scores = self.reward(prompts, completions).to(self.device)
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~ended).float()
-        current = self.forward_rollout(tokens)
         ref = self.reference_logps(tokens).tokens if self.needs_reference else None
-        values = None if current.values is None else current.values.detach()
-        return Rollout(tokens, prompts, completions, ended, scores, current.logps.mask, current.logps.tokens.detach(), ref, values)
+        rollout = Rollout(tokens, prompts, completions, ended, scores, ref_logps=ref)
+        if sampling_pass:
+            rollout.take_sampling_pass(self.forward_rollout(tokens))
+        return rollout
 
     def decode(self, batch: dict[str, torch.Tensor]) -> list[str]:
         labels = batch["labels"]
@@ -196,15 +199,29 @@ class OnPolicyModule(AlignmentModule):
     # ---- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._policy_is_initial = False
-        rollout = self.make_rollout(batch)
+        one_update = self.updates_once(len(batch["prompts"]) * self.samples_per_prompt)
+        rollout = self.make_rollout(batch, sampling_pass=not one_update)
+        current = None
+        if one_update:  # the update's own pass (with gradients) gives the sampling log-probs: no second forward
+            current = self.forward_rollout(rollout.batch)
+            rollout.take_sampling_pass(current)
         beta = self.kl_controller.beta
         kl = self.token_kl(rollout).sum(-1)
         self.prepare(rollout)
         self.log_rollout("train", rollout, kl, beta)
         self.kl_controller.update(float(kl.mean()))
+        if one_update:
+            self.optimise(rollout, batch.get("ptx"), current)
+            return
         for _ in range(self.epochs):
             for rows in self.minibatches(rollout.size):
                 self.optimise(rollout.select(rows), batch.get("ptx"))
+
+    def updates_once(self, rows: int) -> bool:
+        """Whether a rollout of ``rows`` completions makes exactly one optimizer step on all of
+        them (one epoch, one minibatch): then the sampling pass and the update's pass are the same
+        forward, done once. Methods whose update runs its own forwards (TRPO) return False."""
+        return self.epochs == 1 and (self.minibatch_size is None or self.minibatch_size >= rows)
 
     def minibatches(self, size: int) -> list[torch.Tensor]:
         """Row indices of each minibatch of one pass (shuffled; one optimizer step each)."""
@@ -212,10 +229,11 @@ class OnPolicyModule(AlignmentModule):
         step = self.minibatch_size or size
         return [order[start: start + step] for start in range(0, size, step)]
 
-    def optimise(self, part: Rollout, ptx: dict[str, torch.Tensor] | None = None) -> None:
-        """One optimizer step on a minibatch of the rollout."""
+    def optimise(self, part: Rollout, ptx: dict[str, torch.Tensor] | None = None, current: PolicyPass | None = None) -> None:
+        """One optimizer step on a minibatch of the rollout (``current``: the policy's pass over
+        it with gradients, when the caller already ran it)."""
         optimizer = self.optimizers()
-        loss, metrics = self.loss(part, self.forward_rollout(part.batch))
+        loss, metrics = self.loss(part, self.forward_rollout(part.batch) if current is None else current)
         if ptx is not None and self.ptx_coef:
             ptx_logps = self.backbone.logps(ptx)
             ptx_loss = completion_nll(ptx_logps.tokens, ptx_logps.mask)

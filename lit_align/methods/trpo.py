@@ -94,7 +94,12 @@ class TRPO(SequencePolicyGradient):
         """``[M, V]`` logits at the M completion positions of a pass."""
         return self.backbone.lm_head(self.backbone.policy)(current.hidden[current.logps.mask])
 
-    def optimise(self, part: Rollout, ptx: dict[str, torch.Tensor] | None = None) -> None:
+    def updates_once(self, rows: int) -> bool:
+        """False: the natural-gradient step runs its own forwards (math attention kernel, for the
+        double backward), so the sampling pass stays separate."""
+        return False
+
+    def optimise(self, part: Rollout, ptx: dict[str, torch.Tensor] | None = None, current: PolicyPass | None = None) -> None:
         """The TRPO update, run as one (counted) step of Lightning's placeholder optimizer."""
         self.optimizers().step(closure=lambda: self.natural_gradient_step(part))
 

@@ -56,6 +56,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
+def unwritable(folder: str | os.PathLike) -> str | None:
+    """Why no file can be written in ``folder`` (creating it and its missing parents as needed),
+    or None when one can. Found by creating and removing a probe file in ``folder``, or in its
+    nearest existing ancestor when ``folder`` does not exist yet: nothing is left behind."""
+    folder = Path(folder).expanduser().absolute()
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            return "no existing folder above it"
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        handle, probe = _create_temporary(existing / "write-probe")
+    except OSError as error:
+        return error.strerror or str(error)
+    os.close(handle)
+    os.remove(probe)
+    return None
+
+
 def load_or_none(path: str | os.PathLike) -> Any | None:
     """The payload at ``path``, or None when it is missing, truncated or corrupt."""
     if not Path(path).is_file():

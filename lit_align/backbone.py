@@ -20,6 +20,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lit_align.errors import LitAlignError, SettingError
 from lit_align.flops import flops_per_token
 from lit_align.logprobs import (
     IGNORE_INDEX,
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(LitAlignError, ValueError):
     """The configured model or tokenizer cannot be loaded; the message says which and why."""
 
 
@@ -215,9 +216,9 @@ def _resolve_reference(settings: ModelSettings, needs_reference: bool) -> str:
     if strategy == "auto":
         return "adapter" if settings.lora is not None else "copy"
     if strategy == "none":
-        raise ValueError("model.reference=none, but this method needs a reference model; use copy, adapter or cached")
+        raise SettingError(None, "model.reference", "model.reference=none, but this method needs a reference model; use copy, adapter or cached")
     if strategy == "adapter" and settings.lora is None:
-        raise ValueError("model.reference=adapter needs model.lora (the reference is the policy with its LoRA adapters disabled)")
+        raise SettingError(None, "model.reference", "model.reference=adapter needs model.lora (the reference is the policy with its LoRA adapters disabled)")
     return strategy
 
 
@@ -321,7 +322,7 @@ def _bnb_config(settings: ModelSettings):
     if q is None:
         return None
     if settings.lora is None:
-        raise ValueError("model.quantization (4-bit) needs model.lora: quantized base weights cannot be trained directly")
+        raise SettingError(None, "model.quantization", "model.quantization (4-bit) needs model.lora: quantized base weights cannot be trained directly")
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig

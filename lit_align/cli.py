@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -18,20 +19,23 @@ from typing import Literal
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from jsonargparse import set_parsing_settings  # noqa: E402
+from jsonargparse import Namespace, set_parsing_settings  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
-from lit_align.backbone import ModelLoadError  # noqa: E402
+from lit_align.atomic import unwritable  # noqa: E402
 from lit_align.data.datamodule import PreferenceDataModule  # noqa: E402
+from lit_align.errors import CheckpointError, LitAlignError, SettingError, debugging, find_lit_align_error  # noqa: E402
 from lit_align.methods.alignment import AlignmentModule  # noqa: E402
 
 # settings dataclasses document each field in an attribute docstring: show them in --help
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
+log = logging.getLogger(__name__)
 LIGHTNING_CKPT_NAMES = ("best", "last", "hpc")  # --ckpt_path values Lightning resolves itself, not files
+DEFAULT_RUN_FOLDER = "runs"
 
 TRAINER_DEFAULTS = {
-    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": DEFAULT_RUN_FOLDER}},
     "accelerator": "auto",
     "num_sanity_val_steps": 0,
     # no_grad instead of inference_mode for evaluation: metric states are shared between the
@@ -76,25 +80,52 @@ class LitAlignCLI(LightningCLI):
         return trainer
 
     def parse_arguments(self, parser, args) -> None:
-        """Parse, then check ``--ckpt_path`` is a readable checkpoint (before Lightning unpickles it)."""
+        """Parse, then check ``--ckpt_path`` (before Lightning unpickles it and replaces the model's
+        settings with the checkpoint's): a readable Lightning checkpoint of the configured method.
+        Every setting the checkpoint's hyper-parameters replace is reported."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES and not ckpt_path.startswith("registry") and "://" not in ckpt_path:
-            read_checkpoint(ckpt_path, f"lit-align {subcommand}", weights_only=True)  # as Lightning reads it next
+            checkpoint = read_checkpoint(ckpt_path, weights_only=True)  # as Lightning reads it next
+            check_checkpoint_method(checkpoint, ckpt_path, self.config[subcommand].get("model"))
+            report_checkpoint_overrides(checkpoint, ckpt_path, self.config[subcommand].get("model"))
+
+    def before_instantiate_classes(self) -> None:
+        """The run folder: ``trainer.default_root_dir``, when set, also holds the default logger's
+        runs (instead of ``./runs``); a run folder that cannot be written stops here, before any
+        model or data is loaded."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer")
+        logger = trainer.get("logger") if trainer is not None else None
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        root = trainer.get("default_root_dir") if trainer is not None else None
+        folder, setting = root or os.getcwd(), "trainer.default_root_dir"
+        if init is not None and init.get("save_dir"):
+            if root and init["save_dir"] == DEFAULT_RUN_FOLDER:
+                init["save_dir"] = root
+            else:
+                folder, setting = init["save_dir"], "trainer.logger.init_args.save_dir"
+        problem = unwritable(folder)
+        if problem:
+            raise SettingError(None, setting, f"the run folder {str(folder)!r} cannot be written ({problem}); "
+                               f"set {setting} to a folder you can write")
 
     def instantiate_classes(self) -> None:
-        """As LightningCLI's, but a model that cannot be loaded raises its own :class:`ModelLoadError`,
-        not the parser's "does not validate against any of the Union subtypes" around it."""
+        """As LightningCLI's, but an error a constructor raises on purpose (a setting out of its
+        range, a model that cannot be loaded) reaches the user as itself, not inside the parser's
+        "does not validate against any of the Union subtypes" and a dump of the whole namespace."""
         try:
             super().instantiate_classes()
-        except ValueError as error:
-            cause = error.__cause__
-            while cause is not None and not isinstance(cause, ModelLoadError):
-                cause = cause.__cause__
-            if cause is None:
+        except Exception as error:
+            ours = find_lit_align_error(error)
+            if ours is None:
                 raise
-            raise cause from None
+            if isinstance(ours, SettingError) and ours.hint is None:
+                key = config_key(self.config[self.subcommand] if self.subcommand else self.config, ours)
+                if key is not None:
+                    ours.hint = f"change {key} in the YAML" if "[" in key else f"change {key} (in the YAML, or --{key} on the command line)"
+            raise ours from None
 
     def fit(self, model, datamodule=None, **kwargs) -> None:
         """``trainer.fit``; resuming mid-epoch with a lit-align data module, Lightning's warning
@@ -163,13 +194,11 @@ def convert_pairs_main(argv: list[str]) -> None:
 def load_module_from_checkpoint(ckpt_path: str) -> AlignmentModule:
     """Rebuild the module class recorded in a lit-align checkpoint and load it (Lightning's
     ``load_from_checkpoint`` restores hyper-parameters and weights)."""
-    checkpoint = read_checkpoint(ckpt_path, "lit-align export", weights_only=False)
-    module_name, _, class_name = checkpoint.get("lit_align_class", "").partition(":")
-    if not class_name:
-        raise SystemExit(f"lit-align export: {ckpt_path!r} was not written by a lit-align module")
-    cls = importlib.import_module(module_name)
-    for part in class_name.split("."):
-        cls = getattr(cls, part)
+    checkpoint = read_checkpoint(ckpt_path, weights_only=False)
+    recorded = checkpoint.get("lit_align_class", "")
+    if not recorded.partition(":")[2]:
+        raise CheckpointError(f"{ckpt_path!r} was not written by a lit-align module")
+    cls = import_recorded_class(recorded, ckpt_path)
     if os.path.isdir(ckpt_path):  # a sharded FSDP checkpoint: consolidated into a temporary file first
         import tempfile
 
@@ -182,34 +211,51 @@ def load_module_from_checkpoint(ckpt_path: str) -> AlignmentModule:
     return cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)  # read with weights_only=False above too
 
 
-def read_checkpoint(ckpt_path: str, command: str, weights_only: bool) -> dict:
-    """The checkpoint at ``ckpt_path`` (tensors memory-mapped, not read), or ``SystemExit`` naming
-    the file when it is missing, truncated or not a Lightning checkpoint."""
+def import_recorded_class(recorded: str, ckpt_path: str) -> type:
+    """The class a checkpoint recorded as ``module:qualified.name``, or :class:`CheckpointError`
+    naming the checkpoint and the module when it cannot be imported (a user's own method whose
+    file is not on the Python path)."""
+    module_name, _, class_name = recorded.partition(":")
+    try:
+        cls = importlib.import_module(module_name)
+        for part in class_name.split("."):
+            cls = getattr(cls, part)
+    except (ImportError, AttributeError) as error:
+        problem = CheckpointError(f"checkpoint {ckpt_path!r} was written by {module_name}.{class_name}, and it cannot be imported ({error})")
+        top = module_name.partition(".")[0]
+        problem.hint = f"run lit-align from the folder that holds {top}.py, or add that folder to PYTHONPATH"
+        raise problem from None
+    return cls
+
+
+def read_checkpoint(ckpt_path: str, weights_only: bool) -> dict:
+    """The checkpoint at ``ckpt_path`` (tensors memory-mapped, not read), or :class:`CheckpointError`
+    naming the file when it is missing, truncated or not a Lightning checkpoint."""
     import torch
 
     if os.path.isdir(ckpt_path):
-        return read_sharded_checkpoint(ckpt_path, command, consolidate=not weights_only)
+        return read_sharded_checkpoint(ckpt_path, consolidate=not weights_only)
     if not os.path.isfile(ckpt_path):
-        raise SystemExit(f"{command}: checkpoint {ckpt_path!r} does not exist")
+        raise CheckpointError(f"checkpoint {ckpt_path!r} does not exist")
     archive = zipfile.is_zipfile(ckpt_path)  # torch.save writes zip archives; one cut short is not
     try:  # anything else is still tried, as a legacy (pre zip) torch file
         checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=archive, weights_only=weights_only)
     except Exception as error:  # pickle, zip and torch raise many types; the file is what matters
         reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}" if archive else \
             "not a zip archive as torch.save writes: empty, truncated or another kind of file"
-        raise SystemExit(f"{command}: checkpoint {ckpt_path!r} cannot be read ({reason})") from None
+        raise CheckpointError(f"checkpoint {ckpt_path!r} cannot be read ({reason})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise SystemExit(f"{command}: {ckpt_path!r} is not a Lightning checkpoint (it has no state_dict)")
+        raise CheckpointError(f"{ckpt_path!r} is not a Lightning checkpoint (it has no state_dict)")
     return checkpoint
 
 
-def read_sharded_checkpoint(ckpt_path: str, command: str, consolidate: bool) -> dict:
+def read_sharded_checkpoint(ckpt_path: str, consolidate: bool) -> dict:
     """A sharded FSDP checkpoint folder (``state_dict_type: sharded``): checked for its metadata
     and, if ``consolidate``, gathered into one ordinary Lightning checkpoint dict in memory."""
     from pathlib import Path
 
     if not (Path(ckpt_path) / ".metadata").is_file() or not (Path(ckpt_path) / "meta.pt").is_file():
-        raise SystemExit(f"{command}: {ckpt_path!r} is a folder but not a sharded checkpoint (no .metadata and meta.pt in it)")
+        raise CheckpointError(f"{ckpt_path!r} is a folder but not a sharded checkpoint (no .metadata and meta.pt in it)")
     if not consolidate:
         return {"state_dict": None}
     from lightning.fabric.utilities.load import _load_distributed_checkpoint
@@ -218,12 +264,32 @@ def read_sharded_checkpoint(ckpt_path: str, command: str, consolidate: bool) -> 
     try:
         return _format_checkpoint(_load_distributed_checkpoint(Path(ckpt_path)))
     except Exception as error:
-        raise SystemExit(f"{command}: sharded checkpoint {ckpt_path!r} cannot be read ({type(error).__name__}: {error})") from None
+        raise CheckpointError(f"sharded checkpoint {ckpt_path!r} cannot be read ({type(error).__name__}: {error})") from None
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point; ``argv`` defaults to the command line."""
+    """Entry point; ``argv`` defaults to the command line.
+
+    The current folder is importable, as with ``python -m``: a ``class_path`` such as
+    ``my_losses.MarginDPO`` finds ``my_losses.py`` next to where ``lit-align`` runs. An error lit-align
+    raises on purpose (:class:`lit_align.errors.LitAlignError`) ends the run with its message and a
+    hint on stderr and exit status 1, no traceback (``LIT_ALIGN_DEBUG=1`` shows it)."""
     words = sys.argv[1:] if argv is None else argv
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    command = next((word for word in words if word in ("fit", "validate", "test", "predict", "export", "convert-pairs")), "")
+    try:
+        run(words, from_command_line=argv is None)
+    except Exception as error:
+        ours = find_lit_align_error(error)
+        if ours is None or debugging():
+            raise
+        raise SystemExit(error_text(command, ours)) from None
+
+
+def run(words: list[str], from_command_line: bool = False) -> None:
+    """Dispatch ``words`` (the arguments after ``lit-align``) to a command (``from_command_line``:
+    they are ``sys.argv[1:]``, which LightningCLI reads itself)."""
     commands = {"export": export_main, "convert-pairs": convert_pairs_main}
     if words[:1] and words[0] in commands:
         commands[words[0]](words[1:])
@@ -239,13 +305,113 @@ def main(argv: list[str] | None = None) -> None:
             auto_configure_optimizers=False,
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},
-            args=argv,
+            args=None if from_command_line else words,
         )
     except SIGTERMException:
         # Lightning stopped at a batch boundary and SaveOnSigterm saved a checkpoint; a non-zero
         # status (as if killed by SIGTERM) tells schedulers the run did not finish
         sys.exit(128 + signal.SIGTERM)
 
+
+def error_text(command: str, error: LitAlignError) -> str:
+    """What ``lit-align COMMAND`` prints for one of its own errors: the message on one line, then
+    a hint line (the error's own hint, and how to see the traceback)."""
+    from lit_align.errors import DEBUG_VARIABLE
+
+    message = " ".join(str(error).split("\n"))
+    debug = f"{DEBUG_VARIABLE}=1 shows the traceback"
+    hint = f"hint: {error.hint}; {debug}" if error.hint else f"({debug})"
+    return f"lit-align{' ' + command if command else ''}: {message}\n{hint}"
+
+
+# ---- checkpoints given to fit/validate/test ------------------------------------------------------
+def check_checkpoint_method(checkpoint: dict, ckpt_path: str, model_config: Namespace | None) -> None:
+    """Refuse a checkpoint written by another method than the configured one: Lightning would
+    replace the configured class with the checkpoint's and silently train that."""
+    recorded = checkpoint.get("lit_align_class") or ""
+    configured = model_config.get("class_path") if isinstance(model_config, Namespace) else None
+    if not configured or not recorded:
+        return
+    try:
+        module_name, _, name = configured.rpartition(".")
+        configured_class = getattr(importlib.import_module(module_name), name)
+        same = f"{configured_class.__module__}:{configured_class.__qualname__}" == recorded
+    except (ImportError, AttributeError, ValueError):  # the parser already named a class it cannot import
+        same = configured.rpartition(".")[2] == recorded.rpartition(".")[2].rpartition(":")[2]
+    if not same:
+        written_by = recorded.replace(":", ".")
+        error = CheckpointError(f"checkpoint {ckpt_path!r} was written by {written_by}, but the config trains {configured}; "
+                                "resuming would run the checkpoint's method instead")
+        error.hint = f"use the config of {written_by.rpartition('.')[2]} with this checkpoint, or start without --ckpt_path"
+        raise error
+
+
+def report_checkpoint_overrides(checkpoint: dict, ckpt_path: str, model_config: Namespace | None) -> list[str]:
+    """Log (once, on process 0) every model setting whose configured value the checkpoint's
+    hyper-parameters replace; Lightning's CLI restores those on resume. Returns the lines logged."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    stored = checkpoint.get("hyper_parameters") or {}
+    given = model_config.get("init_args") if isinstance(model_config, Namespace) else None
+    if not stored or given is None:
+        return []
+    given = _flat(given.as_dict() if isinstance(given, Namespace) else dict(given))
+    lines = [f"  model.init_args.{key}: {given[key]!r} configured, {value!r} from the checkpoint"
+             for key, value in _flat({k: v for k, v in stored.items() if not k.startswith("_")}).items()
+             if key in given and _plain(given[key]) != _plain(value)]
+    if lines and rank_zero_only.rank == 0:
+        log.warning("resuming from %s: the checkpoint's hyper-parameters replace %d configured setting(s):\n%s",
+                    ckpt_path, len(lines), "\n".join(lines))
+    return lines
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """Nested dicts as one dict with dotted keys."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _plain(value):
+    """``value`` with tuples as lists (a checkpoint stores a tuple setting as a list)."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def config_key(config: Namespace, error: SettingError) -> str | None:
+    """Where in the parsed config the setting of ``error`` is written, e.g. ``model.init_args.beta``
+    for ``DPO``'s ``beta``: below the entry whose ``class_path`` names the error's owner, or the one
+    config key ending in the setting's name. None when neither is found."""
+    if not error.setting:
+        return None
+    entries = list(_walk(config))
+    if error.owner:
+        for path, node in entries:
+            if isinstance(node, Namespace) and str(node.get("class_path") or "").rpartition(".")[2] == error.owner:
+                return f"{path}.init_args.{error.setting}"
+    matches = [path for path, _ in entries if path == error.setting or path.endswith("." + error.setting)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _walk(node, path: str = ""):
+    """(dotted path, value) of every entry of a parsed config, depth first."""
+    if isinstance(node, Namespace):
+        node = node.__dict__
+    if isinstance(node, dict):
+        for key, value in node.items():
+            child = f"{path}.{key}" if path else key
+            yield child, value
+            yield from _walk(value, child)
+    elif isinstance(node, list):
+        for position, value in enumerate(node):
+            child = f"{path}[{position}]"
+            yield child, value
+            yield from _walk(value, child)
 
 if __name__ == "__main__":
     main()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import torch
 from torch import nn
+
+from lit_align.settings import NonNegative, Positive, Range
 
 
 @dataclass
@@ -16,17 +18,17 @@ class KLPenalty:
     Set ``target`` for the adaptive controller; leave it unset for a fixed ``beta``.
     """
 
-    beta: float = 0.05
+    beta: NonNegative = 0.05
     """KL coefficient (the initial one under the adaptive controller)."""
     estimator: Literal["k1", "k2", "k3"] = "k1"
     """Per-token estimator of KL(pi || pi_ref) on sampled tokens (:mod:`lit_align.losses.policy_gradient`)."""
-    target: Optional[float] = None
+    target: Optional[Positive] = None
     """Adaptive controller: the KL per response (summed over its tokens) to aim for; unset = fixed beta."""
-    increase_above: float = 1.5
+    increase_above: Annotated[float, Range(1)] = 1.5
     """Adaptive: multiply beta by ``factor`` when the observed KL exceeds ``increase_above * target``."""
-    decrease_below: float = 0.5
+    decrease_below: Annotated[float, Range(0, 1)] = 0.5
     """Adaptive: divide beta by ``factor`` when the observed KL is below ``decrease_below * target``."""
-    factor: float = 2.0
+    factor: Annotated[float, Range(1, low_open=True)] = 2.0
     """Adaptive: how much beta moves per update."""
 
     def controller(self) -> "KLController":
@@ -43,8 +45,6 @@ class KLController(nn.Module):
 
     def __init__(self, settings: KLPenalty):
         super().__init__()
-        if settings.beta < 0 or (settings.target is not None and settings.target <= 0):
-            raise ValueError(f"KL penalty needs beta >= 0 and target > 0, got beta={settings.beta}, target={settings.target}")
         self.settings = settings
         self.register_buffer("beta_value", torch.tensor(float(settings.beta), dtype=torch.float64))
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from lit_align.atomic import atomic_torch_save, load_or_none
 from lit_align.data.collate import REFERENCE_FIELD, Collator, PairLayout
+from lit_align.errors import SettingError
 from lit_align.reference import CachedLogps
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ def attach_reference_logps(backbone: Backbone, datamodule: PreferenceDataModule,
         payload = None
     if payload is None:
         if not policy_is_initial:
-            raise RuntimeError(f"model.reference=cached: no usable cache at {path}, and the policy is no longer the initial "
+            raise SettingError(None, "model.reference", f"model.reference=cached: no usable cache at {path}, and the policy is no longer the initial "
                                "model (it was trained or loaded from a checkpoint), so the reference cannot be recomputed "
                                "from it; start from the initial model once to build the cache")
         log.info("computing reference log-probs once for %s", ", ".join(f"{len(v)} {k}" for k, v in datamodule.datasets.items()))
@@ -115,7 +116,11 @@ def attach_reference_logps(backbone: Backbone, datamodule: PreferenceDataModule,
         pad = datamodule.tokenizer.pad_token_id
         payload = {split: _compute_sharded(backbone, examples, size, pad, device, datamodule.layout) for split, examples in datamodule.datasets.items()}
         if is_global_zero:
-            atomic_torch_save(payload, path)
+            try:
+                atomic_torch_save(payload, path)
+            except OSError as error:  # read-only or full: the values are kept in memory for this run
+                log.warning("cannot write the reference log-probs cache in %s (%s); keeping them in memory for this run only. "
+                            "Set data.init_args.cache_dir or $LIT_ALIGN_CACHE to a writable folder", path.parent, error.strerror or error)
     for split, examples in datamodule.datasets.items():
         for example, values in zip(examples, payload[split]):
             example[REFERENCE_FIELD] = values

@@ -9,27 +9,28 @@ the first EOS; a completion that hits ``max_new_tokens`` first has no EOS (``end
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import torch
 from transformers import GenerationConfig
 
 from lit_align.logprobs import IGNORE_INDEX
+from lit_align.settings import Count, NonNegative, NonNegativeInt, Range
 
 
 @dataclass
 class GenerationSettings:
     """Sampling of completions (transformers ``generate`` with the KV cache)."""
 
-    max_new_tokens: int = 16
+    max_new_tokens: Count = 16
     """Longest completion in tokens."""
-    temperature: float = 1.0
+    temperature: NonNegative = 1.0
     """Sampling temperature for training rollouts (0 = greedy)."""
-    top_p: float = 1.0
+    top_p: Annotated[float, Range(0, 1, low_open=True)] = 1.0
     """Nucleus sampling: keep the smallest set of tokens with this much probability."""
-    top_k: int = 0
+    top_k: NonNegativeInt = 0
     """Keep only the k most likely tokens (0 = off)."""
-    eval_temperature: float = 0.0
+    eval_temperature: NonNegative = 0.0
     """Temperature for held-out evaluation (0 = greedy, deterministic)."""
 
     def config(self, tokenizer, samples: int, temperature: float) -> GenerationConfig:

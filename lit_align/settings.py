@@ -1,9 +1,67 @@
-"""Typed settings shared by every method; their attribute docstrings become CLI help."""
+"""Typed settings shared by every method, and the valid range of every numeric setting.
+
+Attribute docstrings become CLI help. A numeric setting is annotated with its range, e.g.
+``beta: Positive = 0.1`` or ``top_p: Annotated[float, Range(0, 1, low_open=True)]`` (the config
+parser reads the plain type under it), and the object holding the setting checks it when it is
+built (:func:`check_arguments`), so a value out of range stops before anything is loaded, with a
+:class:`lit_align.errors.SettingError` naming the setting and the range.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
+
+from lit_align.errors import SettingError
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric setting: finite, and between ``low`` and ``high`` (each
+    bound inclusive unless marked open; None = unbounded on that side)."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def __repr__(self) -> str:  # as error messages write the range: "> 0", "in [0, 1)"
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return "finite"
+
+
+Finite = Annotated[float, Range()]
+"""Any finite number."""
+Positive = Annotated[float, Range(0, low_open=True)]
+NonNegative = Annotated[float, Range(0)]
+Probability = Annotated[float, Range(0, 1)]
+"""A number in [0, 1]."""
+Momentum = Annotated[float, Range(0, 1, high_open=True)]
+"""Weight of the old value in a moving average, in [0, 1)."""
+Count = Annotated[int, Range(1)]
+"""A whole number >= 1 (sizes, steps, lengths)."""
+NonNegativeInt = Annotated[int, Range(0)]
+Seed = Annotated[int, Range(0)]
+LabelNoise = Annotated[float, Range(0, 0.5, high_open=True)]
+"""An assumed label-flip rate eps, in [0, 0.5) (cDPO's label smoothing)."""
+ClipRange = Annotated[float, Range(0, 1, low_open=True, high_open=True)]
+"""epsilon of a clipped ratio, in (0, 1): the ratio is kept in [1 - eps, 1 + eps]."""
 
 ReferenceStrategy = Literal["auto", "copy", "adapter", "cached", "none"]
 
@@ -12,20 +70,20 @@ ReferenceStrategy = Literal["auto", "copy", "adapter", "cached", "none"]
 class TinyModel:
     """Shape of the built-in tiny Llama (used when ``ModelSettings.name_or_path`` is ``"tiny"``)."""
 
-    hidden_size: int = 64
+    hidden_size: Count = 64
     """Width of the residual stream."""
-    num_layers: int = 2
+    num_layers: Count = 2
     """Decoder layers."""
-    num_heads: int = 4
+    num_heads: Count = 4
     """Attention heads."""
-    intermediate_size: int = 128
+    intermediate_size: Count = 128
     """MLP width."""
-    max_position_embeddings: int = 512
+    max_position_embeddings: Count = 512
     """Longest sequence the rotary embedding is set up for."""
-    vocab_size: Optional[int] = None
+    vocab_size: Optional[Count] = None
     """Vocabulary size; default: the built-in byte tokenizer's (262). Larger values pad the
     embedding (used by the memory benchmarks to mimic 32k/128k vocabularies)."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of the random initialisation (the same seed gives the same weights)."""
 
 
@@ -33,11 +91,11 @@ class TinyModel:
 class LoRA:
     """LoRA adapters (peft). Only adapter weights train; the base stays frozen."""
 
-    r: int = 8
+    r: Count = 8
     """Rank of the update."""
-    alpha: int = 16
+    alpha: Annotated[int, Range(1)] = 16
     """Scaling numerator: the update is scaled by alpha / r."""
-    dropout: float = 0.0
+    dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.0
     """Dropout on the adapter input."""
     target_modules: Union[str, list[str]] = "all-linear"
     """Which linear layers get adapters: ``"all-linear"`` or a list of module names."""
@@ -84,7 +142,7 @@ class ModelSettings:
     no second copy), ``cached`` (log-probs computed once before training and stored with the
     tokenized data: no reference forward while training), ``none``; ``auto`` = adapter with LoRA,
     copy without, none for reference-free methods."""
-    logp_chunk_size: Optional[int] = 1024
+    logp_chunk_size: Optional[Count] = 1024
     """Tokens per chunk when computing log-probs from hidden states (the [B, T, V] logits are
     never built); ``null`` = the naive path through full logits."""
     gradient_checkpointing: bool = False
@@ -97,15 +155,15 @@ class ModelSettings:
 class OptimizerSettings:
     """AdamW with a warm-up then decay schedule (transformers' schedulers)."""
 
-    lr: float = 5e-5
+    lr: Positive = 5e-5
     """Peak learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegative = 0.0
     """Decoupled weight decay."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Momentum, Momentum] = (0.9, 0.999)
     """Adam betas."""
-    eps: float = 1e-8
+    eps: NonNegative = 1e-8
     """Adam epsilon."""
-    warmup_ratio: float = 0.1
+    warmup_ratio: Annotated[float, Range(0, 1, high_open=True)] = 0.1
     """Fraction of the total optimizer steps spent warming up linearly from 0."""
     schedule: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     """Decay after warm-up."""
@@ -128,3 +186,79 @@ def as_settings(value, cls):
         nested = [t for t in (typing.get_args(target) or (target,)) if dataclasses.is_dataclass(t)]
         kwargs[key] = as_settings(item, nested[0]) if nested and isinstance(item, dict) else item
     return cls(**kwargs)
+
+
+# ---- checking ---------------------------------------------------------------------------------
+def init_hints(cls: type) -> dict[str, Any]:
+    """The annotated type of every constructor argument of ``cls`` and its bases (a subclass's own
+    annotation wins), ``Annotated`` metadata kept."""
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None or not hasattr(init, "__code__"):
+            continue
+        hints.update({name: hint for name, hint in typing.get_type_hints(init, include_extras=True).items() if name != "return"})
+    return hints
+
+
+def check_arguments(owner: object, values: Mapping[str, Any]) -> None:
+    """Check every argument in ``values`` (name -> value, e.g. ``locals()`` of ``__init__`` or a
+    LightningModule's ``hparams``) against the range annotated on ``owner``'s constructor;
+    nested settings dataclasses (given as instances or dicts) are checked field by field.
+
+    Raises:
+        SettingError: naming ``owner``'s class, the setting (``optimizer.lr`` for a nested one),
+            its valid range and the value given.
+    """
+    check_values(type(owner).__name__, init_hints(type(owner)), values)
+
+
+def check_fields(settings: object, owner: str | None = None) -> None:
+    """:func:`check_arguments` for the fields of a settings dataclass instance."""
+    check_values(owner or type(settings).__name__, typing.get_type_hints(type(settings), include_extras=True), vars(settings))
+
+
+def check_values(owner: str, hints: Mapping[str, Any], values: Mapping[str, Any], prefix: str = "") -> None:
+    """The checking behind :func:`check_arguments` (``prefix``: the dotted path of nested settings)."""
+    for name, value in values.items():
+        if name in hints:
+            _check_value(owner, f"{prefix}{name}", hints[name], value)
+
+
+def _check_value(owner: str, name: str, hint: Any, value: Any) -> None:
+    if value is None:
+        return
+    ranges, base = _unwrap(hint)
+    if typing.get_origin(base) is Literal:
+        choices = typing.get_args(base)
+        if value not in choices:
+            raise SettingError(owner, name, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return
+    if base is not None and dataclasses.is_dataclass(base) and isinstance(value, (Mapping, base)):
+        fields_ = value if isinstance(value, Mapping) else vars(value)
+        check_values(owner, typing.get_type_hints(base, include_extras=True), fields_, prefix=f"{name}.")
+        return
+    if typing.get_origin(base) is tuple and isinstance(value, (tuple, list)):
+        for position, (item_hint, item) in enumerate(zip(typing.get_args(base), value)):
+            _check_value(owner, f"{name}[{position}]", item_hint, item)
+        return
+    for valid in ranges:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SettingError(owner, name, f"must be a number {valid!r}, got {value!r}")
+        if base is int and not float(value).is_integer():
+            raise SettingError(owner, name, f"must be a whole number {valid!r}, got {value!r}")
+        if value not in valid:
+            raise SettingError(owner, name, f"must be {valid!r}, got {value!r}")
+
+
+def _unwrap(hint: Any) -> tuple[list[Range], Any]:
+    """(ranges annotated on ``hint``, the type under them): ``Optional[X]`` is read as ``X``."""
+    if typing.get_origin(hint) is Union:
+        options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if len(options) != 1:
+            return [], None
+        hint = options[0]
+    if typing.get_origin(hint) is Annotated:
+        base, *metadata = typing.get_args(hint)
+        return [item for item in metadata if isinstance(item, Range)], base
+    return [], hint

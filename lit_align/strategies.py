@@ -32,6 +32,8 @@ from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
 from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
 from torch import nn
 
+from lit_align.errors import SettingError
+
 log = logging.getLogger(__name__)
 
 
@@ -43,7 +45,7 @@ def decoder_layer_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
         names.update(getattr(module, "_no_split_modules", None) or ())
     classes = {type(module) for module in model.modules() if type(module).__name__ in names}
     if not classes:
-        raise ValueError(f"FSDPStrategy: no decoder layer class found in {type(model).__name__} (no Hugging Face model with "
+        raise SettingError(None, "trainer.strategy", f"FSDPStrategy: no decoder layer class found in {type(model).__name__} (no Hugging Face model with "
                          "_no_split_modules); pass auto_wrap_policy explicitly")
     return tuple(sorted(classes, key=lambda cls: cls.__name__))
 
@@ -124,7 +126,7 @@ def check_unit_dtypes(model: nn.Module, units: list[nn.Module]) -> None:
         if len(dtypes) > 1:
             hint = ("; with QLoRA set model.quantization.quant_storage, quantization.compute_dtype and model.dtype to one dtype "
                     "(e.g. bfloat16)") if torch.uint8 in dtypes else ""
-            raise ValueError(f"FSDPStrategy: unit {type(unit).__name__} holds parameters of dtypes {sorted(str(d) for d in dtypes)}, "
+            raise SettingError(None, "model.quantization", f"FSDPStrategy: unit {type(unit).__name__} holds parameters of dtypes {sorted(str(d) for d in dtypes)}, "
                              f"but FSDP flattens a unit into one tensor of one dtype{hint}")
 
 

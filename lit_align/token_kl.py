@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from lit_align.errors import SettingError
 from lit_align.logprobs import IGNORE_INDEX, HeadGradients, _accum_dtype, shift_labels
 from lit_align.packing import is_packed, response_mask, unpack_rows
 from lit_align.reference import STRATEGIES
@@ -207,7 +208,7 @@ def check_kl_reference(strategy: str, method: str = "TDPO") -> None:
         return
     why = {"cached": "reference=cached stores only the log-probs of the data's own tokens",
            "none": "reference=none builds no reference model"}.get(strategy, f"reference={strategy}")
-    raise ValueError(f"{method} needs the reference model's logits over the whole vocabulary at every response "
+    raise SettingError(None, "model.reference", f"{method} needs the reference model's logits over the whole vocabulary at every response "
                      f"position (its per-token KL), but {why}; set model.reference: copy or adapter (adapter needs model.lora)")
 
 

@@ -346,8 +346,8 @@ def test_unknown_chat_role(regime, role, tokenizer, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     if role == "robot":  # not a chat role at all: rejected when the record is read
         message = where(train, 2, f"{field}[0]") + re.escape("unknown chat role 'robot' (known: system, user, assistant, tool)")
-    else:  # a known role this tokenizer's chat template refuses: rejected when rendered
-        message = where(train, 2, "prompt") + re.escape("the chat template rejected this conversation: unknown chat role: tool")
+    else:  # a known role this tokenizer's chat template refuses: rejected when rendered, in the field that holds it
+        message = where(train, 2, field) + re.escape("the chat template rejected this conversation: unknown chat role: tool")
     with pytest.raises(DataError, match=message):
         data_module(regime, tokenizer, train).setup("fit")
 
@@ -405,7 +405,7 @@ def test_loaded_tokenizer_without_pad_token_uses_eos_or_is_named(tmp_path, caplo
 ], ids=["folder", "gguf"])
 @pytest.mark.parametrize("regime", REGIMES)
 def test_missing_model_path_is_named_by_the_cli(regime, path, message, in_tmp):
-    with pytest.raises(ModelLoadError, match=re.escape(message)):  # the loader's own error, not the parser's wrapper
+    with pytest.raises(SystemExit, match="^" + re.escape(f"lit-align fit: {message}\n")):  # the loader's own error, first and alone
         main(["fit", "--config", str(CONFIGS / f"{CONFIG_OF[regime]}.yaml"), "--model.init_args.model.name_or_path", path])
     assert not Path("runs").exists()
 
@@ -501,3 +501,131 @@ def test_corrupt_checkpoint_is_named(command, kind, problem, in_tmp):
     with pytest.raises(SystemExit, match=named):
         main(argv)
     assert not Path("runs").exists() and not (in_tmp / "out").exists()
+
+
+# ---- corrupt or wrong containers (class 6) ---------------------------------------------------------
+def _gzip_bytes(content: bytes) -> bytes:
+    return gzip.compress(content)
+
+
+def _parquet_bytes(rows: list[dict]) -> bytes:
+    import io
+
+    import pyarrow
+    import pyarrow.parquet
+
+    buffer = io.BytesIO()
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), buffer)
+    return buffer.getvalue()
+
+
+JSONL = "".join(json.dumps(row) + "\n" for row in [good("paired", i) for i in range(50)]).encode()
+CONTAINERS = {
+    "truncated-jsonl-gz": ("train.jsonl.gz", _gzip_bytes(JSONL)[:120], "the gzip data is truncated or corrupt (EOFError: "),
+    "truncated-json-gz": ("train.json.gz", _gzip_bytes(json.dumps([good("paired", i) for i in range(50)]).encode())[:120],
+                          "the gzip data is truncated or corrupt (EOFError: "),
+    "corrupt-gz-checksum": ("train.jsonl.gz", _gzip_bytes(JSONL)[:-8] + b"\x00" * 8, "the gzip data is truncated or corrupt (BadGzipFile: CRC check failed"),
+    "gz-not-gzip": ("train.jsonl.gz", JSONL, "the name ends in .gz but the file is not gzip-compressed (BadGzipFile: Not a gzipped file"),
+    "truncated-parquet": ("train.parquet", _parquet_bytes([good("paired", i) for i in range(50)])[:300], "is a truncated or corrupt parquet file (Arrow"),
+    "parquet-not-parquet": ("train.parquet", JSONL, "is not a parquet file (ArrowInvalid: "),
+}
+
+
+@pytest.mark.parametrize("kind", CONTAINERS)
+@pytest.mark.parametrize("regime", ["paired", "sft"])
+def test_corrupt_or_mislabelled_file_is_named_with_what_is_wrong(kind, regime, tokenizer, tmp_path):
+    name, content, problem = CONTAINERS[kind]
+    train = tmp_path / name
+    train.write_bytes(content)
+    with pytest.raises(DataError, match="^" + re.escape(f"{train}: {problem}")) as info:
+        data_module(regime, tokenizer, train).setup("fit")
+    assert not isinstance(info.value, DroppableRecord)
+
+
+def test_a_damaged_saved_datasets_folder_is_named(tokenizer, tmp_path):
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list(records("paired", 8)).save_to_disk(str(folder))
+    (arrow,) = folder.glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:100])
+    with pytest.raises(DataError, match="^" + re.escape(f"{folder}: is a saved `datasets` folder that cannot be read (")):
+        data_module("paired", tokenizer, folder).setup("fit")
+
+
+# ---- a byte-order mark is valid UTF-8 (class 11) ---------------------------------------------------
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".json", ".json.gz"])
+@pytest.mark.parametrize("regime", REGIMES)
+def test_utf8_byte_order_mark_is_accepted(regime, suffix, tokenizer, tmp_path):
+    rows = records(regime)
+    text = "".join(json.dumps(r) + "\n" for r in rows) if suffix.startswith(".jsonl") else json.dumps(rows)
+    train = write_bytes(tmp_path / f"train{suffix}", b"\xef\xbb\xbf" + text.encode())  # as Notepad and Excel save UTF-8
+    dm = data_module(regime, tokenizer, train)
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == len(rows)
+    first = dm.datasets["train"][0]
+    assert tokenizer.decode(first["prompt"], skip_special_tokens=True).startswith("Question 0")
+
+
+# ---- the field that is wrong is the one named (class 7) --------------------------------------------
+@pytest.mark.parametrize("change, reported, message", [
+    ({"chosen": ["good answer", "more"]}, "chosen[0]", "expected a message {'role': ..., 'content': ...}"),
+    ({"rejected": ["bad"]}, "rejected[0]", "expected a message {'role': ..., 'content': ...}"),
+    ({"chosen": [{"role": "assistant", "content": 5}]}, "chosen[0]", "message content must be a string, got int"),
+    ({"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "robot", "content": "x"}]}, "chosen[0]", "unknown chat role 'robot'"),
+    ({"prompt": [{"role": "user", "content": "Q"}], "rejected": [{"role": "user", "content": "x"}]}, "rejected",
+     "expected exactly one assistant message as the response"),
+], ids=["chosen-strings", "rejected-strings", "content-not-text", "response-role", "response-not-assistant"])
+def test_the_wrong_response_is_named_not_the_prompt(change, reported, message, tokenizer, tmp_path):
+    rows = records("paired")
+    rows[2].update(change)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match="^" + where(train, 2, reported) + re.escape(message)):
+        data_module("paired", tokenizer, train).setup("fit")
+
+
+def test_conversations_without_a_shared_prompt_name_the_responses(tokenizer, tmp_path):
+    rows = records("paired")
+    rows[2] = {"chosen": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "x"}],
+               "rejected": [{"role": "user", "content": "B"}, {"role": "assistant", "content": "y"}]}
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match="^" + where(train, 2, "chosen") + re.escape("chosen and rejected conversations share no leading messages")):
+        data_module("paired", tokenizer, train).setup("fit")
+
+
+@pytest.mark.parametrize("regime, columns, change, reported, message", [
+    ("paired", {"chosen": "response_j", "rejected": "response_k"}, {"response_j": 5}, "response_j", "expected a string, got int"),
+    ("paired", {"prompt": "question"}, {"question": {"text": "Q"}}, "question", "expected a string, got dict"),
+    ("paired", {"chosen": "response_j", "rejected": "response_k"}, {"response_k": "good answer 2"}, "response_k",
+     "chosen and rejected responses are identical"),
+    ("unpaired", {"completion": "answer", "label": "thumbs_up"}, {"thumbs_up": "yes"}, "thumbs_up", "expected a boolean"),
+    ("listwise", {"responses": "answers", "scores": "ratings"}, {"answers": ["best", 5, "worst"]}, "answers[1]", "expected a string, got int"),
+    ("listwise", {"responses": "answers", "scores": "ratings"}, {"ratings": [1.0, "x", 0.0]}, "ratings[1]", "expected a finite number, got 'x'"),
+    ("sft", {"completion": "output"}, {"output": 5}, "output", "expected a string, got int"),
+    ("prompt", {"prompt": "instruction"}, {"instruction": 5}, "instruction", "expected a string, got int"),
+], ids=["paired-response", "paired-prompt", "paired-identical", "unpaired-label", "listwise-response", "listwise-score", "sft", "prompt"])
+def test_errors_name_the_files_own_column_when_columns_are_mapped(regime, columns, change, reported, message, tokenizer, tmp_path):
+    rows = []
+    for row in records(regime):
+        rows.append({columns.get(key, key): value for key, value in row.items()})
+    rows[2].update(change)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    val = write_jsonl(tmp_path / "heldout.jsonl", [{columns.get(k, k): v for k, v in good(regime, 10).items()}])
+    dm = MODULES[regime](train=str(train), val=str(val), columns=columns, use_cache=False, invalid_records="error")
+    dm.tokenizer = tokenizer
+    with pytest.raises(DataError, match="^" + where(train, 2, reported) + re.escape(message)):
+        dm.setup("fit")
+
+
+def test_a_template_that_rejects_a_response_names_that_response(tmp_path):
+    """A chat template that refuses some assistant content: the error names the response, not the prompt."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' and 'forbidden' in m['content'] %}"
+                               "{{ raise_exception('assistant turns cannot say forbidden') }}{% endif %}"
+                               "<|{{ m['role'] }}|>{{ m['content'] }}<|eos|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    rows = [{"prompt": [{"role": "user", "content": f"Q{i}"}], "chosen": "fine", "rejected": "also fine"} for i in range(4)]
+    rows[2]["rejected"] = "forbidden words"
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match="^" + where(train, 2, "rejected") + re.escape("the chat template rejected this conversation: "
+                                                                                      "assistant turns cannot say forbidden")):
+        data_module("paired", tokenizer, train, val=write_jsonl(tmp_path / "v.jsonl", rows[:1])).setup("fit")

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from lit_align.cli import main
-from lit_align.data import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -129,6 +128,6 @@ def test_wrong_type_and_unknown_choice_are_named(capsys):
 def test_bad_data_stops_before_any_training_step(tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "rejected": "c"}]))
-    with pytest.raises(DataError, match=r"pairs\.jsonl, record 1, field 'chosen': missing"):
+    with pytest.raises(SystemExit, match=r"lit-align fit: .*pairs\.jsonl, record 1, field 'chosen': missing"):
         main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--data.init_args.train", str(data), "--data.init_args.val", str(data), *QUIET])
     assert not list(Path("runs").rglob("*.ckpt"))

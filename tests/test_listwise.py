@@ -21,6 +21,7 @@ from torch.testing import assert_close
 from lit_align.cli import main
 from lit_align.data import DataError, DroppableRecord, ListwiseDataModule, WordRulesTask
 from lit_align.data.collate import Collator, ListLayout
+from lit_align.errors import SettingError
 from lit_align.losses import dpo_loss, lipo_lambda_loss, pro_loss, rrhf_loss
 from lit_align.methods import PRO, RRHF, LiPO, ResponseLists
 from lit_align.methods.listwise import ranking_metrics
@@ -147,40 +148,43 @@ def test_lipo_lambda_hand_value():
     """LiPO-lambda: sum_{psi_i > psi_j} Delta_ij sp(-(s_i - s_j)), Delta_ij = |G_i - G_j| |1/D(tau_i) - 1/D(tau_j)|.
 
     beta = 0.5, pi = (-2, -1, -4), pi_ref = (-4, -2, -2): s = 0.5 * (2, 1, -2) = (1, 0.5, -1), so
-    tau = (1, 2, 3) and 1/D = (1/ln 2, 1/ln 3, 1/ln 4). psi = (1, 0, 0.5): G = (1, 0, sqrt 2 - 1).
-    (0,1): Delta = 1 * (1/ln2 - 1/ln3), sp(-(1 - 0.5)) = sp(-0.5)
-    (0,2): Delta = (2 - sqrt 2) * (1/ln2 - 1/ln4), sp(-(1 + 1)) = sp(-2)
-    (2,1): Delta = (sqrt 2 - 1) * (1/ln3 - 1/ln4), sp(-(-1 - 0.5)) = sp(1.5)   (misordered pair)
+    tau = (1, 2, 3) and 1/D = (1/ln 2, 1/ln 3, 1/ln 4). psi = (1, 0, 0.5), best 1: G = 2^(psi - 1)
+    = (1, 1/2, 1/sqrt 2) (the paper's 2^psi - 1 = (1, 0, sqrt 2 - 1) has the same differences times 2).
+    (0,1): Delta = 1/2 * (1/ln2 - 1/ln3), sp(-(1 - 0.5)) = sp(-0.5)
+    (0,2): Delta = (1 - 1/sqrt 2) * (1/ln2 - 1/ln4), sp(-(1 + 1)) = sp(-2)
+    (2,1): Delta = (1/sqrt 2 - 1/2) * (1/ln3 - 1/ln4), sp(-(-1 - 0.5)) = sp(1.5)   (misordered pair)
     """
     d1, d2, d3 = 1 / math.log(2), 1 / math.log(3), 1 / math.log(4)
-    root = math.sqrt(2)
-    expected = (d1 - d2) * sp(-0.5) + (2 - root) * (d1 - d3) * sp(-2.0) + (root - 1) * (d2 - d3) * sp(1.5)
+    inv = 1 / math.sqrt(2)
+    expected = 0.5 * (d1 - d2) * sp(-0.5) + (1 - inv) * (d1 - d3) * sp(-2.0) + (inv - 0.5) * (d2 - d3) * sp(1.5)
     out = lipo_lambda_loss(t((-2.0, -1.0, -4.0)), t((-4.0, -2.0, -2.0)), t((1.0, 0.0, 0.5)), ones(1, 3), beta=0.5)
     assert out.losses.item() == pytest.approx(expected, abs=1e-9)
     assert_close(out.rewards, t((1.0, 0.5, -1.0)), **TOL)
-    mean_weight = ((d1 - d2) + (2 - root) * (d1 - d3) + (root - 1) * (d2 - d3)) / 3
+    mean_weight = (0.5 * (d1 - d2) + (1 - inv) * (d1 - d3) + (inv - 0.5) * (d2 - d3)) / 3
     assert out.metrics["lambda_weight"].item() == pytest.approx(mean_weight, abs=1e-9)
 
 
 def test_lipo_ranks_follow_the_current_rewards():
     """Same lists with the policy's rewards reordered: s = (-1, 0.5, 1) -> tau = (3, 2, 1), so the
-    discounts move with the rewards: (0,1): Delta = 1 * (1/ln3 - 1/ln4), sp(-(-1 - 0.5)) = sp(1.5);
-    (0,2): Delta = (2 - sqrt 2)(1/ln2 - 1/ln4), sp(2); (2,1): Delta = (sqrt 2 - 1)(1/ln2 - 1/ln3), sp(-0.5)."""
+    discounts move with the rewards (G = (1, 1/2, 1/sqrt 2) as above): (0,1): Delta = 1/2 (1/ln3 - 1/ln4),
+    sp(-(-1 - 0.5)) = sp(1.5); (0,2): Delta = (1 - 1/sqrt 2)(1/ln2 - 1/ln4), sp(2);
+    (2,1): Delta = (1/sqrt 2 - 1/2)(1/ln2 - 1/ln3), sp(-0.5)."""
     d1, d2, d3 = 1 / math.log(2), 1 / math.log(3), 1 / math.log(4)
-    root = math.sqrt(2)
-    expected = (d2 - d3) * sp(1.5) + (2 - root) * (d1 - d3) * sp(2.0) + (root - 1) * (d1 - d2) * sp(-0.5)
+    inv = 1 / math.sqrt(2)
+    expected = 0.5 * (d2 - d3) * sp(1.5) + (1 - inv) * (d1 - d3) * sp(2.0) + (inv - 0.5) * (d1 - d2) * sp(-0.5)
     out = lipo_lambda_loss(t((-1.0, 0.5, 1.0)), t((0.0, 0.0, 0.0)), t((1.0, 0.0, 0.5)), ones(1, 3), beta=1.0)
     assert out.losses.item() == pytest.approx(expected, abs=1e-9)
 
 
 def test_lipo_with_two_responses_is_weighted_dpo():
-    """K = 2: tau is (1, 2) or (2, 1), so Delta = |2^psi_1 - 2^psi_2| (1/ln 2 - 1/ln 3) whatever the
-    rewards, and the loss is Delta times DPO's -log sigma(beta m)."""
+    """K = 2: tau is (1, 2) or (2, 1), so Delta = |2^(psi_1 - best) - 2^(psi_2 - best)| (1/ln 2 - 1/ln 3)
+    whatever the rewards, and the loss is Delta times DPO's -log sigma(beta m). Scores (1, 0): 1 - 1/2;
+    (0.5, 0): 1 - 2^-0.5; (0, 2): 1 - 2^-2."""
     policy, reference = t((-1.0, -3.0), (-5.0, -2.0), (-2.0, -2.5)), t((-2.0, -2.0), (-2.0, -2.0), (-1.0, -3.0))
     scores = t((1.0, 0.0), (0.5, 0.0), (0.0, 2.0))
     beta = 0.5
     discount = 1 / math.log(2) - 1 / math.log(3)
-    delta = [1.0 * discount, (math.sqrt(2) - 1) * discount, 3.0 * discount]
+    delta = [0.5 * discount, (1 - 2**-0.5) * discount, 0.75 * discount]
     margins = [(-1 + 2) - (-3 + 2), (-5 + 2) - (-2 + 2), (-2.5 + 3) - (-2 + 1)]  # better minus worse
     out = lipo_lambda_loss(policy, reference, scores, ones(3, 2), beta=beta)
     assert_close(out.losses, torch.tensor([d * sp(-beta * m) for d, m in zip(delta, margins)], dtype=torch.float64), **TOL)
@@ -303,7 +307,7 @@ def test_max_responses_keeps_the_best(tokenizer, tmp_path):
     dm.setup("fit")
     assert [ex["scores"] for ex in dm.datasets["train"]] == [[1.0, 0.5], [-1.0, -2.0], [3.0, 0.0]]
     assert [decode(tokenizer, r).strip() for r in dm.datasets["train"][1]["responses"]] == ["bb", "aa"]
-    with pytest.raises(ValueError, match="max_responses must be at least 2"):
+    with pytest.raises(SettingError, match=re.escape("ListwiseDataModule: max_responses must be >= 2, got 1")):
         ListwiseDataModule(max_responses=1)
 
 

@@ -9,6 +9,7 @@ m = h_w - h_l (margin), sp(z) = log(1 + e^z) = -log sigma(-z), sig(z) = 1 / (1 +
 from __future__ import annotations
 
 import math
+import re
 import typing
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from torch.testing import assert_close
 
 from lit_align.data import PreferenceDataModule, WordRulesTask
+from lit_align.errors import SettingError
 from lit_align.losses import (
     GPO_FUNCTIONS,
     aot_loss,
@@ -403,7 +405,8 @@ def test_gpo_special_cases_are_dpo_slic_and_ipo():
 def test_gpo_unknown_function_lists_the_choices():
     with pytest.raises(ValueError, match=r"unknown GPO function 'cubic'; choose one of \['exponential', 'hinge', 'logistic', 'savage', 'squared', 'truncated_quadratic'\]"):
         gpo_loss(PC, PR, RC, RR, function="cubic")
-    with pytest.raises(ValueError, match="unknown GPO function 'cubic'"):
+    with pytest.raises(SettingError, match=re.escape("GPO: function must be one of logistic, hinge, squared, exponential, truncated_quadratic, "
+                                                     "savage, got 'cubic'")):
         GPO(function="cubic")
     # the CLI's choices are the dict's keys
     assert set(typing.get_args(typing.get_type_hints(GPO.__init__)["function"])) == set(GPO_FUNCTIONS)
@@ -462,7 +465,7 @@ def test_running_statistics_update_in_training_only(batch):
     assert "reward_shift.value" in bco.state_dict()
     kept = beta_dpo.forward_pair(batch).metrics["kept"]
     assert kept.sum().item() == 3  # rho = 0.5 of 6 pairs
-    with pytest.raises(ValueError, match=r"rho .* must be in \[0, 1\)"):
+    with pytest.raises(SettingError, match=re.escape("BetaDPO: rho must be in [0, 1), got 1.5")):
         BetaDPO(rho=1.5)
-    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+    with pytest.raises(SettingError, match=re.escape("BCOPair: momentum must be in [0, 1), got 1.0")):
         BCOPair(momentum=1.0)

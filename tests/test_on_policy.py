@@ -77,9 +77,9 @@ def test_prompt_data_module_batches_left_padded_prompts_and_raw_text():
 
 
 def test_on_policy_methods_name_what_is_missing():
-    with pytest.raises(ValueError, match="reference=cached is not possible"):
+    with pytest.raises(ValueError, match="PPO: model.reference cannot be cached for on-policy methods"):
         PPO(model={"reference": "cached"})
-    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+    with pytest.raises(ValueError, match="GRPO: samples_per_prompt must be >= 2, got 1"):
         GRPO(samples_per_prompt=1)
     data = PromptDataModule(task=WordRulesTask(num_train=4, num_val=2), batch_size=2, use_cache=False)
     trainer = lightning.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)

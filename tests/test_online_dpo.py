@@ -55,9 +55,9 @@ def _logps(tokens, mask):
 
 
 def test_online_dpo_needs_two_samples_and_sampling():
-    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+    with pytest.raises(ValueError, match="OnlineDPO: samples_per_prompt must be >= 2, got 1"):
         OnlineDPO(samples_per_prompt=1, model={"name_or_path": "tiny"})
-    with pytest.raises(ValueError, match="temperature > 0"):
+    with pytest.raises(ValueError, match="generation.temperature must be > 0"):
         OnlineDPO(generation={"temperature": 0.0}, model={"name_or_path": "tiny"})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from lit_align.losses.policy_gradient import (
     token_rewards,
     whiten,
 )
+from lit_align.methods import PPO
 
 # one row: 2 prompt positions (masked), 3 response tokens, 1 padding position
 MASK = torch.tensor([[False, False, True, True, True, False]])
@@ -155,5 +157,5 @@ def test_adaptive_kl_controller_moves_beta_the_right_way():
     fixed = KLPenalty(beta=0.1).controller()
     assert fixed.update(100.0) == pytest.approx(0.1)
     assert "beta_value" in controller.state_dict()  # resumes from checkpoints
-    with pytest.raises(ValueError, match="target > 0"):
-        KLPenalty(target=0.0).controller()
+    with pytest.raises(ValueError, match=re.escape("PPO: kl.target must be > 0, got 0.0")):  # checked where the setting enters
+        PPO(kl=KLPenalty(target=0.0))

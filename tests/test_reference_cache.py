@@ -9,6 +9,7 @@ import torch
 
 import lit_align.reference_cache as reference_cache
 from lit_align.data import PreferenceDataModule, WordRulesTask
+from lit_align.errors import SettingError
 from lit_align.methods import DPO
 from lit_align.settings import LoRA, ModelSettings, OptimizerSettings, TinyModel
 
@@ -98,7 +99,7 @@ def test_corrupt_cache_is_recomputed(monkeypatch):
 def test_missing_cache_for_a_trained_policy_is_a_clear_error():
     module, data = make("cached")
     module._policy_is_initial = False  # as after training or loading a checkpoint
-    with pytest.raises(RuntimeError, match="no usable cache .* cannot be recomputed"):
+    with pytest.raises(SettingError, match="no usable cache .* cannot be recomputed"):
         fit(module, data, steps=1)
 
 

@@ -18,6 +18,7 @@ from lit_align.callbacks.reference_sync import update_reference
 from lit_align.data import PreferenceDataModule
 from lit_align.data.collate import PairCollator
 from lit_align.data.tasks import WordRulesTask
+from lit_align.errors import SettingError
 from lit_align.methods import DPO
 from lit_align.settings import LoRA, ModelSettings, OptimizerSettings
 
@@ -86,7 +87,7 @@ def test_soft_sync_is_alpha_theta_plus_one_minus_alpha_theta_ref():
 def test_alpha_and_interval_are_checked():
     with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\]"):
         ReferenceSync(every_n_steps=4, alpha=0.0)
-    with pytest.raises(ValueError, match="every_n_steps must be at least 1"):
+    with pytest.raises(ValueError, match="ReferenceSync: every_n_steps must be >= 1, got 0"):
         ReferenceSync(every_n_steps=0)
 
 
@@ -177,7 +178,7 @@ class PlainData(L.LightningDataModule):
 
 def test_stepwise_dpo_needs_a_chunked_data_module_and_matching_epochs():
     module = DPO(model=ModelSettings(reference="copy"))
-    with pytest.raises(TypeError, match="StepwiseDPO needs a data module that serves one chunk .* got PlainData"):
+    with pytest.raises(SettingError, match="StepwiseDPO needs a data module that serves one chunk .* got PlainData"):
         trainer([StepwiseDPO(num_chunks=2)], max_epochs=2).fit(module, datamodule=PlainData())
     with pytest.raises(ValueError, match="set trainer.max_epochs to num_chunks=3 .*got max_epochs=2"):
         trainer([StepwiseDPO(num_chunks=3)], max_epochs=2).fit(module, small_data())

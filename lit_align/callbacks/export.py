@@ -6,6 +6,8 @@ from pathlib import Path
 
 from lightning import Callback, Trainer
 
+from lit_align.atomic import unwritable
+from lit_align.errors import SettingError
 from lit_align.methods.alignment import AlignmentModule
 
 
@@ -29,6 +31,14 @@ class ExportHF(Callback):
 
     def __init__(self, output_dir: str = "outputs/export", adapter: bool = True, merged: bool = True):
         self.output_dir, self.adapter, self.merged = Path(output_dir), adapter, merged
+
+    def setup(self, trainer: Trainer, pl_module: AlignmentModule, stage: str) -> None:
+        """Before training: the export folder can be written (else the export would fail only
+        once training is done)."""
+        problem = unwritable(self.output_dir) if stage == "fit" and trainer.is_global_zero else None
+        if problem:
+            raise SettingError("ExportHF", "output_dir", f"{str(self.output_dir)!r} cannot be written ({problem}), so the export at the end "
+                               "of fit would fail; choose a folder you can write")
 
     def on_fit_end(self, trainer: Trainer, pl_module: AlignmentModule) -> None:
         from lightning.pytorch.strategies import FSDPStrategy

@@ -22,9 +22,13 @@ the policy with LoRA off), ``cached`` is a fixed table of log-probs computed bef
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+
+from lit_align.errors import SettingError
+from lit_align.settings import Count, Range, check_arguments
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +51,9 @@ def check_copy_reference(pl_module: LightningModule, who: str) -> None:
     strategy = backbone.reference_strategy
     if not backbone.strategy.builds_copy:
         reason = _NO_WEIGHTS.get(strategy, f"reference={strategy}")
-        raise ValueError(f"{who} updates the reference model from the policy, but model.reference={strategy}: {reason}")
+        raise SettingError(None, "model.reference", f"{who} updates the reference model from the policy, but model.reference={strategy}: {reason}")
     if backbone.settings.quantization is not None:
-        raise ValueError(f"{who} cannot write the policy's weights into a 4-bit quantized reference (QLoRA); "
+        raise SettingError(None, "model.quantization", f"{who} cannot write the policy's weights into a 4-bit quantized reference (QLoRA); "
                          "train without model.quantization to update the reference")
 
 
@@ -117,11 +121,8 @@ class ReferenceSync(Callback):
         alpha: weight of the policy in the update, in (0, 1].
     """
 
-    def __init__(self, every_n_steps: int = 512, alpha: float = 1.0):
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
-        if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    def __init__(self, every_n_steps: Count = 512, alpha: Annotated[float, Range(0, 1, low_open=True)] = 1.0):
+        check_arguments(self, locals())
         self.every_n_steps, self.alpha = every_n_steps, alpha
         self.last_update_step = 0
 
@@ -158,9 +159,8 @@ class StepwiseDPO(Callback):
         num_chunks: number of chunks (steps, in the paper's terms) the training data is split into.
     """
 
-    def __init__(self, num_chunks: int = 2):
-        if num_chunks < 1:
-            raise ValueError(f"num_chunks must be at least 1, got {num_chunks}")
+    def __init__(self, num_chunks: Count = 2):
+        check_arguments(self, locals())
         self.num_chunks = num_chunks
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -170,10 +170,10 @@ class StepwiseDPO(Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "train_chunks"):
             name = type(datamodule).__name__ if datamodule is not None else "no data module"
-            raise TypeError(f"StepwiseDPO needs a data module that serves one chunk of the training data per epoch "
+            raise SettingError(None, "data.class_path", f"StepwiseDPO needs a data module that serves one chunk of the training data per epoch "
                             f"(a `train_chunks` attribute, as lit_align.data.PreferenceDataModule has); got {name}")
         if trainer.max_epochs != self.num_chunks:
-            raise ValueError(f"StepwiseDPO trains chunk k during epoch k: set trainer.max_epochs to num_chunks={self.num_chunks} "
+            raise SettingError(None, "trainer.max_epochs", f"StepwiseDPO trains chunk k during epoch k: set trainer.max_epochs to num_chunks={self.num_chunks} "
                              f"(got max_epochs={trainer.max_epochs})")
         datamodule.train_chunks = self.num_chunks
         if trainer.reload_dataloaders_every_n_epochs != 1:

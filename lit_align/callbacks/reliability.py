@@ -25,6 +25,8 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit_align.settings import NonNegativeInt, check_arguments
+
 log = logging.getLogger(__name__)
 
 
@@ -140,9 +142,8 @@ class NonFiniteLoss(Callback):
         max_skipped: with ``skip``, the most steps to skip before stopping (None: no limit).
     """
 
-    def __init__(self, action: Literal["stop", "skip"] = "stop", max_skipped: Optional[int] = None):
-        if action not in ("stop", "skip"):
-            raise ValueError(f"NonFiniteLoss: action must be 'stop' or 'skip', got {action!r}")
+    def __init__(self, action: Literal["stop", "skip"] = "stop", max_skipped: Optional[NonNegativeInt] = None):
+        check_arguments(self, locals())
         self.action, self.max_skipped = action, max_skipped
         self.skipped = 0
         self._drop_gradients = False

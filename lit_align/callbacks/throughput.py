@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 from lightning.pytorch.callbacks import ThroughputMonitor
 
 from lit_align.packing import row_count, token_count
+from lit_align.settings import Positive, Range, check_arguments
 
 
 def _pairs(batch) -> int:
@@ -25,7 +26,8 @@ class Throughput(ThroughputMonitor):
         window_size: number of batches in the moving average.
     """
 
-    def __init__(self, peak_flops: Optional[float] = None, window_size: int = 20):
+    def __init__(self, peak_flops: Optional[Positive] = None, window_size: Annotated[int, Range(2)] = 20):
+        check_arguments(self, locals())
         super().__init__(batch_size_fn=_pairs, length_fn=token_count, window_size=window_size)
         self.peak_flops = peak_flops
 

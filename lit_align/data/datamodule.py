@@ -8,7 +8,7 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import torch
 from lightning import LightningDataModule
@@ -23,10 +23,12 @@ from lit_align.data.sampling import GlobalBatchOrder, resumed_epoch_position
 from lit_align.data.sources import read_records, source_fingerprint
 from lit_align.data.tasks import WordRulesTask
 from lit_align.data.tokenize import TruncationMode, tokenize_pair
+from lit_align.errors import SettingError
+from lit_align.settings import Count, NonNegativeInt, Range, Seed, check_arguments
 
 log = logging.getLogger(__name__)
 BUILTIN = "builtin"
-CACHE_VERSION = 3  # 3: pairs carry their optional `margin` column
+CACHE_VERSION = 4  # 3: pairs carry their optional `margin` column; 4: every example its source record number
 
 
 def default_cache_dir() -> Path:
@@ -74,35 +76,37 @@ class PreferenceDataModule(LightningDataModule):
         val: Optional[str] = None,
         split: str = "train",
         val_split: Optional[str] = None,
-        val_fraction: float = 0.05,
+        val_fraction: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.05,
         format: FormatName = "auto",
         columns: Optional[dict[str, str]] = None,
         assistant_marker: str = "\n\nAssistant:",
         task: Optional[WordRulesTask] = None,
-        max_length: int = 512,
-        max_prompt_length: Optional[int] = None,
+        max_length: Annotated[int, Range(2)] = 512,
+        max_prompt_length: Optional[Count] = None,
         truncation: TruncationMode = "keep_end",
         invalid_records: Literal["skip", "error"] = "skip",
-        max_records: Optional[int] = None,
-        batch_size: int = 8,
-        eval_batch_size: Optional[int] = None,
+        max_records: Optional[Count] = None,
+        batch_size: Count = 8,
+        eval_batch_size: Optional[Count] = None,
         packing: bool = False,
-        num_workers: int = 0,
-        seed: int = 0,
+        num_workers: NonNegativeInt = 0,
+        seed: Seed = 0,
         cache_dir: Optional[str] = None,
         use_cache: bool = True,
     ):
         super().__init__()
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        if max_prompt_length is not None and not 0 < max_prompt_length < max_length:
-            raise ValueError(f"max_prompt_length must be in (0, max_length={max_length}), got {max_prompt_length}: responses need room")
         self.save_hyperparameters()
+        check_arguments(self, self.hparams)  # the settings of subclasses too
+        if max_prompt_length is not None and max_prompt_length >= max_length:
+            raise SettingError(type(self).__name__, "max_prompt_length", f"must be < max_length={max_length}, got {max_prompt_length}: responses need room")
         self.task = task or WordRulesTask()
         self.max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.packing_active = packing  # switched off by the module if the model cannot isolate packed sequences
         self.datasets: dict[str, list[dict[str, Any]]] = {}
+        self.sources: dict[str, str] = {}
+        """Per split, the name of the source its examples were read from (a file, folder, hub name
+        or ``builtin:<split>``); each example's ``record`` is its record number there."""
         self.skipped: dict[str, int] = {}
         self.train_chunks: int | None = None
         """Serve the training examples in this many consecutive chunks, in their order: chunk
@@ -156,11 +160,18 @@ class PreferenceDataModule(LightningDataModule):
         examples, skipped = [], []
         for index, record in records:
             try:
-                examples.extend(self.tokenize_record(record, source, index))
+                try:
+                    tokenized = self.tokenize_record(record, source, index)
+                except DataError as error:  # named in the file's own field names (``columns``)
+                    raise error.in_file_columns(self.hparams.columns) from None
             except DroppableRecord as error:
                 if self.hparams.invalid_records == "error":
                     raise
                 skipped.append(str(error))
+                continue
+            for example in tokenized:
+                example["record"] = index  # its number in the source: per-record checks name it
+            examples.extend(tokenized)
         if not examples:
             raise DataError(source, f"no usable records ({len(skipped)} skipped; first: {skipped[:1]})")
         return examples, skipped
@@ -209,18 +220,24 @@ class PreferenceDataModule(LightningDataModule):
         if self.tokenizer is None:
             raise RuntimeError("PreferenceDataModule needs a tokenizer: set `datamodule.tokenizer` or use it with a lit-align module")
         if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is None:  # without pad, batches are padded with eos
-            raise ValueError(f"{type(self).__name__}: the tokenizer has neither a pad nor an eos token, so batches cannot be padded; set tokenizer.pad_token")
+            raise SettingError(None, "tokenizer", f"{type(self).__name__}: the tokenizer has neither a pad nor an eos token, so batches cannot be padded; set tokenizer.pad_token")
         path = self._cache_path()
         cached = self._load_cache(path)
         if cached is None:
-            cached = {"splits": {}, "skipped": {}}
+            cached = {"splits": {}, "skipped": {}, "sources": {}}
             for name, (source, records) in self._raw_splits().items():
                 examples, skipped = self._tokenize_split(source, records)
                 cached["splits"][name] = self.finish_split(name, source, examples)
                 cached["skipped"][name] = skipped
+                cached["sources"][name] = source
             if self.hparams.use_cache:
-                atomic_torch_save(cached, path)
+                try:
+                    atomic_torch_save(cached, path)
+                except OSError as error:  # read-only or full: the run does not need the cache, only the next one would
+                    log.warning("cannot write the tokenized-data cache in %s (%s); continuing without it. Set data.init_args.cache_dir "
+                                "or $LIT_ALIGN_CACHE to a writable folder, or data.init_args.use_cache to false", path.parent, error.strerror or error)
         self.datasets = cached["splits"]
+        self.sources = cached["sources"]
         self.skipped = {name: len(reasons) for name, reasons in cached["skipped"].items()}
         for name, reasons in cached["skipped"].items():
             if reasons:

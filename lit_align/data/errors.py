@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 
-class DataError(ValueError):
+from lit_align.errors import LitAlignError
+
+
+class DataError(LitAlignError, ValueError):
     """A record or file cannot be used; the message says where (file, record, field) and why."""
 
     def __init__(self, source: str, message: str, record: int | None = None, field: str | None = None):
@@ -13,7 +17,20 @@ class DataError(ValueError):
         if field is not None:
             where.append(f"field '{field}'")
         super().__init__(f"{', '.join(where)}: {message}")
-        self.source, self.record, self.field = source, record, field
+        self.source, self.record, self.field, self.message = source, record, field, message
+
+    def in_file_columns(self, columns: Mapping[str, str] | None) -> DataError:
+        """The same error with its field named as the file names it: ``columns`` maps lit-align's
+        field names to the file's (``{"chosen": "response_j"}``), and an indexed field keeps its
+        index (``responses[2]`` -> ``answers[2]``). The error itself when nothing is renamed."""
+        if not columns or self.field is None:
+            return self
+        base, bracket, rest = self.field.partition("[")
+        if base not in columns:
+            return self
+        renamed = type(self)(self.source, self.message, self.record, columns[base] + bracket + rest)
+        renamed.__cause__ = self.__cause__
+        return renamed
 
 
 class DroppableRecord(DataError):

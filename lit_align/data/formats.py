@@ -58,7 +58,7 @@ def normalise_record(
     """Turn one raw record into a :class:`PreferencePair`, or raise :class:`DataError` saying where."""
     fields = {name: read_field(record, (columns or {}).get(name, name), source, index, required=name != "prompt") for name in ("prompt", "chosen", "rejected")}
     prompt, chosen, rejected = fields["prompt"], fields["chosen"], fields["rejected"]
-    shape = format if format != "auto" else _detect(prompt, chosen, source, index)
+    shape = format if format != "auto" else _detect(prompt, chosen, rejected)
     if shape == "explicit":
         pair = PreferencePair(read_text(prompt, "prompt", source, index, allow_empty=True), read_text(chosen, "chosen", source, index), read_text(rejected, "rejected", source, index))
     elif shape == "implicit":
@@ -90,8 +90,8 @@ def read_field(record: Mapping[str, Any], key: str, source: str, index: int, req
     return record[key]
 
 
-def _detect(prompt: Any, chosen: Any, source: str, index: int) -> str:
-    if isinstance(prompt, list) or isinstance(chosen, list):
+def _detect(prompt: Any, chosen: Any, rejected: Any) -> str:
+    if any(isinstance(value, list) for value in (prompt, chosen, rejected)):
         return "conversational"
     if prompt is None:
         return "implicit"
@@ -129,17 +129,21 @@ def read_reply(messages: tuple[Message, ...], field: str, source: str, index: in
 
 
 def _conversational(prompt: Any, chosen: Any, rejected: Any, source: str, index: int) -> PreferencePair:
+    # the responses are read first: a malformed response is reported as itself, not as a prompt
+    # that does not fit it
+    chosen_msgs = read_messages(chosen, "chosen", source, index) if isinstance(chosen, list) else ({"role": "assistant", "content": read_text(chosen, "chosen", source, index)},)
+    rejected_msgs = read_messages(rejected, "rejected", source, index) if isinstance(rejected, list) else ({"role": "assistant", "content": read_text(rejected, "rejected", source, index)},)
     if prompt is None:  # whole conversations: the shared leading messages are the prompt
-        chosen_msgs, rejected_msgs = read_messages(chosen, "chosen", source, index), read_messages(rejected, "rejected", source, index)
         shared = 0
         while shared < min(len(chosen_msgs), len(rejected_msgs)) - 1 and chosen_msgs[shared] == rejected_msgs[shared]:
             shared += 1
         prompt_msgs = chosen_msgs[:shared]
         chosen_msgs, rejected_msgs = chosen_msgs[shared:], rejected_msgs[shared:]
+        if not prompt_msgs:
+            raise DataError(source, "chosen and rejected conversations share no leading messages, so there is no prompt to split off "
+                            "(a record without 'prompt' is read as whole conversations)", index, "chosen")
     else:
         prompt_msgs = read_messages(prompt, "prompt", source, index)
-        chosen_msgs = read_messages(chosen, "chosen", source, index) if isinstance(chosen, list) else ({"role": "assistant", "content": read_text(chosen, "chosen", source, index)},)
-        rejected_msgs = read_messages(rejected, "rejected", source, index) if isinstance(rejected, list) else ({"role": "assistant", "content": read_text(rejected, "rejected", source, index)},)
     if not prompt_msgs:
         raise DataError(source, "conversation has no prompt messages", index, "prompt")
     return PreferencePair(prompt_msgs, read_reply(chosen_msgs, "chosen", source, index), read_reply(rejected_msgs, "rejected", source, index))

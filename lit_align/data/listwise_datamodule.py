@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 from lit_align.data.collate import ListLayout
 from lit_align.data.datamodule import PreferenceDataModule
 from lit_align.data.errors import DroppableRecord
 from lit_align.data.listwise import normalise_listwise
 from lit_align.data.tokenize import tokenize_responses
+from lit_align.settings import Range
 
 
 class ListwiseDataModule(PreferenceDataModule):
@@ -26,10 +27,8 @@ class ListwiseDataModule(PreferenceDataModule):
 
     layout = ListLayout()
 
-    def __init__(self, *args, list_size: int = 4, max_responses: Optional[int] = None, **kwargs):
+    def __init__(self, *args, list_size: Annotated[int, Range(2)] = 4, max_responses: Optional[Annotated[int, Range(2)]] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        if max_responses is not None and max_responses < 2:
-            raise ValueError(f"max_responses must be at least 2 (a list needs two responses), got {max_responses}")
 
     def builtin_records(self, split: str) -> list[dict[str, Any]]:
         return self.task.ranked(split, self.hparams.list_size)

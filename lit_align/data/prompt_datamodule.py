@@ -13,6 +13,7 @@ from lit_align.data.formats import read_field, read_prompt
 from lit_align.data.sft_datamodule import SFTDataModule
 from lit_align.data.sources import read_records
 from lit_align.data.tokenize import tokenize_prompt
+from lit_align.settings import Count
 
 
 class PromptDataModule(PreferenceDataModule):
@@ -39,7 +40,7 @@ class PromptDataModule(PreferenceDataModule):
 
     layout = PromptLayout()
 
-    def __init__(self, *args, ptx_train: Optional[str] = None, ptx_batch_size: Optional[int] = None, **kwargs):
+    def __init__(self, *args, ptx_train: Optional[str] = None, ptx_batch_size: Optional[Count] = None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.hparams.max_prompt_length is None:  # no response shares max_length here
             self.max_prompt_length = self.hparams.max_length

@@ -37,8 +37,19 @@ class SFTDataModule(PreferenceDataModule):
     def tokenize_record(self, record: dict[str, Any], source: str, index: int) -> list[dict[str, Any]]:
         h = self.hparams
         prompt, completion = self._demonstration(record, source, index)
-        prompt_ids, responses = tokenize_responses(prompt, {"completion": completion}, self.tokenizer, h.max_length, self.max_prompt_length, h.truncation, source, index)
+        try:
+            prompt_ids, responses = tokenize_responses(prompt, {"completion": completion}, self.tokenizer, h.max_length, self.max_prompt_length,
+                                                       h.truncation, source, index)
+        except DataError as error:  # a {messages} record: prompt and completion are both in `messages`
+            messages = self._messages_field(record)
+            raise error.in_file_columns({"prompt": messages, "completion": messages} if messages else None) from None
         return [{"prompt": prompt_ids, "completion": responses["completion"]}]
+
+    def _messages_field(self, record: dict[str, Any]) -> str | None:
+        """The (file's) name of the ``messages`` field when ``record`` is read as a conversation."""
+        h = self.hparams
+        name = (h.columns or {}).get("messages", "messages")
+        return name if not h.from_pairs and name in record else None
 
     def _demonstration(self, record: dict[str, Any], source: str, index: int):
         """(prompt, completion) of one raw record."""

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,26 +43,65 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
     name = path.name.lower()
     if path.stat().st_size == 0:
         raise DataError(str(path), "no records (the file is empty)")
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        records = list(_iter_jsonl(path))
-    elif name.endswith((".json", ".json.gz")):
-        records = _read_json(path)
-    elif name.endswith(".parquet"):
-        import datasets
-
-        records = list(datasets.Dataset.from_parquet(str(path)))
-    else:
+    if not name.endswith(FILE_SUFFIXES):
         raise DataError(str(path), f"unknown file format; supported endings are {', '.join(FILE_SUFFIXES)}")
+    try:
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            records = list(_iter_jsonl(path))
+        elif name.endswith((".json", ".json.gz")):
+            records = _read_json(path)
+        else:
+            records = _read_parquet(path)
+    except (EOFError, OSError, zlib.error) as error:  # the container, not a record, is broken
+        raise DataError(str(path), _container_problem(path, error)) from None
     if not records:
         raise DataError(str(path), "no records (the file is empty)")
     return records
 
 
+def _container_problem(path: Path, error: BaseException) -> str:
+    """What is wrong with a file that could not be read as the container its name says."""
+    detail = f"{type(error).__name__}: {error}"
+    gzipped = path.name.lower().endswith(".gz")
+    if gzipped and not _starts_like_gzip(path):
+        return f"the name ends in .gz but the file is not gzip-compressed ({detail}); rename it or compress it with gzip"
+    if gzipped and isinstance(error, (EOFError, zlib.error, gzip.BadGzipFile)):
+        return f"the gzip data is truncated or corrupt ({detail}); the file was probably cut short while copying or writing"
+    if isinstance(error, PermissionError):
+        return f"cannot be read ({error.strerror})"
+    return f"cannot be read ({detail})"
+
+
+def _starts_like_gzip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    """Rows of a parquet file as dicts. Read with pyarrow directly (the library under ``datasets``):
+    ``datasets.Dataset.from_parquet`` would first copy the file into the Hugging Face cache, which
+    fails on a read-only home folder and costs a second copy of the data."""
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except pyarrow.ArrowException as error:
+        problem = "is not a parquet file" if not _starts_like_parquet(path) else "is a truncated or corrupt parquet file"
+        raise DataError(str(path), f"{problem} ({type(error).__name__}: {error})") from None
+
+
+def _starts_like_parquet(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"PAR1"
+
+
 def _open_text(path: Path):
-    # undecodable bytes become lone surrogates (U+DC80..U+DCFF), found by `_not_utf8` with their line
+    # undecodable bytes become lone surrogates (U+DC80..U+DCFF), found by `_not_utf8` with their line;
+    # utf-8-sig: a byte-order mark (as some editors write at the start of a UTF-8 file) is skipped
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape")
-    return open(path, encoding="utf-8", errors="surrogateescape")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="surrogateescape")
+    return open(path, encoding="utf-8-sig", errors="surrogateescape")
 
 
 _UNDECODED = re.compile("[\udc80-\udcff]")
@@ -124,6 +164,8 @@ def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
         loaded = datasets.load_from_disk(str(path))
     except FileNotFoundError as error:
         raise DataError(str(path), f"is a folder but not a saved `datasets` dataset ({error})") from None
+    except Exception as error:  # arrow, json and OS errors of a damaged folder: name the folder
+        raise DataError(str(path), f"is a saved `datasets` folder that cannot be read ({type(error).__name__}: {error})") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(str(path), f"has no split '{split}' (splits: {', '.join(loaded)})")

@@ -21,6 +21,10 @@ from __future__ import annotations
 import random
 import string
 from dataclasses import dataclass
+from typing import Annotated
+
+from lit_align.errors import SettingError
+from lit_align.settings import Count, Range, Seed, check_fields
 
 PROMPTS = {
     "upper": "Write in capitals: {word}\n",
@@ -44,20 +48,21 @@ class WordRulesTask:
         rules: which rules to mix (any of "upper", "lower", "reverse", "first").
     """
 
-    num_train: int = 2000
-    num_val: int = 200
-    seed: int = 0
-    min_word_length: int = 3
-    max_word_length: int = 6
+    num_train: Count = 2000
+    num_val: Count = 200
+    seed: Seed = 0
+    min_word_length: Annotated[int, Range(2)] = 3
+    max_word_length: Annotated[int, Range(2)] = 6
     rules: tuple[str, ...] = ("upper", "lower")
 
     def __post_init__(self) -> None:
         self.rules = tuple(self.rules)
         unknown = set(self.rules) - set(RULES)
         if unknown or not self.rules:
-            raise ValueError(f"WordRulesTask.rules: unknown rule(s) {sorted(unknown)}; choose from {RULES}")
-        if not 2 <= self.min_word_length <= self.max_word_length:
-            raise ValueError("WordRulesTask: need 2 <= min_word_length <= max_word_length")
+            raise SettingError("WordRulesTask", "rules", f"has unknown rule(s) {sorted(unknown)}; choose from {', '.join(RULES)}")
+        check_fields(self)
+        if self.min_word_length > self.max_word_length:
+            raise SettingError("WordRulesTask", "min_word_length", f"must be <= max_word_length={self.max_word_length}, got {self.min_word_length}")
 
     def split(self, name: str) -> list[dict[str, str]]:
         """Records ``{"prompt", "chosen", "rejected"}`` of split ``train`` or ``val``.
@@ -77,7 +82,7 @@ class WordRulesTask:
             if record["prompt"] not in seen:
                 records.append(record)
         if len(records) < count:
-            raise ValueError("WordRulesTask: too few unseen words for the held-out split; raise max_word_length")
+            raise SettingError("WordRulesTask", "num_val", "is more than the unseen words left for the held-out split; raise max_word_length or lower num_val")
         return records
 
     def _pair(self, rng: random.Random) -> dict[str, str]:

@@ -29,24 +29,29 @@ TruncationMode = Literal["keep_end", "drop", "error"]
 Prompt = Union[str, Sequence[dict[str, str]]]
 
 
-def render_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, source: str, index: int, add_generation_prompt: bool = False) -> str:
+def render_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, source: str, index: int, add_generation_prompt: bool = False,
+                field: str = "prompt") -> str:
     """``messages`` rendered by the tokenizer's chat template, or a :class:`DataError` naming the
-    record when there is no template or the template rejects the conversation."""
+    record and ``field`` (the part of the record that was added last) when there is no template
+    or the template rejects the conversation."""
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(source, "conversational data needs a tokenizer with a chat template, and this one has none", index, "prompt")
+        raise DataError(source, "conversational data needs a tokenizer with a chat template, and this one has none", index, field)
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as error:  # jinja raises TemplateError for roles the template rejects
-        raise DataError(source, f"the chat template rejected this conversation: {error}", index, "prompt") from None
+        raise DataError(source, f"the chat template rejected this conversation: {error}", index, field) from None
 
 
-def render_conversation(prompt: Sequence[dict[str, str]], response: str, tokenizer: PreTrainedTokenizerBase, source: str, index: int) -> tuple[str, str]:
-    """(prompt text, response text) of a chat prompt and its reply, rendered by the chat template."""
+def render_conversation(prompt: Sequence[dict[str, str]], response: str, tokenizer: PreTrainedTokenizerBase, source: str, index: int,
+                        prompt_field: str = "prompt", response_field: str = "completion") -> tuple[str, str]:
+    """(prompt text, response text) of a chat prompt and its reply, rendered by the chat template;
+    a rendering the template rejects is reported in the field that was added: the prompt's
+    first, then the response's."""
     messages = list(prompt)
-    prompt_text = render_chat(messages, tokenizer, source, index, add_generation_prompt=True)
-    full_text = render_chat(messages + [{"role": "assistant", "content": response}], tokenizer, source, index)
+    prompt_text = render_chat(messages, tokenizer, source, index, add_generation_prompt=True, field=prompt_field)
+    full_text = render_chat(messages + [{"role": "assistant", "content": response}], tokenizer, source, index, field=response_field)
     if not full_text.startswith(prompt_text):
-        raise DataError(source, "the chat template renders the prompt differently with and without the response", index, "prompt")
+        raise DataError(source, "the chat template renders the prompt differently with and without the response", index, prompt_field)
     return prompt_text, full_text[len(prompt_text):]
 
 
@@ -59,14 +64,16 @@ def tokenize_responses(
     truncation: TruncationMode = "keep_end",
     source: str = "<data>",
     index: int = 0,
+    prompt_field: str = "prompt",
 ) -> tuple[list[int], dict[str, list[int]]]:
     """(prompt ids, {field: response ids}) for one prompt and its named responses, truncated as
-    documented above (every response must fit next to the prompt)."""
+    documented above (every response must fit next to the prompt). Errors name the record's
+    fields: ``prompt_field`` for the prompt, each response's key for the response."""
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"max_prompt_length must be in (0, max_length={max_length}), got {max_prompt_length}")
     conversational = not isinstance(prompt, str)
     if conversational:
-        rendered = {name: render_conversation(prompt, text, tokenizer, source, index) for name, text in responses.items()}
+        rendered = {name: render_conversation(prompt, text, tokenizer, source, index, prompt_field, name) for name, text in responses.items()}
         prompt_text = next(iter(rendered.values()))[0]
         texts = {name: response for name, (_, response) in rendered.items()}
     else:
@@ -76,10 +83,10 @@ def tokenize_responses(
     longest = max(len(values) for values in ids.values())
     if len(prompt_ids) + longest > max_length or len(prompt_ids) > max_prompt_length:
         if truncation == "error":
-            field = "prompt" if len(prompt_ids) > max_prompt_length else next(name for name, values in ids.items() if len(values) == longest)
+            field = prompt_field if len(prompt_ids) > max_prompt_length else next(name for name, values in ids.items() if len(values) == longest)
             raise DataError(source, f"{len(prompt_ids)} prompt + {longest} response tokens do not fit max_length={max_length} (max_prompt_length={max_prompt_length}); set truncation to keep_end or drop", index, field)
         if truncation == "drop":
-            raise DroppableRecord(source, f"longer than max_length={max_length} tokens", index, "prompt")
+            raise DroppableRecord(source, f"longer than max_length={max_length} tokens", index, prompt_field)
         prompt_ids = prompt_ids[-max_prompt_length:]
         room = max_length - len(prompt_ids)
         ids = {name: values[:room] for name, values in ids.items()}

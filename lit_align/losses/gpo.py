@@ -14,10 +14,12 @@ name                        f(rho)                       known as
 ``logistic``                log(1 + e^{-rho})            DPO (= ``dpo_loss``)
 ``hinge``                   max(0, 1 - rho)              SLiC (= ``hinge_loss``)
 ``squared``                 (rho - 1)^2                  IPO, up to a factor (see below)
-``exponential``             e^{-rho}                     (new in GPO)
+``exponential``             e^{-rho} (*)                 (new in GPO)
 ``truncated_quadratic``     max(0, 1 - rho)^2            (new in GPO)
 ``savage``                  1 / (1 + e^{rho})^2          (new in GPO)
 ==========================  ===========================  ======================================
+
+(*) continued along its tangent below rho = -30, so the loss stays finite for any finite margin.
 
 Squared vs IPO: (beta m - 1)^2 = beta^2 (m - 1/beta)^2, and ``ipo_loss`` with tau is
 (m - 1/(2 tau))^2, so ``gpo(function="squared", beta=b) == b**2 * ipo_loss(tau=b/2)`` exactly:
@@ -26,6 +28,7 @@ the same minimiser (target margin m = 1/beta) and gradients scaled by beta^2.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
@@ -47,8 +50,17 @@ def _squared(rho: torch.Tensor) -> torch.Tensor:
     return (rho - 1) ** 2
 
 
+EXPONENTIAL_LINEAR_BELOW = -30.0
+"""Below this rho the exponential loss continues along its tangent (its value there is e^30, about 1e13)."""
+
+
 def _exponential(rho: torch.Tensor) -> torch.Tensor:
-    return torch.exp(-rho)
+    """e^{-rho}, continued linearly (value and slope matching) for rho < -30: still convex and
+    decreasing with a gradient, and finite for any finite margin (e^{-rho} overflows float32 for
+    rho < -88, a margin of -880 nats at beta 0.1)."""
+    cut = EXPONENTIAL_LINEAR_BELOW
+    top = math.exp(-cut)
+    return torch.where(rho >= cut, torch.exp(-rho.clamp(min=cut)), top * (1 + (cut - rho)))
 
 
 def _truncated_quadratic(rho: torch.Tensor) -> torch.Tensor:

@@ -140,19 +140,38 @@ def pro_loss(
 def lambda_weights(rewards: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``[B, K, K]`` LambdaLoss weights Delta_ij = |G_i - G_j| |1/D(tau(i)) - 1/D(tau(j))| of LiPO-lambda.
 
-    Gains G_i = 2^{psi_i} - 1 from the scores psi; discounts D(tau) = ln(1 + tau), with tau(i) the
-    1-based position of response i when the valid responses are sorted by ``rewards``
-    (descending; ties in reward keep list order, so equal rewards still get distinct positions).
-    The weights are constants: no gradient flows through the ranks. Zero off valid pairs.
+    Gains from the scores psi: the paper's G_i = 2^{psi_i} - 1, computed per list shifted in log
+    space as G_i = 2^{psi_i - psi_max} with psi_max the list's best score (the -1 cancels in
+    |G_i - G_j|). That multiplies every weight of a list by the constant 2^{-psi_max} (for labels
+    in [0, 1] whose best is 1: one half), keeps each |G_i - G_j| in [0, 1] for any finite scores
+    (2^{psi} overflows float32 above psi = 128: Elo or 0-1000 ratings gave NaN at the first step)
+    and makes the weights depend on score gaps only, as ranking labels should. Discounts
+    D(tau) = ln(1 + tau), with tau(i) the 1-based position of response i when the valid responses
+    are sorted by ``rewards`` (descending; ties in reward keep list order, so equal rewards still
+    get distinct positions). The weights are constants: no gradient flows through the ranks. Zero
+    off valid pairs.
     """
     ranked = rewards.detach().masked_fill(~valid, -math.inf)
     order = torch.argsort(ranked, dim=1, descending=True, stable=True)
     positions = torch.empty_like(order)
     positions.scatter_(1, order, torch.arange(1, order.shape[1] + 1, device=order.device).expand_as(order))
     inverse_discount = 1.0 / torch.log1p(positions.to(rewards.dtype))
-    gains = torch.exp2(_masked(scores, valid).to(rewards.dtype)) - 1
-    weights = (gains[:, :, None] - gains[:, None, :]).abs() * (inverse_discount[:, :, None] - inverse_discount[:, None, :]).abs()
+    gains = _gain_differences(scores, valid).to(rewards.dtype)
+    weights = gains * (inverse_discount[:, :, None] - inverse_discount[:, None, :]).abs()
     return weights * (valid[:, :, None] & valid[:, None, :])
+
+
+def _gain_differences(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, K, K]`` |G_i - G_j| with G = 2^{psi - psi_max} per list (see :func:`lambda_weights`),
+    in log space and float64: 2^{lo - psi_max} (2^{|psi_i - psi_j|} - 1) for lo = min(psi_i, psi_j),
+    exp((lo - psi_max) ln 2 + log(expm1(|d| ln 2))): exact for gaps far below the scores' own size
+    (1e-30 apart), finite for gaps of 1e30, and 0 for ties and padding."""
+    labels = _masked(scores, valid).double()
+    best = labels.masked_fill(~valid, -math.inf).amax(dim=1).clamp(min=-1e300)[:, None, None]  # an empty list: any finite shift
+    low = torch.minimum(labels[:, :, None], labels[:, None, :])
+    gap = (labels[:, :, None] - labels[:, None, :]).abs() * math.log(2)
+    log_expm1 = torch.where(gap > 1, gap + torch.log1p(-torch.exp(-gap)), torch.log(torch.expm1(gap)))
+    return torch.exp((low - best) * math.log(2) + log_expm1) * (valid[:, :, None] & valid[:, None, :])
 
 
 def lipo_lambda_loss(
@@ -170,6 +189,8 @@ def lipo_lambda_loss(
         loss = sum_{psi_i > psi_j} Delta_ij log(1 + exp(-(s_i - s_j)))
         Delta_ij = |G_i - G_j| |1/D(tau(i)) - 1/D(tau(j))|,  G_i = 2^{psi_i} - 1,  D(tau) = log(1 + tau)
 
+    with the gains of each list shifted by its best label, G_i = 2^{psi_i - psi_max}: each list's
+    loss is the paper's times 2^{-psi_max}, finite for any finite labels (see :func:`lambda_weights`).
     tau(i) is the rank of y_i under the current rewards s (detached; see :func:`lambda_weights`).
     Pairs far apart in label, or whose swap would move a response across top positions, weigh
     more. With K = 2 the weight is the constant |G_1 - G_2| (1/ln 2 - 1/ln 3), so the loss is

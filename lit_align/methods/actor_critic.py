@@ -17,6 +17,7 @@ from lit_align.losses.policy_gradient import (
 )
 from lit_align.methods.on_policy import ActorCriticModule, PolicyPass
 from lit_align.rollout import Rollout
+from lit_align.settings import ClipRange, Count, NonNegative, Positive, Probability
 
 
 class PPO(ActorCriticModule):
@@ -43,8 +44,8 @@ class PPO(ActorCriticModule):
         (everything else: :class:`lit_align.methods.on_policy.OnPolicyModule`)
     """
 
-    def __init__(self, *args, gamma: float = 1.0, lam: float = 0.95, clip: float = 0.2, value_clip: Optional[float] = 0.2,
-                 whiten_advantages: bool = True, ptx_coef: float = 0.0, epochs: int = 4, **kwargs):
+    def __init__(self, *args, gamma: Probability = 1.0, lam: Probability = 0.95, clip: ClipRange = 0.2, value_clip: Optional[Positive] = 0.2,
+                 whiten_advantages: bool = True, ptx_coef: NonNegative = 0.0, epochs: Count = 4, **kwargs):
         super().__init__(*args, epochs=epochs, **kwargs)
         self.gamma, self.lam, self.clip, self.value_clip = gamma, lam, clip, value_clip
         self.whiten_advantages, self.ptx_coef = whiten_advantages, ptx_coef
@@ -83,10 +84,8 @@ class A2C(ActorCriticModule):
         (everything else: :class:`lit_align.methods.on_policy.ActorCriticModule`)
     """
 
-    def __init__(self, *args, gamma: float = 1.0, n_steps: int = 1, **kwargs):
+    def __init__(self, *args, gamma: Probability = 1.0, n_steps: Count = 1, **kwargs):
         super().__init__(*args, **kwargs)
-        if n_steps < 1:
-            raise ValueError(f"A2C n_steps must be >= 1, got {n_steps}")
         self.gamma, self.n_steps = gamma, n_steps
 
     def prepare(self, rollout: Rollout) -> None:

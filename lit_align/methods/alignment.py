@@ -21,8 +21,10 @@ from transformers import get_scheduler
 
 from lit_align.backbone import Backbone, SequenceLogps
 from lit_align.data.collate import PairLayout
+from lit_align.data.errors import DataError
 from lit_align.data.sampling import resumed_epoch_position
-from lit_align.settings import ModelSettings, OptimizerSettings, as_settings
+from lit_align.errors import SettingError
+from lit_align.settings import ModelSettings, OptimizerSettings, as_settings, check_arguments
 
 PROGRESS_BAR = {"loss", "rewards/accuracies", "rewards/margins"}
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class AlignmentModule(LightningModule):
     def __init__(self, model: ModelSettings = ModelSettings(), optimizer: OptimizerSettings = OptimizerSettings()):  # noqa: B008 (never mutated)
         super().__init__()
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
+        check_arguments(self, self.hparams)  # every setting of the whole class chain, before any model is loaded
         self.model_settings = as_settings(model, ModelSettings)
         self.optimizer_settings = as_settings(optimizer, OptimizerSettings)
         self.backbone = Backbone(self.model_settings, needs_reference=self.needs_reference)
@@ -63,6 +66,7 @@ class AlignmentModule(LightningModule):
         self._policy_is_initial = True  # False once trained or loaded: then no reference can be derived from it
         self._reference_attached = False
         self._packing_checked = False
+        self._examples_checked: object | None = None  # the data module whose examples were checked
         self._rng_to_restore: list[dict[str, Any]] | None = None  # from a checkpoint; applied in on_train_start
         self._train_metric_names: list[str] = []  # the same on every process (see _log_global_step_means)
 
@@ -165,15 +169,45 @@ class AlignmentModule(LightningModule):
         self.prepare_data_for_method()
 
     def prepare_data_for_method(self) -> None:
-        """Check the data module's layout, attach cached reference log-probs, check packing."""
+        """Check the data module's layout and every example, attach cached reference log-probs, check packing."""
         self._check_layout()
+        self._check_examples()
         self._attach_cached_reference()
         self._check_packing()
+
+    # ---- what an objective needs of each record ----------------------------------------------
+    def check_example(self, example: dict[str, Any]) -> tuple[str, str] | None:
+        """``(field, problem)`` when this objective cannot train on ``example`` (a tokenized
+        example: token ids and its numeric columns, e.g. ``score_chosen``), else None. Run on
+        every example of every split before the first batch (:meth:`check_examples`), so a
+        problem stops the run at the start instead of thousands of steps in. Accepts everything here."""
+        return None
+
+    def check_examples(self, split: str, source: str, examples: list[dict[str, Any]]) -> None:
+        """Raise :class:`lit_align.data.DataError` naming the first example :meth:`check_example`
+        refuses (its source, record and field) and how many of the split it refuses; objectives
+        that need something of a whole split (e.g. at least one example of a class) extend it."""
+        if type(self).check_example is AlignmentModule.check_example:
+            return
+        problems = [(example, found) for example in examples if (found := self.check_example(example)) is not None]
+        if problems:
+            example, (field, problem) = problems[0]
+            raise DataError(source, f"{problem} ({len(problems)} of {len(examples)} {split} records have this problem)", example.get("record"), field)
+
+    def _check_examples(self) -> None:
+        datamodule = self.trainer.datamodule
+        examples = getattr(datamodule, "datasets", None) or {}
+        if self._examples_checked is datamodule or not examples:
+            return
+        sources = getattr(datamodule, "sources", {})
+        for split, split_examples in examples.items():
+            self.check_examples(split, sources.get(split, split), split_examples)
+        self._examples_checked = datamodule
 
     def _check_layout(self) -> None:
         layout = getattr(self.trainer.datamodule, "layout", None)
         if layout is not None and type(layout) is not self.data_layout:
-            raise ValueError(f"{type(self).__name__} trains on {self.data_layout.__name__} data, but the data module "
+            raise SettingError(None, "data.class_path", f"{type(self).__name__} trains on {self.data_layout.__name__} data, but the data module "
                              f"{type(self.trainer.datamodule).__name__} gives {type(layout).__name__} data; use {self.data_module_name}")
 
     def _check_packing(self) -> None:
@@ -219,7 +253,7 @@ class AlignmentModule(LightningModule):
 
         datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "cache_key"):
-            raise RuntimeError("model.reference=cached needs a lit-align data module (it stores the log-probs with the tokenized data)")
+            raise SettingError(None, "model.reference", "model.reference=cached needs a lit-align data module (it stores the log-probs with the tokenized data)")
         attach_reference_logps(self.backbone, datamodule, self._policy_is_initial, self.device, self.trainer.is_global_zero)
         self._reference_attached = True
 

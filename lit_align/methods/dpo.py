@@ -13,6 +13,7 @@ from lit_align.losses import (
     robust_dpo_loss,
 )
 from lit_align.methods.base import PairedPreferenceModule
+from lit_align.settings import LabelNoise, Positive
 
 
 class DPO(PairedPreferenceModule):
@@ -23,7 +24,7 @@ class DPO(PairedPreferenceModule):
         label_smoothing: assumed label-noise rate eps (conservative DPO); 0 is plain DPO.
     """
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, **kwargs):
+    def __init__(self, beta: Positive = 0.1, label_smoothing: LabelNoise = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.beta, self.label_smoothing = beta, label_smoothing
 
@@ -39,7 +40,7 @@ class RobustDPO(DPO):
         label_smoothing: the known label-flip rate eps in [0, 0.5).
     """
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.1, **kwargs):
+    def __init__(self, beta: Positive = 0.1, label_smoothing: LabelNoise = 0.1, **kwargs):
         super().__init__(beta=beta, label_smoothing=label_smoothing, **kwargs)
 
     def loss(self, chosen, rejected, ref_chosen, ref_rejected) -> PreferenceLoss:
@@ -53,7 +54,7 @@ class HingeDPO(PairedPreferenceModule):
         beta: the loss is zero once the log-ratio margin exceeds 1 / beta.
     """
 
-    def __init__(self, beta: float = 0.1, **kwargs):
+    def __init__(self, beta: Positive = 0.1, **kwargs):
         super().__init__(**kwargs)
         self.beta = beta
 
@@ -68,7 +69,7 @@ class IPO(PairedPreferenceModule):
         beta: tau; the log-ratio margin is regressed to 1 / (2 tau).
     """
 
-    def __init__(self, beta: float = 0.1, **kwargs):
+    def __init__(self, beta: Positive = 0.1, **kwargs):
         super().__init__(**kwargs)
         self.beta = beta
 

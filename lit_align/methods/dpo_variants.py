@@ -8,14 +8,14 @@ averaged over every process under distributed training).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 
+from lit_align.data.errors import DataError
 from lit_align.losses import (
-    GPO_FUNCTIONS,
-    ODPO_OFFSET_FUNCTIONS,
     PreferenceLoss,
     aot_loss,
     aot_pair_loss,
@@ -35,6 +35,7 @@ from lit_align.losses import (
 )
 from lit_align.methods.base import PairedPreferenceModule
 from lit_align.methods.running import RunningMean
+from lit_align.settings import Finite, LabelNoise, Momentum, NonNegative, Positive, Range
 
 
 def _global_moments(module: PairedPreferenceModule, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,11 +53,6 @@ def _global_moments(module: PairedPreferenceModule, values: torch.Tensor) -> tup
     return mean, variance.clamp(min=0).sqrt()
 
 
-def _check_momentum(momentum: float) -> None:
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-
-
 class RDPO(PairedPreferenceModule):
     """R-DPO (Park et al. 2024): DPO with a length regulariser, -log sigma(beta m + alpha (|y_w| - |y_l|)).
 
@@ -65,7 +61,7 @@ class RDPO(PairedPreferenceModule):
         alpha: weight of the length difference |y_w| - |y_l| (tokens) in the logit; 0 is DPO.
     """
 
-    def __init__(self, beta: float = 0.1, alpha: float = 0.05, **kwargs):
+    def __init__(self, beta: Positive = 0.1, alpha: NonNegative = 0.05, **kwargs):
         super().__init__(**kwargs)
         self.beta, self.alpha = beta, alpha
 
@@ -81,7 +77,7 @@ class DPOP(PairedPreferenceModule):
         lam: lambda, weight of max(0, log pi_ref(y_w) - log pi(y_w)) inside the logit; 0 is DPO.
     """
 
-    def __init__(self, beta: float = 0.3, lam: float = 50.0, **kwargs):
+    def __init__(self, beta: Positive = 0.3, lam: NonNegative = 50.0, **kwargs):
         super().__init__(**kwargs)
         self.beta, self.lam = beta, lam
 
@@ -106,10 +102,8 @@ class BetaDPO(PairedPreferenceModule):
         min_beta: lower bound on the batch beta.
     """
 
-    def __init__(self, beta: float = 0.1, alpha: float = 0.6, rho: float = 0.2, momentum: float = 0.9, min_beta: float = 1e-3, **kwargs):
-        if not 0.0 <= rho < 1.0:
-            raise ValueError(f"rho (fraction of pairs filtered out) must be in [0, 1), got {rho}")
-        _check_momentum(momentum)
+    def __init__(self, beta: Positive = 0.1, alpha: NonNegative = 0.6, rho: Annotated[float, Range(0, 1, high_open=True)] = 0.2, momentum: Momentum = 0.9,
+                 min_beta: Positive = 1e-3, **kwargs):
         super().__init__(**kwargs)
         self.beta, self.alpha, self.rho, self.momentum, self.min_beta = beta, alpha, rho, momentum, min_beta
         self.register_buffer("margin_mean", torch.zeros(()))
@@ -152,11 +146,28 @@ class ODPO(PairedPreferenceModule):
         default_offset: offset of pairs without scores (0: plain DPO on them).
     """
 
-    def __init__(self, beta: float = 0.1, alpha: float = 1.0, offset_fn: Literal["log", "log1p", "identity"] = "log", default_offset: float = 0.0, **kwargs):
-        if offset_fn not in ODPO_OFFSET_FUNCTIONS:
-            raise ValueError(f"unknown ODPO offset_fn {offset_fn!r}; choose one of {sorted(ODPO_OFFSET_FUNCTIONS)}")
+    def __init__(self, beta: Positive = 0.1, alpha: NonNegative = 1.0, offset_fn: Literal["log", "log1p", "identity"] = "log", default_offset: Finite = 0.0,
+                 **kwargs):
         super().__init__(**kwargs)
         self.beta, self.alpha, self.offset_fn, self.default_offset = beta, alpha, offset_fn, default_offset
+
+    def check_example(self, example: dict) -> tuple[str, str] | None:
+        """A pair needs both scores or neither; with ``offset_fn: log``, score_chosen > score_rejected."""
+        chosen, rejected = example.get("score_chosen", math.nan), example.get("score_rejected", math.nan)
+        if math.isnan(chosen) != math.isnan(rejected):
+            missing = "score_chosen" if math.isnan(chosen) else "score_rejected"
+            return missing, "missing while the other score is given: ODPO's offset needs both scores of a pair (or neither, for default_offset)"
+        if self.offset_fn == "log" and not math.isnan(chosen) and not chosen > rejected:
+            return "score_chosen", (f"ODPO offset_fn=log needs score_chosen > score_rejected (it takes the log of their difference), got "
+                                    f"{chosen:g} and {rejected:g}; use offset_fn log1p or identity, or drop such pairs")
+        return None
+
+    def check_examples(self, split: str, source: str, examples: list[dict]) -> None:
+        """Also: some training pair has scores (without any, every offset is ``default_offset``)."""
+        super().check_examples(split, source, examples)
+        if split == "train" and not any(not math.isnan(example.get("score_chosen", math.nan)) for example in examples):
+            raise DataError(source, f"no training pair has score_chosen and score_rejected, so ODPO's offset would be default_offset={self.default_offset:g} "
+                            "for every pair (plain DPO with a margin); add the scores, or use DPO")
 
     def loss(self, chosen, rejected, ref_chosen, ref_rejected) -> PreferenceLoss:
         batch = self.current_batch if self.current_batch is not None else {}
@@ -172,7 +183,7 @@ class EXO(PairedPreferenceModule):
         label_smoothing: eps in (0, 0.5), the target probability of the rejected response.
     """
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 1e-3, **kwargs):
+    def __init__(self, beta: Positive = 0.1, label_smoothing: Annotated[float, Range(0, 0.5, low_open=True, high_open=True)] = 1e-3, **kwargs):
         super().__init__(**kwargs)
         self.beta, self.label_smoothing = beta, label_smoothing
 
@@ -189,7 +200,7 @@ class BetaObjective(PairedPreferenceModule):
 
     objective: ClassVar[Callable[..., PreferenceLoss]]
 
-    def __init__(self, beta: float = 0.1, **kwargs):
+    def __init__(self, beta: Positive = 0.1, **kwargs):
         super().__init__(**kwargs)
         self.beta = beta
 
@@ -237,8 +248,7 @@ class BCOPair(PairedPreferenceModule):
             training batch initialises it).
     """
 
-    def __init__(self, beta: float = 0.1, momentum: float = 0.9, **kwargs):
-        _check_momentum(momentum)
+    def __init__(self, beta: Positive = 0.1, momentum: Momentum = 0.9, **kwargs):
         super().__init__(**kwargs)
         self.beta = beta
         self.reward_shift = RunningMean(momentum)  # an average of batch means: one update per batch
@@ -263,9 +273,7 @@ class AOT(PairedPreferenceModule):
             reference's in distribution; ``unpaired``: chosen log-ratios should dominate rejected ones.
     """
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, variant: Literal["paired", "unpaired"] = "paired", **kwargs):
-        if variant not in AOT_VARIANTS:
-            raise ValueError(f"unknown AOT variant {variant!r}; choose one of {sorted(AOT_VARIANTS)}")
+    def __init__(self, beta: Positive = 0.1, label_smoothing: LabelNoise = 0.0, variant: Literal["paired", "unpaired"] = "paired", **kwargs):
         super().__init__(**kwargs)
         self.beta, self.label_smoothing, self.variant = beta, label_smoothing, variant
 
@@ -282,9 +290,7 @@ class GPO(PairedPreferenceModule):
             exponential e^-x, truncated_quadratic max(0, 1-x)^2, savage 1/(1+e^x)^2.
     """
 
-    def __init__(self, beta: float = 0.1, function: Literal["logistic", "hinge", "squared", "exponential", "truncated_quadratic", "savage"] = "logistic", **kwargs):
-        if function not in GPO_FUNCTIONS:
-            raise ValueError(f"unknown GPO function {function!r}; choose one of {sorted(GPO_FUNCTIONS)}")
+    def __init__(self, beta: Positive = 0.1, function: Literal["logistic", "hinge", "squared", "exponential", "truncated_quadratic", "savage"] = "logistic", **kwargs):
         super().__init__(**kwargs)
         self.beta, self.function = beta, function
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from lit_align.losses.listwise import lipo_lambda_loss, pro_loss, rrhf_loss
 from lit_align.losses.types import ListwiseLoss
 from lit_align.methods.listwise import ListwisePreferenceModule
+from lit_align.settings import NonNegative, Positive
 
 
 class RRHF(ListwisePreferenceModule):
@@ -20,7 +21,7 @@ class RRHF(ListwisePreferenceModule):
 
     needs_reference = False
 
-    def __init__(self, sft_weight: float = 1.0, **kwargs):
+    def __init__(self, sft_weight: NonNegative = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.sft_weight = sft_weight
 
@@ -40,7 +41,7 @@ class PRO(ListwisePreferenceModule):
 
     needs_reference = False
 
-    def __init__(self, beta: float = 1.0, sft_weight: float = 0.1, score_temperature: bool = False, **kwargs):
+    def __init__(self, beta: Positive = 1.0, sft_weight: NonNegative = 0.1, score_temperature: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.beta, self.sft_weight, self.score_temperature = beta, sft_weight, score_temperature
 
@@ -56,7 +57,7 @@ class LiPO(ListwisePreferenceModule):
         beta: inverse temperature of the implicit reward beta log(pi / pi_ref).
     """
 
-    def __init__(self, beta: float = 0.1, **kwargs):
+    def __init__(self, beta: Positive = 0.1, **kwargs):
         super().__init__(**kwargs)
         self.beta = beta
 

@@ -26,13 +26,14 @@ import torch
 
 from lit_align.backbone import SequenceLogps
 from lit_align.data.collate import PromptLayout
+from lit_align.errors import SettingError
 from lit_align.kl_control import KLPenalty
 from lit_align.losses.policy_gradient import KL_ESTIMATORS, explained_variance, masked_mean
 from lit_align.losses.sft import completion_nll
 from lit_align.methods.alignment import AlignmentModule
 from lit_align.rewards import RewardFunction
 from lit_align.rollout import GenerationSettings, Rollout, sample_completions
-from lit_align.settings import ModelSettings, OptimizerSettings, as_settings
+from lit_align.settings import Count, Finite, ModelSettings, NonNegative, OptimizerSettings, Positive, as_settings
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,6 @@ class OnPolicyModule(AlignmentModule):
     data_module_name: ClassVar[str] = "lit_align.data.PromptDataModule"
     headline_metric: ClassVar[str] = "val/objective/scores"
     hparams_ignore: ClassVar[tuple[str, ...]] = ("reward", "eval_reward")
-    min_samples_per_prompt: ClassVar[int] = 1
     ptx_coef: float = 0.0
     """Weight of the NLL of ``ptx`` batches (demonstrations or pre-training text) in the loss;
     PPO sets it (PPO-ptx), other methods keep 0."""
@@ -86,23 +86,19 @@ class OnPolicyModule(AlignmentModule):
         reward: Optional[RewardFunction] = None,
         eval_reward: Optional[RewardFunction] = None,
         generation: GenerationSettings = GenerationSettings(),  # noqa: B008 (never mutated)
-        samples_per_prompt: int = 1,
+        samples_per_prompt: Count = 1,
         kl: KLPenalty = KLPenalty(),  # noqa: B008
-        epochs: int = 1,
-        minibatch_size: Optional[int] = None,
-        max_grad_norm: Optional[float] = 1.0,
-        missing_eos_penalty: Optional[float] = None,
+        epochs: Count = 1,
+        minibatch_size: Optional[Count] = None,
+        max_grad_norm: Optional[Positive] = 1.0,
+        missing_eos_penalty: Optional[Finite] = None,
         model: ModelSettings = ModelSettings(),  # noqa: B008
         optimizer: OptimizerSettings = OptimizerSettings(),  # noqa: B008
     ):
         settings = as_settings(model, ModelSettings)
         if self.needs_reference and settings.reference == "cached":
-            raise ValueError(f"{type(self).__name__}: model.reference=cached is not possible for on-policy methods "
-                             "(completions are sampled anew every step); use copy or adapter")
-        if samples_per_prompt < self.min_samples_per_prompt:
-            raise ValueError(f"{type(self).__name__} needs samples_per_prompt >= {self.min_samples_per_prompt}, got {samples_per_prompt}")
-        if epochs < 1 or (minibatch_size is not None and minibatch_size < 1):
-            raise ValueError(f"epochs and minibatch_size must be >= 1, got {epochs} and {minibatch_size}")
+            raise SettingError(type(self).__name__, "model.reference", "cannot be cached for on-policy methods "
+                               "(completions are sampled anew every step); use copy or adapter")
         super().__init__(settings, optimizer)
         self.automatic_optimization = False
         self.reward, self.eval_reward = reward, eval_reward
@@ -147,13 +143,13 @@ class OnPolicyModule(AlignmentModule):
         from lightning.pytorch.strategies import FSDPStrategy
 
         if isinstance(self.trainer.strategy, FSDPStrategy):
-            raise ValueError(f"{type(self).__name__}: on-policy methods do not run under FSDP yet (several backward passes per "
+            raise SettingError(None, "trainer.strategy", f"{type(self).__name__}: on-policy methods do not run under FSDP yet (several backward passes per "
                              "training_step inside one sharded forward); use DDP (configs/strategies/ddp.yaml) or one device")
         if self.reward is None:
-            raise ValueError(f"{type(self).__name__} needs a reward: set model.init_args.reward.class_path, e.g. "
+            raise SettingError(None, "reward", f"{type(self).__name__} needs a reward: set model.init_args.reward.class_path, e.g. "
                              "lit_align.rewards.WordRulesReward (built-in task) or lit_align.methods.RewardModelReward (a trained reward model)")
         if self.ptx_coef and not getattr(self.trainer.datamodule, "provides_ptx", False):
-            raise ValueError(f"{type(self).__name__}: ptx_coef={self.ptx_coef} needs ``ptx`` batches (demonstrations or pre-training text) "
+            raise SettingError(None, "ptx_coef", f"{type(self).__name__}: ptx_coef={self.ptx_coef} needs ``ptx`` batches (demonstrations or pre-training text) "
                              f"in the training batches, and the data module {type(self.trainer.datamodule).__name__} provides none: set data.init_args.ptx_train "
                              "(PromptDataModule: a demonstrations/text source or builtin)")
 
@@ -275,7 +271,7 @@ class OnPolicyModule(AlignmentModule):
         ``eval_reward`` (else ``reward``)."""
         reward = self.eval_reward or self.reward
         if reward is None:
-            raise ValueError(f"{type(self).__name__} needs a reward to evaluate: set model.init_args.reward (or eval_reward)")
+            raise SettingError(None, "reward", f"{type(self).__name__} needs a reward to evaluate: set model.init_args.reward (or eval_reward)")
         tokens, ended = sample_completions(self.backbone.policy, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.generation, 1, self.generation.eval_temperature)
         scores = reward(batch["prompts"], self.decode(tokens)).to(self.device)
         mask = tokens["labels"] != -100
@@ -291,7 +287,7 @@ class ActorCriticModule(OnPolicyModule):
         (everything else: :class:`OnPolicyModule`)
     """
 
-    def __init__(self, *args, vf_coef: float = 0.1, entropy_coef: float = 0.0, **kwargs):
+    def __init__(self, *args, vf_coef: NonNegative = 0.1, entropy_coef: NonNegative = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.vf_coef, self.entropy_coef = vf_coef, entropy_coef
         hidden = self.backbone.policy.get_input_embeddings().embedding_dim

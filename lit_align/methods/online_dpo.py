@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Annotated, Any
 
 import torch
 
+from lit_align.errors import SettingError
 from lit_align.logprobs import IGNORE_INDEX
 from lit_align.losses.dpo import dpo_loss
 from lit_align.methods.on_policy import OnPolicyModule, PolicyPass
 from lit_align.rewards import RewardFunction
 from lit_align.rollout import Rollout
+from lit_align.settings import Count, Positive, Range, check_arguments
 
 
 def best_worst_pairs(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,14 +50,12 @@ class OnlineDPO(OnPolicyModule):
         or the samples of a prompt are identical and never form a pair.)
     """
 
-    min_samples_per_prompt: ClassVar[int] = 2
-
-    def __init__(self, *args, beta: float = 0.1, samples_per_prompt: int = 2, **kwargs):
+    def __init__(self, *args, beta: Positive = 0.1, samples_per_prompt: Annotated[int, Range(2)] = 2, **kwargs):
         super().__init__(*args, samples_per_prompt=samples_per_prompt, **kwargs)
         if self.generation.temperature <= 0:
-            raise ValueError("OnlineDPO samples with generation.temperature > 0: greedy samples of a prompt are identical and never form a pair")
+            raise SettingError("OnlineDPO", "generation.temperature", "must be > 0: greedy samples of a prompt are identical and never form a pair")
         if self.kl_controller.adaptive:
-            raise ValueError("OnlineDPO has no KL penalty to adapt (DPO's beta is its KL control): leave kl.target unset")
+            raise SettingError("OnlineDPO", "kl.target", "must be unset: OnlineDPO has no KL penalty to adapt (DPO's beta is its KL control)")
         self.beta = beta
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -115,7 +115,8 @@ class SelfJudge(RewardFunction):
     """
 
     def __init__(self, template: str = "Question: {prompt}\nAnswer: {completion}\nIs this answer correct? Answer yes or no:",
-                 yes: str = " yes", no: str = " no", chat_template: bool = False, max_length: int = 512, batch_size: int = 16):
+                 yes: str = " yes", no: str = " no", chat_template: bool = False, max_length: Count = 512, batch_size: Count = 16):
+        check_arguments(self, locals())
         self.template, self.yes, self.no = template, yes, no
         self.chat_template, self.max_length, self.batch_size = chat_template, max_length, batch_size
         self.module: OnPolicyModule | None = None

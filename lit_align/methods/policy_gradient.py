@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, Literal
 
 import torch
 
 from lit_align.losses.policy_gradient import (
-    AGGREGATION_LEVELS,
     aggregate,
     clipped_surrogate,
     group_normalised_advantages,
@@ -18,6 +17,7 @@ from lit_align.losses.policy_gradient import (
 from lit_align.methods.on_policy import OnPolicyModule, PolicyPass
 from lit_align.methods.running import RunningMean
 from lit_align.rollout import Rollout
+from lit_align.settings import ClipRange, Momentum, Range
 
 
 class SequencePolicyGradient(OnPolicyModule):
@@ -49,10 +49,8 @@ class REINFORCE(SequencePolicyGradient):
         (everything else: :class:`lit_align.methods.on_policy.OnPolicyModule`)
     """
 
-    def __init__(self, *args, baseline: Literal["moving_average", "batch_mean"] = "moving_average", baseline_momentum: float = 0.9, **kwargs):
+    def __init__(self, *args, baseline: Literal["moving_average", "batch_mean"] = "moving_average", baseline_momentum: Momentum = 0.9, **kwargs):
         super().__init__(*args, **kwargs)
-        if baseline not in ("moving_average", "batch_mean"):
-            raise ValueError(f"REINFORCE baseline must be moving_average or batch_mean, got {baseline!r}")
         self.baseline = baseline
         self.running_return = RunningMean(baseline_momentum)
 
@@ -70,9 +68,7 @@ class RLOO(SequencePolicyGradient):
     """REINFORCE Leave-One-Out (Ahmadian et al. 2024, eq. 7): k completions per prompt, each
     baselined by the mean return of the other k - 1. Needs ``samples_per_prompt`` >= 2."""
 
-    min_samples_per_prompt: ClassVar[int] = 2
-
-    def __init__(self, *args, samples_per_prompt: int = 4, **kwargs):
+    def __init__(self, *args, samples_per_prompt: Annotated[int, Range(2)] = 4, **kwargs):
         super().__init__(*args, samples_per_prompt=samples_per_prompt, **kwargs)
 
     def sequence_advantages(self, returns: torch.Tensor, rollout: Rollout) -> torch.Tensor:
@@ -95,13 +91,9 @@ class GRPO(OnPolicyModule):
         (everything else: :class:`lit_align.methods.on_policy.OnPolicyModule`)
     """
 
-    min_samples_per_prompt: ClassVar[int] = 2
-
-    def __init__(self, *args, samples_per_prompt: int = 4, clip: float = 0.2, loss_aggregation: Literal["sequence", "token"] = "sequence",
+    def __init__(self, *args, samples_per_prompt: Annotated[int, Range(2)] = 4, clip: ClipRange = 0.2, loss_aggregation: Literal["sequence", "token"] = "sequence",
                  scale_advantages: bool = True, **kwargs):
         super().__init__(*args, samples_per_prompt=samples_per_prompt, **kwargs)
-        if loss_aggregation not in AGGREGATION_LEVELS:
-            raise ValueError(f"GRPO loss_aggregation must be one of {AGGREGATION_LEVELS}, got {loss_aggregation!r}")
         self.clip, self.loss_aggregation, self.scale_advantages = clip, loss_aggregation, scale_advantages
 
     def token_kl(self, rollout: Rollout) -> torch.Tensor:

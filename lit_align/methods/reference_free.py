@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lit_align.losses import PreferenceLoss, cpo_loss, orpo_loss, simpo_loss
 from lit_align.methods.base import PairedPreferenceModule
+from lit_align.settings import NonNegative, Positive
 
 
 class ORPO(PairedPreferenceModule):
@@ -15,7 +16,7 @@ class ORPO(PairedPreferenceModule):
 
     needs_reference = False
 
-    def __init__(self, lam: float = 0.1, **kwargs):
+    def __init__(self, lam: NonNegative = 0.1, **kwargs):
         super().__init__(**kwargs)
         self.lam = lam
 
@@ -33,7 +34,7 @@ class SimPO(PairedPreferenceModule):
 
     needs_reference = False
 
-    def __init__(self, beta: float = 2.0, gamma: float = 1.0, **kwargs):
+    def __init__(self, beta: Positive = 2.0, gamma: NonNegative = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.beta, self.gamma = beta, gamma
 
@@ -51,7 +52,7 @@ class CPO(PairedPreferenceModule):
 
     needs_reference = False
 
-    def __init__(self, beta: float = 0.1, nll_weight: float = 1.0, **kwargs):
+    def __init__(self, beta: Positive = 0.1, nll_weight: NonNegative = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.beta, self.nll_weight = beta, nll_weight
 

@@ -14,11 +14,13 @@ import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated, Optional
 
 import torch
 from torch import nn
 
 from lit_align.data.collate import ListLayout, PairLayout
+from lit_align.errors import SettingError
 from lit_align.flops import flops_per_token
 from lit_align.losses.reward import (
     RewardLoss,
@@ -28,7 +30,7 @@ from lit_align.losses.reward import (
 from lit_align.methods.alignment import AlignmentModule
 from lit_align.packing import is_packed, unpack_rows
 from lit_align.rewards import RewardFunction
-from lit_align.settings import ModelSettings, OptimizerSettings
+from lit_align.settings import Count, ModelSettings, OptimizerSettings, Range, check_arguments
 
 
 class RewardModel(AlignmentModule):
@@ -96,7 +98,7 @@ class RewardModel(AlignmentModule):
         """Pairs or ranked lists; anything else (unpaired examples) is refused by name."""
         layout = getattr(self.trainer.datamodule, "layout", None)
         if layout is not None and type(layout) not in (PairLayout, ListLayout):
-            raise ValueError(f"{type(self).__name__} trains on PairLayout or ListLayout data, but the data module "
+            raise SettingError(None, "data.class_path", f"{type(self).__name__} trains on PairLayout or ListLayout data, but the data module "
                              f"{type(self.trainer.datamodule).__name__} gives {type(layout).__name__} data; use {self.data_module_name}")
 
     @property
@@ -209,8 +211,12 @@ class RewardModelReward(RewardFunction):
         max_prompt_length: longest prompt in tokens (default ``max_length // 2``, as the data modules').
     """
 
-    def __init__(self, path: str, batch_size: int = 32, max_length: int = 512, max_prompt_length: int | None = None):
+    def __init__(self, path: str, batch_size: Count = 32, max_length: Annotated[int, Range(2)] = 512, max_prompt_length: Optional[Count] = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        check_arguments(self, locals())
+        if max_prompt_length is not None and max_prompt_length >= max_length:
+            raise SettingError(type(self).__name__, "max_prompt_length", f"must be < max_length={max_length}, got {max_prompt_length}: completions need room")
 
         self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)

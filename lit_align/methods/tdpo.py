@@ -14,7 +14,7 @@ import torch
 from lit_align.losses import PreferenceLoss
 from lit_align.losses.tdpo import TDPOVariant, tdpo_loss
 from lit_align.methods.base import PairedPreferenceModule
-from lit_align.settings import ModelSettings, as_settings
+from lit_align.settings import ModelSettings, NonNegative, Positive, as_settings
 from lit_align.token_kl import batch_token_kl, check_kl_reference
 
 
@@ -32,10 +32,8 @@ class TDPO(PairedPreferenceModule):
             or ``tdpo1``.
     """
 
-    def __init__(self, beta: float = 0.1, alpha: float = 0.5, variant: TDPOVariant = "tdpo2", **kwargs):
+    def __init__(self, beta: Positive = 0.1, alpha: NonNegative = 0.5, variant: TDPOVariant = "tdpo2", **kwargs):
         check_kl_reference(as_settings(kwargs.get("model"), ModelSettings).reference)  # before any model is built
-        if variant not in ("tdpo1", "tdpo2"):
-            raise ValueError(f"TDPO variant must be 'tdpo1' or 'tdpo2', got {variant!r}")
         super().__init__(**kwargs)
         self.beta, self.alpha, self.variant = beta, alpha, variant
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parameters_to_vector
 
+from lit_align.errors import SettingError
 from lit_align.losses.policy_gradient import leave_one_out_advantages
 from lit_align.losses.trpo import (
     LineSearchResult,
@@ -20,6 +23,7 @@ from lit_align.losses.trpo import (
 from lit_align.methods.on_policy import PolicyPass
 from lit_align.methods.policy_gradient import SequencePolicyGradient
 from lit_align.rollout import Rollout
+from lit_align.settings import Count, NonNegative, Positive, Range
 
 
 class TRPO(SequencePolicyGradient):
@@ -60,13 +64,12 @@ class TRPO(SequencePolicyGradient):
         ``max_grad_norm`` are not used.)
     """
 
-    def __init__(self, *args, max_kl: float = 0.01, cg_iterations: int = 10, damping: float = 0.1, max_backtracks: int = 10,
-                 backtrack_factor: float = 0.5, **kwargs):
+    def __init__(self, *args, max_kl: Positive = 0.01, cg_iterations: Count = 10, damping: NonNegative = 0.1, max_backtracks: Count = 10,
+                 backtrack_factor: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.5, **kwargs):
         super().__init__(*args, **kwargs)
         if self.epochs != 1 or self.minibatch_size is not None:
-            raise ValueError(f"TRPO takes one step on the whole rollout: epochs must be 1 and minibatch_size unset, got {self.epochs} and {self.minibatch_size}")
-        if max_kl <= 0 or cg_iterations < 1 or damping < 0 or max_backtracks < 1 or not 0 < backtrack_factor < 1:
-            raise ValueError("TRPO needs max_kl > 0, cg_iterations >= 1, damping >= 0, max_backtracks >= 1 and 0 < backtrack_factor < 1")
+            raise SettingError("TRPO", "epochs", f"must be 1 and minibatch_size unset (TRPO takes one step on the whole rollout), "
+                               f"got {self.epochs} and {self.minibatch_size}")
         self.max_kl, self.cg_iterations, self.damping = max_kl, cg_iterations, damping
         self.max_backtracks, self.backtrack_factor = max_backtracks, backtrack_factor
         self.last_step: LineSearchResult | None = None
@@ -88,7 +91,7 @@ class TRPO(SequencePolicyGradient):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.trainer.world_size > 1:
-            raise RuntimeError("TRPO runs on one device: its gradients (torch.autograd.grad) are not all-reduced across processes")
+            raise SettingError(None, "trainer.devices", "TRPO runs on one device: its gradients (torch.autograd.grad) are not all-reduced across processes")
 
     def completion_logits(self, current: PolicyPass) -> torch.Tensor:
         """``[M, V]`` logits at the M completion positions of a pass."""

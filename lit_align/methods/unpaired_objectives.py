@@ -14,10 +14,13 @@ from typing import Optional
 
 import torch
 
+from lit_align.data.errors import DataError
+from lit_align.errors import SettingError
 from lit_align.losses.types import UnpairedLoss
 from lit_align.losses.unpaired import bco_loss, kto_loss, kto_reference_point, npo_loss
 from lit_align.methods.running import RunningMean
 from lit_align.methods.unpaired import UnpairedPreferenceModule
+from lit_align.settings import Momentum, NonNegative, Positive
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +31,6 @@ def _gather_totals(module: UnpairedPreferenceModule):
     if module._trainer is None:
         return None
     return lambda totals: module.all_gather(totals).reshape(-1, totals.numel())
-
-
-def _check_positive(**values: float) -> None:
-    for name, value in values.items():
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
 
 
 class KTO(UnpairedPreferenceModule):
@@ -57,9 +54,8 @@ class KTO(UnpairedPreferenceModule):
 
     needs_mismatched_completions = True
 
-    def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, balance_classes: bool = False, **kwargs):
+    def __init__(self, beta: Positive = 0.1, desirable_weight: Positive = 1.0, undesirable_weight: Positive = 1.0, balance_classes: bool = False, **kwargs):
         super().__init__(**kwargs)
-        _check_positive(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
         self.beta, self.desirable_weight, self.undesirable_weight, self.balance_classes = beta, desirable_weight, undesirable_weight, balance_classes
 
     def prepare_data_for_method(self) -> None:
@@ -72,7 +68,7 @@ class KTO(UnpairedPreferenceModule):
         counts = class_counts or {}
         desirable, undesirable = counts.get("desirable", 0), counts.get("undesirable", 0)
         if desirable <= 0 or undesirable <= 0:
-            raise ValueError(f"KTO balance_classes needs desirable and undesirable training examples; the data module counted {counts or 'none'}")
+            raise SettingError(None, "balance_classes", f"KTO balance_classes needs desirable and undesirable training examples; the data module counted {counts or 'none'}")
         self.undesirable_weight = self.desirable_weight * desirable / undesirable
         log.info("KTO balance_classes: %d desirable, %d undesirable examples -> desirable_weight %.4g, undesirable_weight %.4g",
                  desirable, undesirable, self.desirable_weight, self.undesirable_weight)
@@ -97,12 +93,21 @@ class NPO(UnpairedPreferenceModule):
         retain_weight: weight of the NLL of desirable completions (0: plain NPO; 1: NPO+RT as in the paper).
     """
 
-    def __init__(self, beta: float = 0.1, retain_weight: float = 0.0, **kwargs):
+    def __init__(self, beta: Positive = 0.1, retain_weight: NonNegative = 0.0, **kwargs):
         super().__init__(**kwargs)
-        _check_positive(beta=beta)
-        if retain_weight < 0:
-            raise ValueError(f"retain_weight must be >= 0, got {retain_weight}")
         self.beta, self.retain_weight = beta, retain_weight
+
+    def check_examples(self, split: str, source: str, examples: list[dict]) -> None:
+        """The training split has undesirable examples (the forget set), and desirable ones (the
+        retain set) when ``retain_weight > 0``: without them a term would silently be zero."""
+        if split != "train":
+            return
+        labels = [bool(example["label"]) for example in examples]
+        if not any(not label for label in labels):
+            raise DataError(source, "NPO lowers the likelihood of undesirable completions (label false), and no training record has one", None, "label")
+        if self.retain_weight > 0 and not any(labels):
+            raise DataError(source, f"retain_weight={self.retain_weight:g} trains on desirable completions (label true, the retain set), "
+                            "and no training record has one; set retain_weight to 0 or add them", None, "label")
 
     def loss(self, completions, ref_completions, desirable, mismatched, ref_mismatched) -> UnpairedLoss:
         output = npo_loss(completions.sum, ref_completions.sum, self.beta, desirable)
@@ -129,11 +134,8 @@ class BCO(UnpairedPreferenceModule):
             batch initialises it).
     """
 
-    def __init__(self, beta: float = 0.1, delta_momentum: Optional[float] = None, **kwargs):
+    def __init__(self, beta: Positive = 0.1, delta_momentum: Optional[Momentum] = None, **kwargs):
         super().__init__(**kwargs)
-        _check_positive(beta=beta)
-        if delta_momentum is not None and not 0.0 <= delta_momentum < 1.0:
-            raise ValueError(f"delta_momentum must be null or in [0, 1), got {delta_momentum}")
         self.beta = beta
         self.reward_shift = RunningMean(delta_momentum)
 

@@ -88,12 +88,14 @@ class Backbone(nn.Module):
         self.settings = settings
         self.strategy = STRATEGIES[_resolve_reference(settings, needs_reference)]()
         self.tokenizer = load_tokenizer(settings)
-        model = load_causal_lm(settings, self.tokenizer)
+        with _model_settings_named(settings):
+            model = load_causal_lm(settings, self.tokenizer)
         self.reference: PreTrainedModel | None = None
         if self.strategy.builds_copy:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         if settings.lora is not None:
-            model = _add_lora(model, settings)
+            with _model_settings_named(settings, "model.lora"):
+                model = _add_lora(model, settings)
         if settings.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -205,6 +207,20 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bo
     else:
         inputs["attention_mask"] = batch["attention_mask"]
     return inputs
+
+
+@contextlib.contextmanager
+def _model_settings_named(settings: ModelSettings, part: str = "model") -> Iterator[None]:
+    """Errors transformers or peft raise while building the model from the settings (an attention
+    backend that is not installed, a LoRA target that does not exist, a shape they refuse) as one
+    :class:`ModelLoadError` naming the model and the settings part, not a library traceback."""
+    try:
+        yield
+    except (LitAlignError, MemoryError):
+        raise
+    except (ValueError, ImportError, TypeError, KeyError, RuntimeError) as error:
+        detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ModelLoadError(f"cannot build model {settings.name_or_path!r} with these {part} settings: {type(error).__name__}: {detail}") from None
 
 
 def _resolve_reference(settings: ModelSettings, needs_reference: bool) -> str:

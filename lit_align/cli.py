@@ -15,7 +15,7 @@ import signal
 import sys
 import warnings
 import zipfile
-from typing import Literal
+from typing import Annotated, Literal
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -26,11 +26,25 @@ from lit_align.atomic import unwritable  # noqa: E402
 from lit_align.data.datamodule import PreferenceDataModule  # noqa: E402
 from lit_align.errors import CheckpointError, LitAlignError, SettingError, debugging, find_lit_align_error  # noqa: E402
 from lit_align.methods.alignment import AlignmentModule  # noqa: E402
+from lit_align.settings import Range, check_values  # noqa: E402
 
 # settings dataclasses document each field in an attribute docstring: show them in --help
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 log = logging.getLogger(__name__)
+TRAINER_RANGES = {
+    "accumulate_grad_batches": Annotated[int, Range(1)],
+    "val_check_interval": Annotated[float, Range(0, low_open=True)],
+    "check_val_every_n_epoch": Annotated[int, Range(1)],
+    "log_every_n_steps": Annotated[int, Range(1)],
+    "gradient_clip_val": Annotated[float, Range(0)],
+    "max_steps": Annotated[int, Range(-1)],
+    "min_steps": Annotated[int, Range(0)],
+    "num_sanity_val_steps": Annotated[int, Range(-1)],
+}
+"""Ranges of Trainer settings that Lightning takes without checking and then fails on mid-run
+(0 for accumulate_grad_batches or val_check_interval divides by zero; a negative
+gradient_clip_val would flip the gradients): checked before anything is built."""
 LIGHTNING_CKPT_NAMES = ("best", "last", "hpc")  # --ckpt_path values Lightning resolves itself, not files
 DEFAULT_RUN_FOLDER = "runs"
 
@@ -97,6 +111,12 @@ class LitAlignCLI(LightningCLI):
         model or data is loaded."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer")
+        if trainer is not None:
+            try:
+                check_values("Trainer", TRAINER_RANGES, {name: trainer.get(name) for name in TRAINER_RANGES})
+            except SettingError as error:
+                error.hint = f"change trainer.{error.setting} (in the YAML, or --trainer.{error.setting} on the command line)"
+                raise
         logger = trainer.get("logger") if trainer is not None else None
         init = logger.get("init_args") if isinstance(logger, Namespace) else None
         root = trainer.get("default_root_dir") if trainer is not None else None
@@ -110,6 +130,12 @@ class LitAlignCLI(LightningCLI):
         if problem:
             raise SettingError(None, setting, f"the run folder {str(folder)!r} cannot be written ({problem}); "
                                f"set {setting} to a folder you can write")
+        for path, node in _walk(trainer.get("callbacks") if trainer is not None else None, "trainer.callbacks"):
+            dirpath = node.get("init_args", {}).get("dirpath") if isinstance(node, Namespace) and str(node.get("class_path", "")).endswith("ModelCheckpoint") else None
+            problem = unwritable(dirpath) if dirpath else None
+            if problem:
+                raise SettingError(None, f"{path}.init_args.dirpath", f"the checkpoint folder {str(dirpath)!r} cannot be written ({problem}); "
+                                   f"set {path}.init_args.dirpath to a folder you can write")
 
     def instantiate_classes(self) -> None:
         """As LightningCLI's, but an error a constructor raises on purpose (a setting out of its
@@ -281,10 +307,20 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(words, from_command_line=argv is None)
     except Exception as error:
-        ours = find_lit_align_error(error)
+        ours = find_lit_align_error(error) or lightning_configuration_error(error)
         if ours is None or debugging():
             raise
         raise SystemExit(error_text(command, ours)) from None
+
+
+def lightning_configuration_error(error: BaseException) -> LitAlignError | None:
+    """Lightning's own refusal of a configuration (``MisconfigurationException``, e.g. a negative
+    ``limit_val_batches``) as a message to print like ours, or None for any other error."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    while error is not None and not isinstance(error, MisconfigurationException):
+        error = error.__cause__ or error.__context__
+    return None if error is None else SettingError(None, None, f"Lightning: {error}")
 
 
 def run(words: list[str], from_command_line: bool = False) -> None:

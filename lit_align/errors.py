@@ -45,6 +45,10 @@ class SettingError(LitAlignError, ValueError):
         self.owner, self.setting, self.hint = owner, setting, hint
 
 
+class NonFiniteLossError(LitAlignError, FloatingPointError):
+    """Training stopped on a NaN/inf loss; the message names the method, step and batch and what to try."""
+
+
 class CheckpointError(LitAlignError):
     """A checkpoint that cannot be used: missing, unreadable, not Lightning's, or of another method."""
 

@@ -86,6 +86,10 @@ class TinyModel:
     seed: Seed = 0
     """Seed of the random initialisation (the same seed gives the same weights)."""
 
+    def __post_init__(self) -> None:
+        if isinstance(self.hidden_size, int) and isinstance(self.num_heads, int) and self.num_heads > 0 and self.hidden_size % self.num_heads:
+            raise SettingError("TinyModel", "num_heads", f"must divide hidden_size={self.hidden_size}, got {self.num_heads}")
+
 
 @dataclass
 class LoRA:

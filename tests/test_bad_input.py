@@ -319,7 +319,10 @@ def test_unpaired_label_not_boolean(label, tokenizer, tmp_path):
     ("paired", {"score_chosen": 0.9, "score_rejected": True}, "score_rejected", "expected a finite number, got True"),
     ("paired", {"score_chosen": float("inf")}, "score_chosen", "expected a finite number, got inf"),
     ("paired", {"margin": "big"}, "margin", "expected a finite number, got 'big'"),
-], ids=["words", "null", "nan", "booleans", "string", "wrong-length", "ranks", "score-chosen", "score-rejected", "infinite", "margin"])
+    ("paired", {"score_chosen": 1e300}, "score_chosen", "1e+300 is too large: scores must fit float32 (|x| <= 3.4e38); rescale them"),
+    ("listwise", {"scores": [1.0, -1e39, 0.0]}, "scores[1]", "-1e+39 is too large: scores must fit float32"),
+], ids=["words", "null", "nan", "booleans", "string", "wrong-length", "ranks", "score-chosen", "score-rejected", "infinite", "margin",
+        "beyond-float32", "listwise-beyond-float32"])
 def test_scores_not_numeric(regime, change, reported, message, tokenizer, tmp_path):
     rows = records(regime)
     rows[2].update(change)

@@ -264,3 +264,33 @@ def test_project_errors_during_fit_end_with_the_message(in_tmp):
     with pytest.raises(SystemExit, match="^" + re.escape("lit-align fit: GRPO needs a reward")):
         main(["fit", "--config", str(CONFIGS / "grpo.yaml"), "--model.init_args.reward", "null", "--model.init_args.model.name_or_path", "tiny",
               "--trainer.enable_progress_bar", "false"])
+
+
+@pytest.mark.parametrize("flags, lines", [
+    (["--trainer.accumulate_grad_batches", "0"], ["lit-align fit: Trainer: accumulate_grad_batches must be >= 1, got 0",
+                                                  "hint: change trainer.accumulate_grad_batches (in the YAML, or --trainer.accumulate_grad_batches"]),
+    (["--trainer.val_check_interval", "0"], ["lit-align fit: Trainer: val_check_interval must be > 0, got 0", "hint: change trainer.val_check_interval"]),
+    (["--trainer.gradient_clip_val", "-1"], ["lit-align fit: Trainer: gradient_clip_val must be >= 0, got -1", "hint: change trainer.gradient_clip_val"]),
+    (["--trainer.limit_val_batches", "-1"], ["lit-align fit: Lightning: You have passed invalid value -1 for limit_val_batches, it has to be in "
+                                             "[0.0, 1.0] or an int.", "(LIT_ALIGN_DEBUG=1 shows the traceback)"]),
+], ids=["accumulate-0", "val-interval-0", "negative-clip", "lightning-refusal"])
+def test_trainer_settings_lightning_does_not_check_are_checked_and_its_own_refusals_printed(flags, lines, in_tmp):
+    """Lightning divides by accumulate_grad_batches and val_check_interval mid-run and would flip
+    gradients with a negative clip value; its own MisconfigurationException is a message too."""
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(CONFIGS / "dpo.yaml"), *flags])
+    first, second = str(stop.value.code).splitlines()
+    assert first == lines[0] and second.startswith(lines[1]), str(stop.value.code)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model.init_args.model.attn_implementation", "flash_attention_2"],
+     "lit-align fit: cannot build model 'tiny' with these model settings: ImportError: FlashAttention2 has been toggled on"),
+    (["--model.init_args.model.lora", "{target_modules: [no_such_layer]}"],
+     "lit-align fit: cannot build model 'tiny' with these model.lora settings: "),
+    (["--model.init_args.model.tiny.num_heads", "3"], "lit-align fit: TinyModel: num_heads must divide hidden_size=64, got 3"),
+], ids=["attention-backend", "lora-target", "tiny-heads"])
+def test_model_settings_the_libraries_refuse_are_named(flags, message, in_tmp):
+    with pytest.raises(SystemExit, match="^" + re.escape(message)):
+        main(["fit", "--config", str(CONFIGS / "dpo.yaml"), *flags])
+    assert not Path("runs").exists()

@@ -184,3 +184,13 @@ def test_readme_own_loss_command_runs_as_printed_from_a_fresh_folder(tmp_path):
     assert not (elsewhere / "out").exists()
     exported = lit_align_command(["export", "--ckpt_path", str(checkpoint), "--output_dir", "out"], folder)
     assert exported.returncode == 0 and (folder / "out" / "config.json").is_file(), exported.stderr[-2000:]
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_stops_before_anything_is_loaded(read_only_folder, in_tmp):
+    target = read_only_folder / "checkpoints"
+    config = in_tmp / "checkpoints.yaml"
+    config.write_text(f"trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n      init_args: {{dirpath: '{target}'}}\n")
+    with pytest.raises(SystemExit, match="^" + re.escape(f"lit-align fit: the checkpoint folder {str(target)!r} cannot be written (")) as stop:
+        main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--config", str(config), *SHORT])
+    assert "set trainer.callbacks[0].init_args.dirpath to a folder you can write" in str(stop.value.code)
+    assert not Path("runs").exists()

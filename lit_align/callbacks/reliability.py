@@ -25,6 +25,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit_align.errors import NonFiniteLossError
 from lit_align.settings import NonNegativeInt, check_arguments
 
 log = logging.getLogger(__name__)
@@ -170,12 +171,12 @@ class NonFiniteLoss(Callback):
         value = loss if local else "on another process"
         message = nonfinite_loss_message(pl_module, value, trainer.global_step, trainer.fit_loop.epoch_loop.batch_idx, trainer.current_epoch)
         if self.action == "stop":
-            raise FloatingPointError(f"{message}; stopping (to skip such steps instead: lit-align fit --nonfinite_loss skip, "
+            raise NonFiniteLossError(f"{message}; stopping (to skip such steps instead: lit-align fit --nonfinite_loss skip, "
                                      "or the callback NonFiniteLoss(action='skip'))")
         self.skipped += 1
         self._drop_gradients = True
         if self.max_skipped is not None and self.skipped > self.max_skipped:
-            raise FloatingPointError(f"{message}; {self.skipped} steps skipped, more than max_skipped={self.max_skipped}")
+            raise NonFiniteLossError(f"{message}; {self.skipped} steps skipped, more than max_skipped={self.max_skipped}")
         if trainer.is_global_zero:
             log.warning("%s; skipping this optimizer step (%d skipped so far)", message, self.skipped)
 

@@ -29,6 +29,7 @@ from lit_align.data.errors import DataError, DroppableRecord
 Message = dict[str, str]
 FormatName = Literal["auto", "explicit", "conversational", "implicit"]
 KNOWN_ROLES = ("system", "user", "assistant", "tool")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ def read_number(value: Any, field: str, source: str, index: int) -> float | None
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DataError(source, f"expected a finite number, got {value!r}", index, field)
+    if abs(value) > FLOAT32_MAX:  # batches hold scores as float32: it would become inf there
+        raise DataError(source, f"{value!r} is too large: scores must fit float32 (|x| <= 3.4e38); rescale them", index, field)
     return float(value)
 
 

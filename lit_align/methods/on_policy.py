@@ -26,7 +26,7 @@ import torch
 
 from lit_align.backbone import SequenceLogps
 from lit_align.data.collate import PromptLayout
-from lit_align.errors import SettingError
+from lit_align.errors import NonFiniteLossError, SettingError
 from lit_align.kl_control import KLPenalty
 from lit_align.losses.policy_gradient import KL_ESTIMATORS, explained_variance, masked_mean
 from lit_align.losses.sft import completion_nll
@@ -236,7 +236,7 @@ class OnPolicyModule(AlignmentModule):
             loss = loss + self.ptx_coef * ptx_loss
             metrics["loss/ptx"] = ptx_loss.detach()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{type(self).__name__}: non-finite loss {float(loss)} at step {self.global_step}")
+            raise NonFiniteLossError(f"{type(self).__name__}: non-finite loss {float(loss)} at step {self.global_step}")
         optimizer.zero_grad()
         self.manual_backward(loss)
         if self.max_grad_norm is not None:

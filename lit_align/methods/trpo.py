@@ -8,7 +8,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parameters_to_vector
 
-from lit_align.errors import SettingError
+from lit_align.errors import NonFiniteLossError, SettingError
 from lit_align.losses.policy_gradient import leave_one_out_advantages
 from lit_align.losses.trpo import (
     LineSearchResult,
@@ -114,7 +114,7 @@ class TRPO(SequencePolicyGradient):
         old_logits = logits.detach()
         surrogate = trpo_surrogate(current.logps.tokens, part.old_logps, part.advantages, part.mask)
         if not torch.isfinite(surrogate):
-            raise FloatingPointError(f"TRPO: non-finite surrogate {float(surrogate)} at step {self.global_step}")
+            raise NonFiniteLossError(f"TRPO: non-finite surrogate {float(surrogate)} at step {self.global_step}")
         gradient = flat(torch.autograd.grad(surrogate, params, retain_graph=True, allow_unused=True), params)
         fvp = fisher_vector_product(categorical_kl(old_logits, logits).mean(), params, self.damping)
         direction = conjugate_gradient(fvp, gradient, self.cg_iterations)

@@ -1,8 +1,33 @@
-"""Shared test fixtures."""
+"""Shared test fixtures, and the seed of the tests that assert learning."""
+
+import json
+import os
 
 import pytest
 
 from lit_align.tiny import build_tiny_tokenizer
+
+LEARNING_SEED = int(os.environ.get("LIT_ALIGN_TEST_SEED", "0"))
+"""Seed of every test that asserts learning: the run's ``seed_everything``, the data's shuffling
+seed and the tiny model's initialisation. 0 (the configs' own seeds) unless ``LIT_ALIGN_TEST_SEED``
+says otherwise; ``benchmarks/learning_spread.py`` runs the learning tests with several seeds and
+reports the spread of what they assert on."""
+
+
+def seed_flags(seed: int = LEARNING_SEED) -> list[str]:
+    """CLI flags that give a run ``seed`` everywhere a config fixes a seed."""
+    return ["--seed_everything", str(seed), "--data.init_args.seed", str(seed), "--model.init_args.model.tiny.seed", str(seed)]
+
+
+@pytest.fixture
+def measured(record_property):
+    """``measured(name, values)``: keep the numbers a learning test asserts on (as a junit XML
+    property, read by ``benchmarks/learning_spread.py``) and return them."""
+    def record(name: str, values):
+        record_property(name, json.dumps(values))
+        return values
+
+    return record
 
 
 @pytest.fixture

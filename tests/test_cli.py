@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import seed_flags
 
 from lit_align.cli import main
 
@@ -51,11 +52,11 @@ def test_every_config_is_trained_by_a_test():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", PAIRED_CONFIGS)
-def test_each_method_learns_the_builtin_task_through_the_cli(method, capsys):
+def test_each_method_learns_the_builtin_task_through_the_cli(method, capsys, measured):
     """Held-out accuracy starts near chance (validated before fit) and ends >= 0.8."""
     main(["fit", "--config", str(CONFIGS / f"{method}.yaml"), "--trainer.max_steps", "80",
-          "--trainer.val_check_interval", "80", "--trainer.enable_checkpointing", "false", *QUIET])
-    accuracies = metric_rows("val/rewards/accuracies")
+          "--trainer.val_check_interval", "80", "--trainer.enable_checkpointing", "false", *QUIET, *seed_flags()])
+    accuracies = measured("val/rewards/accuracies", metric_rows("val/rewards/accuracies"))
     assert len(accuracies) == 2, accuracies
     assert 0.35 <= accuracies[0] <= 0.65
     assert accuracies[-1] >= 0.8

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import seed_flags
 from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
@@ -190,7 +191,7 @@ def cli_accuracies(tmp_path, monkeypatch, capsys, config, *overrides) -> list[fl
 
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(CONFIGS / config), "--trainer.enable_checkpointing", "false",
-          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *overrides])
+          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *overrides, *seed_flags()])
     (path,) = Path("runs").rglob("metrics.csv")
     with open(path) as handle:
         rows = list(csv.DictReader(handle))
@@ -200,15 +201,16 @@ def cli_accuracies(tmp_path, monkeypatch, capsys, config, *overrides) -> list[fl
 
 
 @pytest.mark.slow
-def test_tr_dpo_config_learns_the_builtin_task(tmp_path, monkeypatch, capsys):
-    accuracies = cli_accuracies(tmp_path, monkeypatch, capsys, "tr_dpo.yaml", "--trainer.max_steps", "80", "--trainer.val_check_interval", "80")
+def test_tr_dpo_config_learns_the_builtin_task(tmp_path, monkeypatch, capsys, measured):
+    accuracies = measured("val/rewards/accuracies", cli_accuracies(tmp_path, monkeypatch, capsys, "tr_dpo.yaml", "--trainer.max_steps", "80",
+                                                                   "--trainer.val_check_interval", "80"))
     assert len(accuracies) == 2 and 0.35 <= accuracies[0] <= 0.65
     assert accuracies[-1] >= 0.8
 
 
 @pytest.mark.slow
-def test_sdpo_config_learns_the_builtin_task(tmp_path, monkeypatch, capsys):
-    accuracies = cli_accuracies(tmp_path, monkeypatch, capsys, "sdpo.yaml")
+def test_sdpo_config_learns_the_builtin_task(tmp_path, monkeypatch, capsys, measured):
+    accuracies = measured("val/rewards/accuracies", cli_accuracies(tmp_path, monkeypatch, capsys, "sdpo.yaml"))
     assert len(accuracies) == 3, accuracies  # before fit, after chunk 1, after chunk 2
     assert 0.35 <= accuracies[0] <= 0.65
     assert accuracies[-1] >= 0.8

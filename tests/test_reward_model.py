@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import seed_flags
 from torch.testing import assert_close
 from transformers import AutoModelForSequenceClassification
 
@@ -244,13 +245,13 @@ def metric_rows(name: str) -> list[float]:
 
 
 @pytest.mark.slow
-def test_reward_config_learns_the_builtin_task_and_exports(tmp_path, monkeypatch, capsys):
+def test_reward_config_learns_the_builtin_task_and_exports(tmp_path, monkeypatch, capsys, measured):
     """configs/reward.yaml as written: held-out pairwise accuracy 0.5 before (every reward starts
     at 0) and >= 0.9 after (measured 1.000); the export callback's folder and ``lit-align export``
     from the checkpoint both score like the module."""
     monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", str(CONFIGS / "reward.yaml"), *QUIET])
-    accuracies = metric_rows("val/accuracy")
+    main(["fit", "--config", str(CONFIGS / "reward.yaml"), *QUIET, *seed_flags()])
+    accuracies = measured("val/accuracy", metric_rows("val/accuracy"))
     assert accuracies[0] == 0.5 and accuracies[-1] >= 0.9, accuracies
     assert all(math.isfinite(v) for v in metric_rows("train/loss"))
     assert "held-out val/accuracy: 0.500 -> " in capsys.readouterr().out
@@ -265,12 +266,12 @@ def test_reward_config_learns_the_builtin_task_and_exports(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_reward_model_learns_ranked_lists_through_the_cli(tmp_path, monkeypatch):
+def test_reward_model_learns_ranked_lists_through_the_cli(tmp_path, monkeypatch, measured):
     """The same config on ListwiseDataModule (list_size 4: the correct answer, the unchanged word
     and partly-correct answers): held-out pairwise accuracy over all differently-scored pairs."""
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(CONFIGS / "reward.yaml"), "--data", "lit_align.data.ListwiseDataModule", "--data.init_args.list_size", "4",
           "--data.init_args.batch_size", "8", "--trainer.max_steps", "60", "--trainer.val_check_interval", "60",
-          "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", *QUIET])
-    accuracies = metric_rows("val/accuracy")
+          "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", *QUIET, *seed_flags()])
+    accuracies = measured("val/accuracy", metric_rows("val/accuracy"))
     assert accuracies[0] == 0.5 and accuracies[-1] >= 0.9, accuracies

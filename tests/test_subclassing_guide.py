@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import seed_flags
 
 from lit_align.cli import main
 
@@ -43,14 +44,14 @@ def test_the_guide_names_the_command_it_documents(heading, name, config, metric)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("heading, name, config, metric", CASES, ids=[c[0] for c in CASES])
-def test_each_worked_example_learns_through_the_cli(heading, name, config, metric, tmp_path, monkeypatch):
+def test_each_worked_example_learns_through_the_cli(heading, name, config, metric, tmp_path, monkeypatch, measured):
     (tmp_path / "my_objectives.py").write_text(example(heading))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     sys.modules.pop("my_objectives", None)
     main(["fit", "--config", str(ROOT / "configs" / config), "--model", f"my_objectives.{name}",
-          "--trainer.max_steps", "80", "--trainer.val_check_interval", "80", *QUIET])
-    values = headline(metric)
+          "--trainer.max_steps", "80", "--trainer.val_check_interval", "80", *QUIET, *seed_flags()])
+    values = measured(metric, headline(metric))
     assert len(values) == 2, values
     if metric.endswith("accuracies"):
         assert values[0] <= 0.65 and values[-1] >= 0.8, values

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import seed_flags
 from torch.testing import assert_close
 
 from lit_align.backbone import Backbone
@@ -254,16 +255,17 @@ def test_tdpo_module_forward_pair_and_rewards():
 
 # ----------------------------------------------------------------------------- CLI
 @pytest.mark.slow
-def test_tdpo_learns_the_builtin_task_through_the_cli(tmp_path, monkeypatch, capsys):
+def test_tdpo_learns_the_builtin_task_through_the_cli(tmp_path, monkeypatch, capsys, measured):
     from lit_align.cli import main
 
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(CONFIGS / "tdpo.yaml"), "--trainer.max_steps", "80", "--trainer.val_check_interval", "80",
-          "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+          "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+          *seed_flags()])
     (path,) = Path("runs").rglob("metrics.csv")
     with open(path) as handle:
         rows = list(csv.DictReader(handle))
-    accuracies = [float(r["val/rewards/accuracies"]) for r in rows if r.get("val/rewards/accuracies")]
+    accuracies = measured("val/rewards/accuracies", [float(r["val/rewards/accuracies"]) for r in rows if r.get("val/rewards/accuracies")])
     assert len(accuracies) == 2 and 0.35 <= accuracies[0] <= 0.65
     assert accuracies[-1] >= 0.8
     assert all(math.isfinite(float(r["train/loss"])) for r in rows if r.get("train/loss"))

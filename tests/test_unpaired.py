@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import seed_flags
 from lightning.pytorch.loggers import CSVLogger
 from torch.testing import assert_close
 
@@ -455,12 +456,12 @@ def metric_rows(name: str) -> list[float]:
 # measured after 80 steps (seed 0, CPU): KTO 1.305, NPO 1.261, BCO 1.256; the threshold leaves half of it to spare
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["kto", "npo", "bco"])
-def test_each_unpaired_method_learns_the_builtin_task_through_the_cli(method, capsys, tmp_path, monkeypatch):
+def test_each_unpaired_method_learns_the_builtin_task_through_the_cli(method, capsys, tmp_path, monkeypatch, measured):
     """The held-out reward margin starts at 0 (policy = reference before fit) and ends clearly positive."""
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(CONFIGS / f"{method}.yaml"), "--trainer.max_steps", "80",
-          "--trainer.val_check_interval", "80", "--trainer.enable_checkpointing", "false", *QUIET])
-    margins = metric_rows("val/rewards/margins")
+          "--trainer.val_check_interval", "80", "--trainer.enable_checkpointing", "false", *QUIET, *seed_flags()])
+    margins = measured("val/rewards/margins", metric_rows("val/rewards/margins"))
     assert len(margins) == 2, margins
     assert abs(margins[0]) < 0.01
     assert margins[-1] > 0.6

@@ -294,3 +294,10 @@ def test_model_settings_the_libraries_refuse_are_named(flags, message, in_tmp):
     with pytest.raises(SystemExit, match="^" + re.escape(message)):
         main(["fit", "--config", str(CONFIGS / "dpo.yaml"), *flags])
     assert not Path("runs").exists()
+
+
+def test_a_missing_reward_model_is_named_with_what_to_run_first(in_tmp):
+    with pytest.raises(SystemExit, match="^" + re.escape("lit-align fit: RewardModelReward: cannot load the reward model 'outputs/reward' "
+                                                         "(configs/reward.yaml exports one to outputs/reward: train the reward model first): ")):
+        main(["fit", "--config", str(CONFIGS / "ppo.yaml"), "--config", str(CONFIGS / "pipeline" / "ppo_with_reward_model.yaml"),
+              "--model.init_args.model.name_or_path", "tiny"])

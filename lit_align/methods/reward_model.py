@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 import torch
 from torch import nn
 
+from lit_align.backbone import ModelLoadError
 from lit_align.data.collate import ListLayout, PairLayout
 from lit_align.errors import SettingError
 from lit_align.flops import flops_per_token
@@ -218,8 +219,12 @@ class RewardModelReward(RewardFunction):
         if max_prompt_length is not None and max_prompt_length >= max_length:
             raise SettingError(type(self).__name__, "max_prompt_length", f"must be < max_length={max_length}, got {max_prompt_length}: completions need room")
 
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            hint = " (configs/reward.yaml exports one to outputs/reward: train the reward model first)" if not Path(path).exists() else ""
+            raise ModelLoadError(f"RewardModelReward: cannot load the reward model {path!r}{hint}: {(str(error).strip().splitlines() or [''])[0]}") from None
         self.batch_size, self.max_length = batch_size, max_length
         self.max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
 

@@ -106,36 +106,15 @@ class LitAlignCLI(LightningCLI):
             report_checkpoint_overrides(checkpoint, ckpt_path, self.config[subcommand].get("model"))
 
     def before_instantiate_classes(self) -> None:
-        """The run folder: ``trainer.default_root_dir``, when set, also holds the default logger's
-        runs (instead of ``./runs``); a run folder that cannot be written stops here, before any
-        model or data is loaded."""
+        """Before any model or data is loaded: the Trainer settings Lightning does not check
+        (:data:`TRAINER_RANGES`), the run folder (``trainer.default_root_dir``, when set, also
+        holds the default logger's runs instead of ``./runs``) and checkpoint folders can be written."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.get("trainer")
-        if trainer is not None:
-            try:
-                check_values("Trainer", TRAINER_RANGES, {name: trainer.get(name) for name in TRAINER_RANGES})
-            except SettingError as error:
-                error.hint = f"change trainer.{error.setting} (in the YAML, or --trainer.{error.setting} on the command line)"
-                raise
-        logger = trainer.get("logger") if trainer is not None else None
-        init = logger.get("init_args") if isinstance(logger, Namespace) else None
-        root = trainer.get("default_root_dir") if trainer is not None else None
-        folder, setting = root or os.getcwd(), "trainer.default_root_dir"
-        if init is not None and init.get("save_dir"):
-            if root and init["save_dir"] == DEFAULT_RUN_FOLDER:
-                init["save_dir"] = root
-            else:
-                folder, setting = init["save_dir"], "trainer.logger.init_args.save_dir"
-        problem = unwritable(folder)
-        if problem:
-            raise SettingError(None, setting, f"the run folder {str(folder)!r} cannot be written ({problem}); "
-                               f"set {setting} to a folder you can write")
-        for path, node in _walk(trainer.get("callbacks") if trainer is not None else None, "trainer.callbacks"):
-            dirpath = node.get("init_args", {}).get("dirpath") if isinstance(node, Namespace) and str(node.get("class_path", "")).endswith("ModelCheckpoint") else None
-            problem = unwritable(dirpath) if dirpath else None
-            if problem:
-                raise SettingError(None, f"{path}.init_args.dirpath", f"the checkpoint folder {str(dirpath)!r} cannot be written ({problem}); "
-                                   f"set {path}.init_args.dirpath to a folder you can write")
+        if trainer is None:
+            return
+        check_trainer_settings(trainer)
+        check_writable_folders(trainer)
 
     def instantiate_classes(self) -> None:
         """As LightningCLI's, but an error a constructor raises on purpose (a setting out of its
@@ -358,6 +337,41 @@ def error_text(command: str, error: LitAlignError) -> str:
     debug = f"{DEBUG_VARIABLE}=1 shows the traceback"
     hint = f"hint: {error.hint}; {debug}" if error.hint else f"({debug})"
     return f"lit-align{' ' + command if command else ''}: {message}\n{hint}"
+
+
+# ---- the trainer's settings and folders -----------------------------------------------------------
+def check_trainer_settings(trainer: Namespace) -> None:
+    """:class:`SettingError` for a Trainer setting out of :data:`TRAINER_RANGES`."""
+    try:
+        check_values("Trainer", TRAINER_RANGES, {name: trainer.get(name) for name in TRAINER_RANGES})
+    except SettingError as error:
+        error.hint = f"change trainer.{error.setting} (in the YAML, or --trainer.{error.setting} on the command line)"
+        raise
+
+
+def check_writable_folders(trainer: Namespace) -> None:
+    """Point the default logger at ``default_root_dir`` when that is set, then check that the run
+    folder and every ``ModelCheckpoint`` folder can be written (:class:`SettingError` naming the
+    folder and the setting)."""
+    logger = trainer.get("logger")
+    init = logger.get("init_args") if isinstance(logger, Namespace) else None
+    root = trainer.get("default_root_dir")
+    folders = [(root or os.getcwd(), "trainer.default_root_dir", "run")]
+    if init is not None and init.get("save_dir"):
+        if root and init["save_dir"] == DEFAULT_RUN_FOLDER:
+            init["save_dir"] = root
+        else:
+            folders = [(init["save_dir"], "trainer.logger.init_args.save_dir", "run")]
+    for path, node in _walk(trainer.get("callbacks"), "trainer.callbacks"):
+        if isinstance(node, Namespace) and str(node.get("class_path", "")).endswith("ModelCheckpoint"):
+            dirpath = (node.get("init_args") or Namespace()).get("dirpath")
+            if dirpath:
+                folders.append((dirpath, f"{path}.init_args.dirpath", "checkpoint"))
+    for folder, setting, kind in folders:
+        problem = unwritable(folder)
+        if problem:
+            raise SettingError(None, setting, f"the {kind} folder {str(folder)!r} cannot be written ({problem}); "
+                               f"set {setting} to a folder you can write")
 
 
 # ---- checkpoints given to fit/validate/test ------------------------------------------------------

@@ -81,6 +81,11 @@ CONFIGS = ROOT / "configs"
     (lambda: data_package.PreferenceDataModule(task=data_package.WordRulesTask(num_train=10), max_records=0),
      "PreferenceDataModule: max_records must be >= 1, got 0"),
     (lambda: data_package.WordRulesTask(num_val=0), "WordRulesTask: num_val must be >= 1, got 0"),
+    (lambda: data_package.PreferenceDataModule(columns={"promt": "question"}),
+     "PreferenceDataModule: columns maps fields it does not read: promt; the keys are lit-align's field names (prompt, chosen, rejected, "
+     "score_chosen, score_rejected, margin), the values the file's"),
+    (lambda: data_package.ListwiseDataModule(columns={"chosen": "best"}), "ListwiseDataModule: columns maps fields it does not read: chosen"),
+    (lambda: data_package.PromptDataModule(columns={"completion": "answer"}), "PromptDataModule: columns maps fields it does not read: completion"),
     (lambda: data_package.WordRulesTask(min_word_length=5, max_word_length=4), "WordRulesTask: min_word_length must be <= max_word_length=4, got 5"),
     (lambda: callbacks_package.ReferenceSync(alpha=1.5), "ReferenceSync: alpha must be in (0, 1], got 1.5"),
     (lambda: callbacks_package.StepwiseDPO(num_chunks=0), "StepwiseDPO: num_chunks must be >= 1, got 0"),

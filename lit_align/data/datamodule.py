@@ -8,7 +8,7 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 import torch
 from lightning import LightningDataModule
@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from lit_align.atomic import atomic_torch_save, load_or_none
 from lit_align.data.collate import Collator, PackedCollator, PairLayout
 from lit_align.data.errors import DataError, DroppableRecord
-from lit_align.data.formats import FormatName, normalise_record
+from lit_align.data.formats import PAIR_FIELDS, FormatName, normalise_record
 from lit_align.data.sampling import GlobalBatchOrder, resumed_epoch_position
 from lit_align.data.sources import read_records, source_fingerprint
 from lit_align.data.tasks import WordRulesTask
@@ -99,6 +99,10 @@ class PreferenceDataModule(LightningDataModule):
         check_arguments(self, self.hparams)  # the settings of subclasses too
         if max_prompt_length is not None and max_prompt_length >= max_length:
             raise SettingError(type(self).__name__, "max_prompt_length", f"must be < max_length={max_length}, got {max_prompt_length}: responses need room")
+        unknown = sorted(set(columns or {}) - set(self.record_fields))
+        if unknown:  # a misspelt key would silently rename nothing
+            raise SettingError(type(self).__name__, "columns", f"maps fields it does not read: {', '.join(unknown)}; the keys are lit-align's "
+                               f"field names ({', '.join(self.record_fields)}), the values the file's")
         self.task = task or WordRulesTask()
         self.max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
         self.tokenizer: PreTrainedTokenizerBase | None = None
@@ -139,6 +143,8 @@ class PreferenceDataModule(LightningDataModule):
         return splits
 
     # ---- what a data regime defines (paired here; unpaired and listwise subclasses override) ----
+    record_fields: ClassVar[tuple[str, ...]] = PAIR_FIELDS
+    """The record fields this data module reads: the keys ``columns`` may map."""
     layout = PairLayout()
     """Which responses of an example become policy rows, and in which order."""
 

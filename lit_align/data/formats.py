@@ -29,6 +29,8 @@ from lit_align.data.errors import DataError, DroppableRecord
 Message = dict[str, str]
 FormatName = Literal["auto", "explicit", "conversational", "implicit"]
 KNOWN_ROLES = ("system", "user", "assistant", "tool")
+PAIR_FIELDS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin")
+"""The fields a paired record can have (the names ``columns`` maps from)."""
 FLOAT32_MAX = 3.4028234663852886e38
 
 

@@ -26,6 +26,7 @@ class ListwiseDataModule(PreferenceDataModule):
     """
 
     layout = ListLayout()
+    record_fields = ("prompt", "responses", "scores", "ranks")
 
     def __init__(self, *args, list_size: Annotated[int, Range(2)] = 4, max_responses: Optional[Annotated[int, Range(2)]] = None, **kwargs):
         super().__init__(*args, **kwargs)

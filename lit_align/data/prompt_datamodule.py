@@ -39,6 +39,7 @@ class PromptDataModule(PreferenceDataModule):
     """
 
     layout = PromptLayout()
+    record_fields = ("prompt",)
 
     def __init__(self, *args, ptx_train: Optional[str] = None, ptx_batch_size: Optional[Count] = None, **kwargs):
         super().__init__(*args, **kwargs)

@@ -7,7 +7,15 @@ from typing import Any
 from lit_align.data.collate import CompletionLayout
 from lit_align.data.datamodule import PreferenceDataModule
 from lit_align.data.errors import DataError
-from lit_align.data.formats import normalise_record, read_field, read_messages, read_prompt, read_response, read_text
+from lit_align.data.formats import (
+    PAIR_FIELDS,
+    normalise_record,
+    read_field,
+    read_messages,
+    read_prompt,
+    read_response,
+    read_text,
+)
 from lit_align.data.tokenize import tokenize_responses
 
 
@@ -30,6 +38,7 @@ class SFTDataModule(PreferenceDataModule):
     """
 
     layout = CompletionLayout()
+    record_fields = ("prompt", "completion", "messages", "text", *PAIR_FIELDS[1:])  # pairs with ``from_pairs``
 
     def __init__(self, *args, from_pairs: bool = False, **kwargs):
         super().__init__(*args, **kwargs)

@@ -7,9 +7,9 @@ from typing import Any
 from lit_align.data.collate import UnpairedLayout
 from lit_align.data.datamodule import PreferenceDataModule
 from lit_align.data.errors import DataError
-from lit_align.data.formats import normalise_record
+from lit_align.data.formats import PAIR_FIELDS, normalise_record
 from lit_align.data.tokenize import tokenize_responses
-from lit_align.data.unpaired import normalise_unpaired, pair_to_unpaired
+from lit_align.data.unpaired import UNPAIRED_FIELDS, normalise_unpaired, pair_to_unpaired
 
 
 class UnpairedDataModule(PreferenceDataModule):
@@ -33,6 +33,7 @@ class UnpairedDataModule(PreferenceDataModule):
     """
 
     layout = UnpairedLayout()
+    record_fields = UNPAIRED_FIELDS + PAIR_FIELDS[1:]  # pairs with ``from_pairs``
 
     def __init__(self, *args, from_pairs: bool = False, **kwargs):
         super().__init__(*args, **kwargs)

@@ -13,8 +13,10 @@ import torch
 
 from lit_align.cli import main
 from lit_align.data import DataError, PromptDataModule, SFTDataModule, WordRulesTask
+from lit_align.errors import SettingError
 from lit_align.logprobs import IGNORE_INDEX
-from lit_align.methods import A2C, GRPO, PPO
+from lit_align.methods import A2C, GRPO, PPO, REINFORCE, OnlineDPO
+from lit_align.methods.running import RunningMoments
 from lit_align.rewards import RewardFunction, WordRulesReward
 from lit_align.rollout import completion_batch
 from lit_align.tiny import build_tiny_tokenizer
@@ -166,6 +168,64 @@ def test_sft_reward_model_ppo_pipeline_through_the_cli(in_sft_workdir):
     verifier = metric_rows("val/objective/scores")
     assert sum(learned[-3:]) / 3 > learned[0] + 0.5, learned  # the first rollout is sampled before any update
     assert verifier[-1] >= verifier[0] - 0.05, verifier
+
+
+def test_running_moments_merge_batches_exactly():
+    """Mean and (population) variance of 100 values folded in as batches of 10, 30 and 60 equal
+    those of all 100 at once."""
+    values = torch.randn(100, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 2
+    moments = RunningMoments()
+    for part in values.split([10, 30, 60]):
+        moments.update(part.sum(), (part**2).sum(), part.numel())
+    assert int(moments.count) == 100
+    torch.testing.assert_close(moments.mean, values.mean())
+    torch.testing.assert_close(moments.var, values.var(unbiased=False))
+
+
+@pytest.mark.parametrize("mode", ["initial", "running"])
+def test_reward_normalization_standardises_with_the_first_or_every_rollout(mode):
+    """``initial``: the first rollout's scores (1, 2, 3, 4) fix mean 2.5 and std sqrt(1.25); a
+    later (5, 6) becomes (2.5, 3.5) / sqrt(1.25). ``running``: (5, 6) joins them: mean 3.5, variance
+    35/12. A first rollout of equal scores fixes nothing under ``initial``."""
+    module = PPO(reward=WordRulesReward(), reward_normalization=mode)
+    if mode == "initial":
+        assert module.normalise_scores(torch.tensor([7.0, 7.0])).tolist() == [0.0, 0.0]
+        module.score_moments = RunningMoments()  # start again: equal scores must not have fixed anything either way
+    first = module.normalise_scores(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    torch.testing.assert_close(first, (torch.tensor([1.0, 2.0, 3.0, 4.0]) - 2.5) / 1.25**0.5)
+    later = module.normalise_scores(torch.tensor([5.0, 6.0]))
+    mean, var = (2.5, 1.25) if mode == "initial" else (3.5, 35 / 12)
+    torch.testing.assert_close(later, (torch.tensor([5.0, 6.0]) - mean) / var**0.5)
+    assert PPO(reward=WordRulesReward()).normalise_scores(torch.tensor([1.0, 5.0])).tolist() == [1.0, 5.0]
+
+
+def test_reward_normalization_is_refused_where_it_changes_nothing():
+    with pytest.raises(SettingError, match=r"PPO: reward_normalization must be one of initial, running, got 'whiten'"):
+        PPO(reward_normalization="whiten")
+    with pytest.raises(SettingError, match="GRPO: reward_normalization must be unset with scale_advantages") as refused:
+        GRPO(reward_normalization="initial")
+    assert "scale_advantages false (Dr. GRPO)" in refused.value.hint
+    with pytest.raises(SettingError, match="OnlineDPO: reward_normalization must be unset: .* only the scores' order matters"):
+        OnlineDPO(reward_normalization="running")
+    assert GRPO(reward_normalization="running", scale_advantages=False).reward_normalization == "running"
+
+
+def test_training_logs_raw_scores_and_held_out_training_reward_next_to_eval_reward():
+    """With ``eval_reward`` set, held-out completions are scored by both rewards
+    (``val/objective/scores``: the verifier; ``val/objective/train_reward_scores``: the training
+    reward); under ``reward_normalization`` the logged training scores stay raw (completion
+    lengths of 1 to 3 characters here, not standardised values)."""
+    module = REINFORCE(reward=LengthReward(), eval_reward=WordRulesReward(), reward_normalization="running",
+                       generation={"max_new_tokens": 3, "temperature": 1.0}, model={"reference": "copy"})
+    data = PromptDataModule(task=WordRulesTask(num_train=8, num_val=4, rules=("first",)), batch_size=4, max_length=32, use_cache=False)
+    trainer = lightning.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=2)
+    trainer.fit(module, datamodule=data)
+    metrics = trainer.callback_metrics
+    assert 0.0 <= float(metrics["val/objective/scores"]) <= 1.0
+    assert 0.0 <= float(metrics["val/objective/train_reward_scores"]) <= 3.0
+    assert 0.0 <= float(metrics["train/objective/scores"]) <= 3.0
+    assert int(module.score_moments.count) == 8 and float(metrics["train/reward_normalization/std"]) > 0
 
 
 class LengthReward(RewardFunction):

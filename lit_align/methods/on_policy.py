@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 
@@ -31,12 +31,12 @@ from lit_align.kl_control import KLPenalty
 from lit_align.losses.policy_gradient import KL_ESTIMATORS, explained_variance, masked_mean
 from lit_align.losses.sft import completion_nll
 from lit_align.methods.alignment import AlignmentModule
+from lit_align.methods.running import RunningMoments
 from lit_align.rewards import RewardFunction
 from lit_align.rollout import GenerationSettings, Rollout, sample_completions
 from lit_align.settings import Count, Finite, ModelSettings, NonNegative, OptimizerSettings, Positive, as_settings
 
 log = logging.getLogger(__name__)
-
 
 @dataclass
 class PolicyPass:
@@ -59,7 +59,10 @@ class OnPolicyModule(AlignmentModule):
             ``lit_align.methods.RewardModelReward`` (a trained reward model) or your own
             :class:`lit_align.rewards.RewardFunction`. Required for training.
         eval_reward: reward reported on held-out prompts (default: ``reward``); e.g. the
-            verifier while training against a learned reward model.
+            verifier while training against a learned reward model. When set, the training
+            ``reward`` is reported on the same held-out completions too
+            (``objective/train_reward_scores``): proxy against gold reward, the over-optimisation
+            picture of Gao et al. 2022.
         generation: sampling settings (max new tokens, temperature, top-p, top-k).
         samples_per_prompt: completions sampled per prompt (RLOO and GRPO need >= 2).
         kl: per-token KL penalty to the reference: estimator k1/k2/k3, fixed or adaptive beta.
@@ -68,6 +71,18 @@ class OnPolicyModule(AlignmentModule):
         max_grad_norm: clip the gradient norm to this (null: no clipping).
         missing_eos_penalty: subtracted from the score of completions that hit
             ``max_new_tokens`` without EOS (null: none).
+        reward_normalization: standardise the scores, (score - mean) / std, before the method
+            turns them into advantages: ``initial`` with the mean and std of the first rollout's
+            scores (samples of the initial policy; the first rollout whose scores differ), then
+            fixed, as Ziegler et al. 2019 normalise their reward model to mean 0 and variance 1
+            on samples of the initial policy; ``running`` with the mean and std of every score
+            so far (TRL's score normalisation with running moments, OpenRLHF's reward
+            normalisation). Null: raw scores. For learned reward models, whose Bradley-Terry
+            training fixes neither offset nor scale, while ``kl.beta``, a critic's initial value
+            0 and PPO's ``value_clip`` are set for scores of order 1. Logged
+            ``objective/scores`` stay raw; ``objective/rlhf_reward`` uses the standardised
+            scores (what is optimised). An error for methods that only see the scores' order or
+            group-standardise them anyway (online DPO; GRPO with ``scale_advantages``).
         model: the causal LM, LoRA/QLoRA and reference strategy (``cached`` is not possible:
             completions are new every step).
         optimizer: AdamW and learning-rate schedule.
@@ -92,6 +107,7 @@ class OnPolicyModule(AlignmentModule):
         minibatch_size: Optional[Count] = None,
         max_grad_norm: Optional[Positive] = 1.0,
         missing_eos_penalty: Optional[Finite] = None,
+        reward_normalization: Optional[Literal["initial", "running"]] = None,
         model: ModelSettings = ModelSettings(),  # noqa: B008
         optimizer: OptimizerSettings = OptimizerSettings(),  # noqa: B008
     ):
@@ -108,6 +124,9 @@ class OnPolicyModule(AlignmentModule):
         self.kl_settings = as_settings(kl, KLPenalty)
         self.kl_controller = self.kl_settings.controller()
         self.kl_estimator = KL_ESTIMATORS[self.kl_settings.estimator]
+        self.reward_normalization = reward_normalization
+        self.score_moments = RunningMoments() if reward_normalization else None
+        """Mean and variance of the scores used by ``reward_normalization`` (checkpointed)."""
 
     # ---- what a method implements ------------------------------------------------------------
     def prepare(self, rollout: Rollout) -> None:
@@ -203,8 +222,10 @@ class OnPolicyModule(AlignmentModule):
             rollout.take_sampling_pass(current)
         beta = self.kl_controller.beta
         kl = self.token_kl(rollout).sum(-1)
+        raw_scores = rollout.scores
+        rollout.scores = self.normalise_scores(raw_scores)
         self.prepare(rollout)
-        self.log_rollout("train", rollout, kl, beta)
+        self.log_rollout("train", rollout, kl, beta, raw_scores)
         self.kl_controller.update(float(kl.mean()))
         if one_update:
             self.optimise(rollout, batch.get("ptx"), current)
@@ -212,6 +233,22 @@ class OnPolicyModule(AlignmentModule):
         for _ in range(self.epochs):
             for rows in self.minibatches(rollout.size):
                 self.optimise(rollout.select(rows), batch.get("ptx"))
+
+    @torch.no_grad()
+    def normalise_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` standardised by ``reward_normalization`` (unchanged when it is null). The
+        moments are updated first (with every process's scores), so a rollout is normalised with
+        statistics that include it; ``initial`` stops updating after the first rollout whose
+        scores are not all equal."""
+        moments = self.score_moments
+        if moments is None:
+            return scores
+        if self.reward_normalization == "running" or moments.count == 0 or moments.var <= 1e-12:
+            sums = torch.stack([scores.sum(), (scores**2).sum(), torch.tensor(scores.numel(), device=scores.device)]).double()
+            if self._trainer is not None and self._trainer.world_size > 1:
+                sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+            moments.update(sums[0], sums[1], int(sums[2]))
+        return ((scores - moments.mean) * torch.rsqrt(moments.var + 1e-8)).to(scores.dtype)
 
     def updates_once(self, rows: int) -> bool:
         """Whether a rollout of ``rows`` completions makes exactly one optimizer step on all of
@@ -246,11 +283,16 @@ class OnPolicyModule(AlignmentModule):
         metrics["loss"] = loss.detach()
         self.log_metrics("train", {name: value.reshape(-1) for name, value in metrics.items()}, batch_size=part.size)
 
-    def log_rollout(self, stage: str, rollout: Rollout, kl: torch.Tensor, beta: float) -> None:
-        """Rollout metrics: scores, KL, RLHF reward (score - beta KL), length, EOS rate, beta."""
+    def log_rollout(self, stage: str, rollout: Rollout, kl: torch.Tensor, beta: float, raw_scores: torch.Tensor | None = None) -> None:
+        """Rollout metrics: scores (``raw_scores``, before ``reward_normalization``, when given),
+        KL, RLHF reward (the rollout's score - beta KL), length, EOS rate, beta; and the
+        normalisation's mean and std when it is on."""
         lengths = rollout.mask.sum(-1).float()
+        if self.score_moments is not None:
+            self.log_metrics(stage, {"reward_normalization/mean": self.score_moments.mean.float()[None],
+                                     "reward_normalization/std": self.score_moments.std.float()[None]}, batch_size=rollout.size)
         self.log_metrics(stage, {
-            "objective/scores": rollout.scores,
+            "objective/scores": rollout.scores if raw_scores is None else raw_scores,
             "objective/kl": kl,
             "objective/rlhf_reward": rollout.scores - beta * kl,
             "objective/beta": torch.tensor([beta], device=self.device),
@@ -268,14 +310,19 @@ class OnPolicyModule(AlignmentModule):
     @torch.no_grad()
     def evaluate(self, batch: dict[str, Any], stage: str) -> None:
         """Held-out prompts: one completion each at ``generation.eval_temperature``, scored by
-        ``eval_reward`` (else ``reward``)."""
+        ``eval_reward`` (else ``reward``); with both set, also by ``reward``
+        (``objective/train_reward_scores``)."""
         reward = self.eval_reward or self.reward
         if reward is None:
             raise SettingError(None, "reward", f"{type(self).__name__} needs a reward to evaluate: set model.init_args.reward (or eval_reward)")
         tokens, ended = sample_completions(self.backbone.policy, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.generation, 1, self.generation.eval_temperature)
-        scores = reward(batch["prompts"], self.decode(tokens)).to(self.device)
+        completions = self.decode(tokens)
+        scores = reward(batch["prompts"], completions).to(self.device)
         mask = tokens["labels"] != -100
-        self.log_metrics(stage, {"objective/scores": scores, "response_length": mask.sum(-1).float(), "ended_with_eos": ended.float()}, batch_size=len(scores))
+        values = {"objective/scores": scores, "response_length": mask.sum(-1).float(), "ended_with_eos": ended.float()}
+        if self.eval_reward is not None and self.reward is not None:
+            values["objective/train_reward_scores"] = self.reward(batch["prompts"], completions).to(self.device)
+        self.log_metrics(stage, values, batch_size=len(scores))
 
 class ActorCriticModule(OnPolicyModule):
     """An on-policy method with a critic: a scalar value head on the policy's last hidden state

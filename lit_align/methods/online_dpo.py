@@ -56,6 +56,9 @@ class OnlineDPO(OnPolicyModule):
             raise SettingError("OnlineDPO", "generation.temperature", "must be > 0: greedy samples of a prompt are identical and never form a pair")
         if self.kl_controller.adaptive:
             raise SettingError("OnlineDPO", "kl.target", "must be unset: OnlineDPO has no KL penalty to adapt (DPO's beta is its KL control)")
+        if self.reward_normalization:
+            raise SettingError("OnlineDPO", "reward_normalization", "must be unset: OnlineDPO pairs the best and worst sample of each prompt, "
+                               "only the scores' order matters, so standardising them changes nothing")
         self.beta = beta
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 import torch
 
+from lit_align.errors import SettingError
 from lit_align.losses.policy_gradient import (
     aggregate,
     clipped_surrogate,
@@ -94,6 +95,9 @@ class GRPO(OnPolicyModule):
     def __init__(self, *args, samples_per_prompt: Annotated[int, Range(2)] = 4, clip: ClipRange = 0.2, loss_aggregation: Literal["sequence", "token"] = "sequence",
                  scale_advantages: bool = True, **kwargs):
         super().__init__(*args, samples_per_prompt=samples_per_prompt, **kwargs)
+        if scale_advantages and self.reward_normalization:
+            raise SettingError("GRPO", "reward_normalization", "must be unset with scale_advantages: GRPO standardises each group's scores itself",
+                               hint="set scale_advantages false (Dr. GRPO) where the scores' scale should matter")
         self.clip, self.loss_aggregation, self.scale_advantages = clip, loss_aggregation, scale_advantages
 
     def token_kl(self, rollout: Rollout) -> torch.Tensor:

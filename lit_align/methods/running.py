@@ -40,3 +40,35 @@ class RunningMean(torch.nn.Module):
             weight = self.momentum
         self.value.mul_(weight).add_((1 - weight) * mean)
         self.count += count
+
+
+class RunningMoments(torch.nn.Module):
+    """Running mean and variance of every value folded in so far, in buffers (``mean``, ``var``,
+    ``count``) so checkpoints carry them; batches are merged exactly (Chan et al. 1979, the
+    parallel update OpenAI baselines' ``RunningMeanStd`` and TRL's ``RunningMoments`` use)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("var", torch.ones((), dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, total: torch.Tensor, total_of_squares: torch.Tensor, count: int | torch.Tensor) -> None:
+        """Fold in ``count`` values with sum ``total`` and sum of squares ``total_of_squares``
+        (sums, so that processes can all-reduce them before the update)."""
+        count = int(count)
+        if count <= 0:
+            return
+        batch_mean = total.double() / count
+        batch_var = (total_of_squares.double() / count - batch_mean**2).clamp(min=0)
+        old = float(self.count)
+        merged = old + count
+        delta = batch_mean - self.mean
+        self.var.copy_((self.var * old + batch_var * count + delta**2 * old * count / merged) / merged)
+        self.mean.add_(delta * count / merged)
+        self.count += count
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.sqrt()

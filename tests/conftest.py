@@ -47,7 +47,9 @@ def _isolated_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def sft_policy(tmp_path_factory):
     """configs/sft.yaml run once per test session: the starting policy (outputs/sft) of every
-    on-policy config. Its held-out NLL per completion token must fall by more than 3 nats."""
+    on-policy config. Its held-out NLL per completion token must fall by more than 3 nats
+    (measured 5.5 -> 0.80-1.16 over seeds 0-5). Seeded by ``LIT_ALIGN_TEST_SEED`` (the run and the
+    tiny model's initialisation)."""
     import csv
     from pathlib import Path
 
@@ -58,7 +60,8 @@ def sft_policy(tmp_path_factory):
         patch.chdir(folder)
         patch.setenv("LIT_ALIGN_CACHE", str(folder / "lit-align-cache"))
         main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "sft.yaml"), "--trainer.enable_checkpointing", "false",
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--seed_everything", str(LEARNING_SEED), "--model.init_args.model.tiny.seed", str(LEARNING_SEED)])
         (metrics,) = Path("runs").rglob("metrics.csv")
         with open(metrics) as handle:
             losses = [float(row["val/loss"]) for row in csv.DictReader(handle) if row.get("val/loss")]

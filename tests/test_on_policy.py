@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning
 import pytest
 import torch
+from conftest import LEARNING_SEED
 
 from lit_align.cli import main
 from lit_align.data import DataError, PromptDataModule, SFTDataModule, WordRulesTask
@@ -96,12 +97,20 @@ def test_on_policy_methods_name_what_is_missing():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ON_POLICY_CONFIGS)
-def test_each_on_policy_method_raises_held_out_reward(method, in_sft_workdir):
+def test_each_on_policy_method_raises_held_out_reward(method, in_sft_workdir, measured):
     """Mean reward of sampled completions on 200 held-out prompts, validated before fit and at
-    the end, rises clearly from the SFT policy (configs as shipped, run through the CLI)."""
-    main(["fit", "--config", str(CONFIGS / f"{method}.yaml"), "--trainer.enable_checkpointing", "false", *QUIET])
-    scores = metric_rows("val/objective/scores")
-    assert scores[-1] >= scores[0] + 0.05, scores
+    the end, rises clearly from the SFT policy (configs as shipped, run through the CLI).
+
+    Measured with ``LIT_ALIGN_TEST_SEED`` 0 / 1 / 2 (AMD EPYC), first -> last:
+    reinforce 0.37 -> 0.66 / 0.47 -> 0.67 / 0.24 -> 0.45 (rises 0.29 / 0.20 / 0.21)
+    rloo      0.42 -> 0.68 / 0.44 -> 0.71 / 0.23 -> 0.60 (0.26 / 0.28 / 0.37)
+    grpo      0.42 -> 0.70 / 0.44 -> 0.73 / 0.23 -> 0.57 (0.28 / 0.29 / 0.35)
+    ppo       0.36 -> 0.75 / 0.40 -> 0.80 / 0.26 -> 0.69 (0.39 / 0.40 / 0.44)
+    a2c       0.33 -> 0.62 / 0.49 -> 0.70 / 0.24 -> 0.49 (0.29 / 0.21 / 0.25)
+    The bound, 0.08, is under half the smallest rise."""
+    main(["fit", "--config", str(CONFIGS / f"{method}.yaml"), "--seed_everything", str(LEARNING_SEED), "--trainer.enable_checkpointing", "false", *QUIET])
+    scores = measured("val/objective/scores", metric_rows("val/objective/scores"))
+    assert scores[-1] >= scores[0] + 0.08, scores
     assert all(torch.isfinite(torch.tensor(metric_rows("train/loss"))))
 
 
@@ -118,10 +127,12 @@ def _demonstration_nll(module: PPO, data: SFTDataModule) -> float:
 
 
 @pytest.mark.slow
-def test_ppo_ptx_term_lowers_nll_of_held_out_demonstrations(sft_policy, tmp_path):
+def test_ppo_ptx_term_lowers_nll_of_held_out_demonstrations(sft_policy, tmp_path, measured):
     """PPO-ptx (InstructGPT eq. 2): the same short PPO run with ptx_coef 1 versus 0, the ptx
     batches being template sentences; on sentences of the template never trained on, the NLL of
-    the ptx run's policy ends clearly below the plain PPO run's, and ``loss/ptx`` is logged."""
+    the ptx run's policy ends clearly below the plain PPO run's, and ``loss/ptx`` is logged.
+    Measured with ``LIT_ALIGN_TEST_SEED`` 0 / 1 / 2: NLL 6.72 vs 4.17 / 6.84 vs 4.06 / 6.92 vs 4.08
+    (gaps 2.55 / 2.78 / 2.84; the bound is 1)."""
     train, held_out = tmp_path / "ptx.jsonl", tmp_path / "ptx_val.jsonl"
     train.write_text("\n".join(json.dumps(r) for r in _template_texts(["Ann", "Bob", "Cy", "Dee"], ["rice", "figs", "kale", "corn"])))
     held_out.write_text("\n".join(json.dumps(r) for r in _template_texts(["Eve", "Flo"], ["rice", "plums"])))
@@ -130,7 +141,7 @@ def test_ppo_ptx_term_lowers_nll_of_held_out_demonstrations(sft_policy, tmp_path
     evaluation.setup()
     nll = {}
     for coef in (0.0, 1.0):
-        lightning.seed_everything(0)
+        lightning.seed_everything(LEARNING_SEED)
         module = PPO(reward=WordRulesReward(), ptx_coef=coef, epochs=2, minibatch_size=8, generation={"max_new_tokens": 4, "temperature": 0.7},
                      model={"name_or_path": str(sft_policy)}, optimizer={"lr": 1e-4, "warmup_ratio": 0.0, "schedule": "constant_with_warmup"})
         data = PromptDataModule(task=WordRulesTask(num_train=64, num_val=8, rules=("first",)), batch_size=8, max_length=32,
@@ -146,28 +157,43 @@ def test_ppo_ptx_term_lowers_nll_of_held_out_demonstrations(sft_policy, tmp_path
             with open(metrics) as handle:
                 ptx_losses = [float(row["train/loss/ptx"]) for row in csv.DictReader(handle) if row.get("train/loss/ptx")]
             assert len(ptx_losses) >= 15 and ptx_losses[-1] < ptx_losses[0], ptx_losses
+    measured("held-out NLL without / with ptx", [nll[0.0], nll[1.0]])
     assert nll[1.0] < nll[0.0] - 1.0, nll
 
 
 @pytest.mark.slow
-def test_sft_reward_model_ppo_pipeline_through_the_cli(in_sft_workdir):
+def test_sft_reward_model_ppo_pipeline_through_the_cli(in_sft_workdir, measured):
     """The README's pipeline: a reward model trained from the SFT policy on the first-letter
     rule (configs/reward.yaml + pipeline overlay), then PPO against it (configs/ppo.yaml +
-    overlay). The reward model ranks held-out pairs well (measured 0.96); PPO raises the learned
-    reward on its rollouts (measured 0.67 -> about 1.6) without the verifier's held-out score
-    falling (measured 0.56 -> 0.61; a reward model trained at lr 1e-3, 0.90 accurate, was
-    exploited instead: verifier 0.56 -> 0.16)."""
+    overlay: scores standardised by the first rollout's, KL beta 0.1). The reward model ranks
+    held-out pairs well; on the same 200 held-out prompts before and after PPO, the learned
+    reward of the policy's completions rises and so does the verifier's score.
+
+    Measured with ``LIT_ALIGN_TEST_SEED`` 0-5 (each seeds SFT, reward model and PPO), AMD EPYC:
+    seed  RM accuracy  learned reward (rise)   verifier (rise)
+    0     0.98         -0.14 -> 1.72 (+1.86)   0.36 -> 0.68 (+0.32)
+    1     0.985         0.31 -> 1.82 (+1.51)   0.40 -> 0.74 (+0.34)
+    2     0.96         -0.31 -> 1.67 (+1.98)   0.26 -> 0.58 (+0.33)
+    3     0.98         -0.30 -> 1.66 (+1.96)   0.31 -> 0.65 (+0.34)
+    4     0.975         0.13 -> 1.71 (+1.58)   0.43 -> 0.68 (+0.25)
+    5     0.945         0.35 -> 1.59 (+1.24)   0.55 -> 0.77 (+0.22)
+    The bounds are about half the smallest rise. With ppo.yaml's own KL instead (beta 0.01 on
+    raw scores) and the same reward models, seeds 0 and 1 drifted 17-19 nats from the reference:
+    the learned reward climbed to 2.7 while the verifier fell to 0.06 / 0.10 (reward
+    over-optimisation); seed 2 went 0.26 -> 0.51 at 2.4 nats."""
+    seed = ["--seed_everything", str(LEARNING_SEED)]
     pipeline = CONFIGS / "pipeline"
-    main(["fit", "--config", str(CONFIGS / "reward.yaml"), "--config", str(pipeline / "reward_from_sft.yaml"), "--trainer.enable_checkpointing", "false", *QUIET])
-    accuracies = metric_rows("val/accuracy")
+    main(["fit", "--config", str(CONFIGS / "reward.yaml"), "--config", str(pipeline / "reward_from_sft.yaml"), *seed, "--trainer.enable_checkpointing", "false", *QUIET])
+    accuracies = measured("reward model val/accuracy", metric_rows("val/accuracy"))
     assert accuracies[0] == 0.5 and accuracies[-1] >= 0.9, accuracies
     assert (Path("outputs") / "reward" / "config.json").is_file()
     Path("runs").rename("reward_runs")  # the PPO run's metrics are read from runs/ next
-    main(["fit", "--config", str(CONFIGS / "ppo.yaml"), "--config", str(pipeline / "ppo_with_reward_model.yaml"), "--trainer.enable_checkpointing", "false", *QUIET])
-    learned = metric_rows("train/objective/scores")
-    verifier = metric_rows("val/objective/scores")
-    assert sum(learned[-3:]) / 3 > learned[0] + 0.5, learned  # the first rollout is sampled before any update
-    assert verifier[-1] >= verifier[0] - 0.05, verifier
+    main(["fit", "--config", str(CONFIGS / "ppo.yaml"), "--config", str(pipeline / "ppo_with_reward_model.yaml"), *seed, "--trainer.enable_checkpointing", "false", *QUIET])
+    learned = measured("val/objective/train_reward_scores", metric_rows("val/objective/train_reward_scores"))  # before fit, then every 50 rollouts
+    verifier = measured("val/objective/scores", metric_rows("val/objective/scores"))
+    assert len(learned) == len(verifier) == 4, (learned, verifier)
+    assert learned[-1] >= learned[0] + 0.6, learned
+    assert verifier[-1] >= verifier[0] + 0.1, verifier
 
 
 def test_running_moments_merge_batches_exactly():

@@ -5,6 +5,7 @@ import math
 import lightning
 import pytest
 import torch
+from conftest import LEARNING_SEED
 from test_on_policy import CONFIGS, QUIET, metric_rows
 
 from lit_align.cli import main
@@ -189,11 +190,13 @@ def test_self_judge_as_reward_end_to_end():
 
 
 @pytest.mark.slow
-def test_online_dpo_config_raises_held_out_reward(in_sft_workdir):
-    """configs/online_dpo.yaml as shipped from the SFT policy: held-out mean reward rises
-    (measured 0.50 -> 0.68), pairs form, the loss stays finite."""
-    main(["fit", "--config", str(CONFIGS / "online_dpo.yaml"), "--trainer.enable_checkpointing", "false", *QUIET])
-    scores = metric_rows("val/objective/scores")
-    assert scores[-1] >= scores[0] + 0.05, scores
+def test_online_dpo_config_raises_held_out_reward(in_sft_workdir, measured):
+    """configs/online_dpo.yaml as shipped from the SFT policy: held-out mean reward rises, pairs
+    form, the loss stays finite. Measured with ``LIT_ALIGN_TEST_SEED`` 0 / 1 / 2 (AMD EPYC):
+    0.42 -> 0.61 / 0.44 -> 0.70 / 0.23 -> 0.56 (rises 0.19 / 0.26 / 0.33; the bound, 0.08, is
+    under half the smallest)."""
+    main(["fit", "--config", str(CONFIGS / "online_dpo.yaml"), "--seed_everything", str(LEARNING_SEED), "--trainer.enable_checkpointing", "false", *QUIET])
+    scores = measured("val/objective/scores", metric_rows("val/objective/scores"))
+    assert scores[-1] >= scores[0] + 0.08, scores
     assert all(math.isfinite(loss) for loss in metric_rows("train/loss"))
     assert min(metric_rows("train/pairs")) > 0

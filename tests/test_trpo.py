@@ -6,6 +6,7 @@ import math
 import lightning
 import pytest
 import torch
+from conftest import LEARNING_SEED
 from test_on_policy import CONFIGS, QUIET, metric_rows
 
 from lit_align.cli import main
@@ -198,14 +199,15 @@ def test_trpo_end_to_end_accepted_steps_within_trust_region(one_thread):
 
 
 @pytest.mark.slow
-def test_trpo_config_raises_held_out_reward_inside_the_trust_region(in_sft_workdir):
+def test_trpo_config_raises_held_out_reward_inside_the_trust_region(in_sft_workdir, measured):
     """configs/trpo.yaml from the SFT policy (50 of its 150 rollouts): held-out mean reward rises
-    (measured 0.50 -> 0.76 after all 150) and the KL of every step, logged each step,
-    is within max_kl = 0.01."""
-    main(["fit", "--config", str(CONFIGS / "trpo.yaml"), "--trainer.max_steps", "50", "--trainer.val_check_interval", "50",
+    and the KL of every step, logged each step, is within max_kl = 0.01. Measured with
+    ``LIT_ALIGN_TEST_SEED`` 0 / 1 / 2 (AMD EPYC): 0.42 -> 0.62 / 0.44 -> 0.61 / 0.23 -> 0.52
+    (rises 0.20 / 0.17 / 0.30; the bound, 0.08, is under half the smallest)."""
+    main(["fit", "--config", str(CONFIGS / "trpo.yaml"), "--seed_everything", str(LEARNING_SEED), "--trainer.max_steps", "50", "--trainer.val_check_interval", "50",
           "--trainer.log_every_n_steps", "1", "--trainer.enable_checkpointing", "false", *QUIET])
-    scores = metric_rows("val/objective/scores")
-    assert scores[-1] >= scores[0] + 0.05, scores
+    scores = measured("val/objective/scores", metric_rows("val/objective/scores"))
+    assert scores[-1] >= scores[0] + 0.08, scores
     kls, accepted = metric_rows("train/policy/kl"), metric_rows("train/policy/step_accepted")
     assert len(kls) == 50 and sum(accepted) > 0
     assert max(kls) <= 0.01 * (1 + 1e-6), max(kls)

@@ -39,14 +39,14 @@ def build(spec: dict, attn: str = "sdpa"):
 
 def batches(module, spec: dict, cache_dir: str) -> list[dict]:
     from lit_align.data import PreferenceDataModule
-    from lit_align.reference_cache import attach_reference_logps
+    from lit_align.model.reference_cache import attach_reference_logps
 
     pairs = spec["batch"] * (spec["steps"] + spec["warmup"])
     data = PreferenceDataModule(train=str(HH), val=str(HH), max_records=pairs, max_length=spec["max_length"],
                                 batch_size=spec["batch"], packing=spec.get("packing", False), cache_dir=cache_dir)
     data.tokenizer = module.tokenizer
     data.setup("fit")
-    if module.backbone.reference_strategy == "cached":
+    if module.backbone.reference_source.precomputed:
         attach_reference_logps(module.backbone, data, policy_is_initial=True, device=torch.device("cpu"))
     examples = data.datasets["train"]
     return [data.collate(examples[i: i + spec["batch"]]) for i in range(0, len(examples) - spec["batch"] + 1, spec["batch"])]
@@ -94,8 +94,8 @@ def main(spec: dict) -> dict:
         "tokens_per_s": tokens / sum(times),
         "peak_step_mib": peak.delta / 2**20,
         "flops_per_pair": module.backbone.step_flops(data[0], train=True) / pairs,
-        "sequence_forwards_per_pair": 2 * (1 + int(module.backbone.strategy.runs_forward)),
-        "model_calls_per_step": 1 + int(module.backbone.strategy.runs_forward),
+        "sequence_forwards_per_pair": 2 * (1 + int(module.backbone.reference_source.runs_forward)),
+        "model_calls_per_step": 1 + int(module.backbone.reference_source.runs_forward),
     }
     if spec.get("count_flops"):
         counted, analytic = count_flops(spec, data[0])

@@ -3,7 +3,7 @@
 Three variants of one fp32 training step (forward ``Backbone.logps(batch).sum.sum()``, backward):
 
 * ``naive``          - ``logp_chunk_size=None``: ``model(...).logits`` then log-softmax ([N, T, V] logits)
-* ``chunked``        - ``logp_chunk_size=1024``: lit_align.logprobs' chunked autograd function
+* ``chunked``        - ``logp_chunk_size=1024``: lit_align.model.logprobs' chunked autograd function
 * ``chunked+ckpt``   - chunked plus per-layer gradient checkpointing
 
 Each (vocab, variant) runs in a fresh worker process (``--worker``), variants alternating
@@ -81,7 +81,7 @@ def make_batch(args, vocab: int):
 def worker(args) -> dict:
     import torch
 
-    from lit_align.backbone import Backbone
+    from lit_align.model.backbone import Backbone
     from lit_align.settings import ModelSettings, TinyModel
 
     torch.manual_seed(0)

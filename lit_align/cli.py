@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import warnings
-import zipfile
 from typing import Annotated, Literal
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,10 +21,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from jsonargparse import Namespace, set_parsing_settings  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
-from lit_align.atomic import unwritable  # noqa: E402
+from lit_align.callbacks import NonFiniteLoss, SaveOnSigterm  # noqa: E402
 from lit_align.data.datamodule import PreferenceDataModule  # noqa: E402
-from lit_align.errors import CheckpointError, LitAlignError, SettingError, debugging, find_lit_align_error  # noqa: E402
+from lit_align.data.unpaired import convert_pairs_file  # noqa: E402
+from lit_align.errors import (  # noqa: E402
+    DEBUG_VARIABLE,
+    CheckpointError,
+    LitAlignError,
+    SettingError,
+    debugging,
+    find_lit_align_error,
+)
 from lit_align.methods.alignment import AlignmentModule  # noqa: E402
+from lit_align.runtime.atomic import AtomicCheckpointIO, unwritable  # noqa: E402
+from lit_align.runtime.checkpoints import load_module_from_checkpoint, read_checkpoint  # noqa: E402
 from lit_align.settings import Range, check_values  # noqa: E402
 
 # settings dataclasses document each field in an attribute docstring: show them in --help
@@ -67,7 +76,7 @@ class LitAlignCLI(LightningCLI):
     saves ``last.ckpt`` in the checkpoint folder, then the process exits with status 143) and
     ``NonFiniteLoss(action=<--nonfinite_loss>)``. A callback of either class listed under
     ``trainer.callbacks`` replaces the default one. Checkpoints are written atomically in their
-    own folder (:class:`lit_align.atomic.AtomicCheckpointIO`).
+    own folder (:class:`lit_align.runtime.atomic.AtomicCheckpointIO`).
     """
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -78,11 +87,9 @@ class LitAlignCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """The trainer, with the default reliability callbacks added unless configured, and
-        :class:`lit_align.atomic.AtomicCheckpointIO` for Lightning's plain checkpoint writer."""
+        :class:`lit_align.runtime.atomic.AtomicCheckpointIO` for Lightning's plain checkpoint writer."""
         from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-        from lit_align.atomic import AtomicCheckpointIO
-        from lit_align.callbacks import NonFiniteLoss, SaveOnSigterm
 
         configured = kwargs.get("callbacks", self._get(self.config_init, "trainer", default={}).get("callbacks")) or []
         configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
@@ -184,8 +191,6 @@ def convert_pairs_main(argv: list[str]) -> None:
     """``lit-align convert-pairs``: paired preference data to unpaired {prompt, completion, label} JSONL."""
     from jsonargparse import ArgumentParser
 
-    from lit_align.data.unpaired import convert_pairs_file
-
     parser = ArgumentParser(prog="lit-align convert-pairs", description="Write each preference pair as a desirable (chosen) and an undesirable (rejected) example.")
     parser.add_argument("--input", type=str, required=True, help="Paired data: a file, saved datasets folder or hub name (any paired format).")
     parser.add_argument("--output", type=str, required=True, help="Unpaired JSONL to write (atomically).")
@@ -194,82 +199,6 @@ def convert_pairs_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     count, skipped = convert_pairs_file(args.input, args.output, format=args.format, split=args.split)
     print(f"wrote {count} unpaired records to {args.output} ({skipped} pairs skipped: empty or identical responses)")
-
-
-def load_module_from_checkpoint(ckpt_path: str) -> AlignmentModule:
-    """Rebuild the module class recorded in a lit-align checkpoint and load it (Lightning's
-    ``load_from_checkpoint`` restores hyper-parameters and weights)."""
-    checkpoint = read_checkpoint(ckpt_path, weights_only=False)
-    recorded = checkpoint.get("lit_align_class", "")
-    if not recorded.partition(":")[2]:
-        raise CheckpointError(f"{ckpt_path!r} was not written by a lit-align module")
-    cls = import_recorded_class(recorded, ckpt_path)
-    if os.path.isdir(ckpt_path):  # a sharded FSDP checkpoint: consolidated into a temporary file first
-        import tempfile
-
-        import torch
-
-        with tempfile.TemporaryDirectory() as folder:
-            consolidated = os.path.join(folder, "consolidated.ckpt")
-            torch.save(checkpoint, consolidated)
-            return cls.load_from_checkpoint(consolidated, map_location="cpu")
-    return cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)  # read with weights_only=False above too
-
-
-def import_recorded_class(recorded: str, ckpt_path: str) -> type:
-    """The class a checkpoint recorded as ``module:qualified.name``, or :class:`CheckpointError`
-    naming the checkpoint and the module when it cannot be imported (a user's own method whose
-    file is not on the Python path)."""
-    module_name, _, class_name = recorded.partition(":")
-    try:
-        cls = importlib.import_module(module_name)
-        for part in class_name.split("."):
-            cls = getattr(cls, part)
-    except (ImportError, AttributeError) as error:
-        problem = CheckpointError(f"checkpoint {ckpt_path!r} was written by {module_name}.{class_name}, and it cannot be imported ({error})")
-        top = module_name.partition(".")[0]
-        problem.hint = f"run lit-align from the folder that holds {top}.py, or add that folder to PYTHONPATH"
-        raise problem from None
-    return cls
-
-
-def read_checkpoint(ckpt_path: str, weights_only: bool) -> dict:
-    """The checkpoint at ``ckpt_path`` (tensors memory-mapped, not read), or :class:`CheckpointError`
-    naming the file when it is missing, truncated or not a Lightning checkpoint."""
-    import torch
-
-    if os.path.isdir(ckpt_path):
-        return read_sharded_checkpoint(ckpt_path, consolidate=not weights_only)
-    if not os.path.isfile(ckpt_path):
-        raise CheckpointError(f"checkpoint {ckpt_path!r} does not exist")
-    archive = zipfile.is_zipfile(ckpt_path)  # torch.save writes zip archives; one cut short is not
-    try:  # anything else is still tried, as a legacy (pre zip) torch file
-        checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=archive, weights_only=weights_only)
-    except Exception as error:  # pickle, zip and torch raise many types; the file is what matters
-        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}" if archive else \
-            "not a zip archive as torch.save writes: empty, truncated or another kind of file"
-        raise CheckpointError(f"checkpoint {ckpt_path!r} cannot be read ({reason})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{ckpt_path!r} is not a Lightning checkpoint (it has no state_dict)")
-    return checkpoint
-
-
-def read_sharded_checkpoint(ckpt_path: str, consolidate: bool) -> dict:
-    """A sharded FSDP checkpoint folder (``state_dict_type: sharded``): checked for its metadata
-    and, if ``consolidate``, gathered into one ordinary Lightning checkpoint dict in memory."""
-    from pathlib import Path
-
-    if not (Path(ckpt_path) / ".metadata").is_file() or not (Path(ckpt_path) / "meta.pt").is_file():
-        raise CheckpointError(f"{ckpt_path!r} is a folder but not a sharded checkpoint (no .metadata and meta.pt in it)")
-    if not consolidate:
-        return {"state_dict": None}
-    from lightning.fabric.utilities.load import _load_distributed_checkpoint
-    from lightning.pytorch.utilities.consolidate_checkpoint import _format_checkpoint
-
-    try:
-        return _format_checkpoint(_load_distributed_checkpoint(Path(ckpt_path)))
-    except Exception as error:
-        raise CheckpointError(f"sharded checkpoint {ckpt_path!r} cannot be read ({type(error).__name__}: {error})") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -331,8 +260,6 @@ def run(words: list[str], from_command_line: bool = False) -> None:
 def error_text(command: str, error: LitAlignError) -> str:
     """What ``lit-align COMMAND`` prints for one of its own errors: the message on one line, then
     a hint line (the error's own hint, and how to see the traceback)."""
-    from lit_align.errors import DEBUG_VARIABLE
-
     message = " ".join(str(error).split("\n"))
     debug = f"{DEBUG_VARIABLE}=1 shows the traceback"
     hint = f"hint: {error.hint}; {debug}" if error.hint else f"({debug})"

@@ -63,7 +63,7 @@ LabelNoise = Annotated[float, Range(0, 0.5, high_open=True)]
 ClipRange = Annotated[float, Range(0, 1, low_open=True, high_open=True)]
 """epsilon of a clipped ratio, in (0, 1): the ratio is kept in [1 - eps, 1 + eps]."""
 
-ReferenceStrategy = Literal["auto", "copy", "adapter", "cached", "none"]
+ReferenceChoice = Literal["auto", "copy", "adapter", "cached", "none"]
 
 
 @dataclass
@@ -141,7 +141,7 @@ class ModelSettings:
     """LoRA adapters; unset = full fine-tuning."""
     quantization: Optional[Quantization] = None
     """4-bit base weights (QLoRA); needs ``lora``."""
-    reference: ReferenceStrategy = "auto"
+    reference: ReferenceChoice = "auto"
     """Reference model: ``copy`` (frozen copy), ``adapter`` (the same weights with LoRA disabled,
     no second copy), ``cached`` (log-probs computed once before training and stored with the
     tokenized data: no reference forward while training), ``none``; ``auto`` = adapter with LoRA,

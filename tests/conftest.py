@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test downloads; a hub lookup 
 
 import pytest  # noqa: E402
 
-from lit_align.tiny import build_tiny_tokenizer  # noqa: E402
+from lit_align.model.tiny import build_tiny_tokenizer  # noqa: E402
 
 LEARNING_SEED = int(os.environ.get("LIT_ALIGN_TEST_SEED", "0"))
 """Seed of every test that asserts learning: the run's ``seed_everything``, the data's shuffling

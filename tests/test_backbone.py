@@ -7,9 +7,11 @@ import importlib.util
 import pytest
 import torch
 
-from lit_align.backbone import Backbone, ModelLoadError
 from lit_align.data.collate import PairCollator
-from lit_align.logprobs import chunked_label_logps, naive_label_logps
+from lit_align.errors import SettingError
+from lit_align.model.backbone import Backbone
+from lit_align.model.loading import ModelLoadError
+from lit_align.model.logprobs import chunked_label_logps, naive_label_logps
 from lit_align.settings import LoRA, ModelSettings, Quantization
 
 
@@ -52,7 +54,7 @@ def test_backbone_chunked_path_equals_full_logits_path_with_parameter_gradients(
 def test_adapter_reference_equals_base_model_after_the_adapter_changes():
     lora = Backbone(ModelSettings(lora=LoRA(r=4)), needs_reference=True)
     base = Backbone(ModelSettings(), needs_reference=False)  # same seed -> same base weights
-    assert lora.reference_strategy == "adapter" and lora.reference is None
+    assert lora.reference_source.name == "adapter" and lora.reference is None
     with torch.no_grad():
         for name, p in lora.policy.named_parameters():
             if "lora_B" in name:
@@ -64,7 +66,7 @@ def test_adapter_reference_equals_base_model_after_the_adapter_changes():
 
 def test_copy_reference_stays_frozen_while_policy_trains():
     backbone = Backbone(ModelSettings(), needs_reference=True)
-    assert backbone.reference_strategy == "copy"
+    assert backbone.reference_source.name == "copy"
     before = {k: v.clone() for k, v in backbone.reference.state_dict().items()}
     batch = tiny_batch(backbone.tokenizer)
     optimizer = torch.optim.AdamW([p for p in backbone.parameters() if p.requires_grad], lr=1e-2)
@@ -79,9 +81,12 @@ def test_copy_reference_stays_frozen_while_policy_trains():
     assert (backbone.logps(batch).tokens - ref_before).abs().max() > 1e-3  # the policy did move
 
 
-def test_reference_free_methods_build_no_reference_and_bad_strategies_are_named():
-    free = Backbone(ModelSettings(reference="copy"), needs_reference=False)
-    assert free.reference is None and free.reference_strategy == "none"
+def test_reference_free_methods_build_no_reference_and_bad_reference_sources_are_named():
+    free = Backbone(ModelSettings(), needs_reference=False)
+    assert free.reference is None and free.reference_source.name == "none"
+    for source in ("copy", "adapter", "cached"):  # would do nothing for a reference-free method
+        with pytest.raises(SettingError, match=f"SimPO: model.reference={source}, but this method is reference-free.*leave model.reference auto"):
+            Backbone(ModelSettings(reference=source), needs_reference=False, method="SimPO")
     with pytest.raises(ValueError, match="reference=none.*needs a reference"):
         Backbone(ModelSettings(reference="none"), needs_reference=True)
     with pytest.raises(ValueError, match="reference=adapter needs model.lora"):
@@ -136,7 +141,7 @@ def test_smollm2_gguf_loads_and_two_lora_dpo_steps_are_finite(tmp_path, monkeypa
 
     monkeypatch.setenv("LIT_ALIGN_CACHE", str(tmp_path))
     module = DPO(model=ModelSettings(name_or_path=SMOLLM, lora=LoRA(r=4)), optimizer=OptimizerSettings(lr=1e-4))
-    assert module.backbone.reference_strategy == "adapter"
+    assert module.backbone.reference_source.name == "adapter"
     assert module.tokenizer.chat_template  # SmolLM2-Instruct ships one
     data = PreferenceDataModule(batch_size=2, max_length=48)
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,

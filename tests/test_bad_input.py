@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_align.backbone import ModelLoadError, load_tokenizer
 from lit_align.cli import main
 from lit_align.data import (
     DataError,
@@ -25,8 +24,9 @@ from lit_align.data import (
     SFTDataModule,
     UnpairedDataModule,
 )
+from lit_align.model.loading import ModelLoadError, load_tokenizer
+from lit_align.model.tiny import build_tiny_tokenizer
 from lit_align.settings import ModelSettings
-from lit_align.tiny import build_tiny_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LOGGER = "lit_align.data.datamodule"
@@ -389,7 +389,7 @@ def test_loaded_tokenizer_without_pad_token_uses_eos_or_is_named(tmp_path, caplo
     tokenizer = build_tiny_tokenizer()
     tokenizer.pad_token = None
     tokenizer.save_pretrained(tmp_path / "no-pad")
-    with caplog.at_level(logging.INFO, logger="lit_align.backbone"):
+    with caplog.at_level(logging.INFO, logger="lit_align.model.backbone"):
         loaded = load_tokenizer(ModelSettings(tokenizer=str(tmp_path / "no-pad")))
     assert loaded.pad_token_id == loaded.eos_token_id == tokenizer.eos_token_id
     assert "tokenizer has no pad token; using eos '<|eos|>' for padding (padding is masked out)" in caplog.text
@@ -431,7 +431,7 @@ def test_missing_relative_model_folder_is_named_when_the_hub_lookup_fails(monkey
 def tiny_yaml(tmp_path: Path, regime: str, section: str, key: str, value: str) -> Path:
     """A minimal config of ``regime`` with ``key: value`` added to the trainer, model or data section."""
     method, data = CLASSES[regime]
-    args = {"trainer": {}, "model": {"reward": "{class_path: lit_align.rewards.WordRulesReward}"} if regime == "prompt" else {}, "data": {}}
+    args = {"trainer": {}, "model": {"reward": "{class_path: lit_align.online.rewards.WordRulesReward}"} if regime == "prompt" else {}, "data": {}}
     args[section][key] = value
     lines = [f"trainer: {{{', '.join(f'{k}: {v}' for k, v in args['trainer'].items())}}}"]
     for name, class_path in (("model", method), ("data", data)):

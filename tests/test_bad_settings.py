@@ -22,11 +22,11 @@ import lit_align.data as data_package
 import lit_align.methods as methods_package
 from lit_align.cli import main
 from lit_align.errors import SettingError
-from lit_align.kl_control import KLPenalty
 from lit_align.methods import DPO, GRPO, KTO, PPO, TRPO, OnlineDPO
-from lit_align.methods.reward_model import RewardModelReward
-from lit_align.rewards import RewardFunction
-from lit_align.rollout import GenerationSettings
+from lit_align.online.kl_control import KLPenalty
+from lit_align.online.reward_model import RewardModelReward
+from lit_align.online.rewards import RewardFunction
+from lit_align.online.rollout import GenerationSettings
 from lit_align.settings import LoRA, ModelSettings, OptimizerSettings, Range, TinyModel, init_hints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,7 +203,7 @@ def in_tmp(tmp_path, monkeypatch):
     (["--data.init_args.max_prompt_length", "900"], "PreferenceDataModule: max_prompt_length must be < max_length=64, got 900: responses need room",
      "data.init_args.max_prompt_length"),
     (["--data.init_args.task.min_word_length", "1"], "WordRulesTask: min_word_length must be >= 2, got 1", "data.init_args.task.min_word_length"),
-    (["--model.init_args.model.reference", "none"], "model.reference=none, but this method needs a reference model; use copy, adapter or cached",
+    (["--model.init_args.model.reference", "none"], "DPO: model.reference=none, but this method needs a reference model; use copy, adapter or cached",
      "model.init_args.model.reference"),
 ], ids=["beta", "lr", "batch-size", "prompt-length", "task", "reference"])
 def test_cli_shows_the_constructor_message_first_and_alone_then_the_hint(flags, message, key, in_tmp, capsys):

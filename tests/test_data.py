@@ -19,7 +19,7 @@ from lit_align.data.formats import normalise_record
 from lit_align.data.sources import read_records
 from lit_align.data.tasks import prompt_and_answer
 from lit_align.data.tokenize import tokenize_pair
-from lit_align.tiny import build_tiny_tokenizer
+from lit_align.model.tiny import build_tiny_tokenizer
 
 HH_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 EOS = "<|eos|>"

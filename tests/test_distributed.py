@@ -14,7 +14,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lit_align.methods import DPO, PPO
-from lit_align.strategies import _mixes_frozen_and_trainable, _own_parameters, decoder_layer_classes, plan_fsdp_units
+from lit_align.runtime.strategies import (
+    _mixes_frozen_and_trainable,
+    _own_parameters,
+    decoder_layer_classes,
+    plan_fsdp_units,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -97,7 +102,7 @@ def test_qlora_needs_one_storage_dtype_per_unit():
     parameter; the check names the settings to change. With quant_storage = compute dtype = model
     dtype every unit has one dtype."""
     pytest.importorskip("bitsandbytes")
-    from lit_align.strategies import check_unit_dtypes
+    from lit_align.runtime.strategies import check_unit_dtypes
 
     module = DPO(model={"lora": {"r": 4}, "quantization": {}, "reference": "adapter"})
     with pytest.raises(ValueError, match=r"uint8.*set model.quantization.quant_storage"):

@@ -7,13 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lit_align.backbone import Backbone
 from lit_align.callbacks import ExportHF
 from lit_align.cli import main
 from lit_align.data import PreferenceDataModule, WordRulesTask
-from lit_align.export import export_policy
-from lit_align.logprobs import IGNORE_INDEX
+from lit_align.data.labels import IGNORE_INDEX
 from lit_align.methods import DPO
+from lit_align.model.backbone import Backbone
+from lit_align.model.export import export_policy
 from lit_align.settings import LoRA, ModelSettings, OptimizerSettings
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lit_align.backbone import Backbone
 from lit_align.callbacks import Throughput
 from lit_align.data import PreferenceDataModule, WordRulesTask
 from lit_align.methods import ORPO
+from lit_align.model.backbone import Backbone
 from lit_align.settings import LoRA, ModelSettings, TinyModel
 
 

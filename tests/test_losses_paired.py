@@ -421,7 +421,7 @@ MODULES = [
 
 @pytest.fixture(scope="module")
 def batch():
-    from lit_align.tiny import build_tiny_tokenizer
+    from lit_align.model.tiny import build_tiny_tokenizer
 
     data = PreferenceDataModule(batch_size=6, max_length=48, task=WordRulesTask(num_train=12, num_val=4), use_cache=False)
     data.tokenizer = build_tiny_tokenizer()

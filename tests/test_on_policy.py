@@ -14,13 +14,13 @@ from conftest import LEARNING_SEED
 
 from lit_align.cli import main
 from lit_align.data import DataError, PromptDataModule, SFTDataModule, WordRulesTask
+from lit_align.data.labels import IGNORE_INDEX
 from lit_align.errors import SettingError
-from lit_align.logprobs import IGNORE_INDEX
 from lit_align.methods import A2C, GRPO, PPO, REINFORCE, OnlineDPO
 from lit_align.methods.running import RunningMoments
-from lit_align.rewards import RewardFunction, WordRulesReward
-from lit_align.rollout import completion_batch
-from lit_align.tiny import build_tiny_tokenizer
+from lit_align.model.tiny import build_tiny_tokenizer
+from lit_align.online.rewards import RewardFunction, WordRulesReward
+from lit_align.online.rollout import completion_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -10,11 +10,12 @@ from test_on_policy import CONFIGS, QUIET, metric_rows
 
 from lit_align.cli import main
 from lit_align.data import PromptDataModule, WordRulesTask
-from lit_align.methods import OnlineDPO, SelfJudge
+from lit_align.methods import OnlineDPO
 from lit_align.methods.on_policy import PolicyPass
 from lit_align.methods.online_dpo import best_worst_pairs
-from lit_align.rewards import RewardFunction, WordRulesReward
-from lit_align.rollout import Rollout
+from lit_align.online.rewards import RewardFunction, WordRulesReward
+from lit_align.online.rollout import Rollout
+from lit_align.online.self_judge import SelfJudge
 
 
 def test_best_worst_pairs_hand_values():
@@ -50,7 +51,7 @@ def test_loss_on_pairs_hand_value():
 
 
 def _logps(tokens, mask):
-    from lit_align.backbone import SequenceLogps
+    from lit_align.model.logprobs import SequenceLogps
 
     return SequenceLogps(tokens, mask)
 

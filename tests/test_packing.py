@@ -8,10 +8,10 @@ import lightning as L
 import pytest
 import torch
 
-from lit_align.backbone import Backbone
 from lit_align.data import PreferenceDataModule, WordRulesTask
 from lit_align.data.collate import PackedPairCollator, PairCollator
 from lit_align.methods import DPO
+from lit_align.model.backbone import Backbone
 from lit_align.settings import ModelSettings
 
 

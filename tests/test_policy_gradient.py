@@ -8,7 +8,6 @@ import re
 import pytest
 import torch
 
-from lit_align.kl_control import KLPenalty
 from lit_align.losses.policy_gradient import (
     aggregate,
     clipped_surrogate,
@@ -25,6 +24,7 @@ from lit_align.losses.policy_gradient import (
     whiten,
 )
 from lit_align.methods import PPO
+from lit_align.online.kl_control import KLPenalty
 
 # one row: 2 prompt positions (masked), 3 response tokens, 1 padding position
 MASK = torch.tensor([[False, False, True, True, True, False]])

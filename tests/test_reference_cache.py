@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-import lit_align.reference_cache as reference_cache
+import lit_align.model.reference_cache as reference_cache
 from lit_align.data import PreferenceDataModule, WordRulesTask
 from lit_align.errors import SettingError
 from lit_align.methods import DPO

@@ -13,7 +13,6 @@ from conftest import seed_flags
 from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
-from lit_align.backbone import Backbone
 from lit_align.callbacks import ReferenceSync, StepwiseDPO, reference_sync
 from lit_align.callbacks.reference_sync import update_reference
 from lit_align.data import PreferenceDataModule
@@ -21,6 +20,7 @@ from lit_align.data.collate import PairCollator
 from lit_align.data.tasks import WordRulesTask
 from lit_align.errors import SettingError
 from lit_align.methods import DPO
+from lit_align.model.backbone import Backbone
 from lit_align.settings import LoRA, ModelSettings, OptimizerSettings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -9,11 +9,11 @@ import lightning as L
 import pytest
 import torch
 
-from lit_align.backbone import Backbone
 from lit_align.data import DataError, ListwiseDataModule, PreferenceDataModule, UnpairedDataModule, WordRulesTask
 from lit_align.data.collate import Collator, PackedCollator
 from lit_align.methods import DPO
-from lit_align.reference_cache import attach_reference_logps
+from lit_align.model.backbone import Backbone
+from lit_align.model.reference_cache import attach_reference_logps
 from lit_align.settings import ModelSettings
 
 TASK = WordRulesTask(num_train=12, num_val=4)

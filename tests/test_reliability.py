@@ -25,11 +25,11 @@ import lightning as L
 import pytest
 import torch
 
-from lit_align.atomic import AtomicCheckpointIO, atomic_torch_save, load_or_none
 from lit_align.callbacks import ExportHF, NonFiniteLoss, SaveOnSigterm
 from lit_align.callbacks.reliability import nonfinite_loss_message
 from lit_align.data import PreferenceDataModule, WordRulesTask
 from lit_align.methods import DPO
+from lit_align.runtime.atomic import AtomicCheckpointIO, atomic_torch_save, load_or_none
 from lit_align.settings import OptimizerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -425,8 +425,8 @@ def folder_digest(folder: Path) -> dict[str, str]:
 
 @pytest.fixture
 def exported(tmp_path):
-    from lit_align.backbone import Backbone
-    from lit_align.export import export_policy
+    from lit_align.model.backbone import Backbone
+    from lit_align.model.export import export_policy
     from lit_align.settings import ModelSettings
 
     backbone = Backbone(ModelSettings(), needs_reference=False)
@@ -448,7 +448,7 @@ def disk_full_after_partial_write(name: str):
 
 
 def test_export_that_runs_out_of_space_leaves_the_previous_export_byte_identical(exported, monkeypatch):
-    from lit_align.export import export_policy
+    from lit_align.model.export import export_policy
 
     monkeypatch.setattr(type(exported.backbone.policy), "save_pretrained", disk_full_after_partial_write("model.safetensors"))
     with pytest.raises(OSError) as failure:
@@ -459,7 +459,7 @@ def test_export_that_runs_out_of_space_leaves_the_previous_export_byte_identical
 
 
 def test_export_failing_in_the_tokenizer_also_leaves_the_previous_export(exported, monkeypatch):
-    from lit_align.export import export_policy
+    from lit_align.model.export import export_policy
 
     monkeypatch.setattr(type(exported.backbone.tokenizer), "save_pretrained", disk_full_after_partial_write("tokenizer.json"))
     with pytest.raises(OSError):
@@ -469,7 +469,7 @@ def test_export_failing_in_the_tokenizer_also_leaves_the_previous_export(exporte
 
 
 def test_failed_export_error_names_the_output_folder(exported, monkeypatch):
-    from lit_align.export import export_policy
+    from lit_align.model.export import export_policy
 
     monkeypatch.setattr(type(exported.backbone.policy), "save_pretrained", disk_full_after_partial_write("model.safetensors"))
     with pytest.raises(OSError, match=f"{exported.target}[^/.]"):
@@ -494,8 +494,8 @@ KILLED_EXPORT = '''
 import os, signal, sys
 from pathlib import Path
 
-from lit_align.backbone import Backbone
-from lit_align.export import export_policy
+from lit_align.model.backbone import Backbone
+from lit_align.model.export import export_policy
 from lit_align.settings import ModelSettings
 
 backbone = Backbone(ModelSettings(), needs_reference=False)
@@ -529,7 +529,7 @@ def test_export_killed_midway_leaves_the_previous_export_intact(tmp_path):
 
 
 def torch_save_that_fails_midway(monkeypatch):
-    """``torch.save`` (as called by lit_align.atomic) writes some bytes, then the disk is full."""
+    """``torch.save`` (as called by lit_align.runtime.atomic) writes some bytes, then the disk is full."""
 
     def failing(payload, target, *args, **kwargs):
         data = b"PK\x03\x04 partial zip"
@@ -539,7 +539,7 @@ def torch_save_that_fails_midway(monkeypatch):
             Path(target).write_bytes(data)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("lit_align.atomic.torch.save", failing)
+    monkeypatch.setattr("lit_align.runtime.atomic.torch.save", failing)
 
 
 def test_atomic_torch_save_failure_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
@@ -584,7 +584,7 @@ def test_atomic_torch_save_gives_default_permissions(tmp_path):
 
 
 def small_dm(**kwargs) -> PreferenceDataModule:
-    from lit_align.tiny import build_tiny_tokenizer
+    from lit_align.model.tiny import build_tiny_tokenizer
 
     dm = PreferenceDataModule(batch_size=4, max_length=48, task=WordRulesTask(num_train=24, num_val=8), **kwargs)
     dm.tokenizer = build_tiny_tokenizer()

@@ -31,7 +31,8 @@ from lit_align.data import (
 from lit_align.data.collate import Collator, PackedCollator, PairLayout
 from lit_align.data.tokenize import tokenize_responses
 from lit_align.losses import bradley_terry_loss, listwise_bradley_terry_loss
-from lit_align.methods import RewardModel, RewardModelReward
+from lit_align.methods import RewardModel
+from lit_align.online.reward_model import RewardModelReward
 from lit_align.settings import LoRA, ModelSettings, OptimizerSettings
 
 ROOT = Path(__file__).resolve().parents[1]

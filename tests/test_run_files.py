@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from lit_align.atomic import unwritable
 from lit_align.cli import main
+from lit_align.runtime.atomic import unwritable
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

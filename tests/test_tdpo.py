@@ -15,13 +15,14 @@ import torch
 from conftest import seed_flags
 from torch.testing import assert_close
 
-from lit_align.backbone import Backbone
 from lit_align.data.collate import PackedPairCollator, PairCollator
-from lit_align.logprobs import shift_labels
+from lit_align.data.labels import shift_labels
+from lit_align.errors import SettingError
 from lit_align.losses import tdpo_loss
 from lit_align.methods import TDPO
+from lit_align.model.backbone import Backbone
+from lit_align.model.token_kl import batch_token_kl, chunked_token_kl
 from lit_align.settings import LoRA, ModelSettings
-from lit_align.token_kl import batch_token_kl, chunked_token_kl
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TOL = {"rtol": 1e-9, "atol": 1e-12}
@@ -163,7 +164,7 @@ def test_batch_token_kl_equals_full_logits_of_policy_and_copy_reference():
 
 def test_batch_token_kl_with_adapter_reference():
     backbone = Backbone(ModelSettings(lora=LoRA(r=4)), needs_reference=True)
-    assert backbone.reference_strategy == "adapter"
+    assert backbone.reference_source.name == "adapter"
     batch = tiny_batch(backbone.tokenizer)
     assert torch.all(batch_token_kl(backbone, batch).kl.tokens == 0)  # LoRA B starts at zero
     with torch.no_grad():
@@ -235,9 +236,12 @@ def test_unknown_variant_is_named():
 
 
 # ----------------------------------------------------------------------------- the module
-@pytest.mark.parametrize("reference", ["cached", "none"])
-def test_tdpo_needs_reference_logits(reference):
-    with pytest.raises(ValueError, match=rf"TDPO needs the reference model's logits over the whole vocabulary.*reference={reference}.*copy or adapter"):
+@pytest.mark.parametrize("reference, message", [
+    ("cached", "TDPO needs the reference model's logits over the whole vocabulary.*reference=cached.*copy or adapter"),
+    ("none", "TDPO: model.reference=none, but this method needs a reference model; use copy, adapter or cached"),
+])
+def test_tdpo_needs_reference_logits(reference, message):
+    with pytest.raises(SettingError, match=message):
         TDPO(model=ModelSettings(reference=reference))
 
 

@@ -20,7 +20,7 @@ from lit_align.losses.trpo import (
     trust_region_step_size,
 )
 from lit_align.methods import TRPO
-from lit_align.rewards import RewardFunction
+from lit_align.online.rewards import RewardFunction
 
 
 def test_conjugate_gradient_solves_spd_system():

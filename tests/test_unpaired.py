@@ -23,11 +23,11 @@ from conftest import seed_flags
 from lightning.pytorch.loggers import CSVLogger
 from torch.testing import assert_close
 
-from lit_align.backbone import SequenceLogps
 from lit_align.cli import main
 from lit_align.data import DataError, PreferenceDataModule, UnpairedDataModule, WordRulesTask, convert_pairs_file
 from lit_align.losses import UnpairedLoss, bco_loss, kto_loss, kto_reference_point, npo_loss
 from lit_align.methods import BCO, KTO, NPO
+from lit_align.model.logprobs import SequenceLogps
 from lit_align.settings import OptimizerSettings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from lightning import Callback, Trainer
 
-from lit_align.atomic import unwritable
 from lit_align.errors import SettingError
 from lit_align.methods.alignment import AlignmentModule
+from lit_align.runtime.atomic import unwritable
 
 
 class ExportHF(Callback):

@@ -32,26 +32,13 @@ from lit_align.settings import Count, Range, check_arguments
 
 log = logging.getLogger(__name__)
 
-_NO_WEIGHTS = {
-    "adapter": "with reference=adapter the reference is the policy itself with its LoRA adapters disabled, so there are "
-               "no separate reference weights to update; set model.reference: copy (a frozen plain copy of the base model, "
-               "which is then updated with the base + LoRA weights)",
-    "cached": "with reference=cached the reference log-probs were computed once before training and stored with the data: "
-              "a fixed cache cannot follow the policy; set model.reference: copy",
-    "none": "this method has no reference model (a reference-free objective, or reference=none)",
-}
-
-
 def check_copy_reference(pl_module: LightningModule, who: str) -> None:
     """Raise unless ``pl_module`` keeps a separate, writable reference model (``reference: copy``)."""
     backbone = getattr(pl_module, "backbone", None)
     if backbone is None:
         raise TypeError(f"{who} updates a lit-align module's reference model (module.backbone.reference); "
                         f"{type(pl_module).__name__} has no backbone")
-    strategy = backbone.reference_strategy
-    if not backbone.strategy.builds_copy:
-        reason = _NO_WEIGHTS.get(strategy, f"reference={strategy}")
-        raise SettingError(None, "model.reference", f"{who} updates the reference model from the policy, but model.reference={strategy}: {reason}")
+    backbone.reference_source.require_copy(who, "updates the reference model from the policy")
     if backbone.settings.quantization is not None:
         raise SettingError(None, "model.quantization", f"{who} cannot write the policy's weights into a 4-bit quantized reference (QLoRA); "
                          "train without model.quantization to update the reference")

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 from lightning.pytorch.callbacks import ThroughputMonitor
 
-from lit_align.packing import row_count, token_count
+from lit_align.data.packing import row_count, token_count
 from lit_align.settings import Positive, Range, check_arguments
 
 
@@ -17,7 +17,7 @@ def _pairs(batch) -> int:
 class Throughput(ThroughputMonitor):
     """Logs samples (pairs), tokens and FLOPs per second, and MFU, every ``log_every_n_steps``.
 
-    FLOPs per batch come from the module's ``flops_per_batch`` (analytic, :mod:`lit_align.flops`).
+    FLOPs per batch come from the module's ``flops_per_batch`` (analytic, :mod:`lit_align.model.flops`).
     MFU needs the peak FLOP/s of one device: Lightning knows common GPUs; on a CPU, or to override,
     give ``peak_flops`` (e.g. 157e9 for the 2-core AVX2 CPU these docs were measured on).
 

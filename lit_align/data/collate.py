@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from lit_align.logprobs import IGNORE_INDEX
-from lit_align.packing import response_mask
+from lit_align.data.labels import IGNORE_INDEX
+from lit_align.data.packing import response_mask
 
 REFERENCE_FIELD = "ref_logps"  # per example: per-token reference log-probs of each response, in layout order
 REFERENCE_LOGPS_KEY = "reference_logps"  # their [rows, T] tensor in a batch
@@ -166,7 +166,7 @@ class PackedCollator(Collator):
     Returns ``input_ids``, ``labels``, ``position_ids`` of shape ``[R, L]`` (positions restart at 0
     for each sequence; the short tail of a row is filler that no real token attends to) and, per
     sequence (in layout order), ``seq_rows``/``seq_starts``/``seq_lens``; no attention mask (see
-    :mod:`lit_align.packing`). Bounded rows keep attention cost near that of the sequences
+    :mod:`lit_align.data.packing`). Bounded rows keep attention cost near that of the sequences
     themselves instead of growing with the square of the whole batch.
 
     Args:

@@ -15,7 +15,6 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lit_align.atomic import atomic_torch_save, load_or_none
 from lit_align.data.collate import Collator, PackedCollator, PairLayout
 from lit_align.data.errors import DataError, DroppableRecord
 from lit_align.data.formats import PAIR_FIELDS, FormatName, normalise_record
@@ -24,6 +23,7 @@ from lit_align.data.sources import read_records, source_fingerprint
 from lit_align.data.tasks import WordRulesTask
 from lit_align.data.tokenize import TruncationMode, tokenize_pair
 from lit_align.errors import SettingError
+from lit_align.runtime.atomic import atomic_torch_save, load_or_none
 from lit_align.settings import Count, NonNegativeInt, Range, Seed, check_arguments
 
 log = logging.getLogger(__name__)

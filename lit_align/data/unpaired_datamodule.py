@@ -9,7 +9,11 @@ from lit_align.data.datamodule import PreferenceDataModule
 from lit_align.data.errors import DataError
 from lit_align.data.formats import PAIR_FIELDS, normalise_record
 from lit_align.data.tokenize import tokenize_responses
-from lit_align.data.unpaired import UNPAIRED_FIELDS, normalise_unpaired, pair_to_unpaired
+from lit_align.data.unpaired import (
+    UNPAIRED_FIELDS,
+    normalise_unpaired,
+    pair_to_unpaired,
+)
 
 
 class UnpairedDataModule(PreferenceDataModule):

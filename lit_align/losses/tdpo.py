@@ -6,7 +6,7 @@ Inputs are summed response log-probs ``[B]`` of the policy and the reference, as
 
     D_SeqKL(x, y; pi_ref || pi) = sum_t KL(pi_ref(.|x, y_<t) || pi(.|x, y_<t)),
 
-summed over its tokens and taken over the whole vocabulary (:mod:`lit_align.token_kl` computes it).
+summed over its tokens and taken over the whole vocabulary (:mod:`lit_align.model.token_kl` computes it).
 """
 
 from __future__ import annotations

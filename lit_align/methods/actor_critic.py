@@ -16,7 +16,7 @@ from lit_align.losses.policy_gradient import (
     whiten,
 )
 from lit_align.methods.on_policy import ActorCriticModule, PolicyPass
-from lit_align.rollout import Rollout
+from lit_align.online.rollout import Rollout
 from lit_align.settings import ClipRange, Count, NonNegative, Positive, Probability
 
 

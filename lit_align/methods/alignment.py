@@ -12,19 +12,26 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from lightning import LightningModule
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torchmetrics import MeanMetric
 from transformers import get_scheduler
 
-from lit_align.backbone import Backbone, SequenceLogps
 from lit_align.data.collate import PairLayout
 from lit_align.data.errors import DataError
 from lit_align.data.sampling import resumed_epoch_position
 from lit_align.errors import SettingError
-from lit_align.settings import ModelSettings, OptimizerSettings, as_settings, check_arguments
+from lit_align.model.backbone import Backbone
+from lit_align.model.export import export_policy
+from lit_align.model.logprobs import SequenceLogps
+from lit_align.model.reference_cache import attach_reference_logps
+from lit_align.runtime.rng import RNG_STATES_KEY, rng_state, set_rng_state
+from lit_align.settings import (
+    ModelSettings,
+    OptimizerSettings,
+    as_settings,
+    check_arguments,
+)
 
 PROGRESS_BAR = {"loss", "rewards/accuracies", "rewards/margins"}
 log = logging.getLogger(__name__)
@@ -34,7 +41,7 @@ class AlignmentModule(LightningModule):
     """Shared machinery of every method.
 
     Args:
-        model: the causal LM, LoRA/QLoRA and reference strategy.
+        model: the causal LM, LoRA/QLoRA and reference source.
         optimizer: AdamW and learning-rate schedule.
     """
 
@@ -59,7 +66,7 @@ class AlignmentModule(LightningModule):
         check_arguments(self, self.hparams)  # every setting of the whole class chain, before any model is loaded
         self.model_settings = as_settings(model, ModelSettings)
         self.optimizer_settings = as_settings(optimizer, OptimizerSettings)
-        self.backbone = Backbone(self.model_settings, needs_reference=self.needs_reference)
+        self.backbone = Backbone(self.model_settings, needs_reference=self.needs_reference, method=type(self).__name__)
         self.metrics = torch.nn.ModuleDict()
         self.current_batch: dict[str, torch.Tensor] | None = None
         """The batch of the step being run: objectives read per-example data columns from it (ODPO's scores)."""
@@ -81,7 +88,7 @@ class AlignmentModule(LightningModule):
 
     # ---- shared machinery ------------------------------------------------------------------
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
-        """Reference log-probs of the batch under the configured strategy."""
+        """Reference log-probs of the batch from the configured reference source."""
         return self.backbone.reference_logps(batch)
 
     @property
@@ -93,9 +100,7 @@ class AlignmentModule(LightningModule):
 
     def export_hf(self, output_dir: str | os.PathLike, merge_lora: bool = False) -> Path:
         """Write the trained model and tokenizer to ``output_dir`` as a Hugging Face folder,
-        atomically; here the policy (see :func:`lit_align.export.export_policy`)."""
-        from lit_align.export import export_policy
-
+        atomically; here the policy (see :func:`lit_align.model.export.export_policy`)."""
         return export_policy(self.backbone, output_dir, merge_lora=merge_lora)
 
     def log_metrics(self, stage: str, values: dict[str, torch.Tensor], batch_size: int) -> None:
@@ -241,16 +246,14 @@ class AlignmentModule(LightningModule):
         states, self._rng_to_restore = self._rng_to_restore, None
         if not states or not self.trainer.ckpt_path:
             return
-        _set_rng_state(states[self.global_rank % len(states)])
+        set_rng_state(states[self.global_rank % len(states)])
         if resumed_epoch_position(self.trainer)[1]:
             torch.empty((), dtype=torch.int64).random_()  # as DataLoader.__iter__ does (loader.generator is None)
 
     def _attach_cached_reference(self) -> None:
         """With ``reference: cached``, attach stored (or compute once) reference log-probs."""
-        if not self.backbone.strategy.precomputed or self._reference_attached:
+        if not self.backbone.reference_source.precomputed or self._reference_attached:
             return
-        from lit_align.reference_cache import attach_reference_logps
-
         datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "cache_key"):
             raise SettingError(None, "model.reference", "model.reference=cached needs a lit-align data module (it stores the log-probs with the tokenized data)")
@@ -263,7 +266,7 @@ class AlignmentModule(LightningModule):
         (see :meth:`on_train_start`). Lightning calls this on every process when saving, so the
         states of all processes are gathered here."""
         checkpoint["lit_align_class"] = f"{type(self).__module__}:{type(self).__qualname__}"
-        state = _rng_state()
+        state = rng_state()
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             states: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(states, state)
@@ -272,24 +275,3 @@ class AlignmentModule(LightningModule):
         checkpoint[RNG_STATES_KEY] = states
 
 
-RNG_STATES_KEY = "lit_align_rng_states"
-"""Checkpoint entry with one dict of RNG states per process (rank order)."""
-
-
-def _rng_state() -> dict[str, Any]:
-    """This process's RNG states (Lightning's collection: torch, CUDA when initialised, Python,
-    NumPy), with NumPy's key as a tensor so the checkpoint loads with ``torch.load(weights_only=True)``."""
-    state = _collect_rng_states(include_cuda=torch.cuda.is_available() and torch.cuda.is_initialized())
-    kind, keys, position, has_gauss, gauss = state["numpy"]
-    state["numpy"] = (str(kind), torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss))
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`_rng_state` (CUDA states only when the device count matches)."""
-    state = dict(state)
-    kind, keys, position, has_gauss, gauss = state["numpy"]
-    state["numpy"] = (kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss)
-    if len(state.get("torch.cuda", [])) != (torch.cuda.device_count() if torch.cuda.is_available() else 0):
-        state.pop("torch.cuda", None)
-    _set_rng_states(state)

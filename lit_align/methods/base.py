@@ -10,16 +10,16 @@ from typing import Optional
 
 import torch
 
-from lit_align.backbone import SequenceLogps
 from lit_align.losses.types import PreferenceLoss
 from lit_align.methods.alignment import AlignmentModule
+from lit_align.model.logprobs import SequenceLogps
 
 
 class PairedPreferenceModule(AlignmentModule):
     """Base for objectives on (prompt, chosen, rejected) pairs.
 
     Args:
-        model: the causal LM, LoRA/QLoRA and reference strategy.
+        model: the causal LM, LoRA/QLoRA and reference source.
         optimizer: AdamW and learning-rate schedule.
     """
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-from lit_align.backbone import SequenceLogps
 from lit_align.losses import (
     PreferenceLoss,
     dpo_loss,
@@ -13,6 +12,7 @@ from lit_align.losses import (
     robust_dpo_loss,
 )
 from lit_align.methods.base import PairedPreferenceModule
+from lit_align.model.logprobs import SequenceLogps
 from lit_align.settings import LabelNoise, Positive
 
 

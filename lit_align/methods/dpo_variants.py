@@ -35,7 +35,14 @@ from lit_align.losses import (
 )
 from lit_align.methods.base import PairedPreferenceModule
 from lit_align.methods.running import RunningMean
-from lit_align.settings import Finite, LabelNoise, Momentum, NonNegative, Positive, Range
+from lit_align.settings import (
+    Finite,
+    LabelNoise,
+    Momentum,
+    NonNegative,
+    Positive,
+    Range,
+)
 
 
 def _global_moments(module: PairedPreferenceModule, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,10 +11,10 @@ from typing import Optional
 
 import torch
 
-from lit_align.backbone import SequenceLogps
 from lit_align.data.collate import ListLayout
 from lit_align.losses.types import ListwiseLoss
 from lit_align.methods.alignment import AlignmentModule
+from lit_align.model.logprobs import SequenceLogps
 
 
 @dataclass
@@ -55,7 +55,7 @@ class ListwisePreferenceModule(AlignmentModule):
     objective's extras.
 
     Args:
-        model: the causal LM, LoRA/QLoRA and reference strategy.
+        model: the causal LM, LoRA/QLoRA and reference source.
         optimizer: AdamW and learning-rate schedule.
     """
 

@@ -2,9 +2,9 @@
 
 ``training_step`` receives a batch of prompts (:class:`lit_align.data.PromptDataModule`) and
 
-1. samples completions with the current policy (``generate``, KV cache; :mod:`lit_align.rollout`),
+1. samples completions with the current policy (``generate``, KV cache; :mod:`lit_align.online.rollout`),
 2. scores them with the configured reward (a Python reward function or a reward model, picked by
-   ``class_path``; :mod:`lit_align.rewards`),
+   ``class_path``; :mod:`lit_align.online.rewards`),
 3. computes log-probs under the sampling policy and the reference, and the per-token KL,
 4. lets the method turn that into advantages (:meth:`OnPolicyModule.prepare`), then
 5. runs ``epochs`` passes of minibatch updates over the rollout with manual optimisation
@@ -24,17 +24,30 @@ from typing import Any, ClassVar, Literal, Optional
 
 import torch
 
-from lit_align.backbone import SequenceLogps
 from lit_align.data.collate import PromptLayout
 from lit_align.errors import NonFiniteLossError, SettingError
-from lit_align.kl_control import KLPenalty
-from lit_align.losses.policy_gradient import KL_ESTIMATORS, explained_variance, masked_mean
+from lit_align.losses.policy_gradient import (
+    KL_ESTIMATORS,
+    explained_variance,
+    masked_mean,
+)
 from lit_align.losses.sft import completion_nll
 from lit_align.methods.alignment import AlignmentModule
 from lit_align.methods.running import RunningMoments
-from lit_align.rewards import RewardFunction
-from lit_align.rollout import GenerationSettings, Rollout, sample_completions
-from lit_align.settings import Count, Finite, ModelSettings, NonNegative, OptimizerSettings, Positive, as_settings
+from lit_align.model.logprobs import SequenceLogps
+from lit_align.model.reference import resolve_reference
+from lit_align.online.kl_control import KLPenalty
+from lit_align.online.rewards import RewardFunction
+from lit_align.online.rollout import GenerationSettings, Rollout, sample_completions
+from lit_align.settings import (
+    Count,
+    Finite,
+    ModelSettings,
+    NonNegative,
+    OptimizerSettings,
+    Positive,
+    as_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +68,9 @@ class OnPolicyModule(AlignmentModule):
     loss of a minibatch of it).
 
     Args:
-        reward: scores completions: ``lit_align.rewards.WordRulesReward`` (built-in task),
-            ``lit_align.methods.RewardModelReward`` (a trained reward model) or your own
-            :class:`lit_align.rewards.RewardFunction`. Required for training.
+        reward: scores completions: ``lit_align.online.rewards.WordRulesReward`` (built-in task),
+            ``lit_align.online.reward_model.RewardModelReward`` (a trained reward model) or your own
+            :class:`lit_align.online.rewards.RewardFunction`. Required for training.
         eval_reward: reward reported on held-out prompts (default: ``reward``); e.g. the
             verifier while training against a learned reward model. When set, the training
             ``reward`` is reported on the same held-out completions too
@@ -83,7 +96,7 @@ class OnPolicyModule(AlignmentModule):
             ``objective/scores`` stay raw; ``objective/rlhf_reward`` uses the standardised
             scores (what is optimised). An error for methods that only see the scores' order or
             group-standardise them anyway (online DPO; GRPO with ``scale_advantages``).
-        model: the causal LM, LoRA/QLoRA and reference strategy (``cached`` is not possible:
+        model: the causal LM, LoRA/QLoRA and reference source (``cached`` is not possible:
             completions are new every step).
         optimizer: AdamW and learning-rate schedule.
     """
@@ -112,7 +125,7 @@ class OnPolicyModule(AlignmentModule):
         optimizer: OptimizerSettings = OptimizerSettings(),  # noqa: B008
     ):
         settings = as_settings(model, ModelSettings)
-        if self.needs_reference and settings.reference == "cached":
+        if resolve_reference(settings, self.needs_reference, type(self).__name__).precomputed:
             raise SettingError(type(self).__name__, "model.reference", "cannot be cached for on-policy methods "
                                "(completions are sampled anew every step); use copy or adapter")
         super().__init__(settings, optimizer)
@@ -166,7 +179,7 @@ class OnPolicyModule(AlignmentModule):
                              "training_step inside one sharded forward); use DDP (configs/strategies/ddp.yaml) or one device")
         if self.reward is None:
             raise SettingError(None, "reward", f"{type(self).__name__} needs a reward: set model.init_args.reward.class_path, e.g. "
-                             "lit_align.rewards.WordRulesReward (built-in task) or lit_align.methods.RewardModelReward (a trained reward model)")
+                             "lit_align.online.rewards.WordRulesReward (built-in task) or lit_align.online.reward_model.RewardModelReward (a trained reward model)")
         if self.ptx_coef and not getattr(self.trainer.datamodule, "provides_ptx", False):
             raise SettingError(None, "ptx_coef", f"{type(self).__name__}: ptx_coef={self.ptx_coef} needs ``ptx`` batches (demonstrations or pre-training text) "
                              f"in the training batches, and the data module {type(self.trainer.datamodule).__name__} provides none: set data.init_args.ptx_train "

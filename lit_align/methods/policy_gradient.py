@@ -17,7 +17,7 @@ from lit_align.losses.policy_gradient import (
 )
 from lit_align.methods.on_policy import OnPolicyModule, PolicyPass
 from lit_align.methods.running import RunningMean
-from lit_align.rollout import Rollout
+from lit_align.online.rollout import Rollout
 from lit_align.settings import ClipRange, Momentum, Range
 
 

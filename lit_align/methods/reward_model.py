@@ -12,26 +12,24 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Optional
 
 import torch
 from torch import nn
 
-from lit_align.backbone import ModelLoadError
 from lit_align.data.collate import ListLayout, PairLayout
+from lit_align.data.packing import is_packed, unpack_rows
 from lit_align.errors import SettingError
-from lit_align.flops import flops_per_token
 from lit_align.losses.reward import (
     RewardLoss,
     bradley_terry_loss,
     listwise_bradley_terry_loss,
 )
 from lit_align.methods.alignment import AlignmentModule
-from lit_align.packing import is_packed, unpack_rows
-from lit_align.rewards import RewardFunction
-from lit_align.settings import Count, ModelSettings, OptimizerSettings, Range, check_arguments
+from lit_align.model.export import staged_folder
+from lit_align.model.flops import flops_per_token
+from lit_align.model.loading import DTYPES
+from lit_align.settings import ModelSettings, OptimizerSettings
 
 
 class RewardModel(AlignmentModule):
@@ -121,8 +119,6 @@ class RewardModel(AlignmentModule):
         reward head as its ``score`` layer, and ``pad_token_id`` set to the tokenizer's."""
         from transformers import AutoModelForSequenceClassification
 
-        from lit_align.backbone import DTYPES
-
         policy = self.backbone.policy
         config = copy.deepcopy((policy.get_base_model() if self.backbone.is_peft else policy).config)
         config.num_labels, config.pad_token_id, config.architectures = 1, self.tokenizer.pad_token_id, None
@@ -144,8 +140,6 @@ class RewardModel(AlignmentModule):
         """Write the reward model as an ``AutoModelForSequenceClassification`` folder (with the
         tokenizer), atomically; LoRA is always merged (``merge_lora`` is ignored). Load it with
         :class:`RewardModelReward` or ``AutoModelForSequenceClassification.from_pretrained``."""
-        from lit_align.export import staged_folder
-
         with staged_folder(output_dir) as staging:
             self.sequence_classifier().save_pretrained(staging)
             self.tokenizer.save_pretrained(staging)
@@ -196,59 +190,3 @@ def reward_positions(batch: dict[str, torch.Tensor], pad_token_id: int | None) -
     return rows, start + last
 
 
-class RewardModelReward(RewardFunction):
-    """Scores completions with a reward model exported by :class:`RewardModel` (a Hugging Face
-    sequence-classification folder, e.g. ``outputs/reward`` from ``configs/reward.yaml``).
-
-    Each (prompt, completion) is tokenized exactly as training data was
-    (:func:`lit_align.data.tokenize.tokenize_responses`: plain or chat prompts, one EOS ending the
-    completion, ``keep_end`` truncation), right-padded with the classifier's pad token and scored
-    without gradients. Set ``max_length``/``max_prompt_length`` as the training data had them.
-
-    Args:
-        path: the exported folder.
-        batch_size: sequences per classifier forward.
-        max_length: longest prompt + completion in tokens (as the training data's ``max_length``).
-        max_prompt_length: longest prompt in tokens (default ``max_length // 2``, as the data modules').
-    """
-
-    def __init__(self, path: str, batch_size: Count = 32, max_length: Annotated[int, Range(2)] = 512, max_prompt_length: Optional[Count] = None):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        check_arguments(self, locals())
-        if max_prompt_length is not None and max_prompt_length >= max_length:
-            raise SettingError(type(self).__name__, "max_prompt_length", f"must be < max_length={max_length}, got {max_prompt_length}: completions need room")
-
-        try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as error:
-            hint = " (configs/reward.yaml exports one to outputs/reward: train the reward model first)" if not Path(path).exists() else ""
-            raise ModelLoadError(f"RewardModelReward: cannot load the reward model {path!r}{hint}: {(str(error).strip().splitlines() or [''])[0]}") from None
-        self.batch_size, self.max_length = batch_size, max_length
-        self.max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
-
-    def to(self, device: torch.device | str) -> RewardModelReward:
-        self.model.to(device)
-        return self
-
-    def token_ids(self, prompt, completion: str) -> list[int]:
-        """prompt + completion ids, as the data modules tokenize a response."""
-        from lit_align.data.tokenize import tokenize_responses
-
-        prompt_ids, responses = tokenize_responses(prompt, {"completion": completion}, self.tokenizer, self.max_length, self.max_prompt_length)
-        return prompt_ids + responses["completion"]
-
-    @torch.no_grad()
-    def score(self, prompts: Sequence, completions: Sequence[str]) -> torch.Tensor:
-        sequences = [self.token_ids(prompt, completion) for prompt, completion in zip(prompts, completions)]
-        pad = self.model.config.pad_token_id
-        device = next(self.model.parameters()).device
-        rewards = []
-        for start in range(0, len(sequences), self.batch_size):
-            chunk = sequences[start:start + self.batch_size]
-            width = max(len(ids) for ids in chunk)
-            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in chunk], device=device)
-            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk], device=device)
-            rewards.append(self.model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().cpu())
-        return torch.cat(rewards) if rewards else torch.zeros(0)

@@ -3,8 +3,8 @@
 The objective needs more than sequence log-probs: the KL between the reference's and the
 policy's next-token distributions at every response position, over the whole vocabulary. So
 :class:`TDPO` overrides ``forward_pair``: one decoder forward per model, then
-:func:`lit_align.token_kl.batch_token_kl` computes label log-probs and per-token KL of both
-models chunk by chunk, without building full logits (how: :mod:`lit_align.token_kl`).
+:func:`lit_align.model.token_kl.batch_token_kl` computes label log-probs and per-token KL of both
+models chunk by chunk, without building full logits (how: :mod:`lit_align.model.token_kl`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import torch
 from lit_align.losses import PreferenceLoss
 from lit_align.losses.tdpo import TDPOVariant, tdpo_loss
 from lit_align.methods.base import PairedPreferenceModule
+from lit_align.model.reference import resolve_reference
+from lit_align.model.token_kl import KL_NEEDS, batch_token_kl
 from lit_align.settings import ModelSettings, NonNegative, Positive, as_settings
-from lit_align.token_kl import batch_token_kl, check_kl_reference
 
 
 class TDPO(PairedPreferenceModule):
@@ -33,7 +34,7 @@ class TDPO(PairedPreferenceModule):
     """
 
     def __init__(self, beta: Positive = 0.1, alpha: NonNegative = 0.5, variant: TDPOVariant = "tdpo2", **kwargs):
-        check_kl_reference(as_settings(kwargs.get("model"), ModelSettings).reference)  # before any model is built
+        resolve_reference(as_settings(kwargs.get("model"), ModelSettings), True, "TDPO").require_forward("TDPO", KL_NEEDS)  # before any model is built
         super().__init__(**kwargs)
         self.beta, self.alpha, self.variant = beta, alpha, variant
 

@@ -22,7 +22,7 @@ from lit_align.losses.trpo import (
 )
 from lit_align.methods.on_policy import PolicyPass
 from lit_align.methods.policy_gradient import SequencePolicyGradient
-from lit_align.rollout import Rollout
+from lit_align.online.rollout import Rollout
 from lit_align.settings import Count, NonNegative, Positive, Range
 
 

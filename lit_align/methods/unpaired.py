@@ -11,10 +11,10 @@ from typing import ClassVar, Optional
 
 import torch
 
-from lit_align.backbone import SequenceLogps
 from lit_align.data.collate import UnpairedLayout
 from lit_align.losses.types import UnpairedLoss
 from lit_align.methods.alignment import AlignmentModule
+from lit_align.model.logprobs import SequenceLogps
 
 
 class UnpairedPreferenceModule(AlignmentModule):
@@ -26,7 +26,7 @@ class UnpairedPreferenceModule(AlignmentModule):
     held-out headline), ``logps/desirable|undesirable`` and the objective's extras.
 
     Args:
-        model: the causal LM, LoRA/QLoRA and reference strategy.
+        model: the causal LM, LoRA/QLoRA and reference source.
         optimizer: AdamW and learning-rate schedule.
     """
 

@@ -8,7 +8,7 @@ the units so that never happens:
 * every decoder layer (the classes the loaded model names in ``_no_split_modules``: read from the
   model, not hard-coded to Llama);
 * a frozen model (the reference copy): its decoder stack (embeddings, layers, final norm) and,
-  when not tied to the embeddings, its LM head (read through :func:`lit_align.backbone.gathered`,
+  when not tied to the embeddings, its LM head (read through :func:`lit_align.model.sharding.gathered`,
   since the chunked log-prob path reads head weights directly instead of calling the head);
 * inside any unit that would still mix frozen and trainable parameters, each trainable leaf module
   (LoRA's ``lora_A``/``lora_B``, a value head) as a unit of its own; LM heads are left out of
@@ -29,7 +29,10 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
-from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
+from lightning.pytorch.strategies.fsdp import (
+    _move_torchmetrics_to_device,
+    _setup_activation_checkpointing,
+)
 from torch import nn
 
 from lit_align.errors import SettingError
@@ -97,7 +100,7 @@ def plan_fsdp_units(model: nn.Module) -> list[nn.Module]:
         units.append(frozen.get_decoder())
         head = frozen.get_output_embeddings()
         if head is not None and head.weight is not frozen.get_input_embeddings().weight:
-            units.append(head)  # read through lit_align.backbone.gathered
+            units.append(head)  # read through lit_align.model.sharding.gathered
     heads = {id(m.get_output_embeddings()) for m in model.modules() if hasattr(m, "get_output_embeddings") and m.get_output_embeddings() is not None}
     ids = {id(m) for m in units}
     for unit in [*units, model]:

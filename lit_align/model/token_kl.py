@@ -26,7 +26,7 @@ How it is done here instead (:func:`chunked_token_kl`, a custom autograd Functio
    through the LM head to the hidden states, the head's weight and bias, chunk by chunk.
 
 Peak extra memory is a few ``chunk_size x V`` buffers (O(chunk x V), not O(T x V)); the cost is
-one extra logits matmul per model in backward, as in :mod:`lit_align.logprobs`. Softmax
+one extra logits matmul per model in backward, as in :mod:`lit_align.model.logprobs`. Softmax
 statistics are float32 (float64 for float64 inputs); under autocast, backward repeats each
 matmul in the precision the forward used. Values and gradients equal the naive full-logits
 computation (tests/test_tdpo.py, float64).
@@ -38,20 +38,19 @@ the data's own tokens and ``none`` has no reference, so neither can give KL over
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from lit_align.errors import SettingError
-from lit_align.logprobs import IGNORE_INDEX, HeadGradients, _accum_dtype, shift_labels
-from lit_align.packing import is_packed, response_mask, unpack_rows
-from lit_align.reference import STRATEGIES
+from lit_align.data.labels import IGNORE_INDEX, shift_labels
+from lit_align.data.packing import is_packed, response_mask, unpack_rows
+from lit_align.model.backbone import Backbone
+from lit_align.model.logprobs import HeadGradients, SequenceLogps, _accum_dtype
+from lit_align.model.sharding import head_parameters
 
-if TYPE_CHECKING:
-    from lit_align.backbone import Backbone, SequenceLogps
-
-KL_REFERENCES = tuple(name for name, strategy in STRATEGIES.items() if strategy.runs_forward)  # copy, adapter
+KL_NEEDS = "the reference model's logits over the whole vocabulary at every response position (its per-token KL)"
+"""What token-level KL needs of the reference, for the errors of sources that cannot give it."""
 
 
 class TokenKL(NamedTuple):
@@ -202,16 +201,6 @@ class BatchTokenKL(NamedTuple):
     kl: SequenceLogps
 
 
-def check_kl_reference(strategy: str, method: str = "TDPO") -> None:
-    """Raise unless ``strategy`` can give reference logits over the whole vocabulary."""
-    if strategy in KL_REFERENCES or strategy == "auto":
-        return
-    why = {"cached": "reference=cached stores only the log-probs of the data's own tokens",
-           "none": "reference=none builds no reference model"}.get(strategy, f"reference={strategy}")
-    raise SettingError(None, "model.reference", f"{method} needs the reference model's logits over the whole vocabulary at every response "
-                     f"position (its per-token KL), but {why}; set model.reference: copy or adapter (adapter needs model.lora)")
-
-
 def batch_token_kl(backbone: Backbone, batch: dict[str, torch.Tensor], chunk_size: int | None = None) -> BatchTokenKL:
     """Policy and reference label log-probs and per-token KL(pi_ref || pi) of every row of ``batch``.
 
@@ -219,16 +208,14 @@ def batch_token_kl(backbone: Backbone, batch: dict[str, torch.Tensor], chunk_siz
     chunks of ``chunk_size`` positions (default: ``model.logp_chunk_size``, or 1024 when that is
     null). Padded and packed batches both come back in the padded layout.
     """
-    from lit_align.backbone import SequenceLogps, head_parameters
-
-    check_kl_reference(backbone.reference_strategy)
+    backbone.reference_source.require_forward("token-level KL", KL_NEEDS)
     if chunk_size is None:
         chunk_size = backbone.settings.logp_chunk_size or 1024
     labels = shift_labels(batch["labels"])
     scored = labels != IGNORE_INDEX
     hidden = backbone.hidden_states(batch)[scored]
     with torch.no_grad():
-        reference_hidden, reference_head = backbone.strategy.hidden_states(backbone, batch)
+        reference_hidden, reference_head = backbone.reference_source.hidden_states(backbone, batch)
         reference_hidden = reference_hidden[scored]
         reference_weight, reference_bias = head_parameters(reference_head, reference_hidden.dtype)
     head = backbone.lm_head(backbone.policy)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lit_align.backbone import Backbone
+from lit_align.model.backbone import Backbone
 
 
 def export_policy(backbone: Backbone, output_dir: str | os.PathLike, merge_lora: bool = False) -> Path:

@@ -21,20 +21,19 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from lit_align.atomic import atomic_torch_save, load_or_none
 from lit_align.data.collate import REFERENCE_FIELD, Collator, PairLayout
+from lit_align.data.datamodule import PreferenceDataModule
+from lit_align.data.sources import source_fingerprint
 from lit_align.errors import SettingError
-from lit_align.reference import CachedLogps
-
-if TYPE_CHECKING:
-    from lit_align.backbone import Backbone
-    from lit_align.data.datamodule import PreferenceDataModule
-    from lit_align.settings import ModelSettings
+from lit_align.model.backbone import Backbone
+from lit_align.model.loading import resolve_model_path
+from lit_align.model.reference import CachedLogps
+from lit_align.runtime.atomic import atomic_torch_save, load_or_none
+from lit_align.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 VERSION = 2
@@ -44,9 +43,6 @@ IRRELEVANT = ("lora", "gradient_checkpointing", "reference", "logp_chunk_size", 
 def model_fingerprint(settings: ModelSettings) -> str:
     """Changes whenever the reference model would give different log-probs."""
     import transformers
-
-    from lit_align.backbone import resolve_model_path
-    from lit_align.data.sources import source_fingerprint
 
     identity = {k: v for k, v in dataclasses.asdict(settings).items() if k not in IRRELEVANT}
     if settings.name_or_path != "tiny":

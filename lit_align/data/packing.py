@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from lit_align.logprobs import IGNORE_INDEX, shift_labels
+from lit_align.data.labels import IGNORE_INDEX, shift_labels
 
 
 def is_packed(batch: dict[str, torch.Tensor]) -> bool:

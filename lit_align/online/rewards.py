@@ -8,7 +8,7 @@ saved in checkpoints.
 
 Shipped:
 * :class:`WordRulesReward`: the built-in task's verifier (graded or exact).
-* :class:`lit_align.methods.reward_model.RewardModelReward`: a reward model exported by
+* :class:`lit_align.online.reward_model.RewardModelReward`: a reward model exported by
   ``configs/reward.yaml`` (a Hugging Face sequence-classification folder).
 
 A new reward is a subclass of :class:`RewardFunction` (or any callable class) with a typed

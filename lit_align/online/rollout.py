@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 import torch
 from transformers import GenerationConfig
 
-from lit_align.logprobs import IGNORE_INDEX
+from lit_align.data.labels import IGNORE_INDEX
 from lit_align.settings import Count, NonNegative, NonNegativeInt, Range
 
 
@@ -44,7 +44,7 @@ class GenerationSettings:
 class Rollout:
     """Completions of a batch of prompts and everything the update needs, one row per completion
     (the samples of a prompt are adjacent rows). Per-token tensors are ``[N, T]`` in the shifted
-    label layout of :class:`lit_align.backbone.SequenceLogps` (``mask`` True on completion tokens)."""
+    label layout of :class:`lit_align.model.logprobs.SequenceLogps` (``mask`` True on completion tokens)."""
 
     batch: dict[str, torch.Tensor]
     """Right-padded prompt + completion rows: ``input_ids``, ``attention_mask``, ``labels``."""

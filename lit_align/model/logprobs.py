@@ -10,10 +10,12 @@ naive path's (tested in fp32 to 1e-5, values and gradients).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from lit_align.data.labels import IGNORE_INDEX
 
 
 class _ChunkedLabelLogps(torch.autograd.Function):
@@ -136,8 +138,34 @@ def naive_label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return logps * valid
 
 
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Labels aligned with the hidden state that predicts them: position t predicts token t+1."""
-    shifted = torch.full_like(labels, IGNORE_INDEX)
-    shifted[:, :-1] = labels[:, 1:]
-    return shifted
+@dataclass
+class SequenceLogps:
+    """Log-probs of the response tokens of each row.
+
+    Attributes:
+        tokens: ``[B, T]`` per-token log-probs aligned with the labels (0 off the response).
+        mask: ``[B, T]`` True on response tokens.
+        sum: ``[B]`` summed log-prob of each response, log pi(y|x).
+        count: ``[B]`` number of response tokens |y|.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def sum(self) -> torch.Tensor:
+        return self.tokens.sum(-1)
+
+    @property
+    def count(self) -> torch.Tensor:
+        return self.mask.sum(-1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Length-normalised log-prob, log pi(y|x) / |y|."""
+        return self.sum / self.count.clamp(min=1)
+
+    def split(self) -> tuple["SequenceLogps", "SequenceLogps"]:
+        """(first half, second half) of the rows: chosen and rejected of a concatenated batch."""
+        half = self.tokens.shape[0] // 2
+        return SequenceLogps(self.tokens[:half], self.mask[:half]), SequenceLogps(self.tokens[half:], self.mask[half:])

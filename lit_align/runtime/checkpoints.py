@@ -1,0 +1,88 @@
+"""Reading checkpoints: a Lightning checkpoint file or a sharded FSDP folder, and the lit-align
+class it recorded, each failure a :class:`CheckpointError` naming the file."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import zipfile
+
+from lightning import LightningModule
+
+from lit_align.errors import CheckpointError
+
+
+def load_module_from_checkpoint(ckpt_path: str) -> LightningModule:
+    """Rebuild the module class recorded in a lit-align checkpoint and load it (Lightning's
+    ``load_from_checkpoint`` restores hyper-parameters and weights)."""
+    checkpoint = read_checkpoint(ckpt_path, weights_only=False)
+    recorded = checkpoint.get("lit_align_class", "")
+    if not recorded.partition(":")[2]:
+        raise CheckpointError(f"{ckpt_path!r} was not written by a lit-align module")
+    cls = import_recorded_class(recorded, ckpt_path)
+    if os.path.isdir(ckpt_path):  # a sharded FSDP checkpoint: consolidated into a temporary file first
+        import tempfile
+
+        import torch
+
+        with tempfile.TemporaryDirectory() as folder:
+            consolidated = os.path.join(folder, "consolidated.ckpt")
+            torch.save(checkpoint, consolidated)
+            return cls.load_from_checkpoint(consolidated, map_location="cpu")
+    return cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)  # read with weights_only=False above too
+
+
+def import_recorded_class(recorded: str, ckpt_path: str) -> type:
+    """The class a checkpoint recorded as ``module:qualified.name``, or :class:`CheckpointError`
+    naming the checkpoint and the module when it cannot be imported (a user's own method whose
+    file is not on the Python path)."""
+    module_name, _, class_name = recorded.partition(":")
+    try:
+        cls = importlib.import_module(module_name)
+        for part in class_name.split("."):
+            cls = getattr(cls, part)
+    except (ImportError, AttributeError) as error:
+        problem = CheckpointError(f"checkpoint {ckpt_path!r} was written by {module_name}.{class_name}, and it cannot be imported ({error})")
+        top = module_name.partition(".")[0]
+        problem.hint = f"run lit-align from the folder that holds {top}.py, or add that folder to PYTHONPATH"
+        raise problem from None
+    return cls
+
+
+def read_checkpoint(ckpt_path: str, weights_only: bool) -> dict:
+    """The checkpoint at ``ckpt_path`` (tensors memory-mapped, not read), or :class:`CheckpointError`
+    naming the file when it is missing, truncated or not a Lightning checkpoint."""
+    import torch
+
+    if os.path.isdir(ckpt_path):
+        return read_sharded_checkpoint(ckpt_path, consolidate=not weights_only)
+    if not os.path.isfile(ckpt_path):
+        raise CheckpointError(f"checkpoint {ckpt_path!r} does not exist")
+    archive = zipfile.is_zipfile(ckpt_path)  # torch.save writes zip archives; one cut short is not
+    try:  # anything else is still tried, as a legacy (pre zip) torch file
+        checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=archive, weights_only=weights_only)
+    except Exception as error:  # pickle, zip and torch raise many types; the file is what matters
+        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}" if archive else \
+            "not a zip archive as torch.save writes: empty, truncated or another kind of file"
+        raise CheckpointError(f"checkpoint {ckpt_path!r} cannot be read ({reason})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{ckpt_path!r} is not a Lightning checkpoint (it has no state_dict)")
+    return checkpoint
+
+
+def read_sharded_checkpoint(ckpt_path: str, consolidate: bool) -> dict:
+    """A sharded FSDP checkpoint folder (``state_dict_type: sharded``): checked for its metadata
+    and, if ``consolidate``, gathered into one ordinary Lightning checkpoint dict in memory."""
+    from pathlib import Path
+
+    if not (Path(ckpt_path) / ".metadata").is_file() or not (Path(ckpt_path) / "meta.pt").is_file():
+        raise CheckpointError(f"{ckpt_path!r} is a folder but not a sharded checkpoint (no .metadata and meta.pt in it)")
+    if not consolidate:
+        return {"state_dict": None}
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+    from lightning.pytorch.utilities.consolidate_checkpoint import _format_checkpoint
+
+    try:
+        return _format_checkpoint(_load_distributed_checkpoint(Path(ckpt_path)))
+    except Exception as error:
+        raise CheckpointError(f"sharded checkpoint {ckpt_path!r} cannot be read ({type(error).__name__}: {error})") from None

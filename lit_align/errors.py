@@ -2,7 +2,7 @@
 
 Each one's message says what is wrong and where (the setting and its valid range; the file, record
 and field). ``lit-align`` prints such an error as one line, then a hint line, and exits with
-status 2, without a traceback (set ``LIT_ALIGN_DEBUG=1`` to see it); any other exception is a bug
+status 1, without a traceback (set ``LIT_ALIGN_DEBUG=1`` to see it); any other exception is a bug
 or a library's error and keeps its traceback.
 """
 

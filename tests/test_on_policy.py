@@ -163,7 +163,7 @@ def test_ppo_ptx_term_lowers_nll_of_held_out_demonstrations(sft_policy, tmp_path
 
 @pytest.mark.slow
 def test_sft_reward_model_ppo_pipeline_through_the_cli(in_sft_workdir, measured):
-    """The README's pipeline: a reward model trained from the SFT policy on the first-letter
+    """The pipeline in docs/methods.md: a reward model trained from the SFT policy on the first-letter
     rule (configs/reward.yaml + pipeline overlay), then PPO against it (configs/ppo.yaml +
     overlay: scores standardised by the first rollout's, KL beta 0.1). The reward model ranks
     held-out pairs well; on the same 200 held-out prompts before and after PPO, the learned

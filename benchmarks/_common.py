@@ -138,7 +138,10 @@ def machine_summary() -> str:
     except (OSError, StopIteration):
         pass
     threads = os.environ.get("OMP_NUM_THREADS", "2")
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {threads} threads, torch {torch.__version__}, Python {platform.python_version()}"
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs, {threads} threads, torch {torch.__version__}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

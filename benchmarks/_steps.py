@@ -29,10 +29,20 @@ def build(spec: dict, attn: str = "sdpa"):
     import lit_align.methods as methods
     from lit_align.settings import LoRA, ModelSettings, OptimizerSettings, TinyModel
 
-    tiny = TinyModel(hidden_size=spec["hidden"], num_layers=spec["layers"], num_heads=spec["heads"],
-                     intermediate_size=spec["intermediate"], vocab_size=spec["vocab"], max_position_embeddings=4096)
-    settings = ModelSettings(tiny=tiny, reference=spec["reference"], attn_implementation=attn,
-                             lora=LoRA(r=16, alpha=32) if spec.get("lora") else None)
+    tiny = TinyModel(
+        hidden_size=spec["hidden"],
+        num_layers=spec["layers"],
+        num_heads=spec["heads"],
+        intermediate_size=spec["intermediate"],
+        vocab_size=spec["vocab"],
+        max_position_embeddings=4096,
+    )
+    settings = ModelSettings(
+        tiny=tiny,
+        reference=spec["reference"],
+        attn_implementation=attn,
+        lora=LoRA(r=16, alpha=32) if spec.get("lora") else None,
+    )
     cls = getattr(methods, spec["method"])
     return cls(model=settings, optimizer=OptimizerSettings(lr=1e-5), **METHOD_ARGS[spec["method"]])
 
@@ -42,14 +52,24 @@ def batches(module, spec: dict, cache_dir: str) -> list[dict]:
     from lit_align.model.reference_cache import attach_reference_logps
 
     pairs = spec["batch"] * (spec["steps"] + spec["warmup"])
-    data = PreferenceDataModule(train=str(HH), val=str(HH), max_records=pairs, max_length=spec["max_length"],
-                                batch_size=spec["batch"], packing=spec.get("packing", False), cache_dir=cache_dir)
+    data = PreferenceDataModule(
+        train=str(HH),
+        val=str(HH),
+        max_records=pairs,
+        max_length=spec["max_length"],
+        batch_size=spec["batch"],
+        packing=spec.get("packing", False),
+        cache_dir=cache_dir,
+    )
     data.tokenizer = module.tokenizer
     data.setup("fit")
     if module.backbone.reference_source.precomputed:
         attach_reference_logps(module.backbone, data, policy_is_initial=True, device=torch.device("cpu"))
     examples = data.datasets["train"]
-    return [data.collate(examples[i: i + spec["batch"]]) for i in range(0, len(examples) - spec["batch"] + 1, spec["batch"])]
+    return [
+        data.collate(examples[i : i + spec["batch"]])
+        for i in range(0, len(examples) - spec["batch"] + 1, spec["batch"])
+    ]
 
 
 def count_flops(spec: dict, batch: dict) -> tuple[int, int]:
@@ -82,7 +102,7 @@ def main(spec: dict) -> dict:
         step(batch)
     times, tokens = [], 0
     with PeakRSS() as peak:
-        for batch in data[spec["warmup"]:]:
+        for batch in data[spec["warmup"] :]:
             start = time.perf_counter()
             step(batch)
             times.append(time.perf_counter() - start)

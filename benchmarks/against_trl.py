@@ -34,22 +34,42 @@ HERE = Path(__file__).resolve().parent
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 MIB = 1024 * 1024
 FRAMEWORKS = ("lit-align", "trl")
-QUIET = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+QUIET = {
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     for name, default, text in (
-        ("hidden", 256, "hidden size"), ("layers", 4, "decoder layers"), ("heads", 4, "attention heads"), ("intermediate", 1024, "MLP width"),
-        ("vocab", 32000, "padded vocabulary (TinyModel.vocab_size)"), ("seq", 256, "tokens per row: seq/2 prompt + seq/2 response incl. EOS"),
-        ("batch", 4, "pairs per step (2x rows)"), ("parity-pairs", 8, "pairs in the parity batch"), ("warmup", 2, "steps dropped before timing"),
-        ("steps", 10, "timed steps per worker"), ("repeats", 2, "fresh processes per framework, alternating"),
-        ("chunk", 1024, "lit-align logp_chunk_size (its default)"), ("threads", 2, "OMP_NUM_THREADS of the workers"),
+        ("hidden", 256, "hidden size"),
+        ("layers", 4, "decoder layers"),
+        ("heads", 4, "attention heads"),
+        ("intermediate", 1024, "MLP width"),
+        ("vocab", 32000, "padded vocabulary (TinyModel.vocab_size)"),
+        ("seq", 256, "tokens per row: seq/2 prompt + seq/2 response incl. EOS"),
+        ("batch", 4, "pairs per step (2x rows)"),
+        ("parity-pairs", 8, "pairs in the parity batch"),
+        ("warmup", 2, "steps dropped before timing"),
+        ("steps", 10, "timed steps per worker"),
+        ("repeats", 2, "fresh processes per framework, alternating"),
+        ("chunk", 1024, "lit-align logp_chunk_size (its default)"),
+        ("threads", 2, "OMP_NUM_THREADS of the workers"),
     ):
         p.add_argument(f"--{name}", type=int, default=default, help=text)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--max-other-load", type=float, default=0.2, help="wait for, and repeat a run (twice at most) if other processes use more CPU cores than this")
+    p.add_argument(
+        "--max-other-load",
+        type=float,
+        default=0.2,
+        help="wait for, and repeat a run (twice at most) if other processes use more CPU cores than this",
+    )
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
     p.add_argument("--quick", action="store_true", help="smoke run: small model, few steps, 1 repeat")
     p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
@@ -94,8 +114,16 @@ def load_records(n: int, seq: int) -> list[dict[str, str]]:
             pair = normalise_record(record, "hh", i, "implicit")
         except ValueError:
             continue
-        rec = {"prompt": _cut(pair.prompt, half, True), "chosen": _cut(pair.chosen, half - 1, False), "rejected": _cut(pair.rejected, half - 1, False)}
-        if [len(v.encode()) for v in rec.values()] == [half, half - 1, half - 1] and rec["chosen"] != rec["rejected"] and "<|" not in str(rec):
+        rec = {
+            "prompt": _cut(pair.prompt, half, True),
+            "chosen": _cut(pair.chosen, half - 1, False),
+            "rejected": _cut(pair.rejected, half - 1, False),
+        }
+        if (
+            [len(v.encode()) for v in rec.values()] == [half, half - 1, half - 1]
+            and rec["chosen"] != rec["rejected"]
+            and "<|" not in str(rec)
+        ):
             out.append(rec)
         if len(out) == n:
             return out
@@ -111,10 +139,29 @@ def lit_module(args, name_or_path: str = "tiny"):
     from lit_align.methods import DPO
     from lit_align.settings import ModelSettings, OptimizerSettings, TinyModel
 
-    tiny = TinyModel(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, intermediate_size=args.intermediate,
-                     max_position_embeddings=max(512, args.seq), vocab_size=args.vocab, seed=0)
-    model = ModelSettings(name_or_path=name_or_path, tiny=tiny, dtype="float32", attn_implementation="sdpa", logp_chunk_size=args.chunk, reference="copy")
-    return DPO(beta=args.beta, label_smoothing=0.0, model=model, optimizer=OptimizerSettings(lr=args.lr, warmup_ratio=0.1, schedule="cosine"))
+    tiny = TinyModel(
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        intermediate_size=args.intermediate,
+        max_position_embeddings=max(512, args.seq),
+        vocab_size=args.vocab,
+        seed=0,
+    )
+    model = ModelSettings(
+        name_or_path=name_or_path,
+        tiny=tiny,
+        dtype="float32",
+        attn_implementation="sdpa",
+        logp_chunk_size=args.chunk,
+        reference="copy",
+    )
+    return DPO(
+        beta=args.beta,
+        label_smoothing=0.0,
+        model=model,
+        optimizer=OptimizerSettings(lr=args.lr, warmup_ratio=0.1, schedule="cosine"),
+    )
 
 
 def trl_trainer(args, workdir: Path, max_steps: int, n_records: int, callbacks=()):
@@ -124,17 +171,46 @@ def trl_trainer(args, workdir: Path, max_steps: int, n_records: int, callbacks=(
     from trl import DPOConfig, DPOTrainer
 
     # TRL defaults to gradient checkpointing and bf16; transformers 5 renamed the former
-    no_ckpt = {"activation_checkpointing" if "activation_checkpointing" in DPOConfig.__dataclass_fields__ else "gradient_checkpointing": False}
+    no_ckpt = {
+        "activation_checkpointing"
+        if "activation_checkpointing" in DPOConfig.__dataclass_fields__
+        else "gradient_checkpointing": False
+    }
     config = DPOConfig(
-        **no_ckpt, output_dir=str(workdir / "trl-out"), max_steps=max_steps, per_device_train_batch_size=args.batch, learning_rate=args.lr,
-        lr_scheduler_type="cosine", warmup_steps=0.1, optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0, bf16=False, use_cpu=True,
-        max_length=args.seq, beta=args.beta, loss_type=["sigmoid"], precompute_ref_log_probs=False, padding_free=False,
-        model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"}, report_to="none", save_strategy="no",
-        logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0, seed=0,
+        **no_ckpt,
+        output_dir=str(workdir / "trl-out"),
+        max_steps=max_steps,
+        per_device_train_batch_size=args.batch,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=False,
+        use_cpu=True,
+        max_length=args.seq,
+        beta=args.beta,
+        loss_type=["sigmoid"],
+        precompute_ref_log_probs=False,
+        padding_free=False,
+        model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10_000,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
     )
     records = read_pairs(workdir)[:n_records]
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
-    trainer = DPOTrainer(model=str(workdir / "model"), args=config, train_dataset=Dataset.from_list(records), processing_class=tokenizer, callbacks=list(callbacks))
+    trainer = DPOTrainer(
+        model=str(workdir / "model"),
+        args=config,
+        train_dataset=Dataset.from_list(records),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
     assert not trainer.args.gradient_checkpointing and trainer.model.dtype == trainer.ref_model.dtype == torch.float32
     return trainer
 
@@ -151,10 +227,17 @@ def parity(args, workdir: Path, module) -> dict:
     trainer = trl_trainer(args, workdir, max_steps=1, n_records=n)
     examples = [trainer.train_dataset[i] for i in range(n)]
     trl_batch = trainer.data_collator(examples)
-    own = [tokenize_pair(PreferencePair(r["prompt"], r["chosen"], r["rejected"]), module.tokenizer, args.seq, args.seq // 2) for r in read_pairs(workdir)[:n]]
+    own = [
+        tokenize_pair(
+            PreferencePair(r["prompt"], r["chosen"], r["rejected"]), module.tokenizer, args.seq, args.seq // 2
+        )
+        for r in read_pairs(workdir)[:n]
+    ]
     ids = [{"prompt": e["prompt_ids"], "chosen": e["chosen_ids"], "rejected": e["rejected_ids"]} for e in examples]
     lit_batch = PairCollator(module.tokenizer.pad_token_id)(ids)
-    assert torch.equal(lit_batch["input_ids"], trl_batch["input_ids"]) and torch.equal(lit_batch["attention_mask"], trl_batch["attention_mask"])
+    assert torch.equal(lit_batch["input_ids"], trl_batch["input_ids"]) and torch.equal(
+        lit_batch["attention_mask"], trl_batch["attention_mask"]
+    )
     assert torch.equal(lit_batch["labels"] != -100, trl_batch["completion_mask"].bool())
 
     lit_policy, trl_policy = module.backbone.policy, trainer.model
@@ -167,7 +250,13 @@ def parity(args, workdir: Path, module) -> dict:
             b.add_(noise)
         # TRL: the fused-LM-head forward _compute_loss uses, compute_ref_log_probs; lit-align: Backbone.logps
         labels = trl_batch["input_ids"].masked_fill(trl_batch["completion_mask"] == 0, -100)
-        trl_tokens = trl_policy(input_ids=trl_batch["input_ids"], attention_mask=trl_batch["attention_mask"], labels=labels, use_cache=False, fused_lm_head=True).log_probs
+        trl_tokens = trl_policy(
+            input_ids=trl_batch["input_ids"],
+            attention_mask=trl_batch["attention_mask"],
+            labels=labels,
+            use_cache=False,
+            fused_lm_head=True,
+        ).log_probs
         trl_ref = torch.cat(trainer.compute_ref_log_probs(trainer.ref_model, trl_batch))
         lit_tokens = module.backbone.logps(lit_batch).tokens[:, :-1]  # the last position predicts nothing
         lit_ref = module.reference_logps(lit_batch).sum
@@ -183,14 +272,21 @@ def parity(args, workdir: Path, module) -> dict:
         d = (a - b).abs()
         return float((d / b.abs().clamp(min=1) if rel else d).max())
 
-    grads = [(a.grad, b.grad) for a, b in zip(lit_policy.parameters(), trl_policy.parameters())]
+    grads = [(a.grad, b.grad) for a, b in zip(lit_policy.parameters(), trl_policy.parameters(), strict=True)]
     result = {
-        "pairs": n, "shape": list(lit_batch["input_ids"].shape), "same_tokenization": own == ids,
-        "token_abs": diff(lit_tokens, trl_tokens), "policy_sum_abs": diff(lit_sums, trl_tokens.sum(1)),
-        "policy_sum_rel": diff(lit_sums, trl_tokens.sum(1), rel=True), "sum_magnitude": float(lit_sums.abs().max()),
-        "ref_sum_abs": diff(lit_ref, trl_ref), "ref_sum_rel": diff(lit_ref, trl_ref, rel=True),
-        "loss": trl_loss.item(), "loss_abs": diff(lit_loss, trl_loss),
-        "grad_abs": max(diff(a, b) for a, b in grads), "grad_max": max(float(b.abs().max()) for _, b in grads),
+        "pairs": n,
+        "shape": list(lit_batch["input_ids"].shape),
+        "same_tokenization": own == ids,
+        "token_abs": diff(lit_tokens, trl_tokens),
+        "policy_sum_abs": diff(lit_sums, trl_tokens.sum(1)),
+        "policy_sum_rel": diff(lit_sums, trl_tokens.sum(1), rel=True),
+        "sum_magnitude": float(lit_sums.abs().max()),
+        "ref_sum_abs": diff(lit_ref, trl_ref),
+        "ref_sum_rel": diff(lit_ref, trl_ref, rel=True),
+        "loss": trl_loss.item(),
+        "loss_abs": diff(lit_loss, trl_loss),
+        "grad_abs": max(diff(a, b) for a, b in grads),
+        "grad_max": max(float(b.abs().max()) for _, b in grads),
     }
     # fp32: per-token log-probs (|x| ~ ln V), the loss and gradients are compared absolutely; sums of
     # seq/2 tokens (|x| ~ 1e3, where one fp32 ulp is already ~1e-4) relatively
@@ -225,11 +321,24 @@ def worker(args) -> None:
         from lit_align.data import PreferenceDataModule
 
         pairs = str(args.workdir / "pairs.jsonl")
-        data = PreferenceDataModule(train=pairs, val=pairs, format="explicit", max_length=args.seq, batch_size=args.batch, use_cache=False)
+        data = PreferenceDataModule(
+            train=pairs, val=pairs, format="explicit", max_length=args.seq, batch_size=args.batch, use_cache=False
+        )
         timing = type("Timing", (L.Callback,), {"on_train_batch_start": timer.begin, "on_train_batch_end": timer.end})()
-        trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=total, gradient_clip_val=1.0, limit_val_batches=0,
-                            num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, callbacks=[timing])
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            precision="32-true",
+            max_steps=total,
+            gradient_clip_val=1.0,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[timing],
+        )
         trainer.fit(lit_module(args, str(args.workdir / "model")), data)
     else:
         from transformers import TrainerCallback
@@ -239,8 +348,19 @@ def worker(args) -> None:
     assert len(timer.wall) == total, timer.wall
     train_peak, timed = status_bytes("VmHWM"), slice(args.warmup, None)
     other_cores = (sum(timer.busy[timed]) - sum(timer.cpu[timed])) / sum(timer.wall[timed])  # load from other processes
-    print(json.dumps({"framework": args.worker, "wall": timer.wall[timed], "cpu": timer.cpu[timed], "other_cores": max(0.0, other_cores),
-                      "peak_rss": max(timer.setup_peak, train_peak), "setup_rss": timer.setup_rss, "train_peak": train_peak}))
+    print(
+        json.dumps(
+            {
+                "framework": args.worker,
+                "wall": timer.wall[timed],
+                "cpu": timer.cpu[timed],
+                "other_cores": max(0.0, other_cores),
+                "peak_rss": max(timer.setup_peak, train_peak),
+                "setup_rss": timer.setup_rss,
+                "train_peak": train_peak,
+            }
+        )
+    )
 
 
 def wait_for_quiet(max_cores: float, timeout: float = 300.0) -> None:
@@ -256,7 +376,13 @@ def wait_for_quiet(max_cores: float, timeout: float = 300.0) -> None:
 def run_worker(args, framework: str, workdir: Path) -> dict:
     wait_for_quiet(args.max_other_load)
     cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", framework, "--workdir", str(workdir)]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, **QUIET, "OMP_NUM_THREADS": str(args.threads)})
+    proc = subprocess.run(
+        cmd,
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **QUIET, "OMP_NUM_THREADS": str(args.threads)},
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{framework} worker failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -267,18 +393,36 @@ def report(args, runs: list[dict]) -> None:
     med, rows = statistics.median, []
     for fw in FRAMEWORKS:
         mine = [r for r in runs if r["framework"] == fw]
-        rows.append({"framework": fw, "median_step_s": med([s for r in mine for s in r["wall"]]), "peak_rss_mib": med([r["peak_rss"] for r in mine]) / MIB,
-                     "train_peak_above_first_step_mib": med([r["train_peak"] - r["setup_rss"] for r in mine]) / MIB,
-                     "median_step_cpu_s": med([s for r in mine for s in r["cpu"]]), "rss_at_first_step_mib": med([r["setup_rss"] for r in mine]) / MIB,
-                     "per_run_median_step_s": " ".join(f"{med(r['wall']):.3f}" for r in mine),
-                     "per_run_peak_rss_mib": " ".join(f"{r['peak_rss'] / MIB:.0f}" for r in mine),
-                     "per_run_other_cores": " ".join(f"{r['other_cores']:.2f}" for r in mine)})
-    for row, key in ((row, key) for row in rows for key in ("median_step_s", "peak_rss_mib", "train_peak_above_first_step_mib", "median_step_cpu_s")):
+        rows.append(
+            {
+                "framework": fw,
+                "median_step_s": med([s for r in mine for s in r["wall"]]),
+                "peak_rss_mib": med([r["peak_rss"] for r in mine]) / MIB,
+                "train_peak_above_first_step_mib": med([r["train_peak"] - r["setup_rss"] for r in mine]) / MIB,
+                "median_step_cpu_s": med([s for r in mine for s in r["cpu"]]),
+                "rss_at_first_step_mib": med([r["setup_rss"] for r in mine]) / MIB,
+                "per_run_median_step_s": " ".join(f"{med(r['wall']):.3f}" for r in mine),
+                "per_run_peak_rss_mib": " ".join(f"{r['peak_rss'] / MIB:.0f}" for r in mine),
+                "per_run_other_cores": " ".join(f"{r['other_cores']:.2f}" for r in mine),
+            }
+        )
+    for row, key in (
+        (row, key)
+        for row in rows
+        for key in ("median_step_s", "peak_rss_mib", "train_peak_above_first_step_mib", "median_step_cpu_s")
+    ):
         row[key + "_ratio_vs_trl"] = row[key] / rows[-1][key]
-    print("| framework | median step s | ratio vs TRL | peak RSS MiB | ratio | training peak above 1st-step RSS MiB | ratio |\n|---|---|---|---|---|---|---|")
+    print(
+        "| framework | median step s | ratio vs TRL | peak RSS MiB | ratio | training peak above 1st-step RSS MiB | "
+        "ratio |\n|---|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['framework']} | {r['median_step_s']:.3f} | {r['median_step_s_ratio_vs_trl']:.2f}x | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib_ratio_vs_trl']:.2f}x"
-              f" | {r['train_peak_above_first_step_mib']:.0f} | {r['train_peak_above_first_step_mib_ratio_vs_trl']:.2f}x |")
+        print(
+            f"| {r['framework']} | {r['median_step_s']:.3f} | {r['median_step_s_ratio_vs_trl']:.2f}x | "
+            f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib_ratio_vs_trl']:.2f}x"
+            f" | {r['train_peak_above_first_step_mib']:.0f} | {r['train_peak_above_first_step_mib_ratio_vs_trl']:.2f}x "
+            "|"
+        )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     with open(args.out_dir / "against_trl.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -290,13 +434,20 @@ def report(args, runs: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, key, label, fmt in ((axes[0], "median_step_s", "median step time (s)", "{:.2f}"), (axes[1], "peak_rss_mib", "peak RSS (MiB)", "{:.0f}")):
+    for ax, key, label, fmt in (
+        (axes[0], "median_step_s", "median step time (s)", "{:.2f}"),
+        (axes[1], "peak_rss_mib", "peak RSS (MiB)", "{:.0f}"),
+    ):
         bars = ax.bar([r["framework"] for r in rows], [r[key] for r in rows], color=["tab:blue", "tab:orange"])
         ax.bar_label(bars, labels=[fmt.format(r[key]) + f" ({r[key + '_ratio_vs_trl']:.2f}x)" for r in rows])
         ax.set_ylabel(label)
         ax.set_ylim(0, 1.15 * max(r[key] for r in rows))
-    fig.suptitle(f"DPO training step, fp32 CPU, {args.threads} threads: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
-                 f"{args.batch} pairs x {args.seq} tokens", fontsize=9)
+    fig.suptitle(
+        f"DPO training step, fp32 CPU, {args.threads} threads: hidden {args.hidden}, {args.layers} layers, vocab "
+        f"{args.vocab}, "
+        f"{args.batch} pairs x {args.seq} tokens",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(args.out_dir / "against_trl.png", dpi=120)
 
@@ -314,29 +465,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="against_trl_") as tmp:
         workdir = Path(tmp)
         with open(workdir / "pairs.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in load_records(max(args.parity_pairs, (args.warmup + args.steps) * args.batch), args.seq))
+            f.writelines(
+                json.dumps(r) + "\n"
+                for r in load_records(max(args.parity_pairs, (args.warmup + args.steps) * args.batch), args.seq)
+            )
         module = lit_module(args)  # the weights both sides start from
         module.backbone.policy.save_pretrained(workdir / "model")
         module.tokenizer.save_pretrained(workdir / "model")
         r = parity(args, workdir, module)
         del module
-        print(f"parity ({r['pairs']} pairs = {r['shape'][0]} rows x {r['shape'][1]} tokens, fp32, TRL's token ids): max |diff| per-token policy "
-              f"log-prob {r['token_abs']:.1e}; summed policy log-prob {r['policy_sum_abs']:.1e} (rel {r['policy_sum_rel']:.0e}; |sum| up to "
-              f"{r['sum_magnitude']:.0f}); summed reference log-prob {r['ref_sum_abs']:.1e} (rel {r['ref_sum_rel']:.0e}); DPO loss {r['loss']:.6f}, "
-              f"|diff| {r['loss_abs']:.1e}; gradients {r['grad_abs']:.1e} (max |grad| {r['grad_max']:.1e}). "
-              f"lit-align's own tokenization gives the same ids: {r['same_tokenization']}", flush=True)
+        print(
+            f"parity ({r['pairs']} pairs = {r['shape'][0]} rows x {r['shape'][1]} tokens, fp32, TRL's token ids): max "
+            "|diff| per-token policy "
+            f"log-prob {r['token_abs']:.1e}; summed policy log-prob {r['policy_sum_abs']:.1e} (rel "
+            f"{r['policy_sum_rel']:.0e}; |sum| up to "
+            f"{r['sum_magnitude']:.0f}); summed reference log-prob {r['ref_sum_abs']:.1e} (rel "
+            f"{r['ref_sum_rel']:.0e}); DPO loss {r['loss']:.6f}, "
+            f"|diff| {r['loss_abs']:.1e}; gradients {r['grad_abs']:.1e} (max |grad| {r['grad_max']:.1e}). "
+            f"lit-align's own tokenization gives the same ids: {r['same_tokenization']}",
+            flush=True,
+        )
         runs = []
         for i in range(args.repeats):
             for fw in FRAMEWORKS:  # A/B/A/B
                 for _ in range(3):  # the machine may be shared: repeat a run that had company
                     run = run_worker(args, fw, workdir)
                     w = run["wall"]
-                    print(f"  run {i + 1} {fw}: median step {statistics.median(w):.3f} s (min {min(w):.3f}, max {max(w):.3f}), peak RSS "
-                          f"{run['peak_rss'] / MIB:.0f} MiB, other processes {run['other_cores']:.2f} cores", flush=True)
+                    print(
+                        f"  run {i + 1} {fw}: median step {statistics.median(w):.3f} s (min {min(w):.3f}, max "
+                        f"{max(w):.3f}), peak RSS "
+                        f"{run['peak_rss'] / MIB:.0f} MiB, other processes {run['other_cores']:.2f} cores",
+                        flush=True,
+                    )
                     if run["other_cores"] <= args.max_other_load:
                         break
                 runs.append(run)
-    print(f"\nTRL {trl.__version__}, torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} logical CPUs\n")
+    print(
+        f"\nTRL {trl.__version__}, torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} logical CPUs\n"
+    )
     report(args, runs)
     print(f"\nwrote {args.out_dir / 'against_trl.csv'} and .png ({time.perf_counter() - started:.0f} s in all)")
 

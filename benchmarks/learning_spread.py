@@ -1,7 +1,8 @@
 """Run every test that asserts learning with several seeds and report what each one measured.
 
     python benchmarks/learning_spread.py --seeds 0 1 2            # all learning tests, ~25 min on 2 cores
-    python benchmarks/learning_spread.py --seeds 0 1 2 --tests tests/test_cli.py::test_each_method_learns_the_builtin_task_through_the_cli
+    python benchmarks/learning_spread.py --seeds 0 1 2 \
+        --tests tests/test_cli.py::test_each_method_learns_the_builtin_task_through_the_cli
 
 Each seed is one pytest run of the learning tests with ``LIT_ALIGN_TEST_SEED`` set (tests/conftest.py:
 the run's ``seed_everything``, the data's shuffling seed and the tiny model's initialisation all
@@ -48,8 +49,23 @@ def run_seed(seed: int, tests: list[str]) -> Path:
     OUT.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "LIT_ALIGN_TEST_SEED": str(seed), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     print(f"seed {seed}: running {len(tests)} learning tests ...", flush=True)
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "junit_family=xunit1", f"--junitxml={report}", *tests],
-                   cwd=ROOT, env=env, check=False)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "junit_family=xunit1",
+            f"--junitxml={report}",
+            *tests,
+        ],
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
     return report
 
 
@@ -78,14 +94,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tests", nargs="+", default=LEARNING_TESTS)
-    parser.add_argument("--reuse", action="store_true", help="read the junit files of an earlier run instead of running the tests")
+    parser.add_argument(
+        "--reuse", action="store_true", help="read the junit files of an earlier run instead of running the tests"
+    )
     args = parser.parse_args()
-    by_seed = {seed: read_report(OUT / f"learning_spread_seed{seed}.xml" if args.reuse else run_seed(seed, args.tests)) for seed in args.seeds}
+    by_seed = {
+        seed: read_report(OUT / f"learning_spread_seed{seed}.xml" if args.reuse else run_seed(seed, args.tests))
+        for seed in args.seeds
+    }
     tests = sorted({name for results in by_seed.values() for name in results})
     header = ["test", "metric", *[f"seed {seed}" for seed in args.seeds], "passed"]
     rows = []
     for test in tests:
-        metrics = sorted({metric for results in by_seed.values() for metric in results.get(test, {}).get("metrics", {})})
+        metrics = sorted(
+            {metric for results in by_seed.values() for metric in results.get(test, {}).get("metrics", {})}
+        )
         passed = sum(by_seed[seed].get(test, {}).get("passed", False) for seed in args.seeds)
         for metric in metrics:
             cells = [describe(by_seed[seed].get(test, {}).get("metrics", {}).get(metric, "n/a")) for seed in args.seeds]

@@ -40,7 +40,9 @@ VARIANTS = ("naive", "chunked", "chunked+ckpt")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--vocabs", type=int, nargs="+", default=[32000, 128256], help="vocabulary sizes to compare")
     p.add_argument("--hidden", type=int, default=256, help="hidden size")
     p.add_argument("--layers", type=int, default=2, help="decoder layers")
@@ -53,8 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per worker (after 1 warm-up)")
     p.add_argument("--repeats", type=int, default=2, help="fresh processes per (vocab, variant)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the workers, unless already set")
-    p.add_argument("--wait-idle", type=float, default=90.0,
-                   help="before each worker, wait (up to 10 min) until the host is this %% idle; 0 = don't")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=90.0,
+        help="before each worker, wait (up to 10 min) until the host is this %% idle; 0 = don't",
+    )
     p.add_argument("--out-dir", type=Path, default=HERE / "results", help="where the CSV and PNG go")
     p.add_argument("--quick", action="store_true", help="smoke run: small vocabs and model, 1 repeat")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -85,12 +91,20 @@ def worker(args) -> dict:
     from lit_align.settings import ModelSettings, TinyModel
 
     torch.manual_seed(0)
-    tiny = TinyModel(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                     intermediate_size=args.intermediate, vocab_size=args.vocab,
-                     max_position_embeddings=max(512, args.seq))
-    settings = ModelSettings(tiny=tiny, dtype="float32",
-                             logp_chunk_size=None if args.variant == "naive" else args.chunk,
-                             gradient_checkpointing=args.variant == "chunked+ckpt")
+    tiny = TinyModel(
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        intermediate_size=args.intermediate,
+        vocab_size=args.vocab,
+        max_position_embeddings=max(512, args.seq),
+    )
+    settings = ModelSettings(
+        tiny=tiny,
+        dtype="float32",
+        logp_chunk_size=None if args.variant == "naive" else args.chunk,
+        gradient_checkpointing=args.variant == "chunked+ckpt",
+    )
     backbone = Backbone(settings, needs_reference=False).train()
     batch = make_batch(args, args.vocab)
 
@@ -112,20 +126,47 @@ def worker(args) -> dict:
         backbone.settings.logp_chunk_size = args.chunk
         chunked = backbone.logps(batch).tokens
     return {
-        "vocab": args.vocab, "variant": args.variant, "peak_mib": rss.delta / 2**20,
-        "ru_maxrss_mib": rss.ru_delta / 2**20, "hwm_reset": rss.resettable,
-        "step_s": median(t[0] for t in times), "cpu_s": median(t[1] for t in times),
-        "all_step_s": [round(t[0], 4) for t in times], "max_abs_diff": (naive - chunked).abs().max().item(),
-        "params": sum(p.numel() for p in backbone.parameters()), "threads": torch.get_num_threads(),
+        "vocab": args.vocab,
+        "variant": args.variant,
+        "peak_mib": rss.delta / 2**20,
+        "ru_maxrss_mib": rss.ru_delta / 2**20,
+        "hwm_reset": rss.resettable,
+        "step_s": median(t[0] for t in times),
+        "cpu_s": median(t[1] for t in times),
+        "all_step_s": [round(t[0], 4) for t in times],
+        "max_abs_diff": (naive - chunked).abs().max().item(),
+        "params": sum(p.numel() for p in backbone.parameters()),
+        "threads": torch.get_num_threads(),
     }
 
 
 # ----------------------------------------------------------------------------------------- parent
 def worker_args(args, vocab: int, variant: str) -> list[str]:
-    return ["--worker", "--variant", variant, "--vocab", str(vocab), "--hidden", str(args.hidden),
-            "--layers", str(args.layers), "--heads", str(args.heads), "--intermediate", str(args.intermediate),
-            "--batch", str(args.batch), "--seq", str(args.seq), "--prompt-frac", str(args.prompt_frac),
-            "--chunk", str(args.chunk), "--steps", str(args.steps)]
+    return [
+        "--worker",
+        "--variant",
+        variant,
+        "--vocab",
+        str(vocab),
+        "--hidden",
+        str(args.hidden),
+        "--layers",
+        str(args.layers),
+        "--heads",
+        str(args.heads),
+        "--intermediate",
+        str(args.intermediate),
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--prompt-frac",
+        str(args.prompt_frac),
+        "--chunk",
+        str(args.chunk),
+        "--steps",
+        str(args.steps),
+    ]
 
 
 def summarise(runs: list[dict], vocabs: list[int]) -> list[dict]:
@@ -134,14 +175,20 @@ def summarise(runs: list[dict], vocabs: list[int]) -> list[dict]:
     for vocab in vocabs:
         for variant in VARIANTS:
             mine = [r for r in runs if r["vocab"] == vocab and r["variant"] == variant]
-            rows.append({"vocab": vocab, "variant": variant, "processes": len(mine),
-                         "peak_mib": median(r["peak_mib"] for r in mine),
-                         "ru_maxrss_mib": median(r["ru_maxrss_mib"] for r in mine),
-                         "step_s": median(r["step_s"] for r in mine),
-                         "cpu_s": median(r["cpu_s"] for r in mine),
-                         "max_abs_diff": max(r["max_abs_diff"] for r in mine)})
+            rows.append(
+                {
+                    "vocab": vocab,
+                    "variant": variant,
+                    "processes": len(mine),
+                    "peak_mib": median(r["peak_mib"] for r in mine),
+                    "ru_maxrss_mib": median(r["ru_maxrss_mib"] for r in mine),
+                    "step_s": median(r["step_s"] for r in mine),
+                    "cpu_s": median(r["cpu_s"] for r in mine),
+                    "max_abs_diff": max(r["max_abs_diff"] for r in mine),
+                }
+            )
         naive = rows[-len(VARIANTS)]
-        for row in rows[-len(VARIANTS):]:
+        for row in rows[-len(VARIANTS) :]:
             row["mem_vs_naive_pct"] = 100.0 * (row["peak_mib"] / naive["peak_mib"] - 1.0)
             row["time_vs_naive_x"] = row["step_s"] / naive["step_s"]
             row["cpu_vs_naive_x"] = row["cpu_s"] / naive["cpu_s"]
@@ -175,8 +222,10 @@ def main(argv=None) -> None:
     if args.worker:
         emit(worker(args))
         return
-    shape = (f"hidden {args.hidden}, {args.layers} layers, {args.heads} heads, MLP {args.intermediate}, "
-             f"batch {args.batch}x{args.seq} tokens, chunk {args.chunk}, fp32")
+    shape = (
+        f"hidden {args.hidden}, {args.layers} layers, {args.heads} heads, MLP {args.intermediate}, "
+        f"batch {args.batch}x{args.seq} tokens, chunk {args.chunk}, fp32"
+    )
     print(f"# logits vs chunked log-probs: {shape}\n# machine: {machine_summary()}")
     print(f"# load average at the start: {os.getloadavg()}")
     runs = []
@@ -186,17 +235,37 @@ def main(argv=None) -> None:
                 idle = wait_for_idle(args.wait_idle) if args.wait_idle > 0 else None
                 r = run_worker(__file__, worker_args(args, vocab, variant), threads=args.threads)
                 idle_note = "" if idle is None else f" [host {idle:.0f}% idle before]"
-                print(f"  vocab {vocab:>6} {variant:<13} run {repeat + 1}{idle_note}: peak {r['peak_mib']:8.1f} MiB "
-                      f"(ru_maxrss {r['ru_maxrss_mib']:8.1f}), step {r['step_s']:.3f} s (cpu {r['cpu_s']:.3f} s), "
-                      f"max|chunked-naive| {r['max_abs_diff']:.2e}, steps {r['all_step_s']}", flush=True)
+                print(
+                    f"  vocab {vocab:>6} {variant:<13} run {repeat + 1}{idle_note}: peak {r['peak_mib']:8.1f} MiB "
+                    f"(ru_maxrss {r['ru_maxrss_mib']:8.1f}), step {r['step_s']:.3f} s (cpu {r['cpu_s']:.3f} s), "
+                    f"max|chunked-naive| {r['max_abs_diff']:.2e}, steps {r['all_step_s']}",
+                    flush=True,
+                )
                 runs.append(r)
     rows = summarise(runs, args.vocabs)
     print(f"# load average at the end (other work on the host skews wall times): {os.getloadavg()}")
 
-    header = ["vocab", "variant", "peak step memory MiB", "memory vs naive %", "median step s", "time vs naive x",
-              "CPU time vs naive x"]
-    table = [[f"{r['vocab']:,}", r["variant"], f"{r['peak_mib']:.0f}", f"{r['mem_vs_naive_pct']:+.1f}",
-              f"{r['step_s']:.3f}", f"{r['time_vs_naive_x']:.2f}", f"{r['cpu_vs_naive_x']:.2f}"] for r in rows]
+    header = [
+        "vocab",
+        "variant",
+        "peak step memory MiB",
+        "memory vs naive %",
+        "median step s",
+        "time vs naive x",
+        "CPU time vs naive x",
+    ]
+    table = [
+        [
+            f"{r['vocab']:,}",
+            r["variant"],
+            f"{r['peak_mib']:.0f}",
+            f"{r['mem_vs_naive_pct']:+.1f}",
+            f"{r['step_s']:.3f}",
+            f"{r['time_vs_naive_x']:.2f}",
+            f"{r['cpu_vs_naive_x']:.2f}",
+        ]
+        for r in rows
+    ]
     print("\n" + markdown_table(header, table))
     print(f"\nmax |chunked - naive| log-prob over all workers (fp32): {max(r['max_abs_diff'] for r in rows):.2e}")
 

@@ -30,17 +30,30 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
-    size = dict(hidden=256, layers=4, heads=4, intermediate=688, vocab=32000, batch=8, steps=8, warmup=1, max_length=1024, lora=False)
+    size = dict(
+        hidden=256,
+        layers=4,
+        heads=4,
+        intermediate=688,
+        vocab=32000,
+        batch=8,
+        steps=8,
+        warmup=1,
+        max_length=1024,
+        lora=False,
+    )
     if args.quick:
         size.update(hidden=64, layers=2, intermediate=128, vocab=1000, batch=2, steps=3, warmup=1, max_length=128)
         args.rounds = 1
     results: dict[tuple, list[dict]] = {}
     for round_index in range(args.rounds):
         for method, reference in VARIANTS:
-            for packing in ((False, True) if round_index % 2 == 0 else (True, False)):
+            for packing in (False, True) if round_index % 2 == 0 else (True, False):
                 spec = dict(size, method=method, reference=reference, packing=packing)
                 print(f"round {round_index + 1}: {method} packing={packing}", file=sys.stderr, flush=True)
-                results.setdefault((method, packing), []).append(run_worker(HERE / "_steps.py", [json.dumps(spec)], timeout=1800))
+                results.setdefault((method, packing), []).append(
+                    run_worker(HERE / "_steps.py", [json.dumps(spec)], timeout=1800)
+                )
     header = ["objective", "batches", "tokens/s (median)", "x padded", "step s (median)", "peak step MiB"]
     rows = []
     for method, _ in VARIANTS:
@@ -48,10 +61,26 @@ def main() -> None:
         for packing in (False, True):
             runs = results[(method, packing)]
             speed = median(r["tokens_per_s"] for r in runs)
-            rows.append([method, "packed" if packing else "padded", f"{speed:.0f}", f"{speed / padded:.2f}",
-                         f"{median(r['step_s'] for r in runs):.3f}", f"{median(r['peak_step_mib'] for r in runs):.0f}"])
-    report(args.out, "padding_free", header, rows, f"Model: tiny Llama hidden {size['hidden']}, {size['layers']} layers, vocab {size['vocab']}; {size['batch']} HH pairs "
-          f"per step, max_length {size['max_length']} (keep_end truncation), fp32, sdpa, {args.rounds} round(s).", plot)
+            rows.append(
+                [
+                    method,
+                    "packed" if packing else "padded",
+                    f"{speed:.0f}",
+                    f"{speed / padded:.2f}",
+                    f"{median(r['step_s'] for r in runs):.3f}",
+                    f"{median(r['peak_step_mib'] for r in runs):.0f}",
+                ]
+            )
+    report(
+        args.out,
+        "padding_free",
+        header,
+        rows,
+        f"Model: tiny Llama hidden {size['hidden']}, {size['layers']} layers, vocab {size['vocab']}; {size['batch']} "
+        "HH pairs "
+        f"per step, max_length {size['max_length']} (keep_end truncation), fp32, sdpa, {args.rounds} round(s).",
+        plot,
+    )
 
 
 def plot(plt, rows: list[list]):

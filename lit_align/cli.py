@@ -1,9 +1,9 @@
 """``lit-align``: LightningCLI over the methods and data modules, plus an ``export`` step.
 
-    lit-align fit --config configs/dpo.yaml [--model.beta 0.2]
-    lit-align validate|test --config configs/dpo.yaml [--ckpt_path ...]
-    lit-align export --ckpt_path runs/.../last.ckpt --output_dir outputs/policy [--merge_lora true]
-    lit-align convert-pairs --input pairs.jsonl --output unpaired.jsonl
+lit-align fit --config configs/dpo.yaml [--model.beta 0.2]
+lit-align validate|test --config configs/dpo.yaml [--ckpt_path ...]
+lit-align export --ckpt_path runs/.../last.ckpt --output_dir outputs/policy [--merge_lora true]
+lit-align convert-pairs --input pairs.jsonl --output unpaired.jsonl
 """
 
 from __future__ import annotations
@@ -80,21 +80,34 @@ class LitAlignCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--validate_before_fit", type=bool, default=True, help="Run the held-out set once before training so the log shows where accuracy starts.")
-        parser.add_argument("--nonfinite_loss", type=Literal["stop", "skip"], default="stop",
-                            help="A NaN/inf training loss: stop with an error naming the step and batch, or skip that optimizer step "
-                                 "(counted as train/skipped_nonfinite). A NonFiniteLoss callback under trainer.callbacks overrides this.")
+        parser.add_argument(
+            "--validate_before_fit",
+            type=bool,
+            default=True,
+            help="Run the held-out set once before training so the log shows where accuracy starts.",
+        )
+        parser.add_argument(
+            "--nonfinite_loss",
+            type=Literal["stop", "skip"],
+            default="stop",
+            help="A NaN/inf training loss: stop with an error naming the step and batch, or skip that optimizer step "
+            "(counted as train/skipped_nonfinite). A NonFiniteLoss callback under trainer.callbacks overrides this.",
+        )
 
     def instantiate_trainer(self, **kwargs):
         """The trainer, with the default reliability callbacks added unless configured, and
         :class:`lit_align.runtime.atomic.AtomicCheckpointIO` for Lightning's plain checkpoint writer."""
         from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-
         configured = kwargs.get("callbacks", self._get(self.config_init, "trainer", default={}).get("callbacks")) or []
         configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
-        defaults = [SaveOnSigterm(), NonFiniteLoss(action=self._get(self.config_init, "nonfinite_loss", default="stop"))]
-        kwargs["callbacks"] = configured + [cb for cb in defaults if not any(isinstance(c, type(cb)) for c in configured)]
+        defaults = [
+            SaveOnSigterm(),
+            NonFiniteLoss(action=self._get(self.config_init, "nonfinite_loss", default="stop")),
+        ]
+        kwargs["callbacks"] = configured + [
+            cb for cb in defaults if not any(isinstance(c, type(cb)) for c in configured)
+        ]
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # checkpoints written in place, atomically
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -107,7 +120,12 @@ class LitAlignCLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and ckpt_path not in LIGHTNING_CKPT_NAMES and not ckpt_path.startswith("registry") and "://" not in ckpt_path:
+        if (
+            ckpt_path
+            and ckpt_path not in LIGHTNING_CKPT_NAMES
+            and not ckpt_path.startswith("registry")
+            and "://" not in ckpt_path
+        ):
             checkpoint = read_checkpoint(ckpt_path, weights_only=True)  # as Lightning reads it next
             check_checkpoint_method(checkpoint, ckpt_path, self.config[subcommand].get("model"))
             report_checkpoint_overrides(checkpoint, ckpt_path, self.config[subcommand].get("model"))
@@ -136,7 +154,11 @@ class LitAlignCLI(LightningCLI):
             if isinstance(ours, SettingError) and ours.hint is None:
                 key = config_key(self.config[self.subcommand] if self.subcommand else self.config, ours)
                 if key is not None:
-                    ours.hint = f"change {key} in the YAML" if "[" in key else f"change {key} (in the YAML, or --{key} on the command line)"
+                    ours.hint = (
+                        f"change {key} in the YAML"
+                        if "[" in key
+                        else f"change {key} (in the YAML, or --{key} on the command line)"
+                    )
             raise ours from None
 
     def fit(self, model, datamodule=None, **kwargs) -> None:
@@ -145,7 +167,9 @@ class LitAlignCLI(LightningCLI):
         checkpointed epoch already trained on (:mod:`lit_align.data.sampling`)."""
         with warnings.catch_warnings():
             if isinstance(datamodule, PreferenceDataModule):
-                warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+                warnings.filterwarnings(
+                    "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+                )
             self.trainer.fit(model, datamodule=datamodule, **kwargs)
 
     def before_fit(self) -> None:
@@ -173,17 +197,26 @@ def export_main(argv: list[str]) -> None:
     """``lit-align export``: a checkpoint of any lit-align module to a Hugging Face folder."""
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(prog="lit-align export", description="Export a trained policy (and tokenizer) as a Hugging Face folder.")
+    parser = ArgumentParser(
+        prog="lit-align export", description="Export a trained policy (and tokenizer) as a Hugging Face folder."
+    )
     parser.add_argument("--ckpt_path", type=str, required=True, help="Lightning checkpoint written by lit-align fit.")
     parser.add_argument("--output_dir", type=str, required=True, help="Destination folder (written atomically).")
-    parser.add_argument("--merge_lora", type=bool, default=False, help="With LoRA: merge adapters into the base weights instead of saving the adapter only.")
+    parser.add_argument(
+        "--merge_lora",
+        type=bool,
+        default=False,
+        help="With LoRA: merge adapters into the base weights instead of saving the adapter only.",
+    )
     args = parser.parse_args(argv)
     module = load_module_from_checkpoint(args.ckpt_path)
     try:
         path = module.export_hf(args.output_dir, merge_lora=args.merge_lora)
     except OSError as error:  # disk full, permissions: the export is staged, so nothing was replaced
-        raise SystemExit(f"lit-align export: writing {args.output_dir!r} failed ({error}); "
-                         f"its previous contents, if any, are unchanged") from error
+        raise SystemExit(
+            f"lit-align export: writing {args.output_dir!r} failed ({error}); "
+            f"its previous contents, if any, are unchanged"
+        ) from error
     print(f"exported to {path}")
 
 
@@ -191,11 +224,23 @@ def convert_pairs_main(argv: list[str]) -> None:
     """``lit-align convert-pairs``: paired preference data to unpaired {prompt, completion, label} JSONL."""
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(prog="lit-align convert-pairs", description="Write each preference pair as a desirable (chosen) and an undesirable (rejected) example.")
-    parser.add_argument("--input", type=str, required=True, help="Paired data: a file, saved datasets folder or hub name (any paired format).")
+    parser = ArgumentParser(
+        prog="lit-align convert-pairs",
+        description="Write each preference pair as a desirable (chosen) and an undesirable (rejected) example.",
+    )
+    parser.add_argument(
+        "--input",
+        type=str,
+        required=True,
+        help="Paired data: a file, saved datasets folder or hub name (any paired format).",
+    )
     parser.add_argument("--output", type=str, required=True, help="Unpaired JSONL to write (atomically).")
-    parser.add_argument("--format", type=str, default="auto", help="Paired format: auto, explicit, conversational or implicit.")
-    parser.add_argument("--split", type=str, default="train", help="Split to read from a hub dataset or saved DatasetDict.")
+    parser.add_argument(
+        "--format", type=str, default="auto", help="Paired format: auto, explicit, conversational or implicit."
+    )
+    parser.add_argument(
+        "--split", type=str, default="train", help="Split to read from a hub dataset or saved DatasetDict."
+    )
     args = parser.parse_args(argv)
     count, skipped = convert_pairs_file(args.input, args.output, format=args.format, split=args.split)
     print(f"wrote {count} unpaired records to {args.output} ({skipped} pairs skipped: empty or identical responses)")
@@ -211,7 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     words = sys.argv[1:] if argv is None else argv
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    command = next((word for word in words if word in ("fit", "validate", "test", "predict", "export", "convert-pairs")), "")
+    command = next(
+        (word for word in words if word in ("fit", "validate", "test", "predict", "export", "convert-pairs")), ""
+    )
     try:
         run(words, from_command_line=argv is None)
     except Exception as error:
@@ -297,8 +344,12 @@ def check_writable_folders(trainer: Namespace) -> None:
     for folder, setting, kind in folders:
         problem = unwritable(folder)
         if problem:
-            raise SettingError(None, setting, f"the {kind} folder {str(folder)!r} cannot be written ({problem}); "
-                               f"set {setting} to a folder you can write")
+            raise SettingError(
+                None,
+                setting,
+                f"the {kind} folder {str(folder)!r} cannot be written ({problem}); "
+                f"set {setting} to a folder you can write",
+            )
 
 
 # ---- checkpoints given to fit/validate/test ------------------------------------------------------
@@ -317,9 +368,13 @@ def check_checkpoint_method(checkpoint: dict, ckpt_path: str, model_config: Name
         same = configured.rpartition(".")[2] == recorded.rpartition(".")[2].rpartition(":")[2]
     if not same:
         written_by = recorded.replace(":", ".")
-        error = CheckpointError(f"checkpoint {ckpt_path!r} was written by {written_by}, but the config trains {configured}; "
-                                "resuming would run the checkpoint's method instead")
-        error.hint = f"use the config of {written_by.rpartition('.')[2]} with this checkpoint, or start without --ckpt_path"
+        error = CheckpointError(
+            f"checkpoint {ckpt_path!r} was written by {written_by}, but the config trains {configured}; "
+            "resuming would run the checkpoint's method instead"
+        )
+        error.hint = (
+            f"use the config of {written_by.rpartition('.')[2]} with this checkpoint, or start without --ckpt_path"
+        )
         raise error
 
 
@@ -333,12 +388,18 @@ def report_checkpoint_overrides(checkpoint: dict, ckpt_path: str, model_config: 
     if not stored or given is None:
         return []
     given = _flat(given.as_dict() if isinstance(given, Namespace) else dict(given))
-    lines = [f"  model.init_args.{key}: {given[key]!r} configured, {value!r} from the checkpoint"
-             for key, value in _flat({k: v for k, v in stored.items() if not k.startswith("_")}).items()
-             if key in given and _plain(given[key]) != _plain(value)]
+    lines = [
+        f"  model.init_args.{key}: {given[key]!r} configured, {value!r} from the checkpoint"
+        for key, value in _flat({k: v for k, v in stored.items() if not k.startswith("_")}).items()
+        if key in given and _plain(given[key]) != _plain(value)
+    ]
     if lines and rank_zero_only.rank == 0:
-        log.warning("resuming from %s: the checkpoint's hyper-parameters replace %d configured setting(s):\n%s",
-                    ckpt_path, len(lines), "\n".join(lines))
+        log.warning(
+            "resuming from %s: the checkpoint's hyper-parameters replace %d configured setting(s):\n%s",
+            ckpt_path,
+            len(lines),
+            "\n".join(lines),
+        )
     return lines
 
 
@@ -389,6 +450,7 @@ def _walk(node, path: str = ""):
             child = f"{path}[{position}]"
             yield child, value
             yield from _walk(value, child)
+
 
 if __name__ == "__main__":
     main()

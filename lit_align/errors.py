@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 
 DEBUG_VARIABLE = "LIT_ALIGN_DEBUG"
-"""Environment variable: when set to anything but ``""``/``0``, ``lit-align`` shows the traceback of its own errors too."""
+"""Environment variable: when set to anything but ``""``/``0``, ``lit-align`` shows the traceback of
+its own errors too."""
 
 
 class LitAlignError(Exception):

@@ -87,8 +87,15 @@ class TinyModel:
     """Seed of the random initialisation (the same seed gives the same weights)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.hidden_size, int) and isinstance(self.num_heads, int) and self.num_heads > 0 and self.hidden_size % self.num_heads:
-            raise SettingError("TinyModel", "num_heads", f"must divide hidden_size={self.hidden_size}, got {self.num_heads}")
+        if (
+            isinstance(self.hidden_size, int)
+            and isinstance(self.num_heads, int)
+            and self.num_heads > 0
+            and self.hidden_size % self.num_heads
+        ):
+            raise SettingError(
+                "TinyModel", "num_heads", f"must divide hidden_size={self.hidden_size}, got {self.num_heads}"
+            )
 
 
 @dataclass
@@ -201,7 +208,9 @@ def init_hints(cls: type) -> dict[str, Any]:
         init = klass.__dict__.get("__init__")
         if init is None or not hasattr(init, "__code__"):
             continue
-        hints.update({name: hint for name, hint in typing.get_type_hints(init, include_extras=True).items() if name != "return"})
+        hints.update(
+            {name: hint for name, hint in typing.get_type_hints(init, include_extras=True).items() if name != "return"}
+        )
     return hints
 
 
@@ -219,7 +228,9 @@ def check_arguments(owner: object, values: Mapping[str, Any]) -> None:
 
 def check_fields(settings: object, owner: str | None = None) -> None:
     """:func:`check_arguments` for the fields of a settings dataclass instance."""
-    check_values(owner or type(settings).__name__, typing.get_type_hints(type(settings), include_extras=True), vars(settings))
+    check_values(
+        owner or type(settings).__name__, typing.get_type_hints(type(settings), include_extras=True), vars(settings)
+    )
 
 
 def check_values(owner: str, hints: Mapping[str, Any], values: Mapping[str, Any], prefix: str = "") -> None:
@@ -243,7 +254,7 @@ def _check_value(owner: str, name: str, hint: Any, value: Any) -> None:
         check_values(owner, typing.get_type_hints(base, include_extras=True), fields_, prefix=f"{name}.")
         return
     if typing.get_origin(base) is tuple and isinstance(value, (tuple, list)):
-        for position, (item_hint, item) in enumerate(zip(typing.get_args(base), value)):
+        for position, (item_hint, item) in enumerate(zip(typing.get_args(base), value, strict=False)):
             _check_value(owner, f"{name}[{position}]", item_hint, item)
         return
     for valid in ranges:

@@ -18,13 +18,21 @@ reports the spread of what they assert on."""
 
 def seed_flags(seed: int = LEARNING_SEED) -> list[str]:
     """CLI flags that give a run ``seed`` everywhere a config fixes a seed."""
-    return ["--seed_everything", str(seed), "--data.init_args.seed", str(seed), "--model.init_args.model.tiny.seed", str(seed)]
+    return [
+        "--seed_everything",
+        str(seed),
+        "--data.init_args.seed",
+        str(seed),
+        "--model.init_args.model.tiny.seed",
+        str(seed),
+    ]
 
 
 @pytest.fixture
 def measured(record_property):
     """``measured(name, values)``: keep the numbers a learning test asserts on (as a junit XML
     property, read by ``benchmarks/learning_spread.py``) and return them."""
+
     def record(name: str, values):
         record_property(name, json.dumps(values))
         return values
@@ -59,9 +67,23 @@ def sft_policy(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         patch.setenv("LIT_ALIGN_CACHE", str(folder / "lit-align-cache"))
-        main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "sft.yaml"), "--trainer.enable_checkpointing", "false",
-              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-              "--seed_everything", str(LEARNING_SEED), "--model.init_args.model.tiny.seed", str(LEARNING_SEED)])
+        main(
+            [
+                "fit",
+                "--config",
+                str(Path(__file__).resolve().parents[1] / "configs" / "sft.yaml"),
+                "--trainer.enable_checkpointing",
+                "false",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.enable_model_summary",
+                "false",
+                "--seed_everything",
+                str(LEARNING_SEED),
+                "--model.init_args.model.tiny.seed",
+                str(LEARNING_SEED),
+            ]
+        )
         (metrics,) = Path("runs").rglob("metrics.csv")
         with open(metrics) as handle:
             losses = [float(row["val/loss"]) for row in csv.DictReader(handle) if row.get("val/loss")]

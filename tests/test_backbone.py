@@ -16,8 +16,14 @@ from lit_align.settings import LoRA, ModelSettings, Quantization
 
 
 def tiny_batch(tokenizer, pairs=(("Write in capitals: abc\n", "ABC", "abc"), ("Reverse: xyz\n", "zyx", "xyz"))):
-    examples = [{"prompt": tokenizer(p)["input_ids"], "chosen": tokenizer(c)["input_ids"] + [tokenizer.eos_token_id],
-                 "rejected": tokenizer(r)["input_ids"] + [tokenizer.eos_token_id]} for p, c, r in pairs]
+    examples = [
+        {
+            "prompt": tokenizer(p)["input_ids"],
+            "chosen": tokenizer(c)["input_ids"] + [tokenizer.eos_token_id],
+            "rejected": tokenizer(r)["input_ids"] + [tokenizer.eos_token_id],
+        }
+        for p, c, r in pairs
+    ]
     return PairCollator(tokenizer.pad_token_id)(examples)
 
 
@@ -34,7 +40,7 @@ def test_chunked_logps_equal_naive_values_and_gradients():
     g_naive = torch.autograd.grad(naive.sum(), (hidden, weight))
     torch.testing.assert_close(chunked, naive, atol=1e-5, rtol=1e-5)
     assert torch.all(chunked[:, :4] == 0)
-    for a, b in zip(g_chunk, g_naive):
+    for a, b in zip(g_chunk, g_naive, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -47,7 +53,7 @@ def test_backbone_chunked_path_equals_full_logits_path_with_parameter_gradients(
     assert a.count.tolist() == [4, 4, 4, 4]  # 3 letters + eos per response
     a.sum.sum().backward()
     b.sum.sum().backward()
-    for (name, p), q in zip(chunked.policy.named_parameters(), naive.policy.parameters()):
+    for (name, p), q in zip(chunked.policy.named_parameters(), naive.policy.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
@@ -85,7 +91,10 @@ def test_reference_free_methods_build_no_reference_and_bad_reference_sources_are
     free = Backbone(ModelSettings(), needs_reference=False)
     assert free.reference is None and free.reference_source.name == "none"
     for source in ("copy", "adapter", "cached"):  # would do nothing for a reference-free method
-        with pytest.raises(SettingError, match=f"SimPO: model.reference={source}, but this method is reference-free.*leave model.reference auto"):
+        with pytest.raises(
+            SettingError,
+            match=f"SimPO: model.reference={source}, but this method is reference-free.*leave model.reference auto",
+        ):
             Backbone(ModelSettings(reference=source), needs_reference=False, method="SimPO")
     with pytest.raises(ValueError, match="reference=none.*needs a reference"):
         Backbone(ModelSettings(reference="none"), needs_reference=True)
@@ -95,11 +104,14 @@ def test_reference_free_methods_build_no_reference_and_bad_reference_sources_are
         Backbone(ModelSettings(quantization=Quantization()), needs_reference=False)
 
 
-@pytest.mark.parametrize("path, message", [
-    ("./no/such/model", "local model folder './no/such/model' does not exist"),
-    ("/tmp/missing-model.gguf", "GGUF file '/tmp/missing-model.gguf' does not exist"),
-    ("package://no_such_dist_xyz/model.gguf", "Python package 'no_such_dist_xyz' is not installed"),
-])
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("./no/such/model", "local model folder './no/such/model' does not exist"),
+        ("/tmp/missing-model.gguf", "GGUF file '/tmp/missing-model.gguf' does not exist"),
+        ("package://no_such_dist_xyz/model.gguf", "Python package 'no_such_dist_xyz' is not installed"),
+    ],
+)
 def test_missing_model_path_is_named(path, message):
     with pytest.raises(ModelLoadError, match=message):
         Backbone(ModelSettings(name_or_path=path), needs_reference=False)
@@ -120,7 +132,9 @@ def test_qlora_tiny_model_trains_two_steps_on_cpu():
         optimizer.zero_grad()
         chosen, rejected = backbone.logps(batch).split()
         ref_chosen, ref_rejected = backbone.reference_logps(batch).split()
-        loss = -torch.nn.functional.logsigmoid(0.1 * ((chosen.sum - ref_chosen.sum) - (rejected.sum - ref_rejected.sum))).mean()
+        loss = -torch.nn.functional.logsigmoid(
+            0.1 * ((chosen.sum - ref_chosen.sum) - (rejected.sum - ref_rejected.sum))
+        ).mean()
         assert torch.isfinite(loss)
         loss.backward()
         optimizer.step()
@@ -144,8 +158,15 @@ def test_smollm2_gguf_loads_and_two_lora_dpo_steps_are_finite(tmp_path, monkeypa
     assert module.backbone.reference_source.name == "adapter"
     assert module.tokenizer.chat_template  # SmolLM2-Instruct ships one
     data = PreferenceDataModule(batch_size=2, max_length=48)
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, data)
     assert trainer.global_step == 2
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
@@ -163,6 +184,6 @@ def test_chunked_logps_under_bf16_autocast_match_naive_and_backpropagate():
     g_chunk = torch.autograd.grad(chunked.sum(), (hidden, weight))
     g_naive = torch.autograd.grad(naive.sum(), (hidden, weight))
     torch.testing.assert_close(chunked, naive, atol=1e-4, rtol=1e-4)
-    for a, b in zip(g_chunk, g_naive):
+    for a, b in zip(g_chunk, g_naive, strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, atol=0.05, rtol=0.02)

@@ -32,16 +32,23 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LOGGER = "lit_align.data.datamodule"
 IGNORE = -100
 
-MODULES = {"paired": PreferenceDataModule, "unpaired": UnpairedDataModule, "listwise": ListwiseDataModule,
-           "prompt": PromptDataModule, "sft": SFTDataModule}
+MODULES = {
+    "paired": PreferenceDataModule,
+    "unpaired": UnpairedDataModule,
+    "listwise": ListwiseDataModule,
+    "prompt": PromptDataModule,
+    "sft": SFTDataModule,
+}
 REGIMES = list(MODULES)
 WITH_RESPONSES = ["paired", "unpaired", "listwise", "sft"]
 # regime -> (method, data module) class paths, and the config file of that regime
-CLASSES = {"paired": ("lit_align.methods.DPO", "lit_align.data.PreferenceDataModule"),
-           "unpaired": ("lit_align.methods.KTO", "lit_align.data.UnpairedDataModule"),
-           "listwise": ("lit_align.methods.RRHF", "lit_align.data.ListwiseDataModule"),
-           "prompt": ("lit_align.methods.GRPO", "lit_align.data.PromptDataModule"),
-           "sft": ("lit_align.methods.SFT", "lit_align.data.SFTDataModule")}
+CLASSES = {
+    "paired": ("lit_align.methods.DPO", "lit_align.data.PreferenceDataModule"),
+    "unpaired": ("lit_align.methods.KTO", "lit_align.data.UnpairedDataModule"),
+    "listwise": ("lit_align.methods.RRHF", "lit_align.data.ListwiseDataModule"),
+    "prompt": ("lit_align.methods.GRPO", "lit_align.data.PromptDataModule"),
+    "sft": ("lit_align.methods.SFT", "lit_align.data.SFTDataModule"),
+}
 CONFIG_OF = {"paired": "dpo", "unpaired": "kto", "listwise": "rrhf", "prompt": "grpo", "sft": "sft"}
 
 
@@ -52,7 +59,11 @@ def good(regime: str, i: int) -> dict:
     return {
         "paired": {"prompt": prompt, "chosen": f"good answer {i}", "rejected": f"bad {i}"},
         "unpaired": {"prompt": prompt, "completion": f"answer {i}", "label": i % 2 == 0},
-        "listwise": {"prompt": prompt, "responses": [f"best {i}", f"middle {i}", f"worst {i}"], "scores": [1.0, 0.5, 0.0]},
+        "listwise": {
+            "prompt": prompt,
+            "responses": [f"best {i}", f"middle {i}", f"worst {i}"],
+            "scores": [1.0, 0.5, 0.0],
+        },
         "prompt": {"prompt": prompt},
         "sft": {"prompt": prompt, "completion": f"answer {i}"},
     }[regime]
@@ -102,13 +113,22 @@ def in_tmp(tmp_path, monkeypatch):
 
 
 # ---- missing field ---------------------------------------------------------------------------
-@pytest.mark.parametrize("regime, field", [
-    ("paired", "chosen"), ("paired", "rejected"),
-    ("unpaired", "prompt"), ("unpaired", "completion"), ("unpaired", "label"),
-    ("listwise", "prompt"), ("listwise", "responses"), ("listwise", "scores"),
-    ("prompt", "prompt"),
-    ("sft", "prompt"), ("sft", "completion"),
-])
+@pytest.mark.parametrize(
+    "regime, field",
+    [
+        ("paired", "chosen"),
+        ("paired", "rejected"),
+        ("unpaired", "prompt"),
+        ("unpaired", "completion"),
+        ("unpaired", "label"),
+        ("listwise", "prompt"),
+        ("listwise", "responses"),
+        ("listwise", "scores"),
+        ("prompt", "prompt"),
+        ("sft", "prompt"),
+        ("sft", "completion"),
+    ],
+)
 def test_missing_field(regime, field, tokenizer, tmp_path):
     rows = records(regime)
     del rows[2][field]
@@ -123,23 +143,30 @@ def test_paired_record_without_prompt_is_read_as_a_transcript_and_says_so(tokeni
     rows = records("paired")
     del rows[2]["prompt"]  # with format auto, no prompt means an implicit-prompt (Anthropic HH) record
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    with pytest.raises(DataError, match=where(train, 2, "chosen") + re.escape("implicit-prompt pair (a record without 'prompt' is read as whole transcripts)")):
+    with pytest.raises(
+        DataError,
+        match=where(train, 2, "chosen")
+        + re.escape("implicit-prompt pair (a record without 'prompt' is read as whole transcripts)"),
+    ):
         data_module("paired", tokenizer, train).setup("fit")
 
 
 # ---- wrong type ------------------------------------------------------------------------------
-@pytest.mark.parametrize("regime, field, value, reported, message", [
-    ("paired", "chosen", 5, "chosen", "expected a string, got int"),
-    ("paired", "prompt", {"text": "Q"}, "prompt", "expected a string, got dict"),
-    ("unpaired", "completion", 5, "completion", "expected a string, got int"),
-    ("unpaired", "prompt", 5, "prompt", "expected a string, got int"),
-    ("listwise", "responses", "best", "responses", "expected a list of responses, got str"),
-    ("listwise", "responses", ["best", 5, "worst"], "responses[1]", "expected a string, got int"),
-    ("prompt", "prompt", 5, "prompt", "expected a string, got int"),
-    ("prompt", "prompt", [{"role": "user"}], "prompt[0]", "expected a message {'role': ..., 'content': ...}"),
-    ("sft", "completion", ["answer"], "completion[0]", "expected a message {'role': ..., 'content': ...}"),
-    ("sft", "completion", 5, "completion", "expected a string, got int"),
-])
+@pytest.mark.parametrize(
+    "regime, field, value, reported, message",
+    [
+        ("paired", "chosen", 5, "chosen", "expected a string, got int"),
+        ("paired", "prompt", {"text": "Q"}, "prompt", "expected a string, got dict"),
+        ("unpaired", "completion", 5, "completion", "expected a string, got int"),
+        ("unpaired", "prompt", 5, "prompt", "expected a string, got int"),
+        ("listwise", "responses", "best", "responses", "expected a list of responses, got str"),
+        ("listwise", "responses", ["best", 5, "worst"], "responses[1]", "expected a string, got int"),
+        ("prompt", "prompt", 5, "prompt", "expected a string, got int"),
+        ("prompt", "prompt", [{"role": "user"}], "prompt[0]", "expected a message {'role': ..., 'content': ...}"),
+        ("sft", "completion", ["answer"], "completion[0]", "expected a message {'role': ..., 'content': ...}"),
+        ("sft", "completion", 5, "completion", "expected a string, got int"),
+    ],
+)
 def test_wrong_type(regime, field, value, reported, message, tokenizer, tmp_path):
     rows = records(regime)
     rows[2][field] = value
@@ -150,8 +177,12 @@ def test_wrong_type(regime, field, value, reported, message, tokenizer, tmp_path
 
 
 # ---- empty completion ------------------------------------------------------------------------
-EMPTY = {"paired": ("chosen", "chosen"), "unpaired": ("completion", "completion"), "listwise": ("responses", "responses[1]"),
-         "sft": ("completion", "completion")}
+EMPTY = {
+    "paired": ("chosen", "chosen"),
+    "unpaired": ("completion", "completion"),
+    "listwise": ("responses", "responses[1]"),
+    "sft": ("completion", "completion"),
+}
 
 
 @pytest.mark.parametrize("blank", ["", "  \n"], ids=["empty", "whitespace"])
@@ -177,25 +208,55 @@ def test_prompt_only_data_accepts_an_empty_prompt(tokenizer, tmp_path):
 
 
 # ---- identical responses ---------------------------------------------------------------------
-@pytest.mark.parametrize("regime, change, reported, message, settings", [
-    ("paired", {"rejected": "good answer 2"}, "rejected", "chosen and rejected responses are identical", {}),
-    ("paired", {"prompt": "Q", "chosen": "x" * 40 + "a", "rejected": "x" * 40 + "b"}, "rejected",
-     "chosen and rejected are identical after tokenization and truncation", {"max_length": 32}),
-    ("listwise", {"responses": ["same", "same", "other"]}, "responses", "two responses are identical after tokenization and truncation", {}),
-    ("listwise", {"scores": [0.5, 0.5, 0.5]}, "scores", "all responses have the same score: no preference to learn", {}),
-    ("listwise", {"responses": ["only"], "scores": [1.0]}, "responses", "a list needs at least two responses", {}),
-], ids=["paired", "paired-after-truncation", "listwise-identical", "listwise-tied-scores", "listwise-one-response"])
-def test_identical_responses_are_skipped_and_counted_or_raise(regime, change, reported, message, settings, tokenizer, tmp_path, caplog):
+@pytest.mark.parametrize(
+    "regime, change, reported, message, settings",
+    [
+        ("paired", {"rejected": "good answer 2"}, "rejected", "chosen and rejected responses are identical", {}),
+        (
+            "paired",
+            {"prompt": "Q", "chosen": "x" * 40 + "a", "rejected": "x" * 40 + "b"},
+            "rejected",
+            "chosen and rejected are identical after tokenization and truncation",
+            {"max_length": 32},
+        ),
+        (
+            "listwise",
+            {"responses": ["same", "same", "other"]},
+            "responses",
+            "two responses are identical after tokenization and truncation",
+            {},
+        ),
+        (
+            "listwise",
+            {"scores": [0.5, 0.5, 0.5]},
+            "scores",
+            "all responses have the same score: no preference to learn",
+            {},
+        ),
+        ("listwise", {"responses": ["only"], "scores": [1.0]}, "responses", "a list needs at least two responses", {}),
+    ],
+    ids=["paired", "paired-after-truncation", "listwise-identical", "listwise-tied-scores", "listwise-one-response"],
+)
+def test_identical_responses_are_skipped_and_counted_or_raise(
+    regime, change, reported, message, settings, tokenizer, tmp_path, caplog
+):
     rows = records(regime)
     rows[2].update(change)
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    assert_skipped_then_strict(regime, tokenizer, train, caplog, where(train, 2, reported) + re.escape(message), **settings)
+    assert_skipped_then_strict(
+        regime, tokenizer, train, caplog, where(train, 2, reported) + re.escape(message), **settings
+    )
 
 
 # ---- prompt longer than max length -----------------------------------------------------------
 LONG_PROMPT = "long " * 40  # 200 tokens
-TOO_LONG = {"prompt": r"200 prompt tokens do not fit max_prompt_length=48; set truncation to keep_end or drop",
-            "other": r"200 prompt \+ \d+ response tokens do not fit max_length=48 \(max_prompt_length=24\); set truncation to keep_end or drop"}
+TOO_LONG = {
+    "prompt": r"200 prompt tokens do not fit max_prompt_length=48; set truncation to keep_end or drop",
+    "other": (
+        r"200 prompt \+ \d+ response tokens do not fit max_length=48 \(max_prompt_length=24\); "
+        r"set truncation to keep_end or drop"
+    ),
+}
 
 
 @pytest.mark.parametrize("regime", REGIMES)
@@ -203,7 +264,9 @@ def test_prompt_longer_than_max_length_with_truncation_error(regime, tokenizer, 
     rows = records(regime)
     rows[2]["prompt"] = LONG_PROMPT
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    with pytest.raises(DataError, match=where(train, 2, "prompt") + TOO_LONG["prompt" if regime == "prompt" else "other"]) as info:
+    with pytest.raises(
+        DataError, match=where(train, 2, "prompt") + TOO_LONG["prompt" if regime == "prompt" else "other"]
+    ) as info:
         data_module(regime, tokenizer, train, max_length=48, truncation="error").setup("fit")
     assert not isinstance(info.value, DroppableRecord)  # an error even under invalid_records=skip
 
@@ -213,8 +276,18 @@ def test_prompt_longer_than_max_length_with_truncation_drop(regime, tokenizer, t
     rows = records(regime)
     rows[2]["prompt"] = LONG_PROMPT
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    message = "prompt longer than max_prompt_length=48 tokens" if regime == "prompt" else "longer than max_length=48 tokens"
-    assert_skipped_then_strict(regime, tokenizer, train, caplog, where(train, 2, "prompt") + re.escape(message), max_length=48, truncation="drop")
+    message = (
+        "prompt longer than max_prompt_length=48 tokens" if regime == "prompt" else "longer than max_length=48 tokens"
+    )
+    assert_skipped_then_strict(
+        regime,
+        tokenizer,
+        train,
+        caplog,
+        where(train, 2, "prompt") + re.escape(message),
+        max_length=48,
+        truncation="drop",
+    )
 
 
 @pytest.mark.parametrize("regime", REGIMES)
@@ -244,7 +317,7 @@ def test_non_utf8_bytes_name_the_file_line_and_byte(regime, suffix, tokenizer, t
     lines[2] = lines[2].replace(b"Question", b"Caf\xe9 question")  # Latin-1, not UTF-8
     content = b"\n".join(lines) + b"\n" if suffix != ".json" else b"[\n" + b",\n".join(lines) + b"\n]\n"
     train = write_bytes(tmp_path / f"train{suffix}", content)
-    line = content[:content.index(b"\xe9")].count(b"\n") + 1
+    line = content[: content.index(b"\xe9")].count(b"\n") + 1
     column = lines[2].index(b"\xe9") + 1
     head = f"{train}, record 2: " if suffix != ".json" else f"{train}: "  # a .json file has no record per line
     message = f"{head}line {line} is not UTF-8 text (byte 0xe9 at character {column}); save the file as UTF-8"
@@ -273,7 +346,11 @@ def test_line_not_json(regime, kind, tokenizer, tmp_path):
         lines[2] = "{this is not json" if kind == "not-json" else "[1, 2]"
         train = tmp_path / "train.jsonl"
         train.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        problem = "is not valid JSON (Expecting property name enclosed in double quotes)" if kind == "not-json" else "is a JSON list, expected an object"
+        problem = (
+            "is not valid JSON (Expecting property name enclosed in double quotes)"
+            if kind == "not-json"
+            else "is a JSON list, expected an object"
+        )
         message = re.escape(f"{train}, record 2: line 3 {problem}")
     with pytest.raises(DataError, match=message):
         data_module(regime, tokenizer, train).setup("fit")
@@ -307,22 +384,59 @@ def test_unpaired_label_not_boolean(label, tokenizer, tmp_path):
 
 
 # ---- scores not numeric (listwise; paired scores and margin) ---------------------------------
-@pytest.mark.parametrize("regime, change, reported, message", [
-    ("listwise", {"scores": ["high", "mid", "low"]}, "scores[0]", "expected a finite number, got 'high'"),
-    ("listwise", {"scores": [1.0, None, 0.0]}, "scores[1]", "expected a finite number, got null"),
-    ("listwise", {"scores": [1.0, float("nan"), 0.0]}, "scores[1]", "expected a finite number, got nan"),
-    ("listwise", {"scores": [True, False, False]}, "scores[0]", "expected a finite number, got True"),
-    ("listwise", {"scores": "1, 0.5, 0"}, "scores", "expected a list of 3 numbers (one per response), got '1, 0.5, 0'"),
-    ("listwise", {"scores": [1.0, 0.0]}, "scores", "expected a list of 3 numbers (one per response), got [1.0, 0.0]"),
-    ("listwise", {"ranks": ["first", "second", "third"]}, "ranks[0]", "expected a finite number, got 'first'"),
-    ("paired", {"score_chosen": "high"}, "score_chosen", "expected a finite number, got 'high'"),
-    ("paired", {"score_chosen": 0.9, "score_rejected": True}, "score_rejected", "expected a finite number, got True"),
-    ("paired", {"score_chosen": float("inf")}, "score_chosen", "expected a finite number, got inf"),
-    ("paired", {"margin": "big"}, "margin", "expected a finite number, got 'big'"),
-    ("paired", {"score_chosen": 1e300}, "score_chosen", "1e+300 is too large: scores must fit float32 (|x| <= 3.4e38); rescale them"),
-    ("listwise", {"scores": [1.0, -1e39, 0.0]}, "scores[1]", "-1e+39 is too large: scores must fit float32"),
-], ids=["words", "null", "nan", "booleans", "string", "wrong-length", "ranks", "score-chosen", "score-rejected", "infinite", "margin",
-        "beyond-float32", "listwise-beyond-float32"])
+@pytest.mark.parametrize(
+    "regime, change, reported, message",
+    [
+        ("listwise", {"scores": ["high", "mid", "low"]}, "scores[0]", "expected a finite number, got 'high'"),
+        ("listwise", {"scores": [1.0, None, 0.0]}, "scores[1]", "expected a finite number, got null"),
+        ("listwise", {"scores": [1.0, float("nan"), 0.0]}, "scores[1]", "expected a finite number, got nan"),
+        ("listwise", {"scores": [True, False, False]}, "scores[0]", "expected a finite number, got True"),
+        (
+            "listwise",
+            {"scores": "1, 0.5, 0"},
+            "scores",
+            "expected a list of 3 numbers (one per response), got '1, 0.5, 0'",
+        ),
+        (
+            "listwise",
+            {"scores": [1.0, 0.0]},
+            "scores",
+            "expected a list of 3 numbers (one per response), got [1.0, 0.0]",
+        ),
+        ("listwise", {"ranks": ["first", "second", "third"]}, "ranks[0]", "expected a finite number, got 'first'"),
+        ("paired", {"score_chosen": "high"}, "score_chosen", "expected a finite number, got 'high'"),
+        (
+            "paired",
+            {"score_chosen": 0.9, "score_rejected": True},
+            "score_rejected",
+            "expected a finite number, got True",
+        ),
+        ("paired", {"score_chosen": float("inf")}, "score_chosen", "expected a finite number, got inf"),
+        ("paired", {"margin": "big"}, "margin", "expected a finite number, got 'big'"),
+        (
+            "paired",
+            {"score_chosen": 1e300},
+            "score_chosen",
+            "1e+300 is too large: scores must fit float32 (|x| <= 3.4e38); rescale them",
+        ),
+        ("listwise", {"scores": [1.0, -1e39, 0.0]}, "scores[1]", "-1e+39 is too large: scores must fit float32"),
+    ],
+    ids=[
+        "words",
+        "null",
+        "nan",
+        "booleans",
+        "string",
+        "wrong-length",
+        "ranks",
+        "score-chosen",
+        "score-rejected",
+        "infinite",
+        "margin",
+        "beyond-float32",
+        "listwise-beyond-float32",
+    ],
+)
 def test_scores_not_numeric(regime, change, reported, message, tokenizer, tmp_path):
     rows = records(regime)
     rows[2].update(change)
@@ -348,9 +462,13 @@ def test_unknown_chat_role(regime, role, tokenizer, tmp_path):
         field = "prompt"
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     if role == "robot":  # not a chat role at all: rejected when the record is read
-        message = where(train, 2, f"{field}[0]") + re.escape("unknown chat role 'robot' (known: system, user, assistant, tool)")
+        message = where(train, 2, f"{field}[0]") + re.escape(
+            "unknown chat role 'robot' (known: system, user, assistant, tool)"
+        )
     else:  # a known role this tokenizer's chat template refuses: rejected when rendered, in the field that holds it
-        message = where(train, 2, field) + re.escape("the chat template rejected this conversation: unknown chat role: tool")
+        message = where(train, 2, field) + re.escape(
+            "the chat template rejected this conversation: unknown chat role: tool"
+        )
     with pytest.raises(DataError, match=message):
         data_module(regime, tokenizer, train).setup("fit")
 
@@ -380,7 +498,10 @@ def test_tokenizer_without_pad_or_eos_token_is_an_error_before_training(regime, 
     tokenizer.pad_token = None
     tokenizer.eos_token = None
     dm = data_module(regime, tokenizer, write_jsonl(tmp_path / "train.jsonl", records(regime)))
-    message = f"{type(dm).__name__}: the tokenizer has neither a pad nor an eos token, so batches cannot be padded; set tokenizer.pad_token"
+    message = (
+        f"{type(dm).__name__}: the tokenizer has neither a pad nor an eos token, so batches cannot be padded; "
+        "set tokenizer.pad_token"
+    )
     with pytest.raises(ValueError, match=re.escape(message)):
         dm.setup("fit")
 
@@ -397,19 +518,35 @@ def test_loaded_tokenizer_without_pad_token_uses_eos_or_is_named(tmp_path, caplo
     tokenizer.eos_token = None
     tokenizer.save_pretrained(tmp_path / "no-pad-no-eos")
     folder = str(tmp_path / "no-pad-no-eos")
-    with pytest.raises(ModelLoadError, match=re.escape(f"tokenizer {folder!r} has neither a pad nor an eos token; set one")):
+    with pytest.raises(
+        ModelLoadError, match=re.escape(f"tokenizer {folder!r} has neither a pad nor an eos token; set one")
+    ):
         load_tokenizer(ModelSettings(tokenizer=folder))
 
 
 # ---- model path missing ----------------------------------------------------------------------
-@pytest.mark.parametrize("path, message", [
-    ("./no/such/model", "model.name_or_path: local model folder './no/such/model' does not exist"),
-    ("/no/such/model.gguf", "model.name_or_path: GGUF file '/no/such/model.gguf' does not exist"),
-], ids=["folder", "gguf"])
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("./no/such/model", "model.name_or_path: local model folder './no/such/model' does not exist"),
+        ("/no/such/model.gguf", "model.name_or_path: GGUF file '/no/such/model.gguf' does not exist"),
+    ],
+    ids=["folder", "gguf"],
+)
 @pytest.mark.parametrize("regime", REGIMES)
 def test_missing_model_path_is_named_by_the_cli(regime, path, message, in_tmp):
-    with pytest.raises(SystemExit, match="^" + re.escape(f"lit-align fit: {message}\n")):  # the loader's own error, first and alone
-        main(["fit", "--config", str(CONFIGS / f"{CONFIG_OF[regime]}.yaml"), "--model.init_args.model.name_or_path", path])
+    with pytest.raises(
+        SystemExit, match="^" + re.escape(f"lit-align fit: {message}\n")
+    ):  # the loader's own error, first and alone
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / f"{CONFIG_OF[regime]}.yaml"),
+                "--model.init_args.model.name_or_path",
+                path,
+            ]
+        )
     assert not Path("runs").exists()
 
 
@@ -422,7 +559,10 @@ def test_missing_relative_model_folder_is_named_when_the_hub_lookup_fails(monkey
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
     monkeypatch.setattr(backbone.AutoTokenizer, "from_pretrained", offline)
-    message = "cannot load tokenizer from 'outputs/sft': no local folder 'outputs/sft' exists, and as a hub id: We couldn't connect"
+    message = (
+        "cannot load tokenizer from 'outputs/sft': no local folder 'outputs/sft' exists, "
+        "and as a hub id: We couldn't connect"
+    )
     with pytest.raises(ModelLoadError, match=re.escape(message)):
         load_tokenizer(ModelSettings(name_or_path="outputs/sft"))
 
@@ -431,7 +571,11 @@ def test_missing_relative_model_folder_is_named_when_the_hub_lookup_fails(monkey
 def tiny_yaml(tmp_path: Path, regime: str, section: str, key: str, value: str) -> Path:
     """A minimal config of ``regime`` with ``key: value`` added to the trainer, model or data section."""
     method, data = CLASSES[regime]
-    args = {"trainer": {}, "model": {"reward": "{class_path: lit_align.online.rewards.WordRulesReward}"} if regime == "prompt" else {}, "data": {}}
+    args = {
+        "trainer": {},
+        "model": {"reward": "{class_path: lit_align.online.rewards.WordRulesReward}"} if regime == "prompt" else {},
+        "data": {},
+    }
     args[section][key] = value
     lines = [f"trainer: {{{', '.join(f'{k}: {v}' for k, v in args['trainer'].items())}}}"]
     for name, class_path in (("model", method), ("data", data)):
@@ -443,12 +587,30 @@ def tiny_yaml(tmp_path: Path, regime: str, section: str, key: str, value: str) -
 
 
 @pytest.mark.parametrize("regime", REGIMES)
-@pytest.mark.parametrize("section, key, value, expected", [
-    ("data", "max_lenght", "64", ["Problem with given class_path '{data}'", "Option 'max_lenght' is not accepted"]),
-    ("data", "max_length", "lots", ["Problem with given class_path '{data}'", 'Parser key "max_length"', "Expected a <class 'int'>. Got value: lots"]),
-    ("model", "lr", "0.1", ["Problem with given class_path '{method}'", "Option 'lr' is not accepted"]),
-    ("model", "optimizer", "{lr: fast}", ["Problem with given class_path '{method}'", 'Parser key "optimizer.lr"', "Got value: fast"]),
-], ids=["data-unknown-key", "data-wrong-type", "model-unknown-key", "model-wrong-type"])
+@pytest.mark.parametrize(
+    "section, key, value, expected",
+    [
+        ("data", "max_lenght", "64", ["Problem with given class_path '{data}'", "Option 'max_lenght' is not accepted"]),
+        (
+            "data",
+            "max_length",
+            "lots",
+            [
+                "Problem with given class_path '{data}'",
+                'Parser key "max_length"',
+                "Expected a <class 'int'>. Got value: lots",
+            ],
+        ),
+        ("model", "lr", "0.1", ["Problem with given class_path '{method}'", "Option 'lr' is not accepted"]),
+        (
+            "model",
+            "optimizer",
+            "{lr: fast}",
+            ["Problem with given class_path '{method}'", 'Parser key "optimizer.lr"', "Got value: fast"],
+        ),
+    ],
+    ids=["data-unknown-key", "data-wrong-type", "model-unknown-key", "model-wrong-type"],
+)
 def test_bad_yaml_is_named_by_the_parser(regime, section, key, value, expected, in_tmp, capsys):
     config = tiny_yaml(in_tmp, regime, section, key, value)
     with pytest.raises(SystemExit) as exit_info:
@@ -488,11 +650,18 @@ def bad_checkpoint(folder: Path, kind: str) -> Path:
 NOT_ZIP = "cannot be read (not a zip archive as torch.save writes: empty, truncated or another kind of file)"
 
 
-@pytest.mark.parametrize("kind, problem", [
-    ("garbage", NOT_ZIP), ("empty", NOT_ZIP), ("truncated", NOT_ZIP),
-    ("other-zip", "cannot be read (RuntimeError: "),  # then torch's own words, which vary by version
-    ("not-lightning", "is not a Lightning checkpoint (it has no state_dict)"), ("missing", "does not exist"),
-], ids=["garbage", "empty", "truncated", "other-zip", "not-lightning", "missing"])
+@pytest.mark.parametrize(
+    "kind, problem",
+    [
+        ("garbage", NOT_ZIP),
+        ("empty", NOT_ZIP),
+        ("truncated", NOT_ZIP),
+        ("other-zip", "cannot be read (RuntimeError: "),  # then torch's own words, which vary by version
+        ("not-lightning", "is not a Lightning checkpoint (it has no state_dict)"),
+        ("missing", "does not exist"),
+    ],
+    ids=["garbage", "empty", "truncated", "other-zip", "not-lightning", "missing"],
+)
 @pytest.mark.parametrize("command", ["fit", "validate", "test", "export"])
 def test_corrupt_checkpoint_is_named(command, kind, problem, in_tmp):
     path = bad_checkpoint(in_tmp, kind)
@@ -500,7 +669,9 @@ def test_corrupt_checkpoint_is_named(command, kind, problem, in_tmp):
         argv = ["export", "--ckpt_path", str(path), "--output_dir", str(in_tmp / "out")]
     else:
         argv = [command, "--config", str(CONFIGS / "dpo.yaml"), "--ckpt_path", str(path)]
-    named = re.escape(f"lit-align {command}: " + ("checkpoint " if kind != "not-lightning" else "") + f"{str(path)!r} {problem}")
+    named = re.escape(
+        f"lit-align {command}: " + ("checkpoint " if kind != "not-lightning" else "") + f"{str(path)!r} {problem}"
+    )
     with pytest.raises(SystemExit, match=named):
         main(argv)
     assert not Path("runs").exists() and not (in_tmp / "out").exists()
@@ -524,12 +695,31 @@ def _parquet_bytes(rows: list[dict]) -> bytes:
 
 JSONL = "".join(json.dumps(row) + "\n" for row in [good("paired", i) for i in range(50)]).encode()
 CONTAINERS = {
-    "truncated-jsonl-gz": ("train.jsonl.gz", _gzip_bytes(JSONL)[:120], "the gzip data is truncated or corrupt (EOFError: "),
-    "truncated-json-gz": ("train.json.gz", _gzip_bytes(json.dumps([good("paired", i) for i in range(50)]).encode())[:120],
-                          "the gzip data is truncated or corrupt (EOFError: "),
-    "corrupt-gz-checksum": ("train.jsonl.gz", _gzip_bytes(JSONL)[:-8] + b"\x00" * 8, "the gzip data is truncated or corrupt (BadGzipFile: CRC check failed"),
-    "gz-not-gzip": ("train.jsonl.gz", JSONL, "the name ends in .gz but the file is not gzip-compressed (BadGzipFile: Not a gzipped file"),
-    "truncated-parquet": ("train.parquet", _parquet_bytes([good("paired", i) for i in range(50)])[:300], "is a truncated or corrupt parquet file (Arrow"),
+    "truncated-jsonl-gz": (
+        "train.jsonl.gz",
+        _gzip_bytes(JSONL)[:120],
+        "the gzip data is truncated or corrupt (EOFError: ",
+    ),
+    "truncated-json-gz": (
+        "train.json.gz",
+        _gzip_bytes(json.dumps([good("paired", i) for i in range(50)]).encode())[:120],
+        "the gzip data is truncated or corrupt (EOFError: ",
+    ),
+    "corrupt-gz-checksum": (
+        "train.jsonl.gz",
+        _gzip_bytes(JSONL)[:-8] + b"\x00" * 8,
+        "the gzip data is truncated or corrupt (BadGzipFile: CRC check failed",
+    ),
+    "gz-not-gzip": (
+        "train.jsonl.gz",
+        JSONL,
+        "the name ends in .gz but the file is not gzip-compressed (BadGzipFile: Not a gzipped file",
+    ),
+    "truncated-parquet": (
+        "train.parquet",
+        _parquet_bytes([good("paired", i) for i in range(50)])[:300],
+        "is a truncated or corrupt parquet file (Arrow",
+    ),
     "parquet-not-parquet": ("train.parquet", JSONL, "is not a parquet file (ArrowInvalid: "),
 }
 
@@ -552,7 +742,9 @@ def test_a_damaged_saved_datasets_folder_is_named(tokenizer, tmp_path):
     datasets.Dataset.from_list(records("paired", 8)).save_to_disk(str(folder))
     (arrow,) = folder.glob("*.arrow")
     arrow.write_bytes(arrow.read_bytes()[:100])
-    with pytest.raises(DataError, match="^" + re.escape(f"{folder}: is a saved `datasets` folder that cannot be read (")):
+    with pytest.raises(
+        DataError, match="^" + re.escape(f"{folder}: is a saved `datasets` folder that cannot be read (")
+    ):
         data_module("paired", tokenizer, folder).setup("fit")
 
 
@@ -571,14 +763,25 @@ def test_utf8_byte_order_mark_is_accepted(regime, suffix, tokenizer, tmp_path):
 
 
 # ---- the field that is wrong is the one named (class 7) --------------------------------------------
-@pytest.mark.parametrize("change, reported, message", [
-    ({"chosen": ["good answer", "more"]}, "chosen[0]", "expected a message {'role': ..., 'content': ...}"),
-    ({"rejected": ["bad"]}, "rejected[0]", "expected a message {'role': ..., 'content': ...}"),
-    ({"chosen": [{"role": "assistant", "content": 5}]}, "chosen[0]", "message content must be a string, got int"),
-    ({"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "robot", "content": "x"}]}, "chosen[0]", "unknown chat role 'robot'"),
-    ({"prompt": [{"role": "user", "content": "Q"}], "rejected": [{"role": "user", "content": "x"}]}, "rejected",
-     "expected exactly one assistant message as the response"),
-], ids=["chosen-strings", "rejected-strings", "content-not-text", "response-role", "response-not-assistant"])
+@pytest.mark.parametrize(
+    "change, reported, message",
+    [
+        ({"chosen": ["good answer", "more"]}, "chosen[0]", "expected a message {'role': ..., 'content': ...}"),
+        ({"rejected": ["bad"]}, "rejected[0]", "expected a message {'role': ..., 'content': ...}"),
+        ({"chosen": [{"role": "assistant", "content": 5}]}, "chosen[0]", "message content must be a string, got int"),
+        (
+            {"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "robot", "content": "x"}]},
+            "chosen[0]",
+            "unknown chat role 'robot'",
+        ),
+        (
+            {"prompt": [{"role": "user", "content": "Q"}], "rejected": [{"role": "user", "content": "x"}]},
+            "rejected",
+            "expected exactly one assistant message as the response",
+        ),
+    ],
+    ids=["chosen-strings", "rejected-strings", "content-not-text", "response-role", "response-not-assistant"],
+)
 def test_the_wrong_response_is_named_not_the_prompt(change, reported, message, tokenizer, tmp_path):
     rows = records("paired")
     rows[2].update(change)
@@ -589,25 +792,76 @@ def test_the_wrong_response_is_named_not_the_prompt(change, reported, message, t
 
 def test_conversations_without_a_shared_prompt_name_the_responses(tokenizer, tmp_path):
     rows = records("paired")
-    rows[2] = {"chosen": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "x"}],
-               "rejected": [{"role": "user", "content": "B"}, {"role": "assistant", "content": "y"}]}
+    rows[2] = {
+        "chosen": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "x"}],
+        "rejected": [{"role": "user", "content": "B"}, {"role": "assistant", "content": "y"}],
+    }
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    with pytest.raises(DataError, match="^" + where(train, 2, "chosen") + re.escape("chosen and rejected conversations share no leading messages")):
+    with pytest.raises(
+        DataError,
+        match="^"
+        + where(train, 2, "chosen")
+        + re.escape("chosen and rejected conversations share no leading messages"),
+    ):
         data_module("paired", tokenizer, train).setup("fit")
 
 
-@pytest.mark.parametrize("regime, columns, change, reported, message", [
-    ("paired", {"chosen": "response_j", "rejected": "response_k"}, {"response_j": 5}, "response_j", "expected a string, got int"),
-    ("paired", {"prompt": "question"}, {"question": {"text": "Q"}}, "question", "expected a string, got dict"),
-    ("paired", {"chosen": "response_j", "rejected": "response_k"}, {"response_k": "good answer 2"}, "response_k",
-     "chosen and rejected responses are identical"),
-    ("unpaired", {"completion": "answer", "label": "thumbs_up"}, {"thumbs_up": "yes"}, "thumbs_up", "expected a boolean"),
-    ("listwise", {"responses": "answers", "scores": "ratings"}, {"answers": ["best", 5, "worst"]}, "answers[1]", "expected a string, got int"),
-    ("listwise", {"responses": "answers", "scores": "ratings"}, {"ratings": [1.0, "x", 0.0]}, "ratings[1]", "expected a finite number, got 'x'"),
-    ("sft", {"completion": "output"}, {"output": 5}, "output", "expected a string, got int"),
-    ("prompt", {"prompt": "instruction"}, {"instruction": 5}, "instruction", "expected a string, got int"),
-], ids=["paired-response", "paired-prompt", "paired-identical", "unpaired-label", "listwise-response", "listwise-score", "sft", "prompt"])
-def test_errors_name_the_files_own_column_when_columns_are_mapped(regime, columns, change, reported, message, tokenizer, tmp_path):
+@pytest.mark.parametrize(
+    "regime, columns, change, reported, message",
+    [
+        (
+            "paired",
+            {"chosen": "response_j", "rejected": "response_k"},
+            {"response_j": 5},
+            "response_j",
+            "expected a string, got int",
+        ),
+        ("paired", {"prompt": "question"}, {"question": {"text": "Q"}}, "question", "expected a string, got dict"),
+        (
+            "paired",
+            {"chosen": "response_j", "rejected": "response_k"},
+            {"response_k": "good answer 2"},
+            "response_k",
+            "chosen and rejected responses are identical",
+        ),
+        (
+            "unpaired",
+            {"completion": "answer", "label": "thumbs_up"},
+            {"thumbs_up": "yes"},
+            "thumbs_up",
+            "expected a boolean",
+        ),
+        (
+            "listwise",
+            {"responses": "answers", "scores": "ratings"},
+            {"answers": ["best", 5, "worst"]},
+            "answers[1]",
+            "expected a string, got int",
+        ),
+        (
+            "listwise",
+            {"responses": "answers", "scores": "ratings"},
+            {"ratings": [1.0, "x", 0.0]},
+            "ratings[1]",
+            "expected a finite number, got 'x'",
+        ),
+        ("sft", {"completion": "output"}, {"output": 5}, "output", "expected a string, got int"),
+        ("prompt", {"prompt": "instruction"}, {"instruction": 5}, "instruction", "expected a string, got int"),
+    ],
+    ids=[
+        "paired-response",
+        "paired-prompt",
+        "paired-identical",
+        "unpaired-label",
+        "listwise-response",
+        "listwise-score",
+        "sft",
+        "prompt",
+    ],
+)
+def test_errors_name_the_files_own_column_when_columns_are_mapped(
+    regime, columns, change, reported, message, tokenizer, tmp_path
+):
     rows = []
     for row in records(regime):
         rows.append({columns.get(key, key): value for key, value in row.items()})
@@ -623,12 +877,20 @@ def test_errors_name_the_files_own_column_when_columns_are_mapped(regime, column
 def test_a_template_that_rejects_a_response_names_that_response(tmp_path):
     """A chat template that refuses some assistant content: the error names the response, not the prompt."""
     tokenizer = build_tiny_tokenizer()
-    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' and 'forbidden' in m['content'] %}"
-                               "{{ raise_exception('assistant turns cannot say forbidden') }}{% endif %}"
-                               "<|{{ m['role'] }}|>{{ m['content'] }}<|eos|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    rows = [{"prompt": [{"role": "user", "content": f"Q{i}"}], "chosen": "fine", "rejected": "also fine"} for i in range(4)]
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and 'forbidden' in m['content'] %}"
+        "{{ raise_exception('assistant turns cannot say forbidden') }}{% endif %}"
+        "<|{{ m['role'] }}|>{{ m['content'] }}<|eos|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    rows = [
+        {"prompt": [{"role": "user", "content": f"Q{i}"}], "chosen": "fine", "rejected": "also fine"} for i in range(4)
+    ]
     rows[2]["rejected"] = "forbidden words"
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    with pytest.raises(DataError, match="^" + where(train, 2, "rejected") + re.escape("the chat template rejected this conversation: "
-                                                                                      "assistant turns cannot say forbidden")):
+    with pytest.raises(
+        DataError,
+        match="^"
+        + where(train, 2, "rejected")
+        + re.escape("the chat template rejected this conversation: assistant turns cannot say forbidden"),
+    ):
         data_module("paired", tokenizer, train, val=write_jsonl(tmp_path / "v.jsonl", rows[:1])).setup("fit")

@@ -31,15 +31,47 @@ def metric_rows(name: str) -> list[float]:
         return [float(row[name]) for row in csv.DictReader(handle) if row.get(name)]
 
 
-PAIRED_CONFIGS = ["dpo", "cdpo", "robust_dpo", "hinge", "ipo", "gpo", "rdpo", "dpop", "beta_dpo", "odpo", "exo", "nca", "apo_zero",
-                  "apo_down", "sppo_hard", "bco_pair", "aot", "orpo", "simpo", "cpo"]
+PAIRED_CONFIGS = [
+    "dpo",
+    "cdpo",
+    "robust_dpo",
+    "hinge",
+    "ipo",
+    "gpo",
+    "rdpo",
+    "dpop",
+    "beta_dpo",
+    "odpo",
+    "exo",
+    "nca",
+    "apo_zero",
+    "apo_down",
+    "sppo_hard",
+    "bco_pair",
+    "aot",
+    "orpo",
+    "simpo",
+    "cpo",
+]
 TRAINED_ELSEWHERE = {  # config -> the test file whose slow CLI test trains it
-    "kto": "test_unpaired.py", "npo": "test_unpaired.py", "bco": "test_unpaired.py",
-    "rrhf": "test_listwise.py", "pro": "test_listwise.py", "lipo": "test_listwise.py",
-    "tdpo": "test_tdpo.py", "tr_dpo": "test_reference_sync.py", "sdpo": "test_reference_sync.py",
+    "kto": "test_unpaired.py",
+    "npo": "test_unpaired.py",
+    "bco": "test_unpaired.py",
+    "rrhf": "test_listwise.py",
+    "pro": "test_listwise.py",
+    "lipo": "test_listwise.py",
+    "tdpo": "test_tdpo.py",
+    "tr_dpo": "test_reference_sync.py",
+    "sdpo": "test_reference_sync.py",
     "reward": "test_reward_model.py",
-    "sft": "conftest.py", "reinforce": "test_on_policy.py", "rloo": "test_on_policy.py", "grpo": "test_on_policy.py",
-    "ppo": "test_on_policy.py", "a2c": "test_on_policy.py", "trpo": "test_trpo.py", "online_dpo": "test_online_dpo.py",
+    "sft": "conftest.py",
+    "reinforce": "test_on_policy.py",
+    "rloo": "test_on_policy.py",
+    "grpo": "test_on_policy.py",
+    "ppo": "test_on_policy.py",
+    "a2c": "test_on_policy.py",
+    "trpo": "test_trpo.py",
+    "online_dpo": "test_online_dpo.py",
 }
 
 
@@ -47,15 +79,31 @@ def test_every_config_is_trained_by_a_test():
     configs = {path.stem for path in CONFIGS.glob("*.yaml")}
     assert configs == set(PAIRED_CONFIGS) | set(TRAINED_ELSEWHERE)
     for config, test_file in TRAINED_ELSEWHERE.items():
-        assert f'"{config}"' in (ROOT / "tests" / test_file).read_text() or f"{config}.yaml" in (ROOT / "tests" / test_file).read_text()
+        assert (
+            f'"{config}"' in (ROOT / "tests" / test_file).read_text()
+            or f"{config}.yaml" in (ROOT / "tests" / test_file).read_text()
+        )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", PAIRED_CONFIGS)
 def test_each_method_learns_the_builtin_task_through_the_cli(method, capsys, measured):
     """Held-out accuracy starts near chance (validated before fit) and ends >= 0.8."""
-    main(["fit", "--config", str(CONFIGS / f"{method}.yaml"), "--trainer.max_steps", "80",
-          "--trainer.val_check_interval", "80", "--trainer.enable_checkpointing", "false", *QUIET, *seed_flags()])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / f"{method}.yaml"),
+            "--trainer.max_steps",
+            "80",
+            "--trainer.val_check_interval",
+            "80",
+            "--trainer.enable_checkpointing",
+            "false",
+            *QUIET,
+            *seed_flags(),
+        ]
+    )
     accuracies = measured("val/rewards/accuracies", metric_rows("val/rewards/accuracies"))
     assert len(accuracies) == 2, accuracies
     assert 0.35 <= accuracies[0] <= 0.65
@@ -82,13 +130,29 @@ def test_help_documents_every_method_field(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--model.help", "lit_align.methods.DPO"])
     out = capsys.readouterr().out
-    for field, words in [("reference", "no second copy"), ("logp_chunk_size", "never built"), ("name_or_path", "a hub id")]:
+    for field, words in [
+        ("reference", "no second copy"),
+        ("logp_chunk_size", "never built"),
+        ("name_or_path", "a hub id"),
+    ]:
         assert f"--model.model.{field}" in out and words in " ".join(out.split())
 
 
 def test_validate_and_test_subcommands_from_a_checkpoint(capsys):
-    main(["fit", "--config", str(CONFIGS / "simpo.yaml"), "--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
-          "--validate_before_fit", "false", *QUIET])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "simpo.yaml"),
+            "--trainer.max_steps",
+            "4",
+            "--trainer.val_check_interval",
+            "4",
+            "--validate_before_fit",
+            "false",
+            *QUIET,
+        ]
+    )
     (checkpoint,) = Path("runs").rglob("*.ckpt")
     capsys.readouterr()
     main(["validate", "--config", str(CONFIGS / "simpo.yaml"), "--ckpt_path", str(checkpoint), *QUIET])
@@ -99,9 +163,32 @@ def test_validate_and_test_subcommands_from_a_checkpoint(capsys):
 
 @pytest.mark.skipif(not HH.exists(), reason="../shared/data is not next to the checkout")
 def test_dpo_on_anthropic_hh_trains_with_finite_loss():
-    main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--data.init_args.train", str(HH), "--data.init_args.max_records", "48",
-          "--data.init_args.max_length", "128", "--data.init_args.batch_size", "4", "--trainer.max_steps", "3",
-          "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "2", "--validate_before_fit", "false", *QUIET])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "dpo.yaml"),
+            "--data.init_args.train",
+            str(HH),
+            "--data.init_args.max_records",
+            "48",
+            "--data.init_args.max_length",
+            "128",
+            "--data.init_args.batch_size",
+            "4",
+            "--trainer.max_steps",
+            "3",
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.limit_val_batches",
+            "2",
+            "--validate_before_fit",
+            "false",
+            *QUIET,
+        ]
+    )
     losses = metric_rows("train/loss")
     assert losses and all(math.isfinite(v) for v in losses)
     assert math.isfinite(metric_rows("val/loss")[-1])
@@ -128,7 +215,22 @@ def test_wrong_type_and_unknown_choice_are_named(capsys):
 
 def test_bad_data_stops_before_any_training_step(tmp_path):
     data = tmp_path / "pairs.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "rejected": "c"}]))
+    data.write_text(
+        "\n".join(
+            json.dumps(r) for r in [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "rejected": "c"}]
+        )
+    )
     with pytest.raises(SystemExit, match=r"lit-align fit: .*pairs\.jsonl, record 1, field 'chosen': missing"):
-        main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--data.init_args.train", str(data), "--data.init_args.val", str(data), *QUIET])
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "dpo.yaml"),
+                "--data.init_args.train",
+                str(data),
+                "--data.init_args.val",
+                str(data),
+                *QUIET,
+            ]
+        )
     assert not list(Path("runs").rglob("*.ckpt"))

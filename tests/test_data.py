@@ -72,7 +72,11 @@ def test_conversational_prompt_messages_with_string_responses(tokenizer):
     assert (pair.chosen, pair.rejected) == ("Paris", "London")
 
     # an assistant message list as the response means the same thing
-    as_messages = dict(record, chosen=[{"role": "assistant", "content": "Paris"}], rejected=[{"role": "assistant", "content": "London"}])
+    as_messages = dict(
+        record,
+        chosen=[{"role": "assistant", "content": "Paris"}],
+        rejected=[{"role": "assistant", "content": "London"}],
+    )
     assert normalise_record(as_messages, "data.jsonl", 0) == pair
 
     out = tokenize_pair(pair, tokenizer, max_length=256, max_prompt_length=128)
@@ -116,7 +120,9 @@ def test_implicit_hh_style_split():
 
 
 def test_implicit_without_marker_in_shared_prefix_is_an_error():
-    with pytest.raises(DataError, match=r"hh\.jsonl, record 4, field 'chosen': implicit-prompt pair.*no assistant marker"):
+    with pytest.raises(
+        DataError, match=r"hh\.jsonl, record 4, field 'chosen': implicit-prompt pair.*no assistant marker"
+    ):
         normalise_record({"chosen": "Human: a", "rejected": "Robot: b"}, "hh.jsonl", 4)
 
 
@@ -187,7 +193,9 @@ def test_collator_masks_prompt_and_padding(tokenizer):
 
 
 def test_collator_stacks_extra_fields(tokenizer):
-    examples = [dict(tokenize_pair(PreferencePair("Q ", "a", "b"), tokenizer, 64, 32), score=float(i)) for i in range(3)]
+    examples = [
+        dict(tokenize_pair(PreferencePair("Q ", "a", "b"), tokenizer, 64, 32), score=float(i)) for i in range(3)
+    ]
     batch = PairCollator(tokenizer.pad_token_id)(examples)
     assert batch["score"].tolist() == [0.0, 1.0, 2.0]
 
@@ -246,7 +254,9 @@ def test_drop_is_skipped_and_counted_by_datamodule(tokenizer, tmp_path, val_file
         dm.setup("fit")
     assert dm.skipped == {"train": 1, "val": 0}
     assert len(dm.datasets["train"]) == 4
-    assert [decode(tokenizer, ex["prompt"]) for ex in dm.datasets["train"]] == [records[i]["prompt"] for i in (0, 1, 2, 4)]
+    assert [decode(tokenizer, ex["prompt"]) for ex in dm.datasets["train"]] == [
+        records[i]["prompt"] for i in (0, 1, 2, 4)
+    ]
     assert "skipped 1 of 5 train records" in caplog.text
 
 
@@ -288,10 +298,14 @@ def test_wrong_type(tokenizer, tmp_path, val_file):
 
 def test_wrong_type_of_prompt_messages(tokenizer):
     with pytest.raises(DataError, match=r"record 0, field 'prompt': expected a list of chat messages, got str"):
-        normalise_record({"prompt": "hi", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}, "d.jsonl", 0)
+        normalise_record(
+            {"prompt": "hi", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}, "d.jsonl", 0
+        )
 
 
-@pytest.mark.parametrize("bad", [{"chosen": ""}, {"chosen": "   "}, {"rejected": "good answer 1"}], ids=["empty", "blank", "identical"])
+@pytest.mark.parametrize(
+    "bad", [{"chosen": ""}, {"chosen": "   "}, {"rejected": "good answer 1"}], ids=["empty", "blank", "identical"]
+)
 def test_untrainable_records_are_skipped_or_raise(tokenizer, tmp_path, val_file, bad, caplog):
     records = good_records(4)
     records[1].update(bad)
@@ -348,8 +362,10 @@ def test_unknown_file_extension(tokenizer, tmp_path):
 
 
 def test_unknown_chat_role(tokenizer, tmp_path, val_file):
-    records = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"},
-               {"prompt": [{"role": "robot", "content": "hi"}], "chosen": "a", "rejected": "b"}]
+    records = [
+        {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"},
+        {"prompt": [{"role": "robot", "content": "hi"}], "chosen": "a", "rejected": "b"},
+    ]
     train = write_jsonl(tmp_path / "train.jsonl", records)
     with pytest.raises(DataError, match=re.escape(f"{train}, record 1, field 'prompt[0]': unknown chat role 'robot'")):
         make_dm(tokenizer, train, val=str(val_file)).setup("fit")
@@ -357,8 +373,12 @@ def test_unknown_chat_role(tokenizer, tmp_path, val_file):
 
 def test_role_rejected_by_chat_template(tokenizer):
     # "tool" is a known role, but the tiny template raises for it: the error still says where
-    pair = normalise_record({"prompt": [{"role": "tool", "content": "42"}], "chosen": "a", "rejected": "b"}, "d.jsonl", 5)
-    with pytest.raises(DataError, match=r"d\.jsonl, record 5, field 'prompt': the chat template rejected.*unknown chat role: tool"):
+    pair = normalise_record(
+        {"prompt": [{"role": "tool", "content": "42"}], "chosen": "a", "rejected": "b"}, "d.jsonl", 5
+    )
+    with pytest.raises(
+        DataError, match=r"d\.jsonl, record 5, field 'prompt': the chat template rejected.*unknown chat role: tool"
+    ):
         tokenize_pair(pair, tokenizer, 64, 32, source="d.jsonl", index=5)
 
 
@@ -546,13 +566,18 @@ def test_bad_val_fraction(fraction):
 RULES = ("upper", "lower", "reverse", "first")
 
 
-HEADS = {"upper": "Write in capitals: ", "lower": "Write in lowercase: ", "reverse": "Reverse: ", "first": "First letter of "}
+HEADS = {
+    "upper": "Write in capitals: ",
+    "lower": "Write in lowercase: ",
+    "reverse": "Reverse: ",
+    "first": "First letter of ",
+}
 
 
 def _rule_and_word(prompt: str) -> tuple[str, str]:
     for rule, head in HEADS.items():
         if prompt.startswith(head):
-            word = prompt[len(head):].removesuffix("\n").removesuffix(":")
+            word = prompt[len(head) :].removesuffix("\n").removesuffix(":")
             assert prompt_and_answer(rule, word)[0] == prompt
             return rule, word.lower()
     raise AssertionError(prompt)
@@ -592,14 +617,16 @@ def test_builtin_datamodule(tokenizer):
     dm.setup("fit")
     assert (len(dm.datasets["train"]), len(dm.datasets["val"])) == (20, 5)
     example = dm.datasets["train"][0]
-    assert WordRulesTask.is_correct(decode(tokenizer, example["prompt"]), decode(tokenizer, example["chosen"]).removesuffix(EOS))
+    assert WordRulesTask.is_correct(
+        decode(tokenizer, example["prompt"]), decode(tokenizer, example["chosen"]).removesuffix(EOS)
+    )
 
 
 # ---- 10. real Anthropic HH data --------------------------------------------------------------
 @pytest.mark.skipif(not HH_TEST.is_file(), reason=f"Anthropic HH test file not found at {HH_TEST}")
 def test_hh_real_data(tokenizer, caplog):
     with gzip.open(HH_TEST, "rt", encoding="utf-8") as handle:
-        raw = [json.loads(line) for _, line in zip(range(200), handle)]
+        raw = [json.loads(line) for _, line in zip(range(200), handle, strict=False)]
     expected_skipped = 0
     for index, record in enumerate(raw):
         try:
@@ -624,6 +651,6 @@ def test_hh_real_data(tokenizer, caplog):
         assert prompt.endswith("\n\nAssistant:")
         assert chosen.endswith(EOS) and chosen.count(EOS) == 1
         record = by_chosen[prompt + chosen.removesuffix(EOS)]  # the raw transcript, split at the last shared marker
-        assert chosen.removesuffix(EOS) == record["chosen"][len(prompt):]
-        assert rejected.removesuffix(EOS) == record["rejected"][len(prompt):]
+        assert chosen.removesuffix(EOS) == record["chosen"][len(prompt) :]
+        assert rejected.removesuffix(EOS) == record["rejected"][len(prompt) :]
         assert chosen != rejected

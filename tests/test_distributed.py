@@ -39,7 +39,9 @@ def test_decoder_layer_class_is_read_from_the_model():
         decoder_layer_classes(torch.nn.Linear(2, 2))
 
 
-@pytest.mark.parametrize("settings", [{"lora": {"r": 4}, "reference": "adapter"}, {"lora": {"r": 4}, "reference": "copy"}])
+@pytest.mark.parametrize(
+    "settings", [{"lora": {"r": 4}, "reference": "adapter"}, {"lora": {"r": 4}, "reference": "copy"}]
+)
 def test_lora_units_never_mix_frozen_and_trainable_parameters(settings):
     """LoRA: the trainable lora_A/lora_B leaves are units of their own inside each (frozen)
     decoder layer; a copy reference's decoder stack is a unit of its own."""
@@ -61,20 +63,45 @@ def test_full_fine_tuning_with_a_copy_reference_keeps_the_reference_in_frozen_un
     assert module.backbone.policy.lm_head not in units  # read directly by the chunked log-probs: stays in the root
 
 
-def _run(tmp_path: Path, name: str, config: str, *args: str, checkpoints: bool = False, expect_error: str = "") -> dict[str, list[float]]:
+def _run(
+    tmp_path: Path, name: str, config: str, *args: str, checkpoints: bool = False, expect_error: str = ""
+) -> dict[str, list[float]]:
     folder = tmp_path / name
     folder.mkdir(exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LIT_ALIGN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "lit_align.cli", "fit", "--config", str(CONFIGS / config), "--trainer.max_steps", "6",
-               "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1", "--trainer.enable_checkpointing", str(checkpoints).lower(),
-               "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--validate_before_fit", "false",
-               "--trainer.accelerator", "cpu", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "lit_align.cli",
+        "fit",
+        "--config",
+        str(CONFIGS / config),
+        "--trainer.max_steps",
+        "6",
+        "--trainer.val_check_interval",
+        "3",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_checkpointing",
+        str(checkpoints).lower(),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--validate_before_fit",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
+        *args,
+    ]
     result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     if expect_error:
         assert result.returncode != 0 and expect_error in result.stderr, result.stderr[-3000:]
         return {}
     assert result.returncode == 0, result.stderr[-3000:]
-    path = max((folder / "runs").rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)  # a resumed run logs to a new version
+    path = max(
+        (folder / "runs").rglob("metrics.csv"), key=lambda p: p.stat().st_mtime
+    )  # a resumed run logs to a new version
     rows = list(csv.DictReader(open(path)))
     keys = ("train/loss", "val/rewards/accuracies", "train/rewards/accuracies", "val/objective/scores")
     return {key: [float(r[key]) for r in rows if r.get(key)] for key in keys}
@@ -88,11 +115,31 @@ def test_ddp_and_fsdp_on_two_processes_reproduce_one_process(tmp_path, config):
     per-step training loss (reduced over both processes) agrees to 1e-5; held-out accuracy (sums
     and counts reduced over processes, 200 examples) is the same number."""
     single = _run(tmp_path, "single", config, "--trainer.devices", "1", "--data.init_args.batch_size", "16")
-    ddp = _run(tmp_path, "ddp", config, "--config", str(CONFIGS / "strategies" / "ddp.yaml"), "--trainer.devices", "2", "--data.init_args.batch_size", "8")
-    fsdp = _run(tmp_path, "fsdp", config, "--config", str(CONFIGS / "strategies" / "fsdp_cpu.yaml"), "--data.init_args.batch_size", "8")
+    ddp = _run(
+        tmp_path,
+        "ddp",
+        config,
+        "--config",
+        str(CONFIGS / "strategies" / "ddp.yaml"),
+        "--trainer.devices",
+        "2",
+        "--data.init_args.batch_size",
+        "8",
+    )
+    fsdp = _run(
+        tmp_path,
+        "fsdp",
+        config,
+        "--config",
+        str(CONFIGS / "strategies" / "fsdp_cpu.yaml"),
+        "--data.init_args.batch_size",
+        "8",
+    )
     assert len(single["train/loss"]) == 6 and len(single["val/rewards/accuracies"]) == 2
     for run in (ddp, fsdp):
-        torch.testing.assert_close(torch.tensor(run["train/loss"]), torch.tensor(single["train/loss"]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(run["train/loss"]), torch.tensor(single["train/loss"]), rtol=0, atol=1e-5
+        )
         assert run["val/rewards/accuracies"] == single["val/rewards/accuracies"]
         assert run["train/rewards/accuracies"] == single["train/rewards/accuracies"]
 
@@ -122,23 +169,38 @@ def test_fsdp_sharded_checkpoints_resume_and_export_one_consolidated_folder(tmp_
     from lit_align.cli import main
 
     export = ["--trainer.callbacks+=lit_align.callbacks.ExportHF", "--trainer.callbacks.output_dir", "exported"]
-    every_3 = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "3",
-               "--trainer.callbacks.save_top_k", "-1", "--trainer.callbacks.dirpath", "checkpoints"]
+    every_3 = [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps",
+        "3",
+        "--trainer.callbacks.save_top_k",
+        "-1",
+        "--trainer.callbacks.dirpath",
+        "checkpoints",
+    ]
     fsdp = ["--config", str(CONFIGS / "strategies" / "fsdp_cpu.yaml"), "--data.init_args.batch_size", "8"]
-    single = _run(tmp_path, "single", "dpo.yaml", "--trainer.devices", "1", "--data.init_args.batch_size", "16", *export)
+    single = _run(
+        tmp_path, "single", "dpo.yaml", "--trainer.devices", "1", "--data.init_args.batch_size", "16", *export
+    )
     sharded = _run(tmp_path, "fsdp", "dpo.yaml", *fsdp, *export, *every_3, checkpoints=True)
-    torch.testing.assert_close(torch.tensor(sharded["train/loss"]), torch.tensor(single["train/loss"]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(sharded["train/loss"]), torch.tensor(single["train/loss"]), rtol=0, atol=1e-5
+    )
     weights = {name: load_file(tmp_path / name / "exported" / "model.safetensors") for name in ("single", "fsdp")}
     assert weights["single"].keys() == weights["fsdp"].keys()
     for key, value in weights["single"].items():
         torch.testing.assert_close(weights["fsdp"][key], value, rtol=0, atol=1e-4)
     folders = sorted((tmp_path / "fsdp" / "checkpoints").iterdir())
-    assert [f.name for f in folders] == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt"] and all(f.is_dir() for f in folders)
+    assert [f.name for f in folders] == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt"] and all(
+        f.is_dir() for f in folders
+    )
     main(["export", "--ckpt_path", str(folders[-1]), "--output_dir", str(tmp_path / "from_shards")])
     consolidated = load_file(tmp_path / "from_shards" / "model.safetensors")
     assert all(torch.equal(consolidated[key], value) for key, value in weights["fsdp"].items())
     resumed = _run(tmp_path, "fsdp", "dpo.yaml", *fsdp, "--ckpt_path", str(folders[0]))
-    torch.testing.assert_close(torch.tensor(resumed["train/loss"]), torch.tensor(sharded["train/loss"][3:]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(resumed["train/loss"]), torch.tensor(sharded["train/loss"][3:]), rtol=0, atol=1e-6
+    )
 
 
 @pytest.mark.slow
@@ -147,8 +209,18 @@ def test_lora_under_fsdp_with_activation_checkpointing_reproduces_one_process(tm
     activation checkpointing of the policy's layers, 2 FSDP processes x 8 vs 1 process x 16."""
     lora = ["--model.init_args.model.lora", "{r: 4}", "--model.init_args.model.reference", "adapter"]
     single = _run(tmp_path, "single", "dpo.yaml", *lora, "--trainer.devices", "1", "--data.init_args.batch_size", "16")
-    fsdp = _run(tmp_path, "fsdp", "dpo.yaml", *lora, "--config", str(CONFIGS / "strategies" / "fsdp_cpu.yaml"),
-                "--trainer.strategy.init_args.checkpoint_layers", "true", "--data.init_args.batch_size", "8")
+    fsdp = _run(
+        tmp_path,
+        "fsdp",
+        "dpo.yaml",
+        *lora,
+        "--config",
+        str(CONFIGS / "strategies" / "fsdp_cpu.yaml"),
+        "--trainer.strategy.init_args.checkpoint_layers",
+        "true",
+        "--data.init_args.batch_size",
+        "8",
+    )
     assert len(single["train/loss"]) == 6
     torch.testing.assert_close(torch.tensor(fsdp["train/loss"]), torch.tensor(single["train/loss"]), rtol=0, atol=1e-5)
     assert fsdp["val/rewards/accuracies"] == single["val/rewards/accuracies"]
@@ -158,12 +230,36 @@ def test_lora_under_fsdp_with_activation_checkpointing_reproduces_one_process(tm
 def test_on_policy_methods_run_under_ddp_and_refuse_fsdp(tmp_path, sft_policy):
     """GRPO (several manual optimizer steps per training_step, generation in the step) trains on
     2 DDP processes; under FSDP it stops before training with a message naming DDP instead."""
-    policy = ["--model.init_args.model.name_or_path", str(sft_policy), "--data.init_args.batch_size", "8", "--trainer.max_steps", "4",
-              "--trainer.val_check_interval", "2"]
-    ddp = _run(tmp_path, "ddp", "grpo.yaml", *policy, "--config", str(CONFIGS / "strategies" / "ddp.yaml"), "--trainer.devices", "2")
+    policy = [
+        "--model.init_args.model.name_or_path",
+        str(sft_policy),
+        "--data.init_args.batch_size",
+        "8",
+        "--trainer.max_steps",
+        "4",
+        "--trainer.val_check_interval",
+        "2",
+    ]
+    ddp = _run(
+        tmp_path,
+        "ddp",
+        "grpo.yaml",
+        *policy,
+        "--config",
+        str(CONFIGS / "strategies" / "ddp.yaml"),
+        "--trainer.devices",
+        "2",
+    )
     assert len(ddp["train/loss"]) >= 1 and all(0.0 <= v <= 1.0 for v in ddp["val/objective/scores"])
-    _run(tmp_path, "fsdp", "grpo.yaml", *policy, "--config", str(CONFIGS / "strategies" / "fsdp_cpu.yaml"),
-         expect_error="on-policy methods do not run under FSDP yet")
+    _run(
+        tmp_path,
+        "fsdp",
+        "grpo.yaml",
+        *policy,
+        "--config",
+        str(CONFIGS / "strategies" / "fsdp_cpu.yaml"),
+        expect_error="on-policy methods do not run under FSDP yet",
+    )
 
 
 @pytest.mark.slow
@@ -172,7 +268,16 @@ def test_fsdp_bf16_mixed_precision_tracks_fp32(tmp_path):
     communication, fp32 master weights): the loss curve stays within 5e-3 of fp32 on one process
     (measured 4e-4) and differs from it (bf16 did run)."""
     single = _run(tmp_path, "single", "dpo.yaml", "--trainer.devices", "1", "--data.init_args.batch_size", "16")
-    mixed = _run(tmp_path, "bf16", "dpo.yaml", "--config", str(CONFIGS / "strategies" / "fsdp_cpu.yaml"), "--trainer.precision", "bf16-mixed",
-                 "--data.init_args.batch_size", "8")
+    mixed = _run(
+        tmp_path,
+        "bf16",
+        "dpo.yaml",
+        "--config",
+        str(CONFIGS / "strategies" / "fsdp_cpu.yaml"),
+        "--trainer.precision",
+        "bf16-mixed",
+        "--data.init_args.batch_size",
+        "8",
+    )
     difference = (torch.tensor(mixed["train/loss"]) - torch.tensor(single["train/loss"])).abs()
     assert len(difference) == 6 and difference.max() < 5e-3 and difference.max() > 1e-6, difference

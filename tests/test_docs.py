@@ -24,8 +24,11 @@ def prose(text: str) -> str:
 
 
 def relative_links(path: Path) -> list[str]:
-    return [target for target in LINK.findall(prose(path.read_text()))
-            if not re.match(r"[a-z][a-z0-9+.-]*:", target, re.I) and not target.startswith("//")]
+    return [
+        target
+        for target in LINK.findall(prose(path.read_text()))
+        if not re.match(r"[a-z][a-z0-9+.-]*:", target, re.I) and not target.startswith("//")
+    ]
 
 
 def anchors(path: Path) -> set[str]:
@@ -51,7 +54,9 @@ def test_relative_links_resolve(path):
         file, _, anchor = target.partition("#")
         resolved = (path.parent / file).resolve() if file else path
         if not resolved.exists():
-            broken.append(f"{target}: no file {resolved.relative_to(ROOT) if resolved.is_relative_to(ROOT) else resolved}")
+            broken.append(
+                f"{target}: no file {resolved.relative_to(ROOT) if resolved.is_relative_to(ROOT) else resolved}"
+            )
         elif anchor and (resolved.suffix != ".md" or anchor.lower() not in anchors(resolved)):
             broken.append(f"{target}: no heading with anchor #{anchor} in {resolved.relative_to(ROOT)}")
     assert not broken, broken

@@ -24,8 +24,17 @@ def _cache(tmp_path, monkeypatch):
 
 def train(module, tmp_path, callbacks=(), steps=5):
     data = PreferenceDataModule(batch_size=8, max_length=48, task=WordRulesTask(num_train=64, num_val=16))
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=list(callbacks), default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=list(callbacks),
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, data)
     return next(iter(data.val_dataloader()))
 
@@ -80,9 +89,27 @@ def test_lora_adapter_and_merged_exports_reload_with_same_logps(tmp_path):
 
 def test_cli_export_from_checkpoint(tmp_path, capsys):
     root = tmp_path / "run"
-    main(["fit", "--config", "configs/dpo.yaml", "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
-          "--trainer.default_root_dir", str(root), "--trainer.logger", "false", "--validate_before_fit", "false",
-          "--data.init_args.task.num_train", "48", "--data.init_args.task.num_val", "16"])
+    main(
+        [
+            "fit",
+            "--config",
+            "configs/dpo.yaml",
+            "--trainer.max_steps",
+            "3",
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.logger",
+            "false",
+            "--validate_before_fit",
+            "false",
+            "--data.init_args.task.num_train",
+            "48",
+            "--data.init_args.task.num_val",
+            "16",
+        ]
+    )
     checkpoint = next(root.rglob("*.ckpt"))
     main(["export", "--ckpt_path", str(checkpoint), "--output_dir", str(tmp_path / "out")])
     assert "exported to" in capsys.readouterr().out

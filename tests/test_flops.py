@@ -37,8 +37,12 @@ def counted(backbone, batch, train: bool) -> int:
 @pytest.mark.parametrize("train", [False, True], ids=["forward", "forward+backward"])
 def test_analytic_flops_within_5_percent_of_counted(lora, train):
     """Eager attention and the full-logits path, so every matmul is visible to the counter."""
-    settings = ModelSettings(attn_implementation="eager", logp_chunk_size=None, lora=lora,
-                             tiny=TinyModel(hidden_size=128, intermediate_size=256, num_layers=2, vocab_size=2048))
+    settings = ModelSettings(
+        attn_implementation="eager",
+        logp_chunk_size=None,
+        lora=lora,
+        tiny=TinyModel(hidden_size=128, intermediate_size=256, num_layers=2, vocab_size=2048),
+    )
     backbone = Backbone(settings, needs_reference=False)
     batch = random_batch()
     analytic = backbone.step_flops(batch, train=train)
@@ -63,7 +67,9 @@ def test_online_reference_adds_one_forward_and_cached_adds_none():
 def test_chunked_path_applies_the_lm_head_to_response_tokens_only():
     """Counted forward FLOPs of the chunked path equal the analytic count with the head applied to
     the 4 x 80 response tokens (not the 4 x 96 positions); the full-logits path costs more."""
-    settings = dict(attn_implementation="eager", tiny=TinyModel(hidden_size=128, intermediate_size=256, vocab_size=2048))
+    settings = dict(
+        attn_implementation="eager", tiny=TinyModel(hidden_size=128, intermediate_size=256, vocab_size=2048)
+    )
     chunked = Backbone(ModelSettings(logp_chunk_size=64, **settings), needs_reference=False)
     batch = random_batch()
     with torch.no_grad():
@@ -78,13 +84,23 @@ def test_chunked_path_applies_the_lm_head_to_response_tokens_only():
 def test_throughput_callback_logs_mfu_against_the_given_peak(tmp_path):
     module = ORPO()
     data = PreferenceDataModule(batch_size=4, max_length=48, task=WordRulesTask(num_train=64, num_val=8))
-    trainer = L.Trainer(max_steps=8, log_every_n_steps=1, callbacks=[Throughput(peak_flops=1e11, window_size=2)],
-                        logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_steps=8,
+        log_every_n_steps=1,
+        callbacks=[Throughput(peak_flops=1e11, window_size=2)],
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, data)
     (path,) = Path(tmp_path).rglob("metrics.csv")
     rows = [r for r in csv.DictReader(open(path)) if r.get("train/device/mfu")]
     assert rows
     for row in rows:
-        assert float(row["train/device/mfu"]) == pytest.approx(float(row["train/device/flops_per_sec"]) / 1e11, rel=1e-6)
+        assert float(row["train/device/mfu"]) == pytest.approx(
+            float(row["train/device/flops_per_sec"]) / 1e11, rel=1e-6
+        )
         assert float(row["train/device/samples_per_sec"]) > 0

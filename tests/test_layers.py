@@ -10,7 +10,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lit_align"
 
 LAYERS = {
     "errors": 0,
-    "settings": 1, "runtime": 1, "losses": 1,
+    "settings": 1,
+    "runtime": 1,
+    "losses": 1,
     "data": 2,
     "model": 3,
     "online": 4,
@@ -47,7 +49,11 @@ def lit_align_imports(tree: ast.Module, module: str) -> list[tuple[str, int, boo
                 target = candidate if resolve(candidate) else node.module
                 found.append((target, node.lineno, id(node) in top_level))
         elif isinstance(node, ast.Import):
-            found += [(alias.name, node.lineno, id(node) in top_level) for alias in node.names if alias.name.startswith("lit_align")]
+            found += [
+                (alias.name, node.lineno, id(node) in top_level)
+                for alias in node.names
+                if alias.name.startswith("lit_align")
+            ]
     return found
 
 
@@ -65,7 +71,9 @@ GRAPH = {module: {target for target, _, _ in lit_align_imports(tree, module)} fo
 
 def test_every_part_of_the_package_has_a_layer():
     parts = {part_of(module) for module in SOURCES} - {None}
-    assert parts == set(LAYERS), f"parts without a layer: {parts - set(LAYERS)}; layers without a part: {set(LAYERS) - parts}"
+    assert parts == set(LAYERS), (
+        f"parts without a layer: {parts - set(LAYERS)}; layers without a part: {set(LAYERS) - parts}"
+    )
 
 
 @pytest.mark.parametrize("module", sorted(SOURCES))
@@ -73,8 +81,11 @@ def test_imports_point_down_the_layers(module):
     part = part_of(module)
     if part is None:
         return
-    upward = [(target, line) for target, line, _ in lit_align_imports(SOURCES[module], module)
-              if part_of(target) not in (None, part) and LAYERS[part_of(target)] >= LAYERS[part]]
+    upward = [
+        (target, line)
+        for target, line, _ in lit_align_imports(SOURCES[module], module)
+        if part_of(target) not in (None, part) and LAYERS[part_of(target)] >= LAYERS[part]
+    ]
     assert not upward, f"{module} ({part}, layer {LAYERS[part]}) imports from the same or a higher layer: {upward}"
 
 
@@ -96,7 +107,7 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
             if target not in graph:
                 continue
             if state.get(target) == "open":
-                cycles.append(path[path.index(target):] + [target])
+                cycles.append(path[path.index(target) :] + [target])
             elif target not in state:
                 visit(target, path + [target])
         state[module] = "done"

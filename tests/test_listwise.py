@@ -134,7 +134,9 @@ def test_pro_with_two_responses_is_bradley_terry():
     position holds the better response."""
     p, s = t((-1.0, -3.0), (-2.0, -0.5), (-4.0, -1.0)), t((1.0, 0.0), (1.0, 0.0), (0.0, 2.0))
     expected = [sp(-(-1.0 + 3.0)), sp(-(-2.0 + 0.5)), sp(-(-1.0 + 4.0))]
-    assert_close(pro_loss(p, s, ones(3, 2), beta=1.0, sft_weight=0.0).losses, torch.tensor(expected, dtype=torch.float64), **TOL)
+    assert_close(
+        pro_loss(p, s, ones(3, 2), beta=1.0, sft_weight=0.0).losses, torch.tensor(expected, dtype=torch.float64), **TOL
+    )
 
 
 def test_pro_loss_does_not_depend_on_how_ties_are_ordered():
@@ -188,8 +190,14 @@ def test_lipo_with_two_responses_is_weighted_dpo():
     delta = [0.5 * discount, (1 - 2**-0.5) * discount, 0.75 * discount]
     margins = [(-1 + 2) - (-3 + 2), (-5 + 2) - (-2 + 2), (-2.5 + 3) - (-2 + 1)]  # better minus worse
     out = lipo_lambda_loss(policy, reference, scores, ones(3, 2), beta=beta)
-    assert_close(out.losses, torch.tensor([d * sp(-beta * m) for d, m in zip(delta, margins)], dtype=torch.float64), **TOL)
-    dpo = dpo_loss(vec(-1.0, -5.0, -2.5), vec(-3.0, -2.0, -2.0), vec(-2.0, -2.0, -3.0), vec(-2.0, -2.0, -1.0), beta=beta).losses
+    assert_close(
+        out.losses,
+        torch.tensor([d * sp(-beta * m) for d, m in zip(delta, margins, strict=True)], dtype=torch.float64),
+        **TOL,
+    )
+    dpo = dpo_loss(
+        vec(-1.0, -5.0, -2.5), vec(-3.0, -2.0, -2.0), vec(-2.0, -2.0, -3.0), vec(-2.0, -2.0, -1.0), beta=beta
+    ).losses
     assert_close(out.losses, torch.tensor(delta, dtype=torch.float64) * dpo, **TOL)
 
 
@@ -273,7 +281,9 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def make_dm(tokenizer, train, **kwargs) -> ListwiseDataModule:
-    dm = ListwiseDataModule(train=str(train), val=str(kwargs.pop("val", train)), max_length=kwargs.pop("max_length", 64), **kwargs)
+    dm = ListwiseDataModule(
+        train=str(train), val=str(kwargs.pop("val", train)), max_length=kwargs.pop("max_length", 64), **kwargs
+    )
     dm.tokenizer = tokenizer
     return dm
 
@@ -284,7 +294,11 @@ def decode(tokenizer, ids) -> str:
 
 MIXED = [
     {"prompt": "Q0: ", "responses": ["okay", "good", "bad"], "scores": [0.5, 1.0, 0.0]},
-    {"prompt": [{"role": "user", "content": "Q1"}], "responses": ["aa", [{"role": "assistant", "content": "bb"}], "cc", "dd"], "ranks": [2, 1, 4, 3]},
+    {
+        "prompt": [{"role": "user", "content": "Q1"}],
+        "responses": ["aa", [{"role": "assistant", "content": "bb"}], "cc", "dd"],
+        "ranks": [2, 1, 4, 3],
+    },
     {"prompt": "Q2: ", "responses": ["x", "y"], "scores": [0, 3]},
 ]
 
@@ -336,12 +350,16 @@ def test_builtin_lists_run_as_one_forward_of_k_times_b_rows(tokenizer):
     assert (batch["scores"][:, 0] == 1.0).all()  # the correct answer leads every list
 
 
-@pytest.mark.parametrize("change, field, message", [
-    ({"scores": ["high", 0.5, 0.0]}, "scores[0]", "expected a finite number, got 'high'"),
-    ({"scores": [1.0, 0.5]}, "scores", "expected a list of 3 numbers (one per response), got [1.0, 0.5]"),
-    ({"responses": "good"}, "responses", "expected a list of responses, got str"),
-    ({"scores": None}, "scores", "missing: a listwise record needs 'scores' or 'ranks'"),
-], ids=["score_not_numeric", "length_mismatch", "responses_not_a_list", "no_scores_or_ranks"])
+@pytest.mark.parametrize(
+    "change, field, message",
+    [
+        ({"scores": ["high", 0.5, 0.0]}, "scores[0]", "expected a finite number, got 'high'"),
+        ({"scores": [1.0, 0.5]}, "scores", "expected a list of 3 numbers (one per response), got [1.0, 0.5]"),
+        ({"responses": "good"}, "responses", "expected a list of responses, got str"),
+        ({"scores": None}, "scores", "missing: a listwise record needs 'scores' or 'ranks'"),
+    ],
+    ids=["score_not_numeric", "length_mismatch", "responses_not_a_list", "no_scores_or_ranks"],
+)
 def test_bad_records_name_file_record_and_field(tokenizer, tmp_path, change, field, message):
     records = [dict(MIXED[0]), dict(MIXED[0])]
     records[1].update(change)
@@ -352,10 +370,14 @@ def test_bad_records_name_file_record_and_field(tokenizer, tmp_path, change, fie
         make_dm(tokenizer, train, val=val).setup("fit")
 
 
-@pytest.mark.parametrize("change, field, message", [
-    ({"responses": ["only"], "scores": [1.0]}, "responses", "a list needs at least two responses"),
-    ({"scores": [0.5, 0.5, 0.5]}, "scores", "all responses have the same score: no preference to learn"),
-], ids=["one_response", "all_scores_equal"])
+@pytest.mark.parametrize(
+    "change, field, message",
+    [
+        ({"responses": ["only"], "scores": [1.0]}, "responses", "a list needs at least two responses"),
+        ({"scores": [0.5, 0.5, 0.5]}, "scores", "all responses have the same score: no preference to learn"),
+    ],
+    ids=["one_response", "all_scores_equal"],
+)
 def test_lists_without_a_preference_are_skipped_or_raise(tokenizer, tmp_path, caplog, change, field, message):
     records = [dict(MIXED[0]) for _ in range(3)]
     records[1].update(change)
@@ -373,14 +395,25 @@ def test_lists_without_a_preference_are_skipped_or_raise(tokenizer, tmp_path, ca
 # ----------------------------------------------------------------------------- module
 def list_batch(tokenizer, lists):
     """Collated ListLayout batch of ``[(prompt, [responses...]), ...]`` with descending scores."""
+
     def encode(text, eos=False):
         return tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
-    examples = [{"prompt": encode(prompt), "responses": [encode(r, eos=True) for r in responses],
-                 "scores": [float(len(responses) - k) for k in range(len(responses))]} for prompt, responses in lists]
+
+    examples = [
+        {
+            "prompt": encode(prompt),
+            "responses": [encode(r, eos=True) for r in responses],
+            "scores": [float(len(responses) - k) for k in range(len(responses))],
+        }
+        for prompt, responses in lists
+    ]
     return Collator(tokenizer.pad_token_id, layout=ListLayout())(examples)
 
 
-LISTS = [("Write in capitals: abc\n", ["ABC", "aBC", "abc"]), ("Write in lowercase: XYZW\n", ["xyzw", "XYZW", "xyZW", "xYZW"])]
+LISTS = [
+    ("Write in capitals: abc\n", ["ABC", "aBC", "abc"]),
+    ("Write in lowercase: XYZW\n", ["xyzw", "XYZW", "xyZW", "xYZW"]),
+]
 
 
 def test_the_shared_list_forward_equals_each_response_alone():
@@ -413,7 +446,7 @@ def test_one_training_step_gives_a_finite_loss(method):
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in module.backbone.policy.parameters() if p.grad is not None)
     optimizer.step()
-    assert any(not torch.equal(a, b) for a, b in zip(before, module.backbone.policy.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.backbone.policy.parameters(), strict=True))
 
 
 # ----------------------------------------------------------------------------- CLI end to end
@@ -433,9 +466,24 @@ def metric_rows(name: str) -> list[float]:
 def test_each_listwise_config_learns_the_builtin_task_through_the_cli(method, in_tmp, capsys, measured):
     """Held-out pairwise ranking accuracy starts near chance (validated before fit) and ends far
     above it (measured: 0.49/0.49/0.50 -> 0.997/0.999/0.999 for rrhf/pro/lipo after 80 steps)."""
-    main(["fit", "--config", str(CONFIGS / f"{method}.yaml"), "--trainer.max_steps", "80", "--trainer.val_check_interval", "80",
-          "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-          *seed_flags()])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / f"{method}.yaml"),
+            "--trainer.max_steps",
+            "80",
+            "--trainer.val_check_interval",
+            "80",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            *seed_flags(),
+        ]
+    )
     accuracies = measured("val/rewards/accuracies", metric_rows("val/rewards/accuracies"))
     assert len(accuracies) == 2, accuracies
     assert 0.35 <= accuracies[0] <= 0.65

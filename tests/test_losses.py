@@ -103,7 +103,11 @@ def test_robust_dpo_hand_value():
 def test_robust_dpo_eps_zero_equals_dpo():
     g = torch.Generator().manual_seed(0)
     pc, pr, rc, rr = (-10 * torch.rand(4, generator=g, dtype=torch.float64) for _ in range(4))
-    assert_close(robust_dpo_loss(pc, pr, rc, rr, beta=0.3, label_smoothing=0.0).losses, dpo_loss(pc, pr, rc, rr, beta=0.3).losses, **TOL)
+    assert_close(
+        robust_dpo_loss(pc, pr, rc, rr, beta=0.3, label_smoothing=0.0).losses,
+        dpo_loss(pc, pr, rc, rr, beta=0.3).losses,
+        **TOL,
+    )
 
 
 @pytest.mark.parametrize("eps", [0.05, 0.2, 0.4])
@@ -116,7 +120,7 @@ def test_robust_dpo_is_unbiased(eps):
     beta = 0.7
     clean = robust_dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=eps).losses
     flipped = robust_dpo_loss(pr, pc, rr, rc, beta=beta, label_smoothing=eps).losses
-    margins = [(a - c) - (b - d) for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())]
+    margins = [(a - c) - (b - d) for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), strict=True)]
     assert_close((1 - eps) * clean + eps * flipped, t(*[sp(-beta * m) for m in margins]), **TOL)
 
 

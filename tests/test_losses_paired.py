@@ -102,7 +102,11 @@ def test_rdpo_hand_value():
 def test_rdpo_alpha_zero_is_dpo_and_longer_chosen_gets_less_push():
     pc, pr, rc, rr = random_inputs()
     lengths_w, lengths_l = t(9.0, 3.0, 4.0, 7.0, 1.0), t(2.0, 3.0, 8.0, 1.0, 5.0)
-    assert_close(rdpo_loss(pc, pr, rc, rr, lengths_w, lengths_l, beta=0.3, alpha=0.0).losses, dpo_loss(pc, pr, rc, rr, beta=0.3).losses, **TOL)
+    assert_close(
+        rdpo_loss(pc, pr, rc, rr, lengths_w, lengths_l, beta=0.3, alpha=0.0).losses,
+        dpo_loss(pc, pr, rc, rr, beta=0.3).losses,
+        **TOL,
+    )
     # a longer chosen response already explains part of the preference: smaller loss and
     # smaller gradient on its log-prob than DPO (d/dh_w of sp(-x) is -beta sigma(-x))
     a = PC.clone().requires_grad_(True)
@@ -135,10 +139,14 @@ def test_dpop_lambda_zero_is_dpo_and_penalty_only_below_the_reference():
     assert_close(dpop_loss(pc, pr, rc, rr, beta=0.3, lam=0.0).losses, dpo_loss(pc, pr, rc, rr, beta=0.3).losses, **TOL)
     # policy chosen at or above the reference: DPOP == DPO for any lambda
     above = rc + t(0.0, 0.5, 1.0, 2.0, 3.0)
-    assert_close(dpop_loss(above, pr, rc, rr, beta=0.3, lam=50.0).losses, dpo_loss(above, pr, rc, rr, beta=0.3).losses, **TOL)
+    assert_close(
+        dpop_loss(above, pr, rc, rr, beta=0.3, lam=50.0).losses, dpo_loss(above, pr, rc, rr, beta=0.3).losses, **TOL
+    )
     # below the reference: strictly larger loss, and a stronger pull up on log pi(y_w)
     below = rc - t(0.1, 0.5, 1.0, 2.0, 3.0)
-    assert torch.all(dpop_loss(below, pr, rc, rr, beta=0.3, lam=1.0).losses > dpo_loss(below, pr, rc, rr, beta=0.3).losses)
+    assert torch.all(
+        dpop_loss(below, pr, rc, rr, beta=0.3, lam=1.0).losses > dpo_loss(below, pr, rc, rr, beta=0.3).losses
+    )
     a, b = below.clone().requires_grad_(True), below.clone().requires_grad_(True)
     dpop_loss(a, pr, rc, rr, beta=0.3, lam=1.0).losses.sum().backward()
     dpo_loss(b, pr, rc, rr, beta=0.3).losses.sum().backward()
@@ -161,7 +169,9 @@ def test_beta_dpo_beta_follows_the_batch_margin():
     assert beta_dpo_beta(5.0, 1.0, beta=0.1, alpha=0.0).item() == pytest.approx(0.1)  # alpha = 0: fixed beta
 
 
-@pytest.mark.parametrize("size,rho,kept", [(10, 0.2, 8), (16, 0.25, 12), (5, 0.5, 2), (7, 0.0, 7), (4, 0.9, 1), (20, 0.9, 2)])
+@pytest.mark.parametrize(
+    "size,rho,kept", [(10, 0.2, 8), (16, 0.25, 12), (5, 0.5, 2), (7, 0.0, 7), (4, 0.9, 1), (20, 0.9, 2)]
+)
 def test_beta_dpo_filter_keeps_the_requested_fraction(size, rho, kept):
     """floor(B (1 - rho)) pairs kept, at least one: e.g. 10 * 0.8 = 8, 5 * 0.5 = 2.5 -> 2, 4 * 0.1 -> 1."""
     margins = torch.linspace(-2, 2, size, dtype=torch.float64)
@@ -203,7 +213,9 @@ def test_beta_dpo_loss_hand_value():
     check_rewards(out, 0.1, chosen=(1.0, 0.0, 1.0), rejected=(-1.0, 0.0, 0.0))
     # beta_batch = beta and no filtering: DPO
     pc, pr, rc, rr = random_inputs()
-    assert_close(beta_dpo_loss(pc, pr, rc, rr, beta_batch=0.3, beta=0.3).losses, dpo_loss(pc, pr, rc, rr, beta=0.3).losses, **TOL)
+    assert_close(
+        beta_dpo_loss(pc, pr, rc, rr, beta_batch=0.3, beta=0.3).losses, dpo_loss(pc, pr, rc, rr, beta=0.3).losses, **TOL
+    )
 
 
 # ----------------------------------------------------------------------------- ODPO
@@ -230,7 +242,9 @@ def test_odpo_log1p_and_missing_scores():
     out = odpo_loss(PC, PR, RC, RR, t(4.0, 0.5), t(1.0, 1.5), beta=0.5, alpha=1.0, offset_fn="log1p")
     assert_close(out.metrics["offset"], t(math.log(4.0), -math.log(2.0)), **TOL)
     assert_close(out.losses, t(sp(math.log(4.0) - 1.0), sp(-math.log(2.0))), **TOL)
-    nan = odpo_loss(PC, PR, RC, RR, t(math.nan, 2.0), t(1.0, 1.5), beta=0.5, alpha=1.0, offset_fn="identity", default_offset=0.7)
+    nan = odpo_loss(
+        PC, PR, RC, RR, t(math.nan, 2.0), t(1.0, 1.5), beta=0.5, alpha=1.0, offset_fn="identity", default_offset=0.7
+    )
     assert_close(nan.metrics["offset"], t(0.7, 0.5), **TOL)
     assert_close(nan.losses, t(sp(-(1.0 - 0.7)), sp(0.5)), **TOL)
     unscored = odpo_loss(PC, PR, RC, RR, beta=0.5, default_offset=0.7)
@@ -242,7 +256,9 @@ def test_odpo_log1p_and_missing_scores():
 def test_odpo_errors_are_named():
     with pytest.raises(ValueError, match=r"offset_fn='log' needs score_chosen > score_rejected, but 1 scored pair"):
         odpo_loss(PC, PR, RC, RR, t(1.0, math.nan), t(1.0, 0.0), offset_fn="log")
-    with pytest.raises(ValueError, match=r"unknown ODPO offset_fn 'sqrt'; choose one of \['identity', 'log', 'log1p'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown ODPO offset_fn 'sqrt'; choose one of \['identity', 'log', 'log1p'\]"
+    ):
         odpo_loss(PC, PR, RC, RR, offset_fn="sqrt")
 
 
@@ -375,14 +391,17 @@ def test_aot_pair_hand_value():
 GPO_M = (t(-1.0, -2.0, -2.5), t(-3.0, -2.0, -1.5), t(-2.0, -2.0, -2.0), t(-2.0, -2.0, -2.0))  # m = (2, 0, -1)
 
 
-@pytest.mark.parametrize("function,expected", [
-    ("logistic", (sp(-1.0), math.log(2.0), sp(0.5))),
-    ("hinge", (0.0, 1.0, 1.5)),
-    ("squared", (0.0, 1.0, 2.25)),
-    ("exponential", (math.exp(-1.0), 1.0, math.exp(0.5))),
-    ("truncated_quadratic", (0.0, 1.0, 2.25)),
-    ("savage", (1 / (1 + math.e) ** 2, 0.25, 1 / (1 + math.exp(-0.5)) ** 2)),
-])
+@pytest.mark.parametrize(
+    "function,expected",
+    [
+        ("logistic", (sp(-1.0), math.log(2.0), sp(0.5))),
+        ("hinge", (0.0, 1.0, 1.5)),
+        ("squared", (0.0, 1.0, 2.25)),
+        ("exponential", (math.exp(-1.0), 1.0, math.exp(0.5))),
+        ("truncated_quadratic", (0.0, 1.0, 2.25)),
+        ("savage", (1 / (1 + math.e) ** 2, 0.25, 1 / (1 + math.exp(-0.5)) ** 2)),
+    ],
+)
 def test_gpo_hand_values(function, expected):
     """GPO: loss = f(rho), rho = beta m, beta = 0.5, m = (2, 0, -1) -> rho = (1, 0, -0.5).
 
@@ -395,18 +414,36 @@ def test_gpo_hand_values(function, expected):
 
 
 def test_gpo_special_cases_are_dpo_slic_and_ipo():
-    """logistic == DPO, hinge == SLiC hinge; squared: (beta m - 1)^2 = beta^2 (m - 1/beta)^2 = beta^2 IPO(tau = beta/2)."""
+    """logistic == DPO, hinge == SLiC hinge; squared: (beta m - 1)^2 = beta^2 (m - 1/beta)^2
+    = beta^2 IPO(tau = beta/2)."""
     pc, pr, rc, rr = random_inputs()
-    assert_close(gpo_loss(pc, pr, rc, rr, beta=0.3, function="logistic").losses, dpo_loss(pc, pr, rc, rr, beta=0.3).losses, **TOL)
-    assert_close(gpo_loss(pc, pr, rc, rr, beta=0.3, function="hinge").losses, hinge_loss(pc, pr, rc, rr, beta=0.3).losses, **TOL)
-    assert_close(gpo_loss(pc, pr, rc, rr, beta=0.3, function="squared").losses, 0.09 * ipo_loss(pc, pr, rc, rr, beta=0.15).losses, **TOL)
+    assert_close(
+        gpo_loss(pc, pr, rc, rr, beta=0.3, function="logistic").losses, dpo_loss(pc, pr, rc, rr, beta=0.3).losses, **TOL
+    )
+    assert_close(
+        gpo_loss(pc, pr, rc, rr, beta=0.3, function="hinge").losses, hinge_loss(pc, pr, rc, rr, beta=0.3).losses, **TOL
+    )
+    assert_close(
+        gpo_loss(pc, pr, rc, rr, beta=0.3, function="squared").losses,
+        0.09 * ipo_loss(pc, pr, rc, rr, beta=0.15).losses,
+        **TOL,
+    )
 
 
 def test_gpo_unknown_function_lists_the_choices():
-    with pytest.raises(ValueError, match=r"unknown GPO function 'cubic'; choose one of \['exponential', 'hinge', 'logistic', 'savage', 'squared', 'truncated_quadratic'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown GPO function 'cubic'; choose one of "
+        r"\['exponential', 'hinge', 'logistic', 'savage', 'squared', 'truncated_quadratic'\]",
+    ):
         gpo_loss(PC, PR, RC, RR, function="cubic")
-    with pytest.raises(SettingError, match=re.escape("GPO: function must be one of logistic, hinge, squared, exponential, truncated_quadratic, "
-                                                     "savage, got 'cubic'")):
+    with pytest.raises(
+        SettingError,
+        match=re.escape(
+            "GPO: function must be one of logistic, hinge, squared, exponential, truncated_quadratic, "
+            "savage, got 'cubic'"
+        ),
+    ):
         GPO(function="cubic")
     # the CLI's choices are the dict's keys
     assert set(typing.get_args(typing.get_type_hints(GPO.__init__)["function"])) == set(GPO_FUNCTIONS)
@@ -414,8 +451,19 @@ def test_gpo_unknown_function_lists_the_choices():
 
 # ----------------------------------------------------------------------------- modules
 MODULES = [
-    (RDPO, {}), (DPOP, {}), (BetaDPO, {}), (ODPO, {}), (EXO, {}), (NCA, {}), (APOZero, {}), (APODown, {}),
-    (SPPOHard, {}), (BCOPair, {}), (AOT, {}), (AOT, {"variant": "unpaired"}), (GPO, {"function": "savage"}),
+    (RDPO, {}),
+    (DPOP, {}),
+    (BetaDPO, {}),
+    (ODPO, {}),
+    (EXO, {}),
+    (NCA, {}),
+    (APOZero, {}),
+    (APODown, {}),
+    (SPPOHard, {}),
+    (BCOPair, {}),
+    (AOT, {}),
+    (AOT, {"variant": "unpaired"}),
+    (GPO, {"function": "savage"}),
 ]
 
 
@@ -423,13 +471,17 @@ MODULES = [
 def batch():
     from lit_align.model.tiny import build_tiny_tokenizer
 
-    data = PreferenceDataModule(batch_size=6, max_length=48, task=WordRulesTask(num_train=12, num_val=4), use_cache=False)
+    data = PreferenceDataModule(
+        batch_size=6, max_length=48, task=WordRulesTask(num_train=12, num_val=4), use_cache=False
+    )
     data.tokenizer = build_tiny_tokenizer()
     data.setup()
     return next(iter(data.train_dataloader()))
 
 
-@pytest.mark.parametrize("cls,kwargs", MODULES, ids=[c.__name__ + "".join(f"-{v}" for v in k.values()) for c, k in MODULES])
+@pytest.mark.parametrize(
+    "cls,kwargs", MODULES, ids=[c.__name__ + "".join(f"-{v}" for v in k.values()) for c, k in MODULES]
+)
 def test_module_returns_a_finite_loss(cls, kwargs, batch):
     torch.manual_seed(0)
     module = cls(**kwargs)

@@ -59,7 +59,9 @@ def test_sft_data_record_shapes_and_errors(tmp_path):
     data = SFTDataModule(train=str(path), val=str(path), max_length=64, use_cache=False)
     data.tokenizer = build_tiny_tokenizer()
     data.setup()
-    decoded = [data.tokenizer.decode(example["completion"], skip_special_tokens=True) for example in data.datasets["train"]]
+    decoded = [
+        data.tokenizer.decode(example["completion"], skip_special_tokens=True) for example in data.datasets["train"]
+    ]
     assert decoded == ["hi", "yo", "plain text"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "no reply"}]}))
@@ -75,7 +77,7 @@ def test_prompt_data_module_batches_left_padded_prompts_and_raw_text():
     data.setup()
     batch = next(iter(data.train_dataloader()))
     assert batch["prompt_mask"][:, -1].all()  # left padding: every prompt ends in the last column
-    for ids, mask, text in zip(batch["prompt_ids"], batch["prompt_mask"], batch["prompts"]):
+    for ids, mask, text in zip(batch["prompt_ids"], batch["prompt_mask"], batch["prompts"], strict=True):
         assert data.tokenizer.decode(ids[mask.bool()]) == text
 
 
@@ -85,7 +87,9 @@ def test_on_policy_methods_name_what_is_missing():
     with pytest.raises(ValueError, match="GRPO: samples_per_prompt must be >= 2, got 1"):
         GRPO(samples_per_prompt=1)
     data = PromptDataModule(task=WordRulesTask(num_train=4, num_val=2), batch_size=2, use_cache=False)
-    trainer = lightning.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = lightning.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     with pytest.raises(ValueError, match="needs a reward"):
         trainer.fit(PPO(), datamodule=data)
     with pytest.raises(ValueError, match=r"ptx_coef=0.5 needs ``ptx`` batches.*PromptDataModule provides none"):
@@ -108,7 +112,18 @@ def test_each_on_policy_method_raises_held_out_reward(method, in_sft_workdir, me
     ppo       0.36 -> 0.75 / 0.40 -> 0.80 / 0.26 -> 0.69 (0.39 / 0.40 / 0.44)
     a2c       0.33 -> 0.62 / 0.49 -> 0.70 / 0.24 -> 0.49 (0.29 / 0.21 / 0.25)
     The bound, 0.08, is under half the smallest rise."""
-    main(["fit", "--config", str(CONFIGS / f"{method}.yaml"), "--seed_everything", str(LEARNING_SEED), "--trainer.enable_checkpointing", "false", *QUIET])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / f"{method}.yaml"),
+            "--seed_everything",
+            str(LEARNING_SEED),
+            "--trainer.enable_checkpointing",
+            "false",
+            *QUIET,
+        ]
+    )
     scores = measured("val/objective/scores", metric_rows("val/objective/scores"))
     assert scores[-1] >= scores[0] + 0.08, scores
     assert all(torch.isfinite(torch.tensor(metric_rows("train/loss"))))
@@ -134,7 +149,9 @@ def test_ppo_ptx_term_lowers_nll_of_held_out_demonstrations(sft_policy, tmp_path
     Measured with ``LIT_ALIGN_TEST_SEED`` 0 / 1 / 2: NLL 6.72 vs 4.17 / 6.84 vs 4.06 / 6.92 vs 4.08
     (gaps 2.55 / 2.78 / 2.84; the bound is 1)."""
     train, held_out = tmp_path / "ptx.jsonl", tmp_path / "ptx_val.jsonl"
-    train.write_text("\n".join(json.dumps(r) for r in _template_texts(["Ann", "Bob", "Cy", "Dee"], ["rice", "figs", "kale", "corn"])))
+    train.write_text(
+        "\n".join(json.dumps(r) for r in _template_texts(["Ann", "Bob", "Cy", "Dee"], ["rice", "figs", "kale", "corn"]))
+    )
     held_out.write_text("\n".join(json.dumps(r) for r in _template_texts(["Eve", "Flo"], ["rice", "plums"])))
     evaluation = SFTDataModule(train=str(held_out), val=str(held_out), max_length=32, batch_size=8, use_cache=False)
     evaluation.tokenizer = build_tiny_tokenizer()
@@ -142,20 +159,42 @@ def test_ppo_ptx_term_lowers_nll_of_held_out_demonstrations(sft_policy, tmp_path
     nll = {}
     for coef in (0.0, 1.0):
         lightning.seed_everything(LEARNING_SEED)
-        module = PPO(reward=WordRulesReward(), ptx_coef=coef, epochs=2, minibatch_size=8, generation={"max_new_tokens": 4, "temperature": 0.7},
-                     model={"name_or_path": str(sft_policy)}, optimizer={"lr": 1e-4, "warmup_ratio": 0.0, "schedule": "constant_with_warmup"})
-        data = PromptDataModule(task=WordRulesTask(num_train=64, num_val=8, rules=("first",)), batch_size=8, max_length=32,
-                                ptx_train=str(train) if coef else None, ptx_batch_size=8, use_cache=False)
+        module = PPO(
+            reward=WordRulesReward(),
+            ptx_coef=coef,
+            epochs=2,
+            minibatch_size=8,
+            generation={"max_new_tokens": 4, "temperature": 0.7},
+            model={"name_or_path": str(sft_policy)},
+            optimizer={"lr": 1e-4, "warmup_ratio": 0.0, "schedule": "constant_with_warmup"},
+        )
+        data = PromptDataModule(
+            task=WordRulesTask(num_train=64, num_val=8, rules=("first",)),
+            batch_size=8,
+            max_length=32,
+            ptx_train=str(train) if coef else None,
+            ptx_batch_size=8,
+            use_cache=False,
+        )
         assert data.provides_ptx == bool(coef)
         logger = lightning.pytorch.loggers.CSVLogger(tmp_path / f"logs{coef}")
-        trainer = lightning.Trainer(max_steps=40, logger=logger, log_every_n_steps=1, limit_val_batches=0, enable_checkpointing=False,
-                                    enable_progress_bar=False, enable_model_summary=False)
+        trainer = lightning.Trainer(
+            max_steps=40,
+            logger=logger,
+            log_every_n_steps=1,
+            limit_val_batches=0,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(module, datamodule=data)
         nll[coef] = _demonstration_nll(module, evaluation)
         if coef:
             (metrics,) = Path(logger.log_dir).glob("metrics.csv")
             with open(metrics) as handle:
-                ptx_losses = [float(row["train/loss/ptx"]) for row in csv.DictReader(handle) if row.get("train/loss/ptx")]
+                ptx_losses = [
+                    float(row["train/loss/ptx"]) for row in csv.DictReader(handle) if row.get("train/loss/ptx")
+                ]
             assert len(ptx_losses) >= 15 and ptx_losses[-1] < ptx_losses[0], ptx_losses
     measured("held-out NLL without / with ptx", [nll[0.0], nll[1.0]])
     assert nll[1.0] < nll[0.0] - 1.0, nll
@@ -183,13 +222,39 @@ def test_sft_reward_model_ppo_pipeline_through_the_cli(in_sft_workdir, measured)
     over-optimisation); seed 2 went 0.26 -> 0.51 at 2.4 nats."""
     seed = ["--seed_everything", str(LEARNING_SEED)]
     pipeline = CONFIGS / "pipeline"
-    main(["fit", "--config", str(CONFIGS / "reward.yaml"), "--config", str(pipeline / "reward_from_sft.yaml"), *seed, "--trainer.enable_checkpointing", "false", *QUIET])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "reward.yaml"),
+            "--config",
+            str(pipeline / "reward_from_sft.yaml"),
+            *seed,
+            "--trainer.enable_checkpointing",
+            "false",
+            *QUIET,
+        ]
+    )
     accuracies = measured("reward model val/accuracy", metric_rows("val/accuracy"))
     assert accuracies[0] == 0.5 and accuracies[-1] >= 0.9, accuracies
     assert (Path("outputs") / "reward" / "config.json").is_file()
     Path("runs").rename("reward_runs")  # the PPO run's metrics are read from runs/ next
-    main(["fit", "--config", str(CONFIGS / "ppo.yaml"), "--config", str(pipeline / "ppo_with_reward_model.yaml"), *seed, "--trainer.enable_checkpointing", "false", *QUIET])
-    learned = measured("val/objective/train_reward_scores", metric_rows("val/objective/train_reward_scores"))  # before fit, then every 50 rollouts
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "ppo.yaml"),
+            "--config",
+            str(pipeline / "ppo_with_reward_model.yaml"),
+            *seed,
+            "--trainer.enable_checkpointing",
+            "false",
+            *QUIET,
+        ]
+    )
+    learned = measured(
+        "val/objective/train_reward_scores", metric_rows("val/objective/train_reward_scores")
+    )  # before fit, then every 50 rollouts
     verifier = measured("val/objective/scores", metric_rows("val/objective/scores"))
     assert len(learned) == len(verifier) == 4, (learned, verifier)
     assert learned[-1] >= learned[0] + 0.6, learned
@@ -231,7 +296,9 @@ def test_reward_normalization_is_refused_where_it_changes_nothing():
     with pytest.raises(SettingError, match="GRPO: reward_normalization must be unset with scale_advantages") as refused:
         GRPO(reward_normalization="initial")
     assert "scale_advantages false (Dr. GRPO)" in refused.value.hint
-    with pytest.raises(SettingError, match="OnlineDPO: reward_normalization must be unset: .* only the scores' order matters"):
+    with pytest.raises(
+        SettingError, match="OnlineDPO: reward_normalization must be unset: .* only the scores' order matters"
+    ):
         OnlineDPO(reward_normalization="running")
     assert GRPO(reward_normalization="running", scale_advantages=False).reward_normalization == "running"
 
@@ -241,11 +308,26 @@ def test_training_logs_raw_scores_and_held_out_training_reward_next_to_eval_rewa
     (``val/objective/scores``: the verifier; ``val/objective/train_reward_scores``: the training
     reward); under ``reward_normalization`` the logged training scores stay raw (completion
     lengths of 1 to 3 characters here, not standardised values)."""
-    module = REINFORCE(reward=LengthReward(), eval_reward=WordRulesReward(), reward_normalization="running",
-                       generation={"max_new_tokens": 3, "temperature": 1.0}, model={"reference": "copy"})
-    data = PromptDataModule(task=WordRulesTask(num_train=8, num_val=4, rules=("first",)), batch_size=4, max_length=32, use_cache=False)
-    trainer = lightning.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=2)
+    module = REINFORCE(
+        reward=LengthReward(),
+        eval_reward=WordRulesReward(),
+        reward_normalization="running",
+        generation={"max_new_tokens": 3, "temperature": 1.0},
+        model={"reference": "copy"},
+    )
+    data = PromptDataModule(
+        task=WordRulesTask(num_train=8, num_val=4, rules=("first",)), batch_size=4, max_length=32, use_cache=False
+    )
+    trainer = lightning.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        val_check_interval=2,
+    )
     trainer.fit(module, datamodule=data)
     metrics = trainer.callback_metrics
     assert 0.0 <= float(metrics["val/objective/scores"]) <= 1.0
@@ -272,16 +354,30 @@ def test_one_update_per_rollout_reuses_the_sampling_pass_with_the_same_result(me
     for reuse in (True, False):
         monkeypatch.setattr(method, "updates_once", lambda self, rows, reuse=reuse: reuse and self.epochs == 1)
         lightning.seed_everything(0)
-        module = method(reward=LengthReward(), generation={"max_new_tokens": 3, "temperature": 1.0}, model={"reference": "copy"},
-                        optimizer={"lr": 1e-3, "warmup_ratio": 0.0},
-                        **({"samples_per_prompt": 2} if method is GRPO else {}))
+        module = method(
+            reward=LengthReward(),
+            generation={"max_new_tokens": 3, "temperature": 1.0},
+            model={"reference": "copy"},
+            optimizer={"lr": 1e-3, "warmup_ratio": 0.0},
+            **({"samples_per_prompt": 2} if method is GRPO else {}),
+        )
         initial = torch.cat([p.detach().flatten().clone() for p in module.parameters() if p.requires_grad])
         calls = []
         forward = module.forward_rollout
-        monkeypatch.setattr(module, "forward_rollout", lambda batch: calls.append(1) or forward(batch))
-        data = PromptDataModule(task=WordRulesTask(num_train=8, num_val=2, rules=("first",)), batch_size=4, max_length=32, use_cache=False)
-        trainer = lightning.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                    limit_val_batches=0)
+        monkeypatch.setattr(
+            module, "forward_rollout", lambda batch, calls=calls, forward=forward: calls.append(1) or forward(batch)
+        )
+        data = PromptDataModule(
+            task=WordRulesTask(num_train=8, num_val=2, rules=("first",)), batch_size=4, max_length=32, use_cache=False
+        )
+        trainer = lightning.Trainer(
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
         trainer.fit(module, datamodule=data)
         assert len(calls) == (1 if reuse else 2)
         weights[reuse] = torch.cat([p.detach().flatten() for p in module.parameters() if p.requires_grad])

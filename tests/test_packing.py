@@ -16,9 +16,20 @@ from lit_align.settings import ModelSettings
 
 
 def examples(tokenizer):
-    pairs = [("Write in capitals: abcdef\n", "ABCDEF", "abcdef"), ("Hi\n", "x", "a much longer wrong answer"), ("Q: 2+2?\n", "4", "5")]
+    pairs = [
+        ("Write in capitals: abcdef\n", "ABCDEF", "abcdef"),
+        ("Hi\n", "x", "a much longer wrong answer"),
+        ("Q: 2+2?\n", "4", "5"),
+    ]
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return [{"prompt": encode(p), "chosen": encode(c) + [tokenizer.eos_token_id], "rejected": encode(r) + [tokenizer.eos_token_id]} for p, c, r in pairs]
+    return [
+        {
+            "prompt": encode(p),
+            "chosen": encode(c) + [tokenizer.eos_token_id],
+            "rejected": encode(r) + [tokenizer.eos_token_id],
+        }
+        for p, c, r in pairs
+    ]
 
 
 @pytest.mark.parametrize("capacity", [512, None], ids=["one-row", "several-rows"])
@@ -38,7 +49,7 @@ def test_packed_logps_and_gradients_equal_padded(chunk, capacity):
     packed.sum.sum().backward()
     torch.testing.assert_close(packed.tokens, padded.tokens, atol=1e-5, rtol=1e-5)
     assert torch.equal(packed.mask, padded.mask)
-    for a, p in zip(padded_grads, backbone.parameters()):
+    for a, p in zip(padded_grads, backbone.parameters(), strict=True):
         torch.testing.assert_close(p.grad, a, atol=1e-5, rtol=1e-4)
 
 
@@ -65,29 +76,44 @@ def test_the_pitfall_an_attention_mask_with_packed_positions_leaks():
     with torch.no_grad():
         alone = decoder(input_ids=second, use_cache=False).last_hidden_state
         no_mask = decoder(input_ids=packed, position_ids=positions, use_cache=False).last_hidden_state[:, 7:]
-        with_mask = decoder(input_ids=packed, position_ids=positions, attention_mask=torch.ones_like(packed), use_cache=False).last_hidden_state[:, 7:]
+        with_mask = decoder(
+            input_ids=packed, position_ids=positions, attention_mask=torch.ones_like(packed), use_cache=False
+        ).last_hidden_state[:, 7:]
     torch.testing.assert_close(no_mask, alone, atol=1e-5, rtol=1e-5)
     assert (with_mask - alone).abs().max() > 1e-2
 
 
 def test_first_fit_decreasing_rows_respect_capacity():
     lengths = {"a": 30, "b": 20, "c": 25, "d": 10}
-    examples = [{"prompt": [1] * 5, "chosen": [2] * (lengths[k] - 5), "rejected": [3] * (lengths[k] - 5)} for k in lengths]
+    examples = [
+        {"prompt": [1] * 5, "chosen": [2] * (lengths[k] - 5), "rejected": [3] * (lengths[k] - 5)} for k in lengths
+    ]
     batch = PackedPairCollator(capacity=60)(examples)
     assert batch["seq_lens"].tolist() == [30, 20, 25, 10] * 2
-    used = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long).index_add_(0, batch["seq_rows"], batch["seq_lens"])
+    used = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long).index_add_(
+        0, batch["seq_rows"], batch["seq_lens"]
+    )
     assert used.max() <= 60 and int(used.sum()) == 170 and batch["input_ids"].shape[0] == 3  # ceil(170 / 60)
     # positions restart at every sequence start
-    for row, start, length in zip(batch["seq_rows"], batch["seq_starts"], batch["seq_lens"]):
-        assert batch["position_ids"][row, start: start + length].tolist() == list(range(length))
+    for row, start, length in zip(batch["seq_rows"], batch["seq_starts"], batch["seq_lens"], strict=True):
+        assert batch["position_ids"][row, start : start + length].tolist() == list(range(length))
 
 
 def fit_first_loss(packing: bool, reference: str = "copy", monkeypatch=None) -> tuple[float, PreferenceDataModule]:
     L.seed_everything(0)
     module = DPO(model=ModelSettings(reference=reference))
-    data = PreferenceDataModule(batch_size=8, max_length=48, packing=packing, task=WordRulesTask(num_train=32, num_val=8))
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    data = PreferenceDataModule(
+        batch_size=8, max_length=48, packing=packing, task=WordRulesTask(num_train=32, num_val=8)
+    )
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, data)
     return float(trainer.callback_metrics["train/loss"]), data
 

@@ -70,7 +70,9 @@ def test_n_step_td0_and_monte_carlo():
 
 def test_clipped_surrogate_positive_advantage_is_capped():
     """ratio 3.0, A = 0.8, eps 0.2: min(3.0*0.8, 1.2*0.8) = 0.96 -> loss -0.96, clipped."""
-    loss, ratio, clipped = clipped_surrogate(torch.tensor([math.log(3.0)]), torch.tensor([0.0]), torch.tensor([0.8]), clip=0.2)
+    loss, ratio, clipped = clipped_surrogate(
+        torch.tensor([math.log(3.0)]), torch.tensor([0.0]), torch.tensor([0.8]), clip=0.2
+    )
     torch.testing.assert_close(loss, torch.tensor([-0.96]))
     torch.testing.assert_close(ratio, torch.tensor([3.0]))
     assert clipped.item()
@@ -79,7 +81,9 @@ def test_clipped_surrogate_positive_advantage_is_capped():
 def test_clipped_surrogate_negative_advantage():
     """A = -0.8: ratio 3.0 -> min(-2.4, -0.96) = -2.4 (no clip: the pessimistic bound keeps the
     large penalty); ratio 0.5 -> min(-0.4, 0.8*-0.8 = -0.64) = -0.64 (clipped at 1 - eps)."""
-    loss, _, clipped = clipped_surrogate(torch.log(torch.tensor([3.0, 0.5])), torch.zeros(2), torch.tensor([-0.8, -0.8]), clip=0.2)
+    loss, _, clipped = clipped_surrogate(
+        torch.log(torch.tensor([3.0, 0.5])), torch.zeros(2), torch.tensor([-0.8, -0.8]), clip=0.2
+    )
     torch.testing.assert_close(loss, torch.tensor([2.4, 0.64]))
     assert clipped.tolist() == [False, True]
 
@@ -87,7 +91,9 @@ def test_clipped_surrogate_negative_advantage():
 def test_clipped_value_loss():
     """V_old 1.0, eps 0.2, R 2.0: V 1.5 -> clipped V 1.2: max(0.25, 0.64)/2 = 0.32 (clipped);
     V 1.1 -> max(0.81, 0.81)/2 = 0.405 (not clipped)."""
-    loss, clipped = clipped_value_loss(torch.tensor([1.5, 1.1]), torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0]), clip=0.2)
+    loss, clipped = clipped_value_loss(
+        torch.tensor([1.5, 1.1]), torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0]), clip=0.2
+    )
     torch.testing.assert_close(loss, torch.tensor([0.32, 0.405]))
     assert clipped.tolist() == [True, False]
 
@@ -157,5 +163,7 @@ def test_adaptive_kl_controller_moves_beta_the_right_way():
     fixed = KLPenalty(beta=0.1).controller()
     assert fixed.update(100.0) == pytest.approx(0.1)
     assert "beta_value" in controller.state_dict()  # resumes from checkpoints
-    with pytest.raises(ValueError, match=re.escape("PPO: kl.target must be > 0, got 0.0")):  # checked where the setting enters
+    with pytest.raises(
+        ValueError, match=re.escape("PPO: kl.target must be > 0, got 0.0")
+    ):  # checked where the setting enters
         PPO(kl=KLPenalty(target=0.0))

@@ -30,15 +30,34 @@ def test_example_trains_through_the_cli_as_the_readme_says(tmp_path, monkeypatch
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     sys.modules.pop("my_losses", None)
-    main(["fit", "--config", str(ROOT / "configs" / "dpo.yaml"), "--model", "my_losses.MarginDPO", "--model.delta", "1.0",
-          "--trainer.max_steps", "80", "--trainer.val_check_interval", "80", "--trainer.enable_checkpointing", "false",
-          "--trainer.enable_progress_bar", "false", *seed_flags()])
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "dpo.yaml"),
+            "--model",
+            "my_losses.MarginDPO",
+            "--model.delta",
+            "1.0",
+            "--trainer.max_steps",
+            "80",
+            "--trainer.val_check_interval",
+            "80",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            *seed_flags(),
+        ]
+    )
     import my_losses
 
     assert my_losses.MarginDPO.loss is not my_losses.PairedPreferenceModule.loss
     (path,) = Path("runs").rglob("metrics.csv")
     rows = list(csv.DictReader(open(path)))
-    accuracies = measured("val/rewards/accuracies", [float(r["val/rewards/accuracies"]) for r in rows if r.get("val/rewards/accuracies")])
+    accuracies = measured(
+        "val/rewards/accuracies", [float(r["val/rewards/accuracies"]) for r in rows if r.get("val/rewards/accuracies")]
+    )
     assert accuracies[0] <= 0.65 and accuracies[-1] >= 0.8
     (config,) = Path("runs").rglob("config.yaml")
     assert "class_path: my_losses.MarginDPO" in config.read_text() and "delta: 1.0" in config.read_text()

@@ -16,14 +16,25 @@ from lit_align.settings import LoRA, ModelSettings, OptimizerSettings, TinyModel
 
 def make(reference: str, seed: int = 0, lora=None, max_length: int = 48):
     L.seed_everything(0)
-    module = DPO(model=ModelSettings(reference=reference, lora=lora, tiny=TinyModel(seed=seed)), optimizer=OptimizerSettings(lr=1e-2))
+    module = DPO(
+        model=ModelSettings(reference=reference, lora=lora, tiny=TinyModel(seed=seed)),
+        optimizer=OptimizerSettings(lr=1e-2),
+    )
     data = PreferenceDataModule(batch_size=8, max_length=max_length, task=WordRulesTask(num_train=64, num_val=16))
     return module, data
 
 
 def fit(module, data, steps=5):
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, deterministic=True)
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
     trainer.fit(module, data)
     return trainer
 
@@ -46,7 +57,9 @@ def test_cached_reference_trains_exactly_like_a_frozen_copy_without_holding_one(
     cached_module, cached_data = make("cached")
     assert cached_module.backbone.reference is None  # no second set of weights
     fit(cached_module, cached_data)
-    for (name, a), b in zip(copy_module.backbone.policy.named_parameters(), cached_module.backbone.policy.parameters()):
+    for (name, a), b in zip(
+        copy_module.backbone.policy.named_parameters(), cached_module.backbone.policy.parameters(), strict=True
+    ):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
@@ -113,20 +126,30 @@ def test_two_process_ddp_shards_the_precompute_and_writes_the_same_cache(tmp_pat
     from pathlib import Path
 
     script = Path(__file__).parent / "scripts" / "ddp_cached_reference.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))
-    run = subprocess.run([sys.executable, str(script), str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
+        ),
+    )
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     (ddp_file,) = (tmp_path / "ddp" / "reference").glob("*.pt")
 
     L.seed_everything(0)
     module = DPO(model=ModelSettings(reference="cached"))
-    data = PreferenceDataModule(batch_size=4, max_length=48, task=WordRulesTask(num_train=30, num_val=7), cache_dir=str(tmp_path / "single"))
+    data = PreferenceDataModule(
+        batch_size=4, max_length=48, task=WordRulesTask(num_train=30, num_val=7), cache_dir=str(tmp_path / "single")
+    )
     fit(module, data, steps=1)
     (single_file,) = (tmp_path / "single" / "reference").glob("*.pt")
     assert ddp_file.name == single_file.name  # same data and model keys
     ddp, single = torch.load(ddp_file, weights_only=True), torch.load(single_file, weights_only=True)
     for split in ("train", "val"):
         assert len(ddp[split]) == len(single[split]) == {"train": 30, "val": 7}[split]
-        for (a_chosen, a_rejected), (b_chosen, b_rejected) in zip(ddp[split], single[split]):
+        for (a_chosen, a_rejected), (b_chosen, b_rejected) in zip(ddp[split], single[split], strict=True):
             torch.testing.assert_close(a_chosen, b_chosen, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(a_rejected, b_rejected, atol=1e-5, rtol=1e-5)

@@ -28,8 +28,14 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def tiny_batch(tokenizer):
     pairs = (("Write in capitals: abc\n", "ABC", "abc"), ("Write in lowercase: QRS\n", "qrs", "QRS"))
-    examples = [{"prompt": tokenizer(p)["input_ids"], "chosen": tokenizer(c)["input_ids"] + [tokenizer.eos_token_id],
-                 "rejected": tokenizer(r)["input_ids"] + [tokenizer.eos_token_id]} for p, c, r in pairs]
+    examples = [
+        {
+            "prompt": tokenizer(p)["input_ids"],
+            "chosen": tokenizer(c)["input_ids"] + [tokenizer.eos_token_id],
+            "rejected": tokenizer(r)["input_ids"] + [tokenizer.eos_token_id],
+        }
+        for p, c, r in pairs
+    ]
     return PairCollator(tokenizer.pad_token_id)(examples)
 
 
@@ -94,12 +100,21 @@ def test_alpha_and_interval_are_checked():
 
 # ----------------------------------------------------------------------------- within a trainer
 def small_data(num_train=12, batch_size=2) -> PreferenceDataModule:
-    return PreferenceDataModule(task=WordRulesTask(num_train=num_train, num_val=4), batch_size=batch_size, max_length=32)
+    return PreferenceDataModule(
+        task=WordRulesTask(num_train=num_train, num_val=4), batch_size=batch_size, max_length=32
+    )
 
 
 def trainer(callbacks, **kwargs) -> L.Trainer:
-    options = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
-               "limit_val_batches": 0, "num_sanity_val_steps": 0, "inference_mode": False}
+    options = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        "inference_mode": False,
+    }
     return L.Trainer(callbacks=callbacks, **{**options, **kwargs})
 
 
@@ -109,7 +124,11 @@ def test_sync_every_three_optimizer_steps(monkeypatch, accumulate):
     accumulated step count once."""
     steps: list[int] = []
     real = reference_sync.update_reference
-    monkeypatch.setattr(reference_sync, "update_reference", lambda backbone, alpha: (steps.append(run.global_step), real(backbone, alpha)))
+    monkeypatch.setattr(
+        reference_sync,
+        "update_reference",
+        lambda backbone, alpha: (steps.append(run.global_step), real(backbone, alpha)),
+    )
     module = DPO(model=ModelSettings(reference="copy"), optimizer=OptimizerSettings(lr=1e-2))
     callback = ReferenceSync(every_n_steps=3, alpha=1.0)
     run = trainer([callback], max_steps=7, accumulate_grad_batches=accumulate)
@@ -129,7 +148,10 @@ class Recorder(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         half = batch["input_ids"].shape[0] // 2
-        rows = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"][:half], batch["attention_mask"][:half])]
+        rows = [
+            tuple(ids[mask.bool()].tolist())
+            for ids, mask in zip(batch["input_ids"][:half], batch["attention_mask"][:half], strict=True)
+        ]
         self.batches.append((trainer.current_epoch, rows, max_difference(pl_module.backbone)))
 
 
@@ -141,7 +163,10 @@ def test_stepwise_dpo_serves_one_chunk_per_epoch_and_resets_the_reference():
     run.fit(module, data)
     assert run.reload_dataloaders_every_n_epochs == 1
     examples = data.datasets["train"]
-    chunks = [{tuple(e["prompt"] + e["chosen"]) for e in examples[:6]}, {tuple(e["prompt"] + e["chosen"]) for e in examples[6:]}]
+    chunks = [
+        {tuple(e["prompt"] + e["chosen"]) for e in examples[:6]},
+        {tuple(e["prompt"] + e["chosen"]) for e in examples[6:]},
+    ]
     for epoch in (0, 1):
         served = [row for e, rows, _ in recorder.batches if e == epoch for row in rows]
         assert len(served) == 6 and set(served) == chunks[epoch], epoch  # every example of chunk k once, nothing else
@@ -157,7 +182,10 @@ def test_stepwise_dpo_serves_one_chunk_per_epoch_and_resets_the_reference():
 # ----------------------------------------------------------------------------- errors
 def test_reference_sync_refuses_adapter_and_cached_references():
     adapter = DPO(model=ModelSettings(lora=LoRA(r=4)))  # auto -> adapter
-    with pytest.raises(ValueError, match=r"ReferenceSync .* model.reference=adapter: .*no separate reference weights.*set model.reference: copy"):
+    with pytest.raises(
+        ValueError,
+        match=r"ReferenceSync .* model.reference=adapter: .*no separate reference weights.*set model.reference: copy",
+    ):
         ReferenceSync().setup(None, adapter, "fit")
     cached = DPO(model=ModelSettings(reference="cached"))
     with pytest.raises(ValueError, match=r"model.reference=cached: .*a fixed cache cannot follow the policy"):
@@ -190,8 +218,21 @@ def cli_accuracies(tmp_path, monkeypatch, capsys, config, *overrides) -> list[fl
     from lit_align.cli import main
 
     monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", str(CONFIGS / config), "--trainer.enable_checkpointing", "false",
-          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *overrides, *seed_flags()])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / config),
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            *overrides,
+            *seed_flags(),
+        ]
+    )
     (path,) = Path("runs").rglob("metrics.csv")
     with open(path) as handle:
         rows = list(csv.DictReader(handle))
@@ -202,8 +243,19 @@ def cli_accuracies(tmp_path, monkeypatch, capsys, config, *overrides) -> list[fl
 
 @pytest.mark.slow
 def test_tr_dpo_config_learns_the_builtin_task(tmp_path, monkeypatch, capsys, measured):
-    accuracies = measured("val/rewards/accuracies", cli_accuracies(tmp_path, monkeypatch, capsys, "tr_dpo.yaml", "--trainer.max_steps", "80",
-                                                                   "--trainer.val_check_interval", "80"))
+    accuracies = measured(
+        "val/rewards/accuracies",
+        cli_accuracies(
+            tmp_path,
+            monkeypatch,
+            capsys,
+            "tr_dpo.yaml",
+            "--trainer.max_steps",
+            "80",
+            "--trainer.val_check_interval",
+            "80",
+        ),
+    )
     assert len(accuracies) == 2 and 0.35 <= accuracies[0] <= 0.65
     assert accuracies[-1] >= 0.8
 

@@ -32,8 +32,11 @@ def unpaired_with_mismatched(tokenizer):
     return dm
 
 
-@pytest.mark.parametrize("make", [lambda t: prepared(PreferenceDataModule, t), unpaired_with_mismatched, lambda t: prepared(ListwiseDataModule, t)],
-                         ids=["paired", "unpaired+mismatched", "listwise"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda t: prepared(PreferenceDataModule, t), unpaired_with_mismatched, lambda t: prepared(ListwiseDataModule, t)],
+    ids=["paired", "unpaired+mismatched", "listwise"],
+)
 def test_packed_rows_give_the_padded_logps_in_every_layout(make, tokenizer):
     dm = make(tokenizer)
     dm.setup()
@@ -42,11 +45,17 @@ def test_packed_rows_give_the_padded_logps_in_every_layout(make, tokenizer):
     padded = backbone.logps(Collator(tokenizer.pad_token_id, dm.layout)(examples))
     packed_batch = PackedCollator(tokenizer.pad_token_id, capacity=128, layout=dm.layout)(examples)
     packed = backbone.logps(packed_batch)
-    assert packed_batch["input_ids"].shape[0] < packed_batch["seq_lens"].shape[0] == padded.tokens.shape[0]  # rows were shared
+    assert (
+        packed_batch["input_ids"].shape[0] < packed_batch["seq_lens"].shape[0] == padded.tokens.shape[0]
+    )  # rows were shared
     torch.testing.assert_close(packed.tokens, padded.tokens, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("make", [unpaired_with_mismatched, lambda t: prepared(ListwiseDataModule, t)], ids=["unpaired+mismatched", "listwise"])
+@pytest.mark.parametrize(
+    "make",
+    [unpaired_with_mismatched, lambda t: prepared(ListwiseDataModule, t)],
+    ids=["unpaired+mismatched", "listwise"],
+)
 def test_cached_reference_equals_the_frozen_copy_in_every_layout(make, tokenizer):
     """Per-token cached values land on the same rows and positions as a live reference forward."""
     dm = make(tokenizer)
@@ -100,8 +109,10 @@ def test_builtin_ranked_lists_are_graded_and_held_out():
 
 def test_paired_scores_reach_the_batch_and_missing_ones_are_nan(tokenizer, tmp_path):
     path = tmp_path / "scored.jsonl"
-    records = [{"prompt": "Q1 ", "chosen": "good", "rejected": "bad", "score_chosen": 9, "score_rejected": 2.5},
-               {"prompt": "Q2 ", "chosen": "fine", "rejected": "poor"}]
+    records = [
+        {"prompt": "Q1 ", "chosen": "good", "rejected": "bad", "score_chosen": 9, "score_rejected": 2.5},
+        {"prompt": "Q2 ", "chosen": "fine", "rejected": "poor"},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in records))
     dm = PreferenceDataModule(train=str(path), val=str(path), max_length=32, batch_size=2)
     dm.tokenizer = tokenizer
@@ -114,7 +125,9 @@ def test_paired_scores_reach_the_batch_and_missing_ones_are_nan(tokenizer, tmp_p
 @pytest.mark.parametrize("bad", ["high", True, [1.0], float("inf")], ids=["string", "bool", "list", "inf"])
 def test_non_numeric_pair_score_is_named(bad, tokenizer, tmp_path):
     path = tmp_path / "scored.jsonl"
-    path.write_text(json.dumps({"prompt": "Q ", "chosen": "a", "rejected": "b", "score_chosen": 1.0, "score_rejected": bad}))
+    path.write_text(
+        json.dumps({"prompt": "Q ", "chosen": "a", "rejected": "b", "score_chosen": 1.0, "score_rejected": bad})
+    )
     dm = PreferenceDataModule(train=str(path), val=str(path), max_length=32)
     dm.tokenizer = tokenizer
     with pytest.raises(DataError, match=r"scored\.jsonl, record 0, field 'score_rejected': expected a finite number"):
@@ -122,12 +135,23 @@ def test_non_numeric_pair_score_is_named(bad, tokenizer, tmp_path):
 
 
 def test_a_method_given_another_regime_names_the_data_module_to_use():
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(ValueError, match=r"DPO trains on PairLayout data, but the data module ListwiseDataModule gives ListLayout data; use lit_align\.data\.PreferenceDataModule"):
+    trainer = L.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"DPO trains on PairLayout data, but the data module ListwiseDataModule gives ListLayout data; "
+        r"use lit_align\.data\.PreferenceDataModule",
+    ):
         trainer.fit(DPO(), datamodule=ListwiseDataModule(task=TASK, max_length=48))
 
 
-HH = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+HH = (
+    __import__("pathlib").Path(__file__).resolve().parents[2]
+    / "shared"
+    / "data"
+    / "hh-rlhf-harmless-base-test.jsonl.gz"
+)
 
 
 @pytest.mark.skipif(not HH.exists(), reason="../shared/data is not next to the checkout")

@@ -87,25 +87,56 @@ def cli_env(workspace: Path) -> dict[str, str]:
 
 
 def fit_command(*extra: str) -> list[str]:
-    return [sys.executable, "-m", "lit_align.cli", "fit", "--config", str(DPO_YAML),
-            "--model.class_path", "reliability_helpers.NoisyDPO",
-            "--data.init_args.task.num_train", "80", "--trainer.max_steps", str(MAX_STEPS),
-            "--trainer.val_check_interval", "1000", "--validate_before_fit", "false",
-            "--trainer.log_every_n_steps", "1", "--trainer.logger.init_args.flush_logs_every_n_steps", "1",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "lit_align.cli",
+        "fit",
+        "--config",
+        str(DPO_YAML),
+        "--model.class_path",
+        "reliability_helpers.NoisyDPO",
+        "--data.init_args.task.num_train",
+        "80",
+        "--trainer.max_steps",
+        str(MAX_STEPS),
+        "--trainer.val_check_interval",
+        "1000",
+        "--validate_before_fit",
+        "false",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.logger.init_args.flush_logs_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        *extra,
+    ]
 
 
 def every_step_checkpoints(folder: Path) -> list[str]:
-    return ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.dirpath", str(folder),
-            "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_top_k", "-1",
-            "--trainer.callbacks.save_last", "true"]
+    return [
+        "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.dirpath",
+        str(folder),
+        "--trainer.callbacks.every_n_train_steps",
+        "1",
+        "--trainer.callbacks.save_top_k",
+        "-1",
+        "--trainer.callbacks.save_last",
+        "true",
+    ]
 
 
 def start(workspace: Path, name: str, *extra: str) -> tuple[subprocess.Popen, Path]:
     cwd = workspace / name
     cwd.mkdir()
     with open(cwd / "output.txt", "w") as log:
-        process = subprocess.Popen(fit_command(*extra), cwd=cwd, env=cli_env(workspace), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            fit_command(*extra), cwd=cwd, env=cli_env(workspace), stdout=log, stderr=subprocess.STDOUT
+        )
     return process, cwd
 
 
@@ -120,8 +151,11 @@ def train_metrics(cwd: Path) -> dict[int, tuple[float, float]]:
     """step -> (train/loss, train/rewards/accuracies) of the run in ``cwd``."""
     (path,) = (cwd / "runs").rglob("metrics.csv")
     with open(path) as handle:
-        return {int(row["step"]): (float(row["train/loss"]), float(row["train/rewards/accuracies"]))
-                for row in csv.DictReader(handle) if row.get("train/loss")}
+        return {
+            int(row["step"]): (float(row["train/loss"]), float(row["train/rewards/accuracies"]))
+            for row in csv.DictReader(handle)
+            if row.get("train/loss")
+        }
 
 
 def assert_continues_reference(resumed: dict, reference: dict, first_step: int) -> None:
@@ -178,8 +212,15 @@ def test_resume_from_the_last_batch_of_an_epoch_matches_the_uninterrupted_run(wo
 def test_checkpoints_carry_every_rng_state(tmp_path):
     """Lightning (2.6) saves no RNG state; lit-align modules add torch, random and numpy states."""
     module = DPO()
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, PreferenceDataModule(batch_size=4, max_length=48, task=WordRulesTask(num_train=8, num_val=4)))
     trainer.save_checkpoint(tmp_path / "x.ckpt")
     (state,) = torch.load(tmp_path / "x.ckpt", weights_only=False)["lit_align_rng_states"]
@@ -189,8 +230,14 @@ def test_checkpoints_carry_every_rng_state(tmp_path):
 # ---- 2. SIGTERM: a checkpoint at the next batch boundary, exit status 143 ----------------------
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_at_the_next_batch_boundary_and_resumes_exactly(workspace, reference):
-    cwd = run(workspace, "terminated", "--trainer.callbacks+=reliability_helpers.SigtermAt", "--trainer.callbacks.step", "7",
-              expect=128 + signal.SIGTERM)
+    cwd = run(
+        workspace,
+        "terminated",
+        "--trainer.callbacks+=reliability_helpers.SigtermAt",
+        "--trainer.callbacks.step",
+        "7",
+        expect=128 + signal.SIGTERM,
+    )
     output = (cwd / "output.txt").read_text()
     (saved,) = (cwd / "runs").rglob("last.ckpt")  # the default ModelCheckpoint's folder
     assert f"SIGTERM: saved {saved.relative_to(cwd)} at step 8" in output
@@ -214,8 +261,16 @@ def test_cli_adds_the_reliability_callbacks_without_duplicating_configured_ones(
     monkeypatch.chdir(tmp_path)
 
     def callbacks(*args):
-        cli = LitAlignCLI(AlignmentModule, Base, subclass_mode_model=True, subclass_mode_data=True, auto_configure_optimizers=False,
-                          trainer_defaults=TRAINER_DEFAULTS, run=False, args=["--config", str(DPO_YAML), *args])
+        cli = LitAlignCLI(
+            AlignmentModule,
+            Base,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            trainer_defaults=TRAINER_DEFAULTS,
+            run=False,
+            args=["--config", str(DPO_YAML), *args],
+        )
         return cli.trainer.callbacks
 
     default = callbacks()
@@ -224,14 +279,28 @@ def test_cli_adds_the_reliability_callbacks_without_duplicating_configured_ones(
     assert guard.action == "stop"
     (guard,) = [c for c in callbacks("--nonfinite_loss", "skip") if isinstance(c, NonFiniteLoss)]
     assert guard.action == "skip"
-    configured = callbacks("--trainer.callbacks+=lit_align.callbacks.NonFiniteLoss", "--trainer.callbacks.max_skipped", "3",
-                           "--trainer.callbacks+=ExportHF", "--trainer.callbacks.output_dir", str(tmp_path / "out"))
+    configured = callbacks(
+        "--trainer.callbacks+=lit_align.callbacks.NonFiniteLoss",
+        "--trainer.callbacks.max_skipped",
+        "3",
+        "--trainer.callbacks+=ExportHF",
+        "--trainer.callbacks.output_dir",
+        str(tmp_path / "out"),
+    )
     (guard,) = [c for c in configured if isinstance(c, NonFiniteLoss)]
     assert guard.max_skipped == 3
     assert any(isinstance(c, ExportHF) for c in configured)
     assert [type(c) for c in configured].count(SaveOnSigterm) == 1
-    cli = LitAlignCLI(AlignmentModule, Base, subclass_mode_model=True, subclass_mode_data=True, auto_configure_optimizers=False,
-                      trainer_defaults=TRAINER_DEFAULTS, run=False, args=["--config", str(DPO_YAML)])
+    cli = LitAlignCLI(
+        AlignmentModule,
+        Base,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        trainer_defaults=TRAINER_DEFAULTS,
+        run=False,
+        args=["--config", str(DPO_YAML)],
+    )
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
@@ -263,9 +332,18 @@ def nan_fit(tmp_path, guard, callbacks=(), logger=False, steps=6):
     module = NaNDPO(optimizer=OptimizerSettings(lr=1e-2))
     data = PreferenceDataModule(batch_size=4, max_length=48, task=WordRulesTask(num_train=64, num_val=4))
     checkpointing = any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks)
-    trainer = L.Trainer(max_steps=steps, logger=logger, enable_checkpointing=checkpointing, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=tmp_path,
-                        callbacks=[guard, *callbacks])
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=logger,
+        enable_checkpointing=checkpointing,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+        callbacks=[guard, *callbacks],
+    )
     return module, trainer, data
 
 
@@ -276,7 +354,9 @@ def all_finite(module) -> bool:
 def test_nonfinite_loss_stop_names_step_and_batch_and_saves_nothing_after(tmp_path):
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=1, save_top_k=-1)
     module, trainer, data = nan_fit(tmp_path, NonFiniteLoss("stop"), [checkpoints, ExportHF(str(tmp_path / "export"))])
-    with pytest.raises(FloatingPointError, match=r"^NaNDPO: non-finite loss nan at step 3 \(epoch 0, batch 3\); stopping"):
+    with pytest.raises(
+        FloatingPointError, match=r"^NaNDPO: non-finite loss nan at step 3 \(epoch 0, batch 3\); stopping"
+    ):
         trainer.fit(module, data)
     assert all_finite(module)  # stopped before the backward
     saved = sorted(tmp_path.joinpath("ckpts").glob("*.ckpt"))
@@ -294,17 +374,27 @@ def test_nonfinite_loss_skip_drops_that_step_keeps_training_and_logs_the_count(t
     with caplog.at_level(logging.WARNING, logger="lit_align.callbacks.reliability"):
         trainer.fit(module, data)
     assert trainer.global_step == 6  # the skipped batch still counts as a step
-    assert all(torch.equal(a, b) for a, b in zip(snapshots.before, snapshots.after))  # step 3 changed nothing
+    # step 3 changed nothing
+    assert all(torch.equal(a, b) for a, b in zip(snapshots.before, snapshots.after, strict=True))
     assert all_finite(module)
-    assert "NaNDPO: non-finite loss nan at step 3 (epoch 0, batch 3); skipping this optimizer step (1 skipped so far)" in caplog.text
+    assert (
+        "NaNDPO: non-finite loss nan at step 3 (epoch 0, batch 3); skipping this optimizer step (1 skipped so far)"
+        in caplog.text
+    )
     with open(tmp_path / "metrics.csv") as handle:
-        counts = {int(row["step"]): float(row["train/skipped_nonfinite"]) for row in csv.DictReader(handle) if row.get("train/skipped_nonfinite")}
+        counts = {
+            int(row["step"]): float(row["train/skipped_nonfinite"])
+            for row in csv.DictReader(handle)
+            if row.get("train/skipped_nonfinite")
+        }
     assert counts == {0: 0.0, 1: 0.0, 2: 0.0, 3: 1.0, 4: 1.0, 5: 1.0}
 
 
 def test_nonfinite_loss_max_skipped_stops(tmp_path):
     module, trainer, data = nan_fit(tmp_path, NonFiniteLoss("skip", max_skipped=0))
-    with pytest.raises(FloatingPointError, match=r"at step 3 \(epoch 0, batch 3\); 1 steps skipped, more than max_skipped=0"):
+    with pytest.raises(
+        FloatingPointError, match=r"at step 3 \(epoch 0, batch 3\); 1 steps skipped, more than max_skipped=0"
+    ):
         trainer.fit(module, data)
 
 
@@ -318,8 +408,13 @@ def test_nonfinite_decision_is_taken_by_all_processes_together():
         return True  # another rank saw NaN
 
     module = SimpleNamespace(automatic_optimization=True)
-    trainer = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=any_process), global_step=2, current_epoch=0,
-                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=2)), is_global_zero=True)
+    trainer = SimpleNamespace(
+        strategy=SimpleNamespace(reduce_boolean_decision=any_process),
+        global_step=2,
+        current_epoch=0,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=2)),
+        is_global_zero=True,
+    )
     guard = NonFiniteLoss("skip")
     guard.on_before_backward(trainer, module, torch.tensor(0.5))
     assert decisions == [(False, False)]
@@ -366,24 +461,31 @@ class Watch(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if batch_idx == 2:
-            self.unchanged = all(torch.equal(a, p) for a, p in zip(self.before, [p for p in module.parameters() if p.requires_grad]))
+            after = [p for p in module.parameters() if p.requires_grad]
+            self.unchanged = all(torch.equal(a, p) for a, p in zip(self.before, after))
 
 
 if __name__ == "__main__":
     L.seed_everything(0)
     module = NaNOnRankOne()
-    data = PreferenceDataModule(batch_size=4, max_length=48, task=WordRulesTask(num_train=40, num_val=8), cache_dir=sys.argv[1])
+    data = PreferenceDataModule(
+        batch_size=4, max_length=48, task=WordRulesTask(num_train=40, num_val=8), cache_dir=sys.argv[1]
+    )
     guard, saver, watch = NonFiniteLoss(action="skip"), SaveOnSigterm(dirpath=sys.argv[1]), Watch()
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=8, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        callbacks=[guard, saver, watch])
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=8, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[guard, saver, watch],
+    )
     try:
         trainer.fit(module, data)
     except SystemExit:
         weights = torch.cat([p.detach().reshape(-1) for p in module.parameters() if p.requires_grad])
-        digest = hashlib.sha256(weights.numpy().tobytes()).hexdigest()[:16] if torch.isfinite(weights).all() else "non-finite"
+        finite = torch.isfinite(weights).all()
+        digest = hashlib.sha256(weights.numpy().tobytes()).hexdigest()[:16] if finite else "non-finite"
+        # one write: lines never mix
         sys.stdout.write(f"rank {trainer.global_rank}: stopped at step {trainer.global_step}, skipped {guard.skipped}, "
-                         f"step 2 unchanged {watch.unchanged}, weights {digest}, saved {saver.saved_path}\\n")  # one write: lines never mix
+                         f"step 2 unchanged {watch.unchanged}, weights {digest}, saved {saver.saved_path}\\n")
         sys.stdout.flush()
         raise
 '''
@@ -397,8 +499,19 @@ def test_two_process_ddp_nan_on_one_rank_and_sigterm_to_the_other(tmp_path):
     handler (a broadcast inside the signal handler) this crashed about one run in five."""
     script = tmp_path / "ddp_reliability.py"
     script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "c")], env=env, capture_output=True, text=True, timeout=300, check=False)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "c")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
     assert len(lines) == 2, done.stdout + done.stderr[-4000:]
     path = tmp_path / "c" / "last.ckpt"
@@ -411,16 +524,24 @@ def test_two_process_ddp_nan_on_one_rank_and_sigterm_to_the_other(tmp_path):
     assert checkpoint["global_step"] == 5 and len(checkpoint["lit_align_rng_states"]) == 2
     assert checkpoint["callbacks"]["NonFiniteLoss"] == {"skipped": 1}
 
+
 def test_nonfinite_message_matches_the_on_policy_wording():
     """On-policy methods raise "<Class>: non-finite loss <value> at step <n>"; the callback adds where."""
     module = DPO.__new__(DPO)
     assert nonfinite_loss_message(module, torch.tensor([1.0, float("inf")]), 4) == "DPO: non-finite loss inf at step 4"
-    assert nonfinite_loss_message(module, torch.tensor(float("nan")), 4, 1, 0) == "DPO: non-finite loss nan at step 4 (epoch 0, batch 1)"
+    assert (
+        nonfinite_loss_message(module, torch.tensor(float("nan")), 4, 1, 0)
+        == "DPO: non-finite loss nan at step 4 (epoch 0, batch 1)"
+    )
 
 
 # ---- 4. atomic outputs ---------------------------------------------------------------------------
 def folder_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -450,7 +571,9 @@ def disk_full_after_partial_write(name: str):
 def test_export_that_runs_out_of_space_leaves_the_previous_export_byte_identical(exported, monkeypatch):
     from lit_align.model.export import export_policy
 
-    monkeypatch.setattr(type(exported.backbone.policy), "save_pretrained", disk_full_after_partial_write("model.safetensors"))
+    monkeypatch.setattr(
+        type(exported.backbone.policy), "save_pretrained", disk_full_after_partial_write("model.safetensors")
+    )
     with pytest.raises(OSError) as failure:
         export_policy(exported.backbone, exported.target)
     assert failure.value.errno == errno.ENOSPC
@@ -461,7 +584,9 @@ def test_export_that_runs_out_of_space_leaves_the_previous_export_byte_identical
 def test_export_failing_in_the_tokenizer_also_leaves_the_previous_export(exported, monkeypatch):
     from lit_align.model.export import export_policy
 
-    monkeypatch.setattr(type(exported.backbone.tokenizer), "save_pretrained", disk_full_after_partial_write("tokenizer.json"))
+    monkeypatch.setattr(
+        type(exported.backbone.tokenizer), "save_pretrained", disk_full_after_partial_write("tokenizer.json")
+    )
     with pytest.raises(OSError):
         export_policy(exported.backbone, exported.target)
     assert folder_digest(exported.target) == exported.digest
@@ -471,7 +596,9 @@ def test_export_failing_in_the_tokenizer_also_leaves_the_previous_export(exporte
 def test_failed_export_error_names_the_output_folder(exported, monkeypatch):
     from lit_align.model.export import export_policy
 
-    monkeypatch.setattr(type(exported.backbone.policy), "save_pretrained", disk_full_after_partial_write("model.safetensors"))
+    monkeypatch.setattr(
+        type(exported.backbone.policy), "save_pretrained", disk_full_after_partial_write("model.safetensors")
+    )
     with pytest.raises(OSError, match=f"{exported.target}[^/.]"):
         export_policy(exported.backbone, exported.target)
 
@@ -480,17 +607,28 @@ def test_cli_export_out_of_space_names_the_folder_and_keeps_it(exported, tmp_pat
     from lit_align.cli import main
 
     module = DPO()
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, PreferenceDataModule(batch_size=4, max_length=48, task=WordRulesTask(num_train=8, num_val=4)))
     trainer.save_checkpoint(tmp_path / "run.ckpt")
-    monkeypatch.setattr(type(module.backbone.policy), "save_pretrained", disk_full_after_partial_write("model.safetensors"))
-    with pytest.raises(SystemExit, match=f"writing '{exported.target}' failed .*No space left on device.*previous contents"):
+    monkeypatch.setattr(
+        type(module.backbone.policy), "save_pretrained", disk_full_after_partial_write("model.safetensors")
+    )
+    with pytest.raises(
+        SystemExit, match=f"writing '{exported.target}' failed .*No space left on device.*previous contents"
+    ):
         main(["export", "--ckpt_path", str(tmp_path / "run.ckpt"), "--output_dir", str(exported.target)])
     assert folder_digest(exported.target) == exported.digest
 
 
-KILLED_EXPORT = '''
+KILLED_EXPORT = """
 import os, signal, sys
 from pathlib import Path
 
@@ -511,7 +649,7 @@ def killed(self, folder, *args, **kwargs):
 
 type(backbone.policy).save_pretrained = killed
 export_policy(backbone, target)
-'''
+"""
 
 
 @pytest.mark.slow
@@ -521,8 +659,14 @@ def test_export_killed_midway_leaves_the_previous_export_intact(tmp_path):
     script = tmp_path / "killed_export.py"
     script.write_text(KILLED_EXPORT)
     target = tmp_path / "outputs" / "policy"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run([sys.executable, str(script), str(target)], env=env, capture_output=True, text=True, timeout=300, check=False)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), str(target)], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == -signal.SIGKILL and "FIRST-DONE" in done.stdout, done.stderr[-3000:]
     assert (target / "model.safetensors").stat().st_size > 1000  # the first export, whole
     AutoModelForCausalLM.from_pretrained(target)  # loads
@@ -562,8 +706,16 @@ def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkey
     """AtomicCheckpointIO (the CLI's checkpoint writer): a failed save of last.ckpt leaves the one
     before it loadable, and nothing else in the folder."""
     module = DPO()
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()])
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        plugins=[AtomicCheckpointIO()],
+    )
     trainer.fit(module, PreferenceDataModule(batch_size=4, max_length=48, task=WordRulesTask(num_train=8, num_val=4)))
     path = tmp_path / "ckpts" / "last.ckpt"
     trainer.save_checkpoint(path)
@@ -600,7 +752,10 @@ def test_tokenized_cache_write_failure_leaves_no_half_written_cache(tmp_path, mo
     with caplog.at_level(logging.WARNING, logger="lit_align.data.datamodule"):
         failed.setup("fit")
     assert failed.datasets["train"]
-    assert f"cannot write the tokenized-data cache in {cache / 'tokenized'}" in caplog.text and "continuing without it" in caplog.text
+    assert (
+        f"cannot write the tokenized-data cache in {cache / 'tokenized'}" in caplog.text
+        and "continuing without it" in caplog.text
+    )
     assert list(cache.rglob("*")) == [cache / "tokenized"]  # the folder, no file
     monkeypatch.undo()
     dm = small_dm(cache_dir=str(cache))
@@ -624,4 +779,3 @@ def test_truncated_tokenized_cache_is_detected_and_rebuilt(tmp_path, caplog):
     assert "unreadable; rebuilding" in caplog.text
     assert second.datasets == first.datasets
     assert load_or_none(written)["splits"] == first.datasets
-

@@ -57,8 +57,17 @@ def small_task() -> WordRulesTask:
 
 
 def fit(module, data, tmp_path, steps=5, callbacks=()):
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=list(callbacks), default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=list(callbacks),
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, data)
     return trainer
 
@@ -110,7 +119,11 @@ def test_k_responses_are_scored_with_k_rows(monkeypatch):
     module = RewardModel()
     rows = []
     original = module.backbone.hidden_states
-    monkeypatch.setattr(module.backbone, "hidden_states", lambda batch, model=None: rows.append(batch["input_ids"].shape[0]) or original(batch, model))
+    monkeypatch.setattr(
+        module.backbone,
+        "hidden_states",
+        lambda batch, model=None: rows.append(batch["input_ids"].shape[0]) or original(batch, model),
+    )
     lists = set_up(ListwiseDataModule(task=small_task(), list_size=4, max_length=48, batch_size=3), module)
     batch = next(iter(lists.val_dataloader()))
     assert (batch["list_index"] >= 0).sum() == 12  # 3 prompts with 4 responses each
@@ -141,22 +154,37 @@ def test_reward_token_is_the_last_non_pad_token_as_in_transformers():
     (position 2), which is what AutoModelForSequenceClassification pools; same when packed."""
     from lit_align.methods.reward_model import reward_positions
 
-    padded = {"input_ids": torch.tensor([[1, 5, 6, 9, 0], [1, 5, 7, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 0]])}
+    padded = {
+        "input_ids": torch.tensor([[1, 5, 6, 9, 0], [1, 5, 7, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]),
+    }
     rows, columns = reward_positions(padded, pad_token_id=0)
     assert rows.tolist() == [0, 1] and columns.tolist() == [3, 2]
-    packed = {"input_ids": torch.tensor([[1, 5, 6, 9, 1, 5, 7, 0, 0]]), "seq_rows": torch.tensor([0, 0]),
-              "seq_starts": torch.tensor([0, 4]), "seq_lens": torch.tensor([4, 4])}
+    packed = {
+        "input_ids": torch.tensor([[1, 5, 6, 9, 1, 5, 7, 0, 0]]),
+        "seq_rows": torch.tensor([0, 0]),
+        "seq_starts": torch.tensor([0, 4]),
+        "seq_lens": torch.tensor([4, 4]),
+    }
     rows, columns = reward_positions(packed, pad_token_id=0)
     assert rows.tolist() == [0, 0] and columns.tolist() == [3, 6]
 
 
 def test_margin_column_is_read_and_used(tmp_path):
-    records = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad", **({"margin": 2.0} if i < 2 else {})} for i in range(4)]
+    records = [
+        {"prompt": f"q{i}", "chosen": "good", "rejected": "bad", **({"margin": 2.0} if i < 2 else {})} for i in range(4)
+    ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records))
     module = RewardModel()
     torch.nn.init.normal_(module.head.weight, std=0.5)
-    batch = next(iter(set_up(PreferenceDataModule(train=str(path), val=str(path), max_length=32, batch_size=4), module).val_dataloader()))
+    batch = next(
+        iter(
+            set_up(
+                PreferenceDataModule(train=str(path), val=str(path), max_length=32, batch_size=4), module
+            ).val_dataloader()
+        )
+    )
     assert_close(batch["margin"], torch.tensor([2.0, 2.0, NAN, NAN]), equal_nan=True)
     rewards = module.score(batch)
     chosen, rejected = rewards.chunk(2)
@@ -168,8 +196,12 @@ def test_margin_column_is_read_and_used(tmp_path):
 
 
 def test_unpaired_data_is_refused_with_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="RewardModel trains on PairLayout or ListLayout data, but the data module UnpairedDataModule "
-                                         r"gives UnpairedLayout data; use lit_align.data.PreferenceDataModule \(pairs\) or lit_align.data.ListwiseDataModule"):
+    with pytest.raises(
+        ValueError,
+        match="RewardModel trains on PairLayout or ListLayout data, but the data module UnpairedDataModule "
+        r"gives UnpairedLayout data; use lit_align.data.PreferenceDataModule \(pairs\) or "
+        r"lit_align.data.ListwiseDataModule",
+    ):
         fit(RewardModel(), UnpairedDataModule(train="builtin", task=small_task(), max_length=48), tmp_path, steps=1)
 
 
@@ -202,7 +234,9 @@ def test_export_reloads_with_the_same_rewards_and_reward_function_matches(tmp_pa
     # the reward function tokenizes the texts itself, as the data module did
     records = data.task.split("val")[: batch["input_ids"].shape[0] // 2]
     reward = RewardModelReward(str(tmp_path / "rm"), batch_size=3, max_length=48).to("cpu")
-    scores = reward([r["prompt"] for r in records] * 2, [r["chosen"] for r in records] + [r["rejected"] for r in records])
+    scores = reward(
+        [r["prompt"] for r in records] * 2, [r["chosen"] for r in records] + [r["rejected"] for r in records]
+    )
     assert_close(scores, expected, atol=1e-4, rtol=1e-4)
     # chat prompts go through the chat template, as conversational training data does
     chat = [{"role": "user", "content": "Write in capitals: abc"}]
@@ -228,10 +262,32 @@ def test_lora_reward_model_exports_one_merged_classifier(tmp_path):
 @pytest.mark.skipif(not HH.exists(), reason="../shared/data is not next to the checkout")
 def test_trains_on_anthropic_hh_with_finite_loss(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", str(CONFIGS / "reward.yaml"), "--data.init_args.train", str(HH), "--data.init_args.max_records", "24",
-          "--data.init_args.max_length", "128", "--data.init_args.batch_size", "4", "--trainer.max_steps", "3",
-          "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1", "--trainer.enable_checkpointing", "false",
-          "--validate_before_fit", "false", *QUIET])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "reward.yaml"),
+            "--data.init_args.train",
+            str(HH),
+            "--data.init_args.max_records",
+            "24",
+            "--data.init_args.max_length",
+            "128",
+            "--data.init_args.batch_size",
+            "4",
+            "--trainer.max_steps",
+            "3",
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--validate_before_fit",
+            "false",
+            *QUIET,
+        ]
+    )
     losses = metric_rows("train/loss")
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert math.isfinite(metric_rows("val/loss")[-1])
@@ -260,7 +316,10 @@ def test_reward_config_learns_the_builtin_task_and_exports(tmp_path, monkeypatch
     main(["export", "--ckpt_path", str(checkpoint), "--output_dir", "exported"])
     task = WordRulesTask()
     records = task.split("val")[:8]
-    prompts, completions = [r["prompt"] for r in records] * 2, [r["chosen"] for r in records] + [r["rejected"] for r in records]
+    prompts, completions = (
+        [r["prompt"] for r in records] * 2,
+        [r["chosen"] for r in records] + [r["rejected"] for r in records],
+    )
     from_callback = RewardModelReward("outputs/reward", max_length=64)(prompts, completions)
     assert_close(RewardModelReward("exported", max_length=64)(prompts, completions), from_callback)
     assert (from_callback[:8] > from_callback[8:]).all()
@@ -271,8 +330,28 @@ def test_reward_model_learns_ranked_lists_through_the_cli(tmp_path, monkeypatch,
     """The same config on ListwiseDataModule (list_size 4: the correct answer, the unchanged word
     and partly-correct answers): held-out pairwise accuracy over all differently-scored pairs."""
     monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", str(CONFIGS / "reward.yaml"), "--data", "lit_align.data.ListwiseDataModule", "--data.init_args.list_size", "4",
-          "--data.init_args.batch_size", "8", "--trainer.max_steps", "60", "--trainer.val_check_interval", "60",
-          "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]", *QUIET, *seed_flags()])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "reward.yaml"),
+            "--data",
+            "lit_align.data.ListwiseDataModule",
+            "--data.init_args.list_size",
+            "4",
+            "--data.init_args.batch_size",
+            "8",
+            "--trainer.max_steps",
+            "60",
+            "--trainer.val_check_interval",
+            "60",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.callbacks",
+            "[]",
+            *QUIET,
+            *seed_flags(),
+        ]
+    )
     accuracies = measured("val/accuracy", metric_rows("val/accuracy"))
     assert accuracies[0] == 0.5 and accuracies[-1] >= 0.9, accuracies

@@ -21,7 +21,17 @@ from lit_align.runtime.atomic import unwritable
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-SHORT = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "1", *QUIET]
+SHORT = [
+    "--trainer.max_steps",
+    "2",
+    "--trainer.val_check_interval",
+    "2",
+    "--trainer.limit_val_batches",
+    "2",
+    "--trainer.log_every_n_steps",
+    "1",
+    *QUIET,
+]
 
 
 @pytest.fixture
@@ -37,7 +47,10 @@ def read_only_folder(tmp_path):
     folder = tmp_path / "read-only"
     folder.mkdir()
     folder.chmod(0o555)
-    immutable = unwritable(folder) is None and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    immutable = (
+        unwritable(folder) is None
+        and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    )
     if unwritable(folder) is None:
         folder.chmod(0o755)
         pytest.skip("cannot make a read-only folder on this machine (root without chattr)")
@@ -54,7 +67,9 @@ def metrics(folder: Path) -> list[dict]:
 
 # ---- class 8: folders the run cannot write ---------------------------------------------------------
 @pytest.mark.parametrize("reference", ["auto", "cached"])
-def test_read_only_cache_folder_trains_uncached_with_a_warning(reference, read_only_folder, in_tmp, monkeypatch, caplog):
+def test_read_only_cache_folder_trains_uncached_with_a_warning(
+    reference, read_only_folder, in_tmp, monkeypatch, caplog
+):
     monkeypatch.setenv("LIT_ALIGN_CACHE", str(read_only_folder))
     with caplog.at_level(logging.WARNING, logger="lit_align"):
         main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--model.init_args.model.reference", reference, *SHORT])
@@ -76,8 +91,18 @@ def test_default_root_dir_holds_the_run(in_tmp):
 
 
 def test_a_logger_folder_given_explicitly_is_kept(in_tmp):
-    main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--trainer.default_root_dir", "root",
-          "--trainer.logger.init_args.save_dir", "logs", *SHORT])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "dpo.yaml"),
+            "--trainer.default_root_dir",
+            "root",
+            "--trainer.logger.init_args.save_dir",
+            "logs",
+            *SHORT,
+        ]
+    )
     assert metrics(in_tmp / "logs") and not (in_tmp / "root").exists()
 
 
@@ -85,7 +110,9 @@ def test_a_logger_folder_given_explicitly_is_kept(in_tmp):
 def test_a_run_folder_that_cannot_be_written_stops_before_anything_is_loaded(flag, read_only_folder, in_tmp):
     target = read_only_folder / "runs"
     setting = flag.removeprefix("--")
-    with pytest.raises(SystemExit, match="^" + re.escape(f"lit-align fit: the run folder {str(target)!r} cannot be written (")) as stop:
+    with pytest.raises(
+        SystemExit, match="^" + re.escape(f"lit-align fit: the run folder {str(target)!r} cannot be written (")
+    ) as stop:
         main(["fit", "--config", str(CONFIGS / "dpo.yaml"), flag, str(target), *SHORT])
     assert f"; set {setting} to a folder you can write" in str(stop.value.code)
     assert not Path("runs").exists()
@@ -93,8 +120,19 @@ def test_a_run_folder_that_cannot_be_written_stops_before_anything_is_loaded(fla
 
 def test_an_export_folder_that_cannot_be_written_stops_before_training(read_only_folder, in_tmp):
     target = read_only_folder / "policy"
-    with pytest.raises(SystemExit, match="^" + re.escape(f"lit-align fit: ExportHF: output_dir {str(target)!r} cannot be written (")):
-        main(["fit", "--config", str(CONFIGS / "sft.yaml"), "--trainer.callbacks.init_args.output_dir", str(target), *SHORT])
+    with pytest.raises(
+        SystemExit, match="^" + re.escape(f"lit-align fit: ExportHF: output_dir {str(target)!r} cannot be written (")
+    ):
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "sft.yaml"),
+                "--trainer.callbacks.init_args.output_dir",
+                str(target),
+                *SHORT,
+            ]
+        )
     logged = [row for path in in_tmp.rglob("metrics.csv") for row in csv.DictReader(open(path))]
     assert not [row for row in logged if row.get("train/loss")]  # no training step ran
 
@@ -114,26 +152,63 @@ def test_a_checkpoint_of_another_method_is_refused_naming_both(command, dpo_chec
     with pytest.raises(SystemExit) as stop:
         main([command, "--config", str(CONFIGS / "orpo.yaml"), "--ckpt_path", str(dpo_checkpoint), *QUIET])
     message, hint = str(stop.value.code).splitlines()
-    assert message == (f"lit-align {command}: checkpoint {str(dpo_checkpoint)!r} was written by lit_align.methods.dpo.DPO, but the config trains "
-                       "lit_align.methods.ORPO; resuming would run the checkpoint's method instead")
+    assert message == (
+        f"lit-align {command}: checkpoint {str(dpo_checkpoint)!r} was written by lit_align.methods.dpo.DPO, but the "
+        "config trains "
+        "lit_align.methods.ORPO; resuming would run the checkpoint's method instead"
+    )
     assert hint.startswith("hint: use the config of DPO with this checkpoint, or start without --ckpt_path")
     assert not Path("runs").exists()
 
 
 def test_settings_the_checkpoint_replaces_are_reported(dpo_checkpoint, caplog):
     with caplog.at_level(logging.WARNING, logger="lit_align.cli"):
-        main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--ckpt_path", str(dpo_checkpoint), "--model.init_args.beta", "0.3",
-              "--model.init_args.optimizer.lr", "0.01", "--trainer.max_steps", "3", "--trainer.val_check_interval", "1",
-              "--trainer.limit_val_batches", "1", *QUIET])
-    assert f"resuming from {dpo_checkpoint}: the checkpoint's hyper-parameters replace 2 configured setting(s):" in caplog.text
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "dpo.yaml"),
+                "--ckpt_path",
+                str(dpo_checkpoint),
+                "--model.init_args.beta",
+                "0.3",
+                "--model.init_args.optimizer.lr",
+                "0.01",
+                "--trainer.max_steps",
+                "3",
+                "--trainer.val_check_interval",
+                "1",
+                "--trainer.limit_val_batches",
+                "1",
+                *QUIET,
+            ]
+        )
+    assert (
+        f"resuming from {dpo_checkpoint}: the checkpoint's hyper-parameters replace 2 configured setting(s):"
+        in caplog.text
+    )
     assert "  model.init_args.beta: 0.3 configured, 0.1 from the checkpoint" in caplog.text
     assert "  model.init_args.optimizer.lr: 0.01 configured, 0.001 from the checkpoint" in caplog.text
 
 
 def test_resuming_with_the_same_settings_reports_nothing(dpo_checkpoint, caplog):
     with caplog.at_level(logging.WARNING, logger="lit_align.cli"):
-        main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--ckpt_path", str(dpo_checkpoint), "--trainer.max_steps", "3",
-              "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1", *QUIET])
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "dpo.yaml"),
+                "--ckpt_path",
+                str(dpo_checkpoint),
+                "--trainer.max_steps",
+                "3",
+                "--trainer.val_check_interval",
+                "1",
+                "--trainer.limit_val_batches",
+                "1",
+                *QUIET,
+            ]
+        )
     assert "resuming from" not in caplog.text
 
 
@@ -154,7 +229,16 @@ def lit_align_command(words: list[str], cwd: Path) -> subprocess.CompletedProces
     """``lit-align WORDS`` as the installed console script runs it: no PYTHONPATH, started in ``cwd``."""
     environment = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "LIT_ALIGN_DEBUG")}
     script = shutil.which("lit-align")
-    command = [script, *words] if script else [sys.executable, "-c", "import sys; from lit_align.cli import main; sys.argv[0] = 'lit-align'; main()", *words]
+    command = (
+        [script, *words]
+        if script
+        else [
+            sys.executable,
+            "-c",
+            "import sys; from lit_align.cli import main; sys.argv[0] = 'lit-align'; main()",
+            *words,
+        ]
+    )
     return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=900)
 
 
@@ -170,7 +254,9 @@ def test_readme_own_loss_command_runs_as_printed_from_a_fresh_folder(tmp_path):
     assert command == "lit-align fit --config configs/dpo.yaml --model my_losses.MarginDPO --model.delta 1.0"
     result = lit_align_command(shlex.split(command)[1:], folder)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"held-out val/rewards/accuracies: 0\.\d+ -> (0\.[89]\d*|1\.000)", result.stdout + result.stderr), result.stdout[-2000:]
+    assert re.search(
+        r"held-out val/rewards/accuracies: 0\.\d+ -> (0\.[89]\d*|1\.000)", result.stdout + result.stderr
+    ), result.stdout[-2000:]
     (checkpoint,) = (folder / "runs").rglob("*.ckpt")
 
     elsewhere = tmp_path / "elsewhere"
@@ -178,9 +264,14 @@ def test_readme_own_loss_command_runs_as_printed_from_a_fresh_folder(tmp_path):
     export = lit_align_command(["export", "--ckpt_path", str(checkpoint), "--output_dir", "out"], elsewhere)
     assert export.returncode == 1 and "Traceback" not in export.stderr
     message, hint = export.stderr.strip().splitlines()[-2:]
-    assert message == (f"lit-align export: checkpoint {str(checkpoint)!r} was written by my_losses.MarginDPO, and it cannot be imported "
-                       "(No module named 'my_losses')")
-    assert hint.startswith("hint: run lit-align from the folder that holds my_losses.py, or add that folder to PYTHONPATH")
+    assert message == (
+        f"lit-align export: checkpoint {str(checkpoint)!r} was written by my_losses.MarginDPO, and it cannot be "
+        "imported "
+        "(No module named 'my_losses')"
+    )
+    assert hint.startswith(
+        "hint: run lit-align from the folder that holds my_losses.py, or add that folder to PYTHONPATH"
+    )
     assert not (elsewhere / "out").exists()
     exported = lit_align_command(["export", "--ckpt_path", str(checkpoint), "--output_dir", "out"], folder)
     assert exported.returncode == 0 and (folder / "out" / "config.json").is_file(), exported.stderr[-2000:]
@@ -189,8 +280,13 @@ def test_readme_own_loss_command_runs_as_printed_from_a_fresh_folder(tmp_path):
 def test_a_checkpoint_folder_that_cannot_be_written_stops_before_anything_is_loaded(read_only_folder, in_tmp):
     target = read_only_folder / "checkpoints"
     config = in_tmp / "checkpoints.yaml"
-    config.write_text(f"trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n      init_args: {{dirpath: '{target}'}}\n")
-    with pytest.raises(SystemExit, match="^" + re.escape(f"lit-align fit: the checkpoint folder {str(target)!r} cannot be written (")) as stop:
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n      init_args: "
+        f"{{dirpath: '{target}'}}\n"
+    )
+    with pytest.raises(
+        SystemExit, match="^" + re.escape(f"lit-align fit: the checkpoint folder {str(target)!r} cannot be written (")
+    ) as stop:
         main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--config", str(config), *SHORT])
     assert "set trainer.callbacks[0].init_args.dirpath to a folder you can write" in str(stop.value.code)
     assert not Path("runs").exists()

@@ -14,7 +14,14 @@ from lit_align.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "subclassing.md"
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false"]
+QUIET = [
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--trainer.enable_checkpointing",
+    "false",
+]
 
 
 def example(heading: str) -> str:
@@ -49,8 +56,21 @@ def test_each_worked_example_learns_through_the_cli(heading, name, config, metri
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
     sys.modules.pop("my_objectives", None)
-    main(["fit", "--config", str(ROOT / "configs" / config), "--model", f"my_objectives.{name}",
-          "--trainer.max_steps", "80", "--trainer.val_check_interval", "80", *QUIET, *seed_flags()])
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / config),
+            "--model",
+            f"my_objectives.{name}",
+            "--trainer.max_steps",
+            "80",
+            "--trainer.val_check_interval",
+            "80",
+            *QUIET,
+            *seed_flags(),
+        ]
+    )
     values = measured(metric, headline(metric))
     assert len(values) == 2, values
     if metric.endswith("accuracies"):

@@ -53,7 +53,10 @@ def naive_token_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, label
 # ----------------------------------------------------------------------------- chunked KL
 def random_heads(seed=0, rows=3, positions=11, width=16, vocab=37):
     g = torch.Generator().manual_seed(seed)
-    make = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def make(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
     hidden, weight, bias = make(rows, positions, width), make(vocab, width), make(vocab)
     ref_hidden, ref_weight, ref_bias = make(rows, positions, width), make(vocab, width), make(vocab)
     labels = torch.randint(0, vocab, (rows, positions), generator=g)
@@ -70,12 +73,14 @@ def test_chunked_token_kl_equals_full_logits_values_and_gradients():
     # weights of the two outputs differ so both backward paths are checked
     (0.7 * out.kl.sum() + 1.3 * out.logps.sum()).backward()
     naive_leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
-    kl, logps, ref_logps = naive_token_kl(naive_leaves[0], naive_leaves[1], naive_leaves[2], ref_hidden, ref_weight, ref_bias, labels)
+    kl, logps, ref_logps = naive_token_kl(
+        naive_leaves[0], naive_leaves[1], naive_leaves[2], ref_hidden, ref_weight, ref_bias, labels
+    )
     (0.7 * kl.sum() + 1.3 * logps.sum()).backward()
     assert_close(out.kl, kl, **TOL)
     assert_close(out.logps, logps, **TOL)
     assert_close(out.reference_logps, ref_logps, **TOL)
-    for ours, theirs in zip(leaves, naive_leaves):
+    for ours, theirs in zip(leaves, naive_leaves, strict=True):
         assert_close(ours.grad, theirs.grad, **TOL)
     masked = labels == -100
     assert torch.all(out.kl[masked] == 0) and torch.all(out.logps[masked] == 0)
@@ -86,8 +91,13 @@ def test_chunked_token_kl_equals_full_logits_values_and_gradients():
 def test_chunked_token_kl_float32_matches_float64():
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels = random_heads(seed=1)
     exact = chunked_token_kl(hidden, weight, ref_hidden, ref_weight, labels, bias, ref_bias, chunk_size=7)
-    single = chunked_token_kl(*(x.float() for x in (hidden, weight, ref_hidden, ref_weight)), labels,
-                              bias.float(), ref_bias.float(), chunk_size=7)
+    single = chunked_token_kl(
+        *(x.float() for x in (hidden, weight, ref_hidden, ref_weight)),
+        labels,
+        bias.float(),
+        ref_bias.float(),
+        chunk_size=7,
+    )
     assert single.kl.dtype == torch.float32
     assert_close(single.kl.double(), exact.kl, rtol=1e-4, atol=1e-5)
     assert_close(single.logps.double(), exact.logps, rtol=1e-5, atol=1e-5)
@@ -112,8 +122,14 @@ def test_chunk_size_must_be_positive():
 # ----------------------------------------------------------------------------- batches through the backbone
 def tiny_batch(tokenizer, packed=False):
     pairs = (("Write in capitals: abc\n", "ABC", "abc"), ("Write in lowercase: QRSTU\n", "qrstu", "QRSTU"))
-    examples = [{"prompt": tokenizer(p)["input_ids"], "chosen": tokenizer(c)["input_ids"] + [tokenizer.eos_token_id],
-                 "rejected": tokenizer(r)["input_ids"] + [tokenizer.eos_token_id]} for p, c, r in pairs]
+    examples = [
+        {
+            "prompt": tokenizer(p)["input_ids"],
+            "chosen": tokenizer(c)["input_ids"] + [tokenizer.eos_token_id],
+            "rejected": tokenizer(r)["input_ids"] + [tokenizer.eos_token_id],
+        }
+        for p, c, r in pairs
+    ]
     if packed:
         return PackedPairCollator(capacity=96)(examples)
     return PairCollator(tokenizer.pad_token_id)(examples)
@@ -236,10 +252,16 @@ def test_unknown_variant_is_named():
 
 
 # ----------------------------------------------------------------------------- the module
-@pytest.mark.parametrize("reference, message", [
-    ("cached", "TDPO needs the reference model's logits over the whole vocabulary.*reference=cached.*copy or adapter"),
-    ("none", "TDPO: model.reference=none, but this method needs a reference model; use copy, adapter or cached"),
-])
+@pytest.mark.parametrize(
+    "reference, message",
+    [
+        (
+            "cached",
+            "TDPO needs the reference model's logits over the whole vocabulary.*reference=cached.*copy or adapter",
+        ),
+        ("none", "TDPO: model.reference=none, but this method needs a reference model; use copy, adapter or cached"),
+    ],
+)
 def test_tdpo_needs_reference_logits(reference, message):
     with pytest.raises(SettingError, match=message):
         TDPO(model=ModelSettings(reference=reference))
@@ -263,13 +285,30 @@ def test_tdpo_learns_the_builtin_task_through_the_cli(tmp_path, monkeypatch, cap
     from lit_align.cli import main
 
     monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", str(CONFIGS / "tdpo.yaml"), "--trainer.max_steps", "80", "--trainer.val_check_interval", "80",
-          "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-          *seed_flags()])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "tdpo.yaml"),
+            "--trainer.max_steps",
+            "80",
+            "--trainer.val_check_interval",
+            "80",
+            "--trainer.enable_checkpointing",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.enable_model_summary",
+            "false",
+            *seed_flags(),
+        ]
+    )
     (path,) = Path("runs").rglob("metrics.csv")
     with open(path) as handle:
         rows = list(csv.DictReader(handle))
-    accuracies = measured("val/rewards/accuracies", [float(r["val/rewards/accuracies"]) for r in rows if r.get("val/rewards/accuracies")])
+    accuracies = measured(
+        "val/rewards/accuracies", [float(r["val/rewards/accuracies"]) for r in rows if r.get("val/rewards/accuracies")]
+    )
     assert len(accuracies) == 2 and 0.35 <= accuracies[0] <= 0.65
     assert accuracies[-1] >= 0.8
     assert all(math.isfinite(float(r["train/loss"])) for r in rows if r.get("train/loss"))

@@ -39,7 +39,9 @@ def test_conjugate_gradient_hand_values():
     a = torch.diag(torch.tensor([2.0, 4.0], dtype=torch.float64))
     b = torch.tensor([2.0, 4.0], dtype=torch.float64)
     torch.testing.assert_close(conjugate_gradient(lambda v: a @ v, b, iterations=1), b * 20 / 72)
-    torch.testing.assert_close(conjugate_gradient(lambda v: a @ v, b, iterations=2), torch.tensor([1.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        conjugate_gradient(lambda v: a @ v, b, iterations=2), torch.tensor([1.0, 1.0], dtype=torch.float64)
+    )
 
 
 def test_categorical_kl_hand_value():
@@ -70,7 +72,12 @@ def test_fisher_vector_product_matches_explicit_fisher():
     logits = inputs @ weight.T
     kl = categorical_kl(logits.detach(), logits).mean()
     probs = logits.detach().softmax(-1)
-    fisher = sum(torch.kron(torch.diag(p) - torch.outer(p, p), torch.outer(x, x)) for p, x in zip(probs, inputs)) / count
+    fisher = (
+        sum(
+            torch.kron(torch.diag(p) - torch.outer(p, p), torch.outer(x, x)) for p, x in zip(probs, inputs, strict=True)
+        )
+        / count
+    )
     fvp = fisher_vector_product(kl, [weight], damping=0.01)
     for _ in range(3):
         v = torch.randn(vocab * dim, generator=generator, dtype=torch.float64)
@@ -177,11 +184,24 @@ def one_thread():
 def test_trpo_end_to_end_accepted_steps_within_trust_region(one_thread):
     lightning.seed_everything(0)
     max_kl, steps = 0.01, 6
-    module = KLRecordingTRPO(reward=LetterFraction(), samples_per_prompt=2, max_kl=max_kl, model={"name_or_path": "tiny"},
-                             generation={"max_new_tokens": 4, "temperature": 1.0})
+    module = KLRecordingTRPO(
+        reward=LetterFraction(),
+        samples_per_prompt=2,
+        max_kl=max_kl,
+        model={"name_or_path": "tiny"},
+        generation={"max_new_tokens": 4, "temperature": 1.0},
+    )
     data = PromptDataModule(task=WordRulesTask(rules=("first",)), batch_size=8, max_length=32)
-    trainer = lightning.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, accelerator="cpu", limit_val_batches=1,
-                                num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False)
+    trainer = lightning.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, data)
     assert trainer.global_step == steps and len(module.records) == steps  # max_steps counts rollouts
     accepted = [(result, kl) for result, kl in module.records if result.accepted]
@@ -192,10 +212,14 @@ def test_trpo_end_to_end_accepted_steps_within_trust_region(one_thread):
             assert kl == pytest.approx(result.kl, rel=1e-3, abs=1e-7)
         else:
             assert kl == pytest.approx(0.0, abs=1e-7)  # parameters restored
-    for name in ("train/policy/kl", "train/policy/step_accepted", "train/policy/line_search_steps", "train/loss/policy", "train/objective/scores"):
+    for name in (
+        "train/policy/kl",
+        "train/policy/step_accepted",
+        "train/policy/line_search_steps",
+        "train/loss/policy",
+        "train/objective/scores",
+    ):
         assert name in trainer.callback_metrics
-
-
 
 
 @pytest.mark.slow
@@ -204,8 +228,24 @@ def test_trpo_config_raises_held_out_reward_inside_the_trust_region(in_sft_workd
     and the KL of every step, logged each step, is within max_kl = 0.01. Measured with
     ``LIT_ALIGN_TEST_SEED`` 0 / 1 / 2 (AMD EPYC): 0.42 -> 0.62 / 0.44 -> 0.61 / 0.23 -> 0.52
     (rises 0.20 / 0.17 / 0.30; the bound, 0.08, is under half the smallest)."""
-    main(["fit", "--config", str(CONFIGS / "trpo.yaml"), "--seed_everything", str(LEARNING_SEED), "--trainer.max_steps", "50", "--trainer.val_check_interval", "50",
-          "--trainer.log_every_n_steps", "1", "--trainer.enable_checkpointing", "false", *QUIET])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "trpo.yaml"),
+            "--seed_everything",
+            str(LEARNING_SEED),
+            "--trainer.max_steps",
+            "50",
+            "--trainer.val_check_interval",
+            "50",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.enable_checkpointing",
+            "false",
+            *QUIET,
+        ]
+    )
     scores = measured("val/objective/scores", metric_rows("val/objective/scores"))
     assert scores[-1] >= scores[0] + 0.08, scores
     kls, accepted = metric_rows("train/policy/kl"), metric_rows("train/policy/step_accepted")

@@ -76,7 +76,9 @@ def test_kto_class_weights_scale_only_their_class():
     """lambda_D multiplies only desirable rows, lambda_U only undesirable ones: with z0 = 0, beta = 1,
     row 0 = lambda_D sigma(-1), rows 1 and 2 = lambda_U sigma(-2) and lambda_U sigma(0) = lambda_U / 2."""
     for weights in [(1.0, 1.0), (3.0, 1.0), (1.0, 0.25)]:
-        out = kto_loss(POLICY, REFERENCE, DESIRABLE, 0.0, beta=1.0, desirable_weight=weights[0], undesirable_weight=weights[1])
+        out = kto_loss(
+            POLICY, REFERENCE, DESIRABLE, 0.0, beta=1.0, desirable_weight=weights[0], undesirable_weight=weights[1]
+        )
         assert_close(out.losses, t(weights[0] * sigmoid(-1.0), weights[1] * sigmoid(-2.0), weights[1] * 0.5), **TOL)
 
 
@@ -87,8 +89,14 @@ def test_kto_gradient_hand_value():
     has +lambda_U beta sigma(x) sigma(-x) with x = beta (z0 - r): row 1 1.5*0.5*sigma(1.25)sigma(-1.25).
     """
     policy = POLICY.clone().requires_grad_(True)
-    kto_loss(policy, REFERENCE, DESIRABLE, 0.5, beta=0.5, desirable_weight=2.0, undesirable_weight=1.5).losses.sum().backward()
-    expected = t(-2 * 0.5 * sigmoid(0.25) * sigmoid(-0.25), 1.5 * 0.5 * sigmoid(1.25) * sigmoid(-1.25), 1.5 * 0.5 * sigmoid(0.25) * sigmoid(-0.25))
+    kto_loss(
+        policy, REFERENCE, DESIRABLE, 0.5, beta=0.5, desirable_weight=2.0, undesirable_weight=1.5
+    ).losses.sum().backward()
+    expected = t(
+        -2 * 0.5 * sigmoid(0.25) * sigmoid(-0.25),
+        1.5 * 0.5 * sigmoid(1.25) * sigmoid(-1.25),
+        1.5 * 0.5 * sigmoid(0.25) * sigmoid(-0.25),
+    )
     assert_close(policy.grad, expected, **TOL)
 
 
@@ -122,7 +130,9 @@ def test_kto_reference_point_gathers_sums_and_counts():
     """Two processes: this one has ratios (1, -1, 0) (sum 0, count 3), the other one ratio 4
     (sum 4, count 1). The global mean is (0 + 4) / (3 + 1) = 1, not the mean of the two means (2)."""
     other = t(4.0, 1.0)
-    z0 = kto_reference_point(t(-1.0, -3.0, -2.0), t(-2.0, -2.0, -2.0), gather=lambda totals: torch.stack([totals, other]))
+    z0 = kto_reference_point(
+        t(-1.0, -3.0, -2.0), t(-2.0, -2.0, -2.0), gather=lambda totals: torch.stack([totals, other])
+    )
     assert z0.item() == pytest.approx(1.0)
 
 
@@ -178,7 +188,9 @@ def test_bco_hand_values_with_reward_shift():
     assert out.losses[1].item() == pytest.approx(0.2519297, abs=1e-6)
     assert_close(out.rewards, t(0.5, -1.0, 0.0), **TOL)
     assert out.metrics["delta"].item() == pytest.approx(0.25)
-    assert_close(bco_loss(POLICY, REFERENCE, DESIRABLE, delta=0.0, beta=0.5).losses, t(sp(-0.5), sp(-1.0), math.log(2.0)), **TOL)
+    assert_close(
+        bco_loss(POLICY, REFERENCE, DESIRABLE, delta=0.0, beta=0.5).losses, t(sp(-0.5), sp(-1.0), math.log(2.0)), **TOL
+    )
 
 
 def test_bco_shift_cancels_a_common_reward_offset_and_gets_no_gradient():
@@ -226,7 +238,9 @@ def test_npo_module_retain_term_is_length_normalised_nll_of_desirable_rows():
     out = module.loss(logps([-1.0, -3.0], [-4.0]), logps([-5.0], [-2.0]), torch.tensor([True, False]), None, None)
     assert_close(out.losses, t(6.0, 4 * sp(-1.0)), **TOL)
     assert_close(out.metrics["retain_nll"], t(2.0), **TOL)
-    plain = NPO(beta=0.5).loss(logps([-1.0, -3.0], [-4.0]), logps([-5.0], [-2.0]), torch.tensor([True, False]), None, None)
+    plain = NPO(beta=0.5).loss(
+        logps([-1.0, -3.0], [-4.0]), logps([-5.0], [-2.0]), torch.tensor([True, False]), None, None
+    )
     assert_close(plain.losses, t(0.0, 4 * sp(-1.0)), **TOL)
 
 
@@ -286,12 +300,20 @@ def test_unpaired_file_with_plain_and_conversational_prompts(tokenizer, tmp_path
     records = [
         {"prompt": "Say hi", "completion": "hi", "label": True},
         {"prompt": [{"role": "user", "content": "Say bye"}], "completion": "go away", "label": False},
-        {"prompt": [{"role": "user", "content": "Say yes"}], "completion": [{"role": "assistant", "content": "yes"}], "label": True},
+        {
+            "prompt": [{"role": "user", "content": "Say yes"}],
+            "completion": [{"role": "assistant", "content": "yes"}],
+            "label": True,
+        },
     ]
     dm = unpaired_dm(tokenizer, write_jsonl(tmp_path / "train.jsonl", records), max_length=64)
     dm.setup("fit")
     train = dm.datasets["train"]
-    assert [decode(tokenizer, e["prompt"]) for e in train] == ["Say hi", "<|bos|><|user|>Say bye<|eos|><|assistant|>", "<|bos|><|user|>Say yes<|eos|><|assistant|>"]
+    assert [decode(tokenizer, e["prompt"]) for e in train] == [
+        "Say hi",
+        "<|bos|><|user|>Say bye<|eos|><|assistant|>",
+        "<|bos|><|user|>Say yes<|eos|><|assistant|>",
+    ]
     assert [decode(tokenizer, e["completion"]) for e in train] == ["hi" + EOS, "go away" + EOS, "yes" + EOS]
     assert [e["label"] for e in train] == [True, False, True]
     assert all("kl_completion" not in e for e in train)  # only when the module asks for them
@@ -334,7 +356,9 @@ def test_mismatched_completions_come_from_another_prompt_and_fit_max_length(toke
     assert train[2]["kl_completion"] == train[0]["completion"][:room]
     for example in train:
         assert len(example["prompt"]) + len(example["kl_completion"]) <= 40
-        source = next(other for other in train if example["kl_completion"] == other["completion"][: len(example["kl_completion"])])
+        source = next(
+            other for other in train if example["kl_completion"] == other["completion"][: len(example["kl_completion"])]
+        )
         assert source["prompt"] != example["prompt"]
     batch = dm.collate(train[:2])
     assert batch["input_ids"].shape[0] == 4  # completion rows, then mismatched rows
@@ -348,13 +372,20 @@ def test_mismatched_completions_need_two_prompts(tokenizer, tmp_path):
         dm.setup("fit")
 
 
-@pytest.mark.parametrize("bad, field, words", [
-    ({"prompt": "q", "completion": "a", "label": 1}, "label", "expected a boolean"),
-    ({"prompt": "q", "completion": "a", "label": "yes"}, "label", "expected a boolean"),
-    ({"prompt": "q", "label": True}, "completion", "missing"),
-    ({"prompt": "q", "completion": 5, "label": False}, "completion", "expected a string"),
-    ({"prompt": [{"role": "wizard", "content": "q"}], "completion": "a", "label": True}, r"prompt\[0\]", "unknown chat role 'wizard'"),
-])
+@pytest.mark.parametrize(
+    "bad, field, words",
+    [
+        ({"prompt": "q", "completion": "a", "label": 1}, "label", "expected a boolean"),
+        ({"prompt": "q", "completion": "a", "label": "yes"}, "label", "expected a boolean"),
+        ({"prompt": "q", "label": True}, "completion", "missing"),
+        ({"prompt": "q", "completion": 5, "label": False}, "completion", "expected a string"),
+        (
+            {"prompt": [{"role": "wizard", "content": "q"}], "completion": "a", "label": True},
+            r"prompt\[0\]",
+            "unknown chat role 'wizard'",
+        ),
+    ],
+)
 def test_bad_unpaired_records_are_named(tokenizer, tmp_path, bad, field, words):
     val = write_jsonl(tmp_path / "val.jsonl", [{"prompt": "v", "completion": "w", "label": True}])
     train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "p", "completion": "c", "label": True}, bad])
@@ -364,9 +395,15 @@ def test_bad_unpaired_records_are_named(tokenizer, tmp_path, bad, field, words):
 
 def test_convert_pairs_file_writes_two_records_per_pair(tmp_path):
     conversation = [{"role": "user", "content": "hello"}]
-    pairs = [{"prompt": "Q: ", "chosen": "yes", "rejected": "no"}, {"prompt": conversation, "chosen": "hi", "rejected": "go"}]
+    pairs = [
+        {"prompt": "Q: ", "chosen": "yes", "rejected": "no"},
+        {"prompt": conversation, "chosen": "hi", "rejected": "go"},
+    ]
     output = tmp_path / "out" / "unpaired.jsonl"
-    assert convert_pairs_file(str(write_jsonl(tmp_path / "pairs.jsonl", pairs)), str(output)) == (4, 0)  # (written, skipped)
+    assert convert_pairs_file(str(write_jsonl(tmp_path / "pairs.jsonl", pairs)), str(output)) == (
+        4,
+        0,
+    )  # (written, skipped)
     written = [json.loads(line) for line in output.read_text().splitlines()]
     assert written == [
         {"prompt": "Q: ", "completion": "yes", "label": True},
@@ -377,7 +414,9 @@ def test_convert_pairs_file_writes_two_records_per_pair(tmp_path):
 
 
 def test_convert_pairs_file_writes_nothing_on_error(tmp_path):
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "rejected": "c"}])
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "rejected": "c"}]
+    )
     folder = tmp_path / "out"
     folder.mkdir()
     with pytest.raises(DataError, match=r"pairs\.jsonl, record 1, field 'chosen': missing"):
@@ -387,8 +426,15 @@ def test_convert_pairs_file_writes_nothing_on_error(tmp_path):
 
 # ----------------------------------------------------------------------------- training
 def trainer(steps: int, **kwargs) -> L.Trainer:
-    defaults = {"max_steps": steps, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-                "enable_model_summary": False, "limit_val_batches": 0, "num_sanity_val_steps": 0}
+    defaults = {
+        "max_steps": steps,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+    }
     return L.Trainer(**{**defaults, **kwargs})
 
 
@@ -459,8 +505,21 @@ def metric_rows(name: str) -> list[float]:
 def test_each_unpaired_method_learns_the_builtin_task_through_the_cli(method, capsys, tmp_path, monkeypatch, measured):
     """The held-out reward margin starts at 0 (policy = reference before fit) and ends clearly positive."""
     monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", str(CONFIGS / f"{method}.yaml"), "--trainer.max_steps", "80",
-          "--trainer.val_check_interval", "80", "--trainer.enable_checkpointing", "false", *QUIET, *seed_flags()])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / f"{method}.yaml"),
+            "--trainer.max_steps",
+            "80",
+            "--trainer.val_check_interval",
+            "80",
+            "--trainer.enable_checkpointing",
+            "false",
+            *QUIET,
+            *seed_flags(),
+        ]
+    )
     margins = measured("val/rewards/margins", metric_rows("val/rewards/margins"))
     assert len(margins) == 2, margins
     assert abs(margins[0]) < 0.01
@@ -478,7 +537,13 @@ def test_kto_reference_point_is_the_mean_over_every_process(tmp_path):
     import sys
 
     script = Path(__file__).parent / "scripts" / "ddp_kto_reference_point.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    run = subprocess.run([sys.executable, str(script), str(tmp_path / "cache")], env=env, capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "cache")], env=env, capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "OK 4 steps" in run.stdout

@@ -37,8 +37,12 @@ class ExportHF(Callback):
         once training is done)."""
         problem = unwritable(self.output_dir) if stage == "fit" and trainer.is_global_zero else None
         if problem:
-            raise SettingError("ExportHF", "output_dir", f"{str(self.output_dir)!r} cannot be written ({problem}), so the export at the end "
-                               "of fit would fail; choose a folder you can write")
+            raise SettingError(
+                "ExportHF",
+                "output_dir",
+                f"{str(self.output_dir)!r} cannot be written ({problem}), so the export at the end "
+                "of fit would fail; choose a folder you can write",
+            )
 
     def on_fit_end(self, trainer: Trainer, pl_module: AlignmentModule) -> None:
         from lightning.pytorch.strategies import FSDPStrategy

@@ -32,16 +32,23 @@ from lit_align.settings import Count, Range, check_arguments
 
 log = logging.getLogger(__name__)
 
+
 def check_copy_reference(pl_module: LightningModule, who: str) -> None:
     """Raise unless ``pl_module`` keeps a separate, writable reference model (``reference: copy``)."""
     backbone = getattr(pl_module, "backbone", None)
     if backbone is None:
-        raise TypeError(f"{who} updates a lit-align module's reference model (module.backbone.reference); "
-                        f"{type(pl_module).__name__} has no backbone")
+        raise TypeError(
+            f"{who} updates a lit-align module's reference model (module.backbone.reference); "
+            f"{type(pl_module).__name__} has no backbone"
+        )
     backbone.reference_source.require_copy(who, "updates the reference model from the policy")
     if backbone.settings.quantization is not None:
-        raise SettingError(None, "model.quantization", f"{who} cannot write the policy's weights into a 4-bit quantized reference (QLoRA); "
-                         "train without model.quantization to update the reference")
+        raise SettingError(
+            None,
+            "model.quantization",
+            f"{who} cannot write the policy's weights into a 4-bit quantized reference (QLoRA); "
+            "train without model.quantization to update the reference",
+        )
 
 
 def policy_weights(backbone) -> dict[str, torch.Tensor]:
@@ -57,14 +64,18 @@ def policy_weights(backbone) -> dict[str, torch.Tensor]:
     from peft.tuners.lora import LoraLayer
 
     inner = policy.get_base_model()
-    weights = {name.replace(".base_layer.", "."): param for name, param in inner.named_parameters() if "lora_" not in name}
+    weights = {
+        name.replace(".base_layer.", "."): param for name, param in inner.named_parameters() if "lora_" not in name
+    }
     for name, module in inner.named_modules():
         if not isinstance(module, LoraLayer):
             continue
         adapters = [a for a in module.active_adapters if a in module.lora_A and a not in module.merged_adapters]
         for adapter in adapters:
             if adapter in getattr(module, "lora_variant", {}) or getattr(module, "lora_bias", {}).get(adapter, False):
-                raise NotImplementedError(f"{name}: only plain LoRA adapters can be written into the reference (no DoRA or lora_bias)")
+                raise NotImplementedError(
+                    f"{name}: only plain LoRA adapters can be written into the reference (no DoRA or lora_bias)"
+                )
             key = f"{name}.weight"
             weights[key] = weights[key] + module.get_delta_weight(adapter).to(weights[key].dtype)
     return weights
@@ -157,11 +168,19 @@ class StepwiseDPO(Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "train_chunks"):
             name = type(datamodule).__name__ if datamodule is not None else "no data module"
-            raise SettingError(None, "data.class_path", f"StepwiseDPO needs a data module that serves one chunk of the training data per epoch "
-                            f"(a `train_chunks` attribute, as lit_align.data.PreferenceDataModule has); got {name}")
+            raise SettingError(
+                None,
+                "data.class_path",
+                f"StepwiseDPO needs a data module that serves one chunk of the training data per epoch "
+                f"(a `train_chunks` attribute, as lit_align.data.PreferenceDataModule has); got {name}",
+            )
         if trainer.max_epochs != self.num_chunks:
-            raise SettingError(None, "trainer.max_epochs", f"StepwiseDPO trains chunk k during epoch k: set trainer.max_epochs to num_chunks={self.num_chunks} "
-                             f"(got max_epochs={trainer.max_epochs})")
+            raise SettingError(
+                None,
+                "trainer.max_epochs",
+                f"StepwiseDPO trains chunk k during epoch k: set trainer.max_epochs to num_chunks={self.num_chunks} "
+                f"(got max_epochs={trainer.max_epochs})",
+            )
         datamodule.train_chunks = self.num_chunks
         if trainer.reload_dataloaders_every_n_epochs != 1:
             log.info("StepwiseDPO: setting trainer.reload_dataloaders_every_n_epochs = 1 (one chunk per epoch)")
@@ -172,7 +191,11 @@ class StepwiseDPO(Callback):
         # a chunk keeps the reference restored from its checkpoint instead of overwriting it
         if trainer.current_epoch + 1 < self.num_chunks:
             update_reference(pl_module.backbone, 1.0)
-            log.info("StepwiseDPO: chunk %d of %d ends; the reference is now the current policy", trainer.current_epoch + 1, self.num_chunks)
+            log.info(
+                "StepwiseDPO: chunk %d of %d ends; the reference is now the current policy",
+                trainer.current_epoch + 1,
+                self.num_chunks,
+            )
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.datamodule is not None and hasattr(trainer.datamodule, "train_chunks"):

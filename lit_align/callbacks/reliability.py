@@ -31,7 +31,9 @@ from lit_align.settings import NonNegativeInt, check_arguments
 log = logging.getLogger(__name__)
 
 
-def nonfinite_loss_message(module: LightningModule, loss: Any, step: int, batch_idx: Optional[int] = None, epoch: Optional[int] = None) -> str:
+def nonfinite_loss_message(
+    module: LightningModule, loss: Any, step: int, batch_idx: Optional[int] = None, epoch: Optional[int] = None
+) -> str:
     """The one wording of a non-finite loss error: ``"DPO: non-finite loss nan at step 3 (epoch 0,
     batch 3)"``; ``step`` counts optimizer steps already taken (the failing batch would make step+1)."""
     if isinstance(loss, torch.Tensor):
@@ -102,11 +104,20 @@ class SaveOnSigterm(Callback):
         if stop and not trainer.received_sigterm:
             trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException at this boundary
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._stop_together(trainer)
 
-    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
-                                dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             self._stop_together(trainer)
 
@@ -169,18 +180,26 @@ class NonFiniteLoss(Callback):
         if not trainer.strategy.reduce_boolean_decision(local, all=False):  # any process: all decide alike
             return
         value = loss if local else "on another process"
-        message = nonfinite_loss_message(pl_module, value, trainer.global_step, trainer.fit_loop.epoch_loop.batch_idx, trainer.current_epoch)
+        message = nonfinite_loss_message(
+            pl_module, value, trainer.global_step, trainer.fit_loop.epoch_loop.batch_idx, trainer.current_epoch
+        )
         if self.action == "stop":
-            raise NonFiniteLossError(f"{message}; stopping (to skip such steps instead: lit-align fit --nonfinite_loss skip, "
-                                     "or the callback NonFiniteLoss(action='skip'))")
+            raise NonFiniteLossError(
+                f"{message}; stopping (to skip such steps instead: lit-align fit --nonfinite_loss skip, "
+                "or the callback NonFiniteLoss(action='skip'))"
+            )
         self.skipped += 1
         self._drop_gradients = True
         if self.max_skipped is not None and self.skipped > self.max_skipped:
-            raise NonFiniteLossError(f"{message}; {self.skipped} steps skipped, more than max_skipped={self.max_skipped}")
+            raise NonFiniteLossError(
+                f"{message}; {self.skipped} steps skipped, more than max_skipped={self.max_skipped}"
+            )
         if trainer.is_global_zero:
             log.warning("%s; skipping this optimizer step (%d skipped so far)", message, self.skipped)
 
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         if not self._drop_gradients:
             return
         self._drop_gradients = False
@@ -188,6 +207,8 @@ class NonFiniteLoss(Callback):
             for param in group["params"]:
                 param.grad = None  # the optimizer leaves parameters without a gradient untouched
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.action == "skip" and pl_module.automatic_optimization:
             pl_module.log("train/skipped_nonfinite", float(self.skipped), on_step=True, on_epoch=False)

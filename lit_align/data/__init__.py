@@ -10,4 +10,15 @@ from lit_align.data.tasks import WordRulesTask
 from lit_align.data.unpaired import convert_pairs_file
 from lit_align.data.unpaired_datamodule import UnpairedDataModule
 
-__all__ = ["ListwiseDataModule", "UnpairedDataModule", "convert_pairs_file", "DataError", "DroppableRecord", "PreferenceDataModule", "PreferencePair", "PromptDataModule", "SFTDataModule", "WordRulesTask"]
+__all__ = [
+    "ListwiseDataModule",
+    "UnpairedDataModule",
+    "convert_pairs_file",
+    "DataError",
+    "DroppableRecord",
+    "PreferenceDataModule",
+    "PreferencePair",
+    "PromptDataModule",
+    "SFTDataModule",
+    "WordRulesTask",
+]

@@ -124,8 +124,8 @@ class PromptCollator:
         mask = torch.zeros((len(examples), length), dtype=torch.long)
         for row, example in enumerate(examples):
             prompt = example["prompt"]
-            ids[row, length - len(prompt):] = torch.tensor(prompt)
-            mask[row, length - len(prompt):] = 1
+            ids[row, length - len(prompt) :] = torch.tensor(prompt)
+            mask[row, length - len(prompt) :] = 1
         return {"prompt_ids": ids, "prompt_mask": mask, "prompts": [example["text"] for example in examples]}
 
 
@@ -154,7 +154,7 @@ class Collator:
         for row, (prompt, response) in enumerate(rows):
             ids = prompt + response
             input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, len(prompt): len(ids)] = torch.tensor(response)
+            labels[row, len(prompt) : len(ids)] = torch.tensor(response)
             attention_mask[row, : len(ids)] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
@@ -202,10 +202,10 @@ class PackedCollator(Collator):
             for index in members:
                 prompt, response = rows[index]
                 ids = prompt + response
-                input_ids[row, offset: offset + len(ids)] = torch.tensor(ids)
-                labels[row, offset + len(prompt): offset + len(ids)] = torch.tensor(response)
+                input_ids[row, offset : offset + len(ids)] = torch.tensor(ids)
+                labels[row, offset + len(prompt) : offset + len(ids)] = torch.tensor(response)
                 labels[row, offset] = IGNORE_INDEX  # a sequence's first token is never predicted
-                positions[row, offset: offset + len(ids)] = torch.arange(len(ids))
+                positions[row, offset : offset + len(ids)] = torch.arange(len(ids))
                 seq_rows[index], seq_starts[index] = row, offset
                 offset += len(ids)
             positions[row, offset:] = torch.arange(width - offset)  # filler: a segment of its own
@@ -241,7 +241,9 @@ def _stack_scalars(examples: Sequence[Example], token_fields: Sequence[str]) -> 
     return {key: torch.stack([torch.as_tensor(ex.get(key, math.nan)) for ex in examples]) for key in keys}
 
 
-def _add_reference_logps(batch: dict[str, torch.Tensor], examples: Sequence[Example], placement: list[tuple[int, int]]) -> None:
+def _add_reference_logps(
+    batch: dict[str, torch.Tensor], examples: Sequence[Example], placement: list[tuple[int, int]]
+) -> None:
     """Cached per-token reference log-probs as ``[rows, T]`` in the padded layout the backbone
     returns (position t holds the log-prob of token t+1, zero off the response), placed on the
     same response positions the policy's log-probs will have."""

@@ -62,8 +62,9 @@ class PreferenceDataModule(LightningDataModule):
         batch_size: pairs per training batch (the policy sees 2x rows).
         eval_batch_size: pairs per validation/test batch (default: ``batch_size``).
         packing: pack the sequences of a batch back to back into rows of up to ``max_length``
-            tokens (``position_ids``, no attention mask, no padding between them); used only after the model passes a check that packed sequences stay
-            isolated under its attention implementation, else padding is used and the reason logged.
+            tokens (``position_ids``, no attention mask, no padding between them); used only after the
+            model passes a check that packed sequences stay isolated under its attention implementation,
+            else padding is used and the reason logged.
         num_workers: DataLoader worker processes.
         seed: seed for shuffling and for the ``val_fraction`` split.
         cache_dir: where tokenized data is cached (default ``$LIT_ALIGN_CACHE`` or ~/.cache/lit-align).
@@ -98,11 +99,19 @@ class PreferenceDataModule(LightningDataModule):
         self.save_hyperparameters()
         check_arguments(self, self.hparams)  # the settings of subclasses too
         if max_prompt_length is not None and max_prompt_length >= max_length:
-            raise SettingError(type(self).__name__, "max_prompt_length", f"must be < max_length={max_length}, got {max_prompt_length}: responses need room")
+            raise SettingError(
+                type(self).__name__,
+                "max_prompt_length",
+                f"must be < max_length={max_length}, got {max_prompt_length}: responses need room",
+            )
         unknown = sorted(set(columns or {}) - set(self.record_fields))
         if unknown:  # a misspelt key would silently rename nothing
-            raise SettingError(type(self).__name__, "columns", f"maps fields it does not read: {', '.join(unknown)}; the keys are lit-align's "
-                               f"field names ({', '.join(self.record_fields)}), the values the file's")
+            raise SettingError(
+                type(self).__name__,
+                "columns",
+                f"maps fields it does not read: {', '.join(unknown)}; the keys are lit-align's "
+                f"field names ({', '.join(self.record_fields)}), the values the file's",
+            )
         self.task = task or WordRulesTask()
         self.max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
         self.tokenizer: PreTrainedTokenizerBase | None = None
@@ -123,13 +132,18 @@ class PreferenceDataModule(LightningDataModule):
         """Per split: (source name, [(record number in that source, record), ...])."""
         h = self.hparams
         if h.train == BUILTIN:
-            splits = {name: (f"builtin:{name}", list(enumerate(self.builtin_records(name)))) for name in ("train", "val")}
+            splits = {
+                name: (f"builtin:{name}", list(enumerate(self.builtin_records(name)))) for name in ("train", "val")
+            }
             if h.val:
                 splits["val"] = (h.val, list(enumerate(read_records(h.val, h.val_split or h.split))))
         else:
             train_records = list(enumerate(read_records(h.train, h.split)))
             if h.val:
-                splits = {"train": (h.train, train_records), "val": (h.val, list(enumerate(read_records(h.val, h.val_split or h.split))))}
+                splits = {
+                    "train": (h.train, train_records),
+                    "val": (h.val, list(enumerate(read_records(h.val, h.val_split or h.split)))),
+                }
             else:
                 order = list(range(len(train_records)))
                 random.Random(h.seed).shuffle(order)
@@ -162,7 +176,9 @@ class PreferenceDataModule(LightningDataModule):
         """Last touch on a tokenized split before it is cached (e.g. mismatched completions)."""
         return examples
 
-    def _tokenize_split(self, source: str, records: list[tuple[int, dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[str]]:
+    def _tokenize_split(
+        self, source: str, records: list[tuple[int, dict[str, Any]]]
+    ) -> tuple[list[dict[str, Any]], list[str]]:
         examples, skipped = [], []
         for index, record in records:
             try:
@@ -224,9 +240,18 @@ class PreferenceDataModule(LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = getattr(self._module(), "tokenizer", None)
         if self.tokenizer is None:
-            raise RuntimeError("PreferenceDataModule needs a tokenizer: set `datamodule.tokenizer` or use it with a lit-align module")
-        if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is None:  # without pad, batches are padded with eos
-            raise SettingError(None, "tokenizer", f"{type(self).__name__}: the tokenizer has neither a pad nor an eos token, so batches cannot be padded; set tokenizer.pad_token")
+            raise RuntimeError(
+                "PreferenceDataModule needs a tokenizer: set `datamodule.tokenizer` or use it with a lit-align module"
+            )
+        if (
+            self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is None
+        ):  # without pad, batches are padded with eos
+            raise SettingError(
+                None,
+                "tokenizer",
+                f"{type(self).__name__}: the tokenizer has neither a pad nor an eos token, so batches cannot be "
+                "padded; set tokenizer.pad_token",
+            )
         path = self._cache_path()
         cached = self._load_cache(path)
         if cached is None:
@@ -240,14 +265,25 @@ class PreferenceDataModule(LightningDataModule):
                 try:
                     atomic_torch_save(cached, path)
                 except OSError as error:  # read-only or full: the run does not need the cache, only the next one would
-                    log.warning("cannot write the tokenized-data cache in %s (%s); continuing without it. Set data.init_args.cache_dir "
-                                "or $LIT_ALIGN_CACHE to a writable folder, or data.init_args.use_cache to false", path.parent, error.strerror or error)
+                    log.warning(
+                        "cannot write the tokenized-data cache in %s (%s); continuing without it. Set "
+                        "data.init_args.cache_dir "
+                        "or $LIT_ALIGN_CACHE to a writable folder, or data.init_args.use_cache to false",
+                        path.parent,
+                        error.strerror or error,
+                    )
         self.datasets = cached["splits"]
         self.sources = cached["sources"]
         self.skipped = {name: len(reasons) for name, reasons in cached["skipped"].items()}
         for name, reasons in cached["skipped"].items():
             if reasons:
-                log.warning("skipped %d of %d %s records that cannot train (invalid_records=skip); first: %s", len(reasons), len(reasons) + len(self.datasets[name]), name, reasons[0])
+                log.warning(
+                    "skipped %d of %d %s records that cannot train (invalid_records=skip); first: %s",
+                    len(reasons),
+                    len(reasons) + len(self.datasets[name]),
+                    name,
+                    reasons[0],
+                )
 
     def _module(self):
         """The LightningModule this data feeds, when attached to a trainer."""
@@ -262,8 +298,18 @@ class PreferenceDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         skip = resumed_epoch_position(trainer)[0] if name == "train" else 0
-        order = GlobalBatchOrder(len(examples), size, shuffle=shuffle, seed=self.hparams.seed, num_replicas=world, rank=rank, skip_batches=skip)
-        return DataLoader(examples, batch_size=size, sampler=order, collate_fn=self.collate, num_workers=self.hparams.num_workers)
+        order = GlobalBatchOrder(
+            len(examples),
+            size,
+            shuffle=shuffle,
+            seed=self.hparams.seed,
+            num_replicas=world,
+            rank=rank,
+            skip_batches=skip,
+        )
+        return DataLoader(
+            examples, batch_size=size, sampler=order, collate_fn=self.collate, num_workers=self.hparams.num_workers
+        )
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Padded or packed batch; decided per call, so the packing check may switch it late."""
@@ -278,7 +324,7 @@ class PreferenceDataModule(LightningDataModule):
         examples, trainer = self.datasets["train"], getattr(self, "trainer", None)
         k = (trainer.current_epoch if trainer is not None else 0) % self.train_chunks
         bounds = [len(examples) * i // self.train_chunks for i in range(self.train_chunks + 1)]
-        return self._loader("train", shuffle=True, examples=examples[bounds[k]:bounds[k + 1]])
+        return self._loader("train", shuffle=True, examples=examples[bounds[k] : bounds[k + 1]])
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
@@ -290,6 +336,10 @@ class PreferenceDataModule(LightningDataModule):
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """Changes whenever the tokenizer would produce different ids or chat renderings."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    parts = [type(tokenizer).__name__, backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items())),
-             str(getattr(tokenizer, "chat_template", None)), str(tokenizer.all_special_tokens)]
+    parts = [
+        type(tokenizer).__name__,
+        backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items())),
+        str(getattr(tokenizer, "chat_template", None)),
+        str(tokenizer.all_special_tokens),
+    ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

@@ -59,20 +59,36 @@ def normalise_record(
     assistant_marker: str = "\n\nAssistant:",
 ) -> PreferencePair:
     """Turn one raw record into a :class:`PreferencePair`, or raise :class:`DataError` saying where."""
-    fields = {name: read_field(record, (columns or {}).get(name, name), source, index, required=name != "prompt") for name in ("prompt", "chosen", "rejected")}
+    fields = {
+        name: read_field(record, (columns or {}).get(name, name), source, index, required=name != "prompt")
+        for name in ("prompt", "chosen", "rejected")
+    }
     prompt, chosen, rejected = fields["prompt"], fields["chosen"], fields["rejected"]
     shape = format if format != "auto" else _detect(prompt, chosen, rejected)
     if shape == "explicit":
-        pair = PreferencePair(read_text(prompt, "prompt", source, index, allow_empty=True), read_text(chosen, "chosen", source, index), read_text(rejected, "rejected", source, index))
+        pair = PreferencePair(
+            read_text(prompt, "prompt", source, index, allow_empty=True),
+            read_text(chosen, "chosen", source, index),
+            read_text(rejected, "rejected", source, index),
+        )
     elif shape == "implicit":
-        pair = _split_implicit(read_text(chosen, "chosen", source, index), read_text(rejected, "rejected", source, index), assistant_marker, source, index)
+        pair = _split_implicit(
+            read_text(chosen, "chosen", source, index),
+            read_text(rejected, "rejected", source, index),
+            assistant_marker,
+            source,
+            index,
+        )
     elif shape == "conversational":
         pair = _conversational(prompt, chosen, rejected, source, index)
     else:
         raise DataError(source, f"unknown format '{format}'; use one of auto, explicit, conversational, implicit")
     if pair.chosen == pair.rejected:
         raise DroppableRecord(source, "chosen and rejected responses are identical", index, "rejected")
-    scores = {name: read_number(record.get((columns or {}).get(name, name)), name, source, index) for name in ("score_chosen", "score_rejected", "margin")}
+    scores = {
+        name: read_number(record.get((columns or {}).get(name, name)), name, source, index)
+        for name in ("score_chosen", "score_rejected", "margin")
+    }
     return replace(pair, **scores)
 
 
@@ -83,7 +99,9 @@ def read_number(value: Any, field: str, source: str, index: int) -> float | None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DataError(source, f"expected a finite number, got {value!r}", index, field)
     if abs(value) > FLOAT32_MAX:  # batches hold scores as float32: it would become inf there
-        raise DataError(source, f"{value!r} is too large: scores must fit float32 (|x| <= 3.4e38); rescale them", index, field)
+        raise DataError(
+            source, f"{value!r} is too large: scores must fit float32 (|x| <= 3.4e38); rescale them", index, field
+        )
     return float(value)
 
 
@@ -120,9 +138,13 @@ def read_messages(value: Any, field: str, source: str, index: int) -> tuple[Mess
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise DataError(source, "expected a message {'role': ..., 'content': ...}", index, where)
         if message["role"] not in KNOWN_ROLES:
-            raise DataError(source, f"unknown chat role '{message['role']}' (known: {', '.join(KNOWN_ROLES)})", index, where)
+            raise DataError(
+                source, f"unknown chat role '{message['role']}' (known: {', '.join(KNOWN_ROLES)})", index, where
+            )
         if not isinstance(message["content"], str):
-            raise DataError(source, f"message content must be a string, got {type(message['content']).__name__}", index, where)
+            raise DataError(
+                source, f"message content must be a string, got {type(message['content']).__name__}", index, where
+            )
         messages.append({"role": message["role"], "content": message["content"]})
     return tuple(messages)
 
@@ -136,8 +158,16 @@ def read_reply(messages: tuple[Message, ...], field: str, source: str, index: in
 def _conversational(prompt: Any, chosen: Any, rejected: Any, source: str, index: int) -> PreferencePair:
     # the responses are read first: a malformed response is reported as itself, not as a prompt
     # that does not fit it
-    chosen_msgs = read_messages(chosen, "chosen", source, index) if isinstance(chosen, list) else ({"role": "assistant", "content": read_text(chosen, "chosen", source, index)},)
-    rejected_msgs = read_messages(rejected, "rejected", source, index) if isinstance(rejected, list) else ({"role": "assistant", "content": read_text(rejected, "rejected", source, index)},)
+    chosen_msgs = (
+        read_messages(chosen, "chosen", source, index)
+        if isinstance(chosen, list)
+        else ({"role": "assistant", "content": read_text(chosen, "chosen", source, index)},)
+    )
+    rejected_msgs = (
+        read_messages(rejected, "rejected", source, index)
+        if isinstance(rejected, list)
+        else ({"role": "assistant", "content": read_text(rejected, "rejected", source, index)},)
+    )
     if prompt is None:  # whole conversations: the shared leading messages are the prompt
         shared = 0
         while shared < min(len(chosen_msgs), len(rejected_msgs)) - 1 and chosen_msgs[shared] == rejected_msgs[shared]:
@@ -145,13 +175,22 @@ def _conversational(prompt: Any, chosen: Any, rejected: Any, source: str, index:
         prompt_msgs = chosen_msgs[:shared]
         chosen_msgs, rejected_msgs = chosen_msgs[shared:], rejected_msgs[shared:]
         if not prompt_msgs:
-            raise DataError(source, "chosen and rejected conversations share no leading messages, so there is no prompt to split off "
-                            "(a record without 'prompt' is read as whole conversations)", index, "chosen")
+            raise DataError(
+                source,
+                "chosen and rejected conversations share no leading messages, so there is no prompt to split off "
+                "(a record without 'prompt' is read as whole conversations)",
+                index,
+                "chosen",
+            )
     else:
         prompt_msgs = read_messages(prompt, "prompt", source, index)
     if not prompt_msgs:
         raise DataError(source, "conversation has no prompt messages", index, "prompt")
-    return PreferencePair(prompt_msgs, read_reply(chosen_msgs, "chosen", source, index), read_reply(rejected_msgs, "rejected", source, index))
+    return PreferencePair(
+        prompt_msgs,
+        read_reply(chosen_msgs, "chosen", source, index),
+        read_reply(rejected_msgs, "rejected", source, index),
+    )
 
 
 def _split_implicit(chosen: str, rejected: str, marker: str, source: str, index: int) -> PreferencePair:
@@ -161,9 +200,19 @@ def _split_implicit(chosen: str, rejected: str, marker: str, source: str, index:
         shared += 1
     cut = chosen.rfind(marker, 0, shared)
     if cut < 0:
-        raise DataError(source, f"implicit-prompt pair (a record without 'prompt' is read as whole transcripts): the shared prefix of chosen and rejected contains no assistant marker {marker!r}", index, "chosen")
+        raise DataError(
+            source,
+            "implicit-prompt pair (a record without 'prompt' is read as whole transcripts): the shared prefix of "
+            f"chosen and rejected contains no assistant marker {marker!r}",
+            index,
+            "chosen",
+        )
     cut += len(marker)
-    return PreferencePair(chosen[:cut], read_text(chosen[cut:], "chosen", source, index), read_text(rejected[cut:], "rejected", source, index))
+    return PreferencePair(
+        chosen[:cut],
+        read_text(chosen[cut:], "chosen", source, index),
+        read_text(rejected[cut:], "rejected", source, index),
+    )
 
 
 def read_prompt(value: Any, field: str, source: str, index: int) -> Union[str, tuple[Message, ...]]:

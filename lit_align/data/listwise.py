@@ -35,7 +35,9 @@ class RankedResponses:
         return not isinstance(self.prompt, str)
 
 
-def normalise_listwise(record: Mapping[str, Any], source: str, index: int, columns: Mapping[str, str] | None = None) -> RankedResponses:
+def normalise_listwise(
+    record: Mapping[str, Any], source: str, index: int, columns: Mapping[str, str] | None = None
+) -> RankedResponses:
     """Turn one raw record into :class:`RankedResponses`, or raise :class:`DataError` saying where."""
     name = lambda key: (columns or {}).get(key, key)  # noqa: E731
     prompt = read_prompt(read_field(record, name("prompt"), source, index, required=True), "prompt", source, index)
@@ -47,11 +49,23 @@ def normalise_listwise(record: Mapping[str, Any], source: str, index: int, colum
     elif name("ranks") in record:
         field, values, sign = "ranks", record[name("ranks")], -1.0
     else:
-        raise DataError(source, f"missing: a listwise record needs 'scores' or 'ranks' (record has fields: {', '.join(map(str, record))})", index, "scores")
+        raise DataError(
+            source,
+            f"missing: a listwise record needs 'scores' or 'ranks' (record has fields: {', '.join(map(str, record))})",
+            index,
+            "scores",
+        )
     if not isinstance(values, list) or len(values) != len(responses):
-        raise DataError(source, f"expected a list of {len(responses)} numbers (one per response), got {values!r}", index, field)
+        raise DataError(
+            source, f"expected a list of {len(responses)} numbers (one per response), got {values!r}", index, field
+        )
     texts = tuple(read_response(value, f"responses[{k}]", source, index) for k, value in enumerate(responses))
-    scores = tuple(sign * read_number(value, f"{field}[{k}]", source, index) if value is not None else _null(source, index, field, k) for k, value in enumerate(values))
+    scores = tuple(
+        sign * read_number(value, f"{field}[{k}]", source, index)
+        if value is not None
+        else _null(source, index, field, k)
+        for k, value in enumerate(values)
+    )
     if len(texts) < 2:
         raise DroppableRecord(source, "a list needs at least two responses", index, "responses")
     if len(set(scores)) < 2:

@@ -28,7 +28,13 @@ class ListwiseDataModule(PreferenceDataModule):
     layout = ListLayout()
     record_fields = ("prompt", "responses", "scores", "ranks")
 
-    def __init__(self, *args, list_size: Annotated[int, Range(2)] = 4, max_responses: Optional[Annotated[int, Range(2)]] = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        list_size: Annotated[int, Range(2)] = 4,
+        max_responses: Optional[Annotated[int, Range(2)]] = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
 
     def builtin_records(self, split: str) -> list[dict[str, Any]]:
@@ -39,8 +45,12 @@ class ListwiseDataModule(PreferenceDataModule):
         item = normalise_listwise(record, source, index, h.columns)
         order = sorted(range(len(item.responses)), key=lambda k: -item.scores[k])[: h.max_responses]
         texts = {f"responses[{k}]": item.responses[k] for k in order}
-        prompt, responses = tokenize_responses(item.prompt, texts, self.tokenizer, h.max_length, self.max_prompt_length, h.truncation, source, index)
+        prompt, responses = tokenize_responses(
+            item.prompt, texts, self.tokenizer, h.max_length, self.max_prompt_length, h.truncation, source, index
+        )
         ids = list(responses.values())
         if len({tuple(values) for values in ids}) < len(ids):
-            raise DroppableRecord(source, "two responses are identical after tokenization and truncation", index, "responses")
+            raise DroppableRecord(
+                source, "two responses are identical after tokenization and truncation", index, "responses"
+            )
         return [{"prompt": prompt, "responses": ids, "scores": [item.scores[k] for k in order]}]

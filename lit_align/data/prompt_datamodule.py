@@ -49,9 +49,18 @@ class PromptDataModule(PreferenceDataModule):
         self._ptx_batches: Iterator[dict[str, torch.Tensor]] | None = None
         if ptx_train is not None:
             h = self.hparams
-            self.ptx_data = _TrainOnly(train=ptx_train, task=self.task, max_length=h.max_length, truncation=h.truncation,
-                                       invalid_records=h.invalid_records, max_records=h.max_records, batch_size=ptx_batch_size or h.batch_size,
-                                       seed=h.seed, cache_dir=h.cache_dir, use_cache=h.use_cache)
+            self.ptx_data = _TrainOnly(
+                train=ptx_train,
+                task=self.task,
+                max_length=h.max_length,
+                truncation=h.truncation,
+                invalid_records=h.invalid_records,
+                max_records=h.max_records,
+                batch_size=ptx_batch_size or h.batch_size,
+                seed=h.seed,
+                cache_dir=h.cache_dir,
+                use_cache=h.use_cache,
+            )
 
     @property
     def provides_ptx(self) -> bool:
@@ -80,7 +89,12 @@ class PromptDataModule(PreferenceDataModule):
 
     def tokenize_record(self, record: dict[str, Any], source: str, index: int) -> list[dict[str, Any]]:
         h = self.hparams
-        prompt = read_prompt(read_field(record, (h.columns or {}).get("prompt", "prompt"), source, index, required=True), "prompt", source, index)
+        prompt = read_prompt(
+            read_field(record, (h.columns or {}).get("prompt", "prompt"), source, index, required=True),
+            "prompt",
+            source,
+            index,
+        )
         ids = tokenize_prompt(prompt, self.tokenizer, self.max_prompt_length, h.truncation, source, index)
         return [{"prompt": ids, "text": prompt if isinstance(prompt, str) else [dict(m) for m in prompt]}]
 

@@ -37,8 +37,16 @@ class GlobalBatchOrder(DistributedSampler):
     collective).
     """
 
-    def __init__(self, size: int, batch_size: int, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0,
-                 skip_batches: int = 0):
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        skip_batches: int = 0,
+    ):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
         # DistributedSampler.__init__ is not called: it would ask torch.distributed for the world
@@ -59,18 +67,18 @@ class GlobalBatchOrder(DistributedSampler):
     def local_part(self, chunk: list[int]) -> list[int]:
         """This process's slice of one global batch."""
         if len(chunk) == self.global_batch_size:
-            return chunk[self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+            return chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         if len(chunk) < self.num_replicas:
             return [chunk[self.rank % len(chunk)]]
         base, extra = divmod(len(chunk), self.num_replicas)
         start = self.rank * base + min(self.rank, extra)
-        return chunk[start: start + base + (self.rank < extra)]
+        return chunk[start : start + base + (self.rank < extra)]
 
     def __iter__(self) -> Iterator[int]:
         order, step = self.order(), self.global_batch_size
         skip, self.skip_batches = self.skip_batches, 0  # only the resumed pass starts late
         for start in range(skip * step, self.size, step):
-            yield from self.local_part(order[start: start + step])
+            yield from self.local_part(order[start : start + step])
 
     def __len__(self) -> int:
         """Indices of a whole pass (also when resuming: Lightning counts the epoch's batches from

@@ -47,8 +47,16 @@ class SFTDataModule(PreferenceDataModule):
         h = self.hparams
         prompt, completion = self._demonstration(record, source, index)
         try:
-            prompt_ids, responses = tokenize_responses(prompt, {"completion": completion}, self.tokenizer, h.max_length, self.max_prompt_length,
-                                                       h.truncation, source, index)
+            prompt_ids, responses = tokenize_responses(
+                prompt,
+                {"completion": completion},
+                self.tokenizer,
+                h.max_length,
+                self.max_prompt_length,
+                h.truncation,
+                source,
+                index,
+            )
         except DataError as error:  # a {messages} record: prompt and completion are both in `messages`
             messages = self._messages_field(record)
             raise error.in_file_columns({"prompt": messages, "completion": messages} if messages else None) from None
@@ -70,10 +78,22 @@ class SFTDataModule(PreferenceDataModule):
         if name("messages", "messages") in record:
             messages = read_messages(record[name("messages", "messages")], "messages", source, index)
             if len(messages) < 2 or messages[-1]["role"] != "assistant":
-                raise DataError(source, "expected a conversation ending in an assistant message after at least one other message", index, "messages")
+                raise DataError(
+                    source,
+                    "expected a conversation ending in an assistant message after at least one other message",
+                    index,
+                    "messages",
+                )
             return messages[:-1], read_text(messages[-1]["content"], "messages", source, index)
         if name("text", "text") in record and name("completion", "completion") not in record:
             return "", read_text(record[name("text", "text")], "text", source, index)
-        prompt = read_prompt(read_field(record, name("prompt", "prompt"), source, index, required=True), "prompt", source, index)
-        completion = read_response(read_field(record, name("completion", "completion"), source, index, required=True), "completion", source, index)
+        prompt = read_prompt(
+            read_field(record, name("prompt", "prompt"), source, index, required=True), "prompt", source, index
+        )
+        completion = read_response(
+            read_field(record, name("completion", "completion"), source, index, required=True),
+            "completion",
+            source,
+            index,
+        )
         return prompt, completion

@@ -64,9 +64,14 @@ def _container_problem(path: Path, error: BaseException) -> str:
     detail = f"{type(error).__name__}: {error}"
     gzipped = path.name.lower().endswith(".gz")
     if gzipped and not _starts_like_gzip(path):
-        return f"the name ends in .gz but the file is not gzip-compressed ({detail}); rename it or compress it with gzip"
+        return (
+            f"the name ends in .gz but the file is not gzip-compressed ({detail}); rename it or compress it with gzip"
+        )
     if gzipped and isinstance(error, (EOFError, zlib.error, gzip.BadGzipFile)):
-        return f"the gzip data is truncated or corrupt ({detail}); the file was probably cut short while copying or writing"
+        return (
+            f"the gzip data is truncated or corrupt ({detail}); "
+            "the file was probably cut short while copying or writing"
+        )
     if isinstance(error, PermissionError):
         return f"cannot be read ({error.strerror})"
     return f"cannot be read ({detail})"
@@ -87,7 +92,9 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
     try:
         return pyarrow.parquet.read_table(path).to_pylist()
     except pyarrow.ArrowException as error:
-        problem = "is not a parquet file" if not _starts_like_parquet(path) else "is a truncated or corrupt parquet file"
+        problem = (
+            "is not a parquet file" if not _starts_like_parquet(path) else "is a truncated or corrupt parquet file"
+        )
         raise DataError(str(path), f"{problem} ({type(error).__name__}: {error})") from None
 
 
@@ -115,7 +122,10 @@ def _not_utf8(text: str, line_number: int) -> str | None:
     position = bad.start()
     line_number += text.count("\n", 0, position)
     column = position - text.rfind("\n", 0, position)
-    return f"line {line_number} is not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x} at character {column}); save the file as UTF-8"
+    return (
+        f"line {line_number} is not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x} at character {column}); "
+        "save the file as UTF-8"
+    )
 
 
 def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -130,9 +140,13 @@ def _iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(str(path), f"line {line_number} is not valid JSON ({error.msg})", record=count) from None
+                raise DataError(
+                    str(path), f"line {line_number} is not valid JSON ({error.msg})", record=count
+                ) from None
             if not isinstance(record, dict):
-                raise DataError(str(path), f"line {line_number} is a JSON {type(record).__name__}, expected an object", record=count)
+                raise DataError(
+                    str(path), f"line {line_number} is a JSON {type(record).__name__}, expected an object", record=count
+                )
             count += 1
             yield record
 
@@ -165,7 +179,9 @@ def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
     except FileNotFoundError as error:
         raise DataError(str(path), f"is a folder but not a saved `datasets` dataset ({error})") from None
     except Exception as error:  # arrow, json and OS errors of a damaged folder: name the folder
-        raise DataError(str(path), f"is a saved `datasets` folder that cannot be read ({type(error).__name__}: {error})") from None
+        raise DataError(
+            str(path), f"is a saved `datasets` folder that cannot be read ({type(error).__name__}: {error})"
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(str(path), f"has no split '{split}' (splits: {', '.join(loaded)})")

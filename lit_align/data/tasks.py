@@ -59,10 +59,16 @@ class WordRulesTask:
         self.rules = tuple(self.rules)
         unknown = set(self.rules) - set(RULES)
         if unknown or not self.rules:
-            raise SettingError("WordRulesTask", "rules", f"has unknown rule(s) {sorted(unknown)}; choose from {', '.join(RULES)}")
+            raise SettingError(
+                "WordRulesTask", "rules", f"has unknown rule(s) {sorted(unknown)}; choose from {', '.join(RULES)}"
+            )
         check_fields(self)
         if self.min_word_length > self.max_word_length:
-            raise SettingError("WordRulesTask", "min_word_length", f"must be <= max_word_length={self.max_word_length}, got {self.min_word_length}")
+            raise SettingError(
+                "WordRulesTask",
+                "min_word_length",
+                f"must be <= max_word_length={self.max_word_length}, got {self.min_word_length}",
+            )
 
     def split(self, name: str) -> list[dict[str, str]]:
         """Records ``{"prompt", "chosen", "rejected"}`` of split ``train`` or ``val``.
@@ -82,7 +88,11 @@ class WordRulesTask:
             if record["prompt"] not in seen:
                 records.append(record)
         if len(records) < count:
-            raise SettingError("WordRulesTask", "num_val", "is more than the unseen words left for the held-out split; raise max_word_length or lower num_val")
+            raise SettingError(
+                "WordRulesTask",
+                "num_val",
+                "is more than the unseen words left for the held-out split; raise max_word_length or lower num_val",
+            )
         return records
 
     def _pair(self, rng: random.Random) -> dict[str, str]:
@@ -98,7 +108,13 @@ class WordRulesTask:
             wrong = rng.choice([letter for letter in string.ascii_lowercase if letter not in word])
         else:
             wrong = word
-        return {"prompt": prompt, "chosen": answer, "rejected": wrong, "score_chosen": 1.0, "score_rejected": self.score(prompt, wrong)}
+        return {
+            "prompt": prompt,
+            "chosen": answer,
+            "rejected": wrong,
+            "score_chosen": 1.0,
+            "score_rejected": self.score(prompt, wrong),
+        }
 
     def ranked(self, name: str, list_size: int = 4) -> list[dict]:
         """Records ``{prompt, responses, scores}`` of a split: the correct answer, the word
@@ -117,10 +133,20 @@ class WordRulesTask:
                 if len(responses) == list_size or len(answer) < 2:
                     break
                 keep = rng.sample(range(len(answer)), rng.randint(1, len(answer) - 1))
-                candidate = "".join(answer[i] if i in keep else pair["rejected"][i] for i in range(len(answer))) if len(pair["rejected"]) == len(answer) else answer[: len(keep)]
+                candidate = (
+                    "".join(answer[i] if i in keep else pair["rejected"][i] for i in range(len(answer)))
+                    if len(pair["rejected"]) == len(answer)
+                    else answer[: len(keep)]
+                )
                 if candidate not in responses:
                     responses.append(candidate)
-            records.append({"prompt": pair["prompt"], "responses": responses, "scores": [self.score(pair["prompt"], r) for r in responses]})
+            records.append(
+                {
+                    "prompt": pair["prompt"],
+                    "responses": responses,
+                    "scores": [self.score(pair["prompt"], r) for r in responses],
+                }
+            )
         return records
 
     @staticmethod
@@ -131,7 +157,7 @@ class WordRulesTask:
         response = response.strip()
         if response == answer:
             return 1.0
-        matches = sum(a == b for a, b in zip(answer, response))
+        matches = sum(a == b for a, b in zip(answer, response, strict=False))
         return matches / max(len(answer), len(response))
 
     @staticmethod
@@ -145,7 +171,7 @@ def parse_prompt(prompt: str) -> tuple[str, str]:
     for rule, template in PROMPTS.items():
         head, tail = template.split("{word}")
         if prompt.startswith(head) and prompt.endswith(tail):
-            return rule, prompt[len(head): len(prompt) - len(tail)]
+            return rule, prompt[len(head) : len(prompt) - len(tail)]
     raise ValueError(f"not a prompt of the built-in task: {prompt!r}")
 
 

@@ -29,30 +29,52 @@ TruncationMode = Literal["keep_end", "drop", "error"]
 Prompt = Union[str, Sequence[dict[str, str]]]
 
 
-def render_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, source: str, index: int, add_generation_prompt: bool = False,
-                field: str = "prompt") -> str:
+def render_chat(
+    messages: list[dict[str, str]],
+    tokenizer: PreTrainedTokenizerBase,
+    source: str,
+    index: int,
+    add_generation_prompt: bool = False,
+    field: str = "prompt",
+) -> str:
     """``messages`` rendered by the tokenizer's chat template, or a :class:`DataError` naming the
     record and ``field`` (the part of the record that was added last) when there is no template
     or the template rejects the conversation."""
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(source, "conversational data needs a tokenizer with a chat template, and this one has none", index, field)
+        raise DataError(
+            source, "conversational data needs a tokenizer with a chat template, and this one has none", index, field
+        )
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as error:  # jinja raises TemplateError for roles the template rejects
         raise DataError(source, f"the chat template rejected this conversation: {error}", index, field) from None
 
 
-def render_conversation(prompt: Sequence[dict[str, str]], response: str, tokenizer: PreTrainedTokenizerBase, source: str, index: int,
-                        prompt_field: str = "prompt", response_field: str = "completion") -> tuple[str, str]:
+def render_conversation(
+    prompt: Sequence[dict[str, str]],
+    response: str,
+    tokenizer: PreTrainedTokenizerBase,
+    source: str,
+    index: int,
+    prompt_field: str = "prompt",
+    response_field: str = "completion",
+) -> tuple[str, str]:
     """(prompt text, response text) of a chat prompt and its reply, rendered by the chat template;
     a rendering the template rejects is reported in the field that was added: the prompt's
     first, then the response's."""
     messages = list(prompt)
     prompt_text = render_chat(messages, tokenizer, source, index, add_generation_prompt=True, field=prompt_field)
-    full_text = render_chat(messages + [{"role": "assistant", "content": response}], tokenizer, source, index, field=response_field)
+    full_text = render_chat(
+        messages + [{"role": "assistant", "content": response}], tokenizer, source, index, field=response_field
+    )
     if not full_text.startswith(prompt_text):
-        raise DataError(source, "the chat template renders the prompt differently with and without the response", index, prompt_field)
-    return prompt_text, full_text[len(prompt_text):]
+        raise DataError(
+            source,
+            "the chat template renders the prompt differently with and without the response",
+            index,
+            prompt_field,
+        )
+    return prompt_text, full_text[len(prompt_text) :]
 
 
 def tokenize_responses(
@@ -73,7 +95,10 @@ def tokenize_responses(
         raise ValueError(f"max_prompt_length must be in (0, max_length={max_length}), got {max_prompt_length}")
     conversational = not isinstance(prompt, str)
     if conversational:
-        rendered = {name: render_conversation(prompt, text, tokenizer, source, index, prompt_field, name) for name, text in responses.items()}
+        rendered = {
+            name: render_conversation(prompt, text, tokenizer, source, index, prompt_field, name)
+            for name, text in responses.items()
+        }
         prompt_text = next(iter(rendered.values()))[0]
         texts = {name: response for name, (_, response) in rendered.items()}
     else:
@@ -83,8 +108,18 @@ def tokenize_responses(
     longest = max(len(values) for values in ids.values())
     if len(prompt_ids) + longest > max_length or len(prompt_ids) > max_prompt_length:
         if truncation == "error":
-            field = prompt_field if len(prompt_ids) > max_prompt_length else next(name for name, values in ids.items() if len(values) == longest)
-            raise DataError(source, f"{len(prompt_ids)} prompt + {longest} response tokens do not fit max_length={max_length} (max_prompt_length={max_prompt_length}); set truncation to keep_end or drop", index, field)
+            field = (
+                prompt_field
+                if len(prompt_ids) > max_prompt_length
+                else next(name for name, values in ids.items() if len(values) == longest)
+            )
+            raise DataError(
+                source,
+                f"{len(prompt_ids)} prompt + {longest} response tokens do not fit max_length={max_length} "
+                f"(max_prompt_length={max_prompt_length}); set truncation to keep_end or drop",
+                index,
+                field,
+            )
         if truncation == "drop":
             raise DroppableRecord(source, f"longer than max_length={max_length} tokens", index, prompt_field)
         prompt_ids = prompt_ids[-max_prompt_length:]
@@ -103,9 +138,20 @@ def tokenize_pair(
     index: int = 0,
 ) -> dict[str, list[int]]:
     """Token ids ``{"prompt", "chosen", "rejected"}`` of one pair (plus its scores and margin when it has them)."""
-    prompt_ids, responses = tokenize_responses(pair.prompt, {"chosen": pair.chosen, "rejected": pair.rejected}, tokenizer, max_length, max_prompt_length, truncation, source, index)
+    prompt_ids, responses = tokenize_responses(
+        pair.prompt,
+        {"chosen": pair.chosen, "rejected": pair.rejected},
+        tokenizer,
+        max_length,
+        max_prompt_length,
+        truncation,
+        source,
+        index,
+    )
     if responses["chosen"] == responses["rejected"]:
-        raise DroppableRecord(source, "chosen and rejected are identical after tokenization and truncation", index, "rejected")
+        raise DroppableRecord(
+            source, "chosen and rejected are identical after tokenization and truncation", index, "rejected"
+        )
     example = {"prompt": prompt_ids, **responses}
     if pair.score_chosen is not None or pair.score_rejected is not None:
         example["score_chosen"] = math.nan if pair.score_chosen is None else pair.score_chosen
@@ -161,8 +207,16 @@ def tokenize_prompt(
     ids = _prompt_ids(prompt, tokenizer, rendered_by_template=conversational)
     if len(ids) > max_prompt_length:
         if truncation == "error":
-            raise DataError(source, f"{len(ids)} prompt tokens do not fit max_prompt_length={max_prompt_length}; set truncation to keep_end or drop", index, "prompt")
+            raise DataError(
+                source,
+                f"{len(ids)} prompt tokens do not fit max_prompt_length={max_prompt_length}; set truncation to "
+                "keep_end or drop",
+                index,
+                "prompt",
+            )
         if truncation == "drop":
-            raise DroppableRecord(source, f"prompt longer than max_prompt_length={max_prompt_length} tokens", index, "prompt")
+            raise DroppableRecord(
+                source, f"prompt longer than max_prompt_length={max_prompt_length} tokens", index, "prompt"
+            )
         ids = ids[-max_prompt_length:]
     return ids

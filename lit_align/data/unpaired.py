@@ -46,13 +46,24 @@ class UnpairedExample:
         return not isinstance(self.prompt, str)
 
 
-def normalise_unpaired(record: Mapping[str, Any], source: str, index: int, columns: Mapping[str, str] | None = None) -> UnpairedExample:
+def normalise_unpaired(
+    record: Mapping[str, Any], source: str, index: int, columns: Mapping[str, str] | None = None
+) -> UnpairedExample:
     """Turn one raw record into an :class:`UnpairedExample`, or raise :class:`DataError` saying where."""
-    values = {name: read_field(record, (columns or {}).get(name, name), source, index, required=True) for name in UNPAIRED_FIELDS}
+    values = {
+        name: read_field(record, (columns or {}).get(name, name), source, index, required=True)
+        for name in UNPAIRED_FIELDS
+    }
     label = values["label"]
     if not isinstance(label, bool):
-        raise DataError(source, f"expected a boolean (true = desirable, false = undesirable), got {label!r}", index, "label")
-    return UnpairedExample(read_prompt(values["prompt"], "prompt", source, index), read_response(values["completion"], "completion", source, index), label)
+        raise DataError(
+            source, f"expected a boolean (true = desirable, false = undesirable), got {label!r}", index, "label"
+        )
+    return UnpairedExample(
+        read_prompt(values["prompt"], "prompt", source, index),
+        read_response(values["completion"], "completion", source, index),
+        label,
+    )
 
 
 def pair_to_unpaired(pair: PreferencePair) -> list[UnpairedExample]:
@@ -60,8 +71,15 @@ def pair_to_unpaired(pair: PreferencePair) -> list[UnpairedExample]:
     return [UnpairedExample(pair.prompt, pair.chosen, True), UnpairedExample(pair.prompt, pair.rejected, False)]
 
 
-def convert_pairs_file(source: str, output: str, format: FormatName = "auto", columns: Mapping[str, str] | None = None,
-                       assistant_marker: str = "\n\nAssistant:", split: str = "train", invalid_records: str = "skip") -> tuple[int, int]:
+def convert_pairs_file(
+    source: str,
+    output: str,
+    format: FormatName = "auto",
+    columns: Mapping[str, str] | None = None,
+    assistant_marker: str = "\n\nAssistant:",
+    split: str = "train",
+    invalid_records: str = "skip",
+) -> tuple[int, int]:
     """Write paired ``source`` as unpaired JSONL ``output`` (two records per pair); returns
     (records written, pairs skipped). Pairs that cannot train (empty or identical responses) are
     skipped, or raise with ``invalid_records="error"``; malformed records always raise. The file

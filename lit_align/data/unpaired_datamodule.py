@@ -58,8 +58,16 @@ class UnpairedDataModule(PreferenceDataModule):
 
     def _tokenize(self, item, source: str, index: int) -> dict[str, Any]:
         h = self.hparams
-        prompt, responses = tokenize_responses(item.prompt, {"completion": item.completion}, self.tokenizer, h.max_length,
-                                               self.max_prompt_length, h.truncation, source, index)
+        prompt, responses = tokenize_responses(
+            item.prompt,
+            {"completion": item.completion},
+            self.tokenizer,
+            h.max_length,
+            self.max_prompt_length,
+            h.truncation,
+            source,
+            index,
+        )
         return {"prompt": prompt, "completion": responses["completion"], "label": item.label}
 
     def cache_identity(self) -> list[Any]:
@@ -72,10 +80,18 @@ class UnpairedDataModule(PreferenceDataModule):
         if not self._wants_mismatched():
             return examples
         for position, example in enumerate(examples):
-            other = next((examples[(position + step) % len(examples)] for step in range(1, len(examples))
-                          if examples[(position + step) % len(examples)]["prompt"] != example["prompt"]), None)
+            other = next(
+                (
+                    examples[(position + step) % len(examples)]
+                    for step in range(1, len(examples))
+                    if examples[(position + step) % len(examples)]["prompt"] != example["prompt"]
+                ),
+                None,
+            )
             if other is None:
-                raise DataError(source, "every example has the same prompt, so no mismatched completions exist for the KL estimate")
+                raise DataError(
+                    source, "every example has the same prompt, so no mismatched completions exist for the KL estimate"
+                )
             room = self.hparams.max_length - len(example["prompt"])
             example["kl_completion"] = other["completion"][:room]
         return examples

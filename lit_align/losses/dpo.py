@@ -53,7 +53,9 @@ def dpo_loss(
         beta: inverse temperature; the strength of the implicit KL penalty to the reference.
         label_smoothing: eps in [0, 0.5), the assumed label-noise rate.
     """
-    chosen, rejected, logits = _smoothed_logits(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, label_smoothing)
+    chosen, rejected, logits = _smoothed_logits(
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, label_smoothing
+    )
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     return PreferenceLoss(losses, chosen.detach(), rejected.detach())
 
@@ -78,8 +80,12 @@ def robust_dpo_loss(
         beta: inverse temperature, as in DPO.
         label_smoothing: eps in [0, 0.5), the known label-flip rate.
     """
-    chosen, rejected, logits = _smoothed_logits(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, label_smoothing)
-    losses = (-(1 - label_smoothing) * F.logsigmoid(logits) + label_smoothing * F.logsigmoid(-logits)) / (1 - 2 * label_smoothing)
+    chosen, rejected, logits = _smoothed_logits(
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, label_smoothing
+    )
+    losses = (-(1 - label_smoothing) * F.logsigmoid(logits) + label_smoothing * F.logsigmoid(-logits)) / (
+        1 - 2 * label_smoothing
+    )
     return PreferenceLoss(losses, chosen.detach(), rejected.detach())
 
 

@@ -120,7 +120,9 @@ def dpop_loss(
 
 
 # ----------------------------------------------------------------------------- β-DPO
-def beta_dpo_beta(batch_margin: Number, running_margin: Number, beta: float = 0.1, alpha: float = 0.6, min_beta: float = 1e-3) -> torch.Tensor:
+def beta_dpo_beta(
+    batch_margin: Number, running_margin: Number, beta: float = 0.1, alpha: float = 0.6, min_beta: float = 1e-3
+) -> torch.Tensor:
     """β-DPO's batch-level beta (Wu et al. 2024, "β-DPO: Direct Preference Optimization with
     Dynamic β", dynamic β calibration at batch level).
 
@@ -139,7 +141,9 @@ def beta_dpo_beta(batch_margin: Number, running_margin: Number, beta: float = 0.
         min_beta: lower bound keeping beta positive (the authors clamp at 1e-3).
     """
     batch_margin = torch.as_tensor(batch_margin)
-    return (beta * (1 + alpha * (batch_margin - torch.as_tensor(running_margin, device=batch_margin.device)))).clamp(min=min_beta)
+    return (beta * (1 + alpha * (batch_margin - torch.as_tensor(running_margin, device=batch_margin.device)))).clamp(
+        min=min_beta
+    )
 
 
 def beta_dpo_filter(
@@ -174,7 +178,12 @@ def beta_dpo_filter(
     mean = torch.as_tensor(running_margin, dtype=torch.float64, device=margins.device)
     std = torch.as_tensor(running_std, dtype=torch.float64, device=margins.device).clamp(min=1e-6)
     log_weights = -0.5 * ((margins - mean) / std) ** 2
-    uniform = torch.rand(size, generator=generator, dtype=torch.float64, device=generator.device if generator is not None else margins.device)
+    uniform = torch.rand(
+        size,
+        generator=generator,
+        dtype=torch.float64,
+        device=generator.device if generator is not None else margins.device,
+    )
     gumbel = -torch.log(-torch.log(uniform.to(margins.device)))
     kept = torch.zeros(size, dtype=torch.bool, device=margins.device)
     kept[torch.topk(log_weights + gumbel, keep).indices] = True
@@ -218,11 +227,13 @@ def _signed_log1p(d: torch.Tensor) -> torch.Tensor:
     return torch.sign(d) * torch.log1p(d.abs())
 
 
-ODPO_OFFSET_FUNCTIONS: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = MappingProxyType({
-    "log": torch.log,          # the paper's choice; needs score_chosen > score_rejected
-    "log1p": _signed_log1p,    # sign(d) log(1 + |d|): 0 at ties, defined for any difference
-    "identity": lambda d: d,
-})
+ODPO_OFFSET_FUNCTIONS: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = MappingProxyType(
+    {
+        "log": torch.log,  # the paper's choice; needs score_chosen > score_rejected
+        "log1p": _signed_log1p,  # sign(d) log(1 + |d|): 0 at ties, defined for any difference
+        "identity": lambda d: d,
+    }
+)
 """Name -> monotone increasing f of the score difference used for the ODPO offset."""
 
 
@@ -263,7 +274,9 @@ def odpo_loss(
     try:
         f = ODPO_OFFSET_FUNCTIONS[offset_fn]
     except KeyError:
-        raise ValueError(f"unknown ODPO offset_fn {offset_fn!r}; choose one of {sorted(ODPO_OFFSET_FUNCTIONS)}") from None
+        raise ValueError(
+            f"unknown ODPO offset_fn {offset_fn!r}; choose one of {sorted(ODPO_OFFSET_FUNCTIONS)}"
+        ) from None
     h_w, h_l = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     offset = torch.full_like(h_w, default_offset).detach()
     if score_chosen is not None and score_rejected is not None:
@@ -271,8 +284,10 @@ def odpo_loss(
         scored = ~torch.isnan(difference)
         if offset_fn == "log" and bool((difference[scored] <= 0).any()):
             bad = int((difference[scored] <= 0).sum())
-            raise ValueError(f"ODPO offset_fn='log' needs score_chosen > score_rejected, but {bad} scored pair(s) have "
-                             "score_chosen <= score_rejected; use offset_fn='log1p' or 'identity'")
+            raise ValueError(
+                f"ODPO offset_fn='log' needs score_chosen > score_rejected, but {bad} scored pair(s) have "
+                "score_chosen <= score_rejected; use offset_fn='log1p' or 'identity'"
+            )
         offset = torch.where(scored, alpha * f(torch.where(scored, difference, torch.ones_like(difference))), offset)
     losses = -F.logsigmoid(beta * (h_w - h_l) - offset)
     return _output(losses, h_w, h_l, beta, {"offset": offset})
@@ -308,7 +323,9 @@ def exo_pair_loss(
     h_w, h_l = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     logits = beta * (h_w - h_l)
     log_q_w, log_q_l = F.logsigmoid(logits), F.logsigmoid(-logits)
-    losses = log_q_w.exp() * (log_q_w - math.log1p(-label_smoothing)) + log_q_l.exp() * (log_q_l - math.log(label_smoothing))
+    losses = log_q_w.exp() * (log_q_w - math.log1p(-label_smoothing)) + log_q_l.exp() * (
+        log_q_l - math.log(label_smoothing)
+    )
     return _output(losses, h_w, h_l, beta)
 
 
@@ -505,5 +522,8 @@ def aot_pair_loss(
     """
     _check_smoothing(label_smoothing)
     h_w, h_l = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
-    delta = torch.sort(policy_chosen - policy_rejected, dim=0).values - torch.sort(reference_chosen - reference_rejected, dim=0).values
+    delta = (
+        torch.sort(policy_chosen - policy_rejected, dim=0).values
+        - torch.sort(reference_chosen - reference_rejected, dim=0).values
+    )
     return _output(_smoothed_logistic(delta, beta, label_smoothing), h_w, h_l, beta)

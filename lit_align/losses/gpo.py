@@ -71,14 +71,16 @@ def _savage(rho: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(-rho) ** 2  # 1 / (1 + e^{rho})^2
 
 
-GPO_FUNCTIONS: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = MappingProxyType({
-    "logistic": _logistic,
-    "hinge": _hinge,
-    "squared": _squared,
-    "exponential": _exponential,
-    "truncated_quadratic": _truncated_quadratic,
-    "savage": _savage,
-})
+GPO_FUNCTIONS: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = MappingProxyType(
+    {
+        "logistic": _logistic,
+        "hinge": _hinge,
+        "squared": _squared,
+        "exponential": _exponential,
+        "truncated_quadratic": _truncated_quadratic,
+        "savage": _savage,
+    }
+)
 """Name -> convex function f of rho = beta * m (read-only)."""
 
 

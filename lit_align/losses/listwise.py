@@ -167,7 +167,9 @@ def _gain_differences(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor
     exp((lo - psi_max) ln 2 + log(expm1(|d| ln 2))): exact for gaps far below the scores' own size
     (1e-30 apart), finite for gaps of 1e30, and 0 for ties and padding."""
     labels = _masked(scores, valid).double()
-    best = labels.masked_fill(~valid, -math.inf).amax(dim=1).clamp(min=-1e300)[:, None, None]  # an empty list: any finite shift
+    best = (
+        labels.masked_fill(~valid, -math.inf).amax(dim=1).clamp(min=-1e300)[:, None, None]
+    )  # an empty list: any finite shift
     low = torch.minimum(labels[:, :, None], labels[:, None, :])
     gap = (labels[:, :, None] - labels[:, None, :]).abs() * math.log(2)
     log_expm1 = torch.where(gap > 1, gap + torch.log1p(-torch.exp(-gap)), torch.log(torch.expm1(gap)))

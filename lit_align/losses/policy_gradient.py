@@ -79,7 +79,9 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, beta: float, mask: tor
 
 
 # ---- advantages ----------------------------------------------------------------------------------
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation (Schulman et al. 2016, eq. 16) by the backward recursion
     delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1},
     with V and A zero past the last response token. lam = 0 gives the TD error delta_t; lam = 1
@@ -100,7 +102,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask_f
 
 
-def n_step_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def n_step_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """n-step actor-critic advantages (Mnih et al. 2016, A3C, sec. 4):
     R_t = sum_{i<n} gamma^i r_{t+i} + gamma^n V_{t+n},  A_t = R_t - V_t,
     truncated at the end of the response (no bootstrap past it). n = 1 is TD(0):
@@ -112,9 +116,9 @@ def n_step_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.T
     length = values.shape[1]
     pad = torch.zeros_like(values[:, :n])
     padded_rewards, padded_values = torch.cat([rewards, pad], 1), torch.cat([values, pad], 1)
-    targets = gamma**n * padded_values[:, n: n + length]
+    targets = gamma**n * padded_values[:, n : n + length]
     for i in range(n):
-        targets = targets + gamma**i * padded_rewards[:, i: i + length]
+        targets = targets + gamma**i * padded_rewards[:, i : i + length]
     return (targets - values) * mask_f, targets * mask_f
 
 
@@ -129,7 +133,9 @@ def leave_one_out_advantages(scores: torch.Tensor, group_size: int) -> torch.Ten
     return (groups - baseline).reshape(-1)
 
 
-def group_normalised_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+def group_normalised_advantages(
+    scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
     """GRPO outcome advantages (Shao et al. 2024, sec. 4.1.2): A_i = (r_i - mean(r)) / (std(r) + eps)
     over the group of samples of one prompt (std: the sample standard deviation). ``scale=False``
     keeps only the mean shift (Dr. GRPO, Liu et al. 2025, drops the std division). ``scores`` is
@@ -144,7 +150,9 @@ def group_normalised_advantages(scores: torch.Tensor, group_size: int, scale: bo
 
 
 # ---- surrogate losses ----------------------------------------------------------------------------
-def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def clipped_surrogate(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), per token, as a loss to minimise:
     -min(r A, clip(r, 1 - eps, 1 + eps) A) with r = exp(log pi - log pi_old).
     Returns (loss, ratio, clipped: True where the clipped term was the smaller one)."""
@@ -154,7 +162,9 @@ def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: 
     return -torch.minimum(unclipped, clipped), ratio, clipped < unclipped
 
 
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss (the PPO baselines; Ziegler et al. 2019), per token:
     max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2) / 2.
     Returns (loss, clipped: True where the clipped term was larger)."""

@@ -42,7 +42,11 @@ def orpo_loss(
     log_odds_ratio = F.logsigmoid(log_odds)
     nll = -chosen_mean
     losses = nll - lam * log_odds_ratio
-    metrics = {"nll_loss": nll.detach(), "log_odds_ratio": log_odds_ratio.detach(), "log_odds_chosen": log_odds.detach()}
+    metrics = {
+        "nll_loss": nll.detach(),
+        "log_odds_ratio": log_odds_ratio.detach(),
+        "log_odds_chosen": log_odds.detach(),
+    }
     return PreferenceLoss(losses, lam * chosen_mean.detach(), lam * rejected_mean.detach(), metrics)
 
 

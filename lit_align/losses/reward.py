@@ -30,7 +30,9 @@ class RewardLoss(NamedTuple):
         return (self.margins > 0).float() + 0.5 * (self.margins == 0).float()
 
 
-def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | None = None) -> RewardLoss:
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | None = None
+) -> RewardLoss:
     """Pairwise Bradley-Terry reward-model loss (InstructGPT, Ouyang et al. 2022, Eq. 1 with K = 2;
     Llama 2, Touvron et al. 2023, Eq. 1, and Eq. 2 with a margin):
 
@@ -71,10 +73,16 @@ def listwise_bradley_terry_loss(rewards: torch.Tensor, scores: torch.Tensor) -> 
     A prompt with no pair of different scores gets loss 0.
     """
     valid = ~torch.isnan(scores)
-    rewards = torch.where(valid, rewards, torch.zeros((), dtype=rewards.dtype, device=rewards.device))  # NaN-safe gradients
+    rewards = torch.where(
+        valid, rewards, torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    )  # NaN-safe gradients
     filled = torch.where(valid, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
-    better = (filled[:, :, None] > filled[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # [b, i, j]: i preferred to j
+    better = (
+        (filled[:, :, None] > filled[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    )  # [b, i, j]: i preferred to j
     difference = rewards[:, :, None] - rewards[:, None, :]
-    pair_losses = torch.where(better, F.softplus(-difference), torch.zeros((), dtype=rewards.dtype, device=rewards.device))
+    pair_losses = torch.where(
+        better, F.softplus(-difference), torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    )
     losses = pair_losses.sum(dim=(1, 2)) / better.sum(dim=(1, 2)).clamp(min=1)
     return RewardLoss(losses, difference[better].detach())

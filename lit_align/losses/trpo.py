@@ -19,7 +19,9 @@ import torch
 from lit_align.losses.policy_gradient import masked_mean
 
 
-def trpo_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def trpo_surrogate(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Surrogate advantage L(theta) (Schulman et al. 2015, eq. 14), to maximise: the mean over
     completion tokens of r_t A_t with r_t = exp(log pi_theta(y_t) - log pi_old(y_t)).
     ``[N, T]`` inputs (``advantages`` already broadcast per token); scalar out."""
@@ -35,10 +37,14 @@ def categorical_kl(old_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tens
 
 def flat(tensors: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> torch.Tensor:
     """One float32 vector of ``tensors`` (a gradient per parameter; None counts as zeros)."""
-    return torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1).float() for t, p in zip(tensors, like)])
+    return torch.cat(
+        [(t if t is not None else torch.zeros_like(p)).reshape(-1).float() for t, p in zip(tensors, like, strict=True)]
+    )
 
 
-def fisher_vector_product(kl: torch.Tensor, params: Sequence[torch.Tensor], damping: float = 0.0) -> Callable[[torch.Tensor], torch.Tensor]:
+def fisher_vector_product(
+    kl: torch.Tensor, params: Sequence[torch.Tensor], damping: float = 0.0
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """v -> (F + damping I) v with F = d^2 kl / d params^2 (Schulman et al. 2015, appendix C.1).
 
     ``kl`` is the mean KL(pi_old || pi_theta) built with a graph to ``params`` and evaluated at
@@ -55,7 +61,9 @@ def fisher_vector_product(kl: torch.Tensor, params: Sequence[torch.Tensor], damp
     return product
 
 
-def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iterations: int = 10, tolerance: float = 1e-10) -> torch.Tensor:
+def conjugate_gradient(
+    matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iterations: int = 10, tolerance: float = 1e-10
+) -> torch.Tensor:
     """Approximate solution x of A x = b for symmetric positive-definite A given only v -> A v
     (Hestenes & Stiefel 1952; Schulman et al. 2015, appendix C): ``iterations`` steps from
     x = 0, stopping early once the squared residual is below ``tolerance``."""
@@ -98,8 +106,13 @@ class LineSearchResult(NamedTuple):
     """Measured mean KL at the kept parameters (0 when rejected)."""
 
 
-def backtracking_line_search(evaluate: Callable[[float], tuple[float, float]], old_surrogate: float, max_kl: float,
-                             max_backtracks: int = 10, factor: float = 0.5) -> LineSearchResult:
+def backtracking_line_search(
+    evaluate: Callable[[float], tuple[float, float]],
+    old_surrogate: float,
+    max_kl: float,
+    max_backtracks: int = 10,
+    factor: float = 0.5,
+) -> LineSearchResult:
     """Try fractions 1, factor, factor^2, ... of the full natural-gradient step (at most
     ``max_backtracks``) and accept the first whose surrogate exceeds ``old_surrogate`` and whose
     measured mean KL is at most ``max_kl`` (Schulman et al. 2015, appendix C: "we perform the line

@@ -23,7 +23,9 @@ Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- KTO
-def kto_reference_point(policy_mismatched: torch.Tensor, reference_mismatched: torch.Tensor, gather: Gather | None = None) -> torch.Tensor:
+def kto_reference_point(
+    policy_mismatched: torch.Tensor, reference_mismatched: torch.Tensor, gather: Gather | None = None
+) -> torch.Tensor:
     """KTO's reference point z0 (Ethayarajh et al. 2024, Sec. 4.1): an estimate of
     KL(pi(y'|x) || pi_ref(y'|x)) from mismatched (prompt x, completion y') rows,
 
@@ -89,7 +91,9 @@ def kto_loss(
 
 
 # ----------------------------------------------------------------------------- NPO
-def npo_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float = 0.1, desirable: torch.Tensor | None = None) -> UnpairedLoss:
+def npo_loss(
+    policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float = 0.1, desirable: torch.Tensor | None = None
+) -> UnpairedLoss:
     """NPO (Zhang et al. 2024, "Negative Preference Optimization: From Catastrophic Collapse to
     Effective Unlearning", Eq. 3).
 

@@ -44,8 +44,18 @@ class PPO(ActorCriticModule):
         (everything else: :class:`lit_align.methods.on_policy.OnPolicyModule`)
     """
 
-    def __init__(self, *args, gamma: Probability = 1.0, lam: Probability = 0.95, clip: ClipRange = 0.2, value_clip: Optional[Positive] = 0.2,
-                 whiten_advantages: bool = True, ptx_coef: NonNegative = 0.0, epochs: Count = 4, **kwargs):
+    def __init__(
+        self,
+        *args,
+        gamma: Probability = 1.0,
+        lam: Probability = 0.95,
+        clip: ClipRange = 0.2,
+        value_clip: Optional[Positive] = 0.2,
+        whiten_advantages: bool = True,
+        ptx_coef: NonNegative = 0.0,
+        epochs: Count = 4,
+        **kwargs,
+    ):
         super().__init__(*args, epochs=epochs, **kwargs)
         self.gamma, self.lam, self.clip, self.value_clip = gamma, lam, clip, value_clip
         self.whiten_advantages, self.ptx_coef = whiten_advantages, ptx_coef
@@ -63,11 +73,17 @@ class PPO(ActorCriticModule):
             value_loss, value_clipped = 0.5 * (current.values - part.returns) ** 2, torch.zeros_like(mask)
         else:
             value_loss, value_clipped = clipped_value_loss(current.values, part.values, part.returns, self.value_clip)
-        return self.combine(policy_loss, masked_mean(value_loss, mask), part, current, {
-            "policy/clipfrac": masked_mean(clipped.float(), mask),
-            "policy/approxkl": masked_mean(0.5 * (current.logps.tokens - part.old_logps).detach() ** 2, mask),
-            "value/clipfrac": masked_mean(value_clipped.float(), mask),
-        })
+        return self.combine(
+            policy_loss,
+            masked_mean(value_loss, mask),
+            part,
+            current,
+            {
+                "policy/clipfrac": masked_mean(clipped.float(), mask),
+                "policy/approxkl": masked_mean(0.5 * (current.logps.tokens - part.old_logps).detach() ** 2, mask),
+                "value/clipfrac": masked_mean(value_clipped.float(), mask),
+            },
+        )
 
 
 class A2C(ActorCriticModule):
@@ -90,7 +106,9 @@ class A2C(ActorCriticModule):
 
     def prepare(self, rollout: Rollout) -> None:
         rewards = token_rewards(rollout.scores, self.token_kl(rollout), self.kl_controller.beta, rollout.mask)
-        rollout.advantages, rollout.returns = n_step_advantages(rewards, rollout.values, rollout.mask, self.gamma, self.n_steps)
+        rollout.advantages, rollout.returns = n_step_advantages(
+            rewards, rollout.values, rollout.mask, self.gamma, self.n_steps
+        )
 
     def loss(self, part: Rollout, current: PolicyPass) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = part.mask

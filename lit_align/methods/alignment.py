@@ -121,7 +121,15 @@ class AlignmentModule(LightningModule):
             metric = self.metrics[slot]
             metric(value.float())  # forward: accumulates and keeps the batch value for on_step logging
             on_step = stage == "train"
-            self.log(key, metric, on_step=on_step, on_epoch=not on_step, prog_bar=name in PROGRESS_BAR, batch_size=batch_size, metric_attribute=f"metrics.{slot}")
+            self.log(
+                key,
+                metric,
+                on_step=on_step,
+                on_epoch=not on_step,
+                prog_bar=name in PROGRESS_BAR,
+                batch_size=batch_size,
+                metric_attribute=f"metrics.{slot}",
+            )
 
     def _log_global_step_means(self, values: dict[str, torch.Tensor], batch_size: int) -> None:
         """Training step means over the examples of every process: one all-reduce of (sum, count)
@@ -135,12 +143,28 @@ class AlignmentModule(LightningModule):
             torch.distributed.all_gather_object(gathered, sorted(values))
             known[:] = sorted(set(known).union(*gathered))
         empty = torch.zeros(0, device=self.device)
-        totals = torch.stack([torch.stack([values.get(n, empty).detach().float().sum(), torch.tensor(float(values.get(n, empty).numel()), device=self.device)])
-                              for n in known])
+        totals = torch.stack(
+            [
+                torch.stack(
+                    [
+                        values.get(n, empty).detach().float().sum(),
+                        torch.tensor(float(values.get(n, empty).numel()), device=self.device),
+                    ]
+                )
+                for n in known
+            ]
+        )
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        for name, (total, count) in zip(known, totals):
+        for name, (total, count) in zip(known, totals, strict=True):
             if count > 0:
-                self.log(f"train/{name}", total / count, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR, batch_size=batch_size)
+                self.log(
+                    f"train/{name}",
+                    total / count,
+                    on_step=True,
+                    on_epoch=False,
+                    prog_bar=name in PROGRESS_BAR,
+                    batch_size=batch_size,
+                )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self._policy_is_initial = False
@@ -158,9 +182,13 @@ class AlignmentModule(LightningModule):
     def configure_optimizers(self):
         settings = self.optimizer_settings
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps, weight_decay=settings.weight_decay)
+        optimizer = torch.optim.AdamW(
+            params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps, weight_decay=settings.weight_decay
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = get_scheduler(settings.schedule, optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total)
+        scheduler = get_scheduler(
+            settings.schedule, optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- before the first batch: data check, cached reference, packing check ---------------
@@ -197,7 +225,12 @@ class AlignmentModule(LightningModule):
         problems = [(example, found) for example in examples if (found := self.check_example(example)) is not None]
         if problems:
             example, (field, problem) = problems[0]
-            raise DataError(source, f"{problem} ({len(problems)} of {len(examples)} {split} records have this problem)", example.get("record"), field)
+            raise DataError(
+                source,
+                f"{problem} ({len(problems)} of {len(examples)} {split} records have this problem)",
+                example.get("record"),
+                field,
+            )
 
     def _check_examples(self) -> None:
         datamodule = self.trainer.datamodule
@@ -212,8 +245,13 @@ class AlignmentModule(LightningModule):
     def _check_layout(self) -> None:
         layout = getattr(self.trainer.datamodule, "layout", None)
         if layout is not None and type(layout) is not self.data_layout:
-            raise SettingError(None, "data.class_path", f"{type(self).__name__} trains on {self.data_layout.__name__} data, but the data module "
-                             f"{type(self.trainer.datamodule).__name__} gives {type(layout).__name__} data; use {self.data_module_name}")
+            raise SettingError(
+                None,
+                "data.class_path",
+                f"{type(self).__name__} trains on {self.data_layout.__name__} data, but the data module "
+                f"{type(self.trainer.datamodule).__name__} gives {type(layout).__name__} data; use "
+                f"{self.data_module_name}",
+            )
 
     def _check_packing(self) -> None:
         """Keep packing only if packed and padded log-probs agree under this model's attention."""
@@ -224,8 +262,12 @@ class AlignmentModule(LightningModule):
         isolated, difference = self.backbone.packing_isolates_sequences(self.device)
         if not isolated:
             datamodule.packing_active = False
-            log.warning("packing disabled, using padding: attention %r lets packed sequences see each other "
-                        "(packed vs padded log-probs differ by %.2e)", self.backbone.settings.attn_implementation, difference)
+            log.warning(
+                "packing disabled, using padding: attention %r lets packed sequences see each other "
+                "(packed vs padded log-probs differ by %.2e)",
+                self.backbone.settings.attn_implementation,
+                difference,
+            )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Mark the policy as trained and keep the checkpoint's RNG states for :meth:`on_train_start`."""
@@ -256,8 +298,15 @@ class AlignmentModule(LightningModule):
             return
         datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "cache_key"):
-            raise SettingError(None, "model.reference", "model.reference=cached needs a lit-align data module (it stores the log-probs with the tokenized data)")
-        attach_reference_logps(self.backbone, datamodule, self._policy_is_initial, self.device, self.trainer.is_global_zero)
+            raise SettingError(
+                None,
+                "model.reference",
+                "model.reference=cached needs a lit-align data module (it stores the log-probs with the tokenized "
+                "data)",
+            )
+        attach_reference_logps(
+            self.backbone, datamodule, self._policy_is_initial, self.device, self.trainer.is_global_zero
+        )
         self._reference_attached = True
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -267,11 +316,13 @@ class AlignmentModule(LightningModule):
         states of all processes are gathered here."""
         checkpoint["lit_align_class"] = f"{type(self).__module__}:{type(self).__qualname__}"
         state = rng_state()
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
             states: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(states, state)
         else:
             states = [state]
         checkpoint[RNG_STATES_KEY] = states
-
-

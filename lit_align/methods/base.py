@@ -24,7 +24,13 @@ class PairedPreferenceModule(AlignmentModule):
     """
 
     # ---- the one method a new objective overrides -----------------------------------------
-    def loss(self, chosen: SequenceLogps, rejected: SequenceLogps, ref_chosen: Optional[SequenceLogps], ref_rejected: Optional[SequenceLogps]) -> PreferenceLoss:
+    def loss(
+        self,
+        chosen: SequenceLogps,
+        rejected: SequenceLogps,
+        ref_chosen: Optional[SequenceLogps],
+        ref_rejected: Optional[SequenceLogps],
+    ) -> PreferenceLoss:
         """Per-pair losses and implicit rewards from policy (and reference) log-probs.
 
         ``chosen``/``rejected`` carry ``.sum`` (log pi(y|x)), ``.count`` (|y|), ``.mean`` and

@@ -28,7 +28,13 @@ class DPO(PairedPreferenceModule):
         super().__init__(**kwargs)
         self.beta, self.label_smoothing = beta, label_smoothing
 
-    def loss(self, chosen: SequenceLogps, rejected: SequenceLogps, ref_chosen: Optional[SequenceLogps], ref_rejected: Optional[SequenceLogps]) -> PreferenceLoss:
+    def loss(
+        self,
+        chosen: SequenceLogps,
+        rejected: SequenceLogps,
+        ref_chosen: Optional[SequenceLogps],
+        ref_rejected: Optional[SequenceLogps],
+    ) -> PreferenceLoss:
         return dpo_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, self.beta, self.label_smoothing)
 
 
@@ -44,7 +50,9 @@ class RobustDPO(DPO):
         super().__init__(beta=beta, label_smoothing=label_smoothing, **kwargs)
 
     def loss(self, chosen, rejected, ref_chosen, ref_rejected) -> PreferenceLoss:
-        return robust_dpo_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, self.beta, self.label_smoothing)
+        return robust_dpo_loss(
+            chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, self.beta, self.label_smoothing
+        )
 
 
 class HingeDPO(PairedPreferenceModule):

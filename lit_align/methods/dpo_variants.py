@@ -73,7 +73,16 @@ class RDPO(PairedPreferenceModule):
         self.beta, self.alpha = beta, alpha
 
     def loss(self, chosen, rejected, ref_chosen, ref_rejected) -> PreferenceLoss:
-        return rdpo_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, chosen.count, rejected.count, self.beta, self.alpha)
+        return rdpo_loss(
+            chosen.sum,
+            rejected.sum,
+            ref_chosen.sum,
+            ref_rejected.sum,
+            chosen.count,
+            rejected.count,
+            self.beta,
+            self.alpha,
+        )
 
 
 class DPOP(PairedPreferenceModule):
@@ -109,8 +118,15 @@ class BetaDPO(PairedPreferenceModule):
         min_beta: lower bound on the batch beta.
     """
 
-    def __init__(self, beta: Positive = 0.1, alpha: NonNegative = 0.6, rho: Annotated[float, Range(0, 1, high_open=True)] = 0.2, momentum: Momentum = 0.9,
-                 min_beta: Positive = 1e-3, **kwargs):
+    def __init__(
+        self,
+        beta: Positive = 0.1,
+        alpha: NonNegative = 0.6,
+        rho: Annotated[float, Range(0, 1, high_open=True)] = 0.2,
+        momentum: Momentum = 0.9,
+        min_beta: Positive = 1e-3,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.beta, self.alpha, self.rho, self.momentum, self.min_beta = beta, alpha, rho, momentum, min_beta
         self.register_buffer("margin_mean", torch.zeros(()))
@@ -153,8 +169,14 @@ class ODPO(PairedPreferenceModule):
         default_offset: offset of pairs without scores (0: plain DPO on them).
     """
 
-    def __init__(self, beta: Positive = 0.1, alpha: NonNegative = 1.0, offset_fn: Literal["log", "log1p", "identity"] = "log", default_offset: Finite = 0.0,
-                 **kwargs):
+    def __init__(
+        self,
+        beta: Positive = 0.1,
+        alpha: NonNegative = 1.0,
+        offset_fn: Literal["log", "log1p", "identity"] = "log",
+        default_offset: Finite = 0.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.beta, self.alpha, self.offset_fn, self.default_offset = beta, alpha, offset_fn, default_offset
 
@@ -163,23 +185,43 @@ class ODPO(PairedPreferenceModule):
         chosen, rejected = example.get("score_chosen", math.nan), example.get("score_rejected", math.nan)
         if math.isnan(chosen) != math.isnan(rejected):
             missing = "score_chosen" if math.isnan(chosen) else "score_rejected"
-            return missing, "missing while the other score is given: ODPO's offset needs both scores of a pair (or neither, for default_offset)"
+            return (
+                missing,
+                "missing while the other score is given: ODPO's offset needs both scores of a pair (or neither, for "
+                "default_offset)",
+            )
         if self.offset_fn == "log" and not math.isnan(chosen) and not chosen > rejected:
-            return "score_chosen", (f"ODPO offset_fn=log needs score_chosen > score_rejected (it takes the log of their difference), got "
-                                    f"{chosen:g} and {rejected:g}; use offset_fn log1p or identity, or drop such pairs")
+            return "score_chosen", (
+                f"ODPO offset_fn=log needs score_chosen > score_rejected (it takes the log of their difference), got "
+                f"{chosen:g} and {rejected:g}; use offset_fn log1p or identity, or drop such pairs"
+            )
         return None
 
     def check_examples(self, split: str, source: str, examples: list[dict]) -> None:
         """Also: some training pair has scores (without any, every offset is ``default_offset``)."""
         super().check_examples(split, source, examples)
         if split == "train" and not any(not math.isnan(example.get("score_chosen", math.nan)) for example in examples):
-            raise DataError(source, f"no training pair has score_chosen and score_rejected, so ODPO's offset would be default_offset={self.default_offset:g} "
-                            "for every pair (plain DPO with a margin); add the scores, or use DPO")
+            raise DataError(
+                source,
+                "no training pair has score_chosen and score_rejected, so ODPO's offset would be "
+                f"default_offset={self.default_offset:g} "
+                "for every pair (plain DPO with a margin); add the scores, or use DPO",
+            )
 
     def loss(self, chosen, rejected, ref_chosen, ref_rejected) -> PreferenceLoss:
         batch = self.current_batch if self.current_batch is not None else {}
-        return odpo_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, batch.get("score_chosen"), batch.get("score_rejected"),
-                         self.beta, self.alpha, self.offset_fn, self.default_offset)
+        return odpo_loss(
+            chosen.sum,
+            rejected.sum,
+            ref_chosen.sum,
+            ref_rejected.sum,
+            batch.get("score_chosen"),
+            batch.get("score_rejected"),
+            self.beta,
+            self.alpha,
+            self.offset_fn,
+            self.default_offset,
+        )
 
 
 class EXO(PairedPreferenceModule):
@@ -190,12 +232,19 @@ class EXO(PairedPreferenceModule):
         label_smoothing: eps in (0, 0.5), the target probability of the rejected response.
     """
 
-    def __init__(self, beta: Positive = 0.1, label_smoothing: Annotated[float, Range(0, 0.5, low_open=True, high_open=True)] = 1e-3, **kwargs):
+    def __init__(
+        self,
+        beta: Positive = 0.1,
+        label_smoothing: Annotated[float, Range(0, 0.5, low_open=True, high_open=True)] = 1e-3,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.beta, self.label_smoothing = beta, label_smoothing
 
     def loss(self, chosen, rejected, ref_chosen, ref_rejected) -> PreferenceLoss:
-        return exo_pair_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, self.beta, self.label_smoothing)
+        return exo_pair_loss(
+            chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, self.beta, self.label_smoothing
+        )
 
 
 class BetaObjective(PairedPreferenceModule):
@@ -262,9 +311,13 @@ class BCOPair(PairedPreferenceModule):
 
     def loss(self, chosen, rejected, ref_chosen, ref_rejected) -> PreferenceLoss:
         if self.training:
-            mean, _ = _global_moments(self, self.beta * torch.cat([chosen.sum - ref_chosen.sum, rejected.sum - ref_rejected.sum]))
+            mean, _ = _global_moments(
+                self, self.beta * torch.cat([chosen.sum - ref_chosen.sum, rejected.sum - ref_rejected.sum])
+            )
             self.reward_shift.update(mean, 1)
-        return bco_pair_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, self.beta, self.reward_shift.value)
+        return bco_pair_loss(
+            chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, self.beta, self.reward_shift.value
+        )
 
 
 AOT_VARIANTS = {"paired": aot_pair_loss, "unpaired": aot_loss}
@@ -280,12 +333,20 @@ class AOT(PairedPreferenceModule):
             reference's in distribution; ``unpaired``: chosen log-ratios should dominate rejected ones.
     """
 
-    def __init__(self, beta: Positive = 0.1, label_smoothing: LabelNoise = 0.0, variant: Literal["paired", "unpaired"] = "paired", **kwargs):
+    def __init__(
+        self,
+        beta: Positive = 0.1,
+        label_smoothing: LabelNoise = 0.0,
+        variant: Literal["paired", "unpaired"] = "paired",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.beta, self.label_smoothing, self.variant = beta, label_smoothing, variant
 
     def loss(self, chosen, rejected, ref_chosen, ref_rejected) -> PreferenceLoss:
-        return AOT_VARIANTS[self.variant](chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, self.beta, self.label_smoothing)
+        return AOT_VARIANTS[self.variant](
+            chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, self.beta, self.label_smoothing
+        )
 
 
 class GPO(PairedPreferenceModule):
@@ -297,7 +358,12 @@ class GPO(PairedPreferenceModule):
             exponential e^-x, truncated_quadratic max(0, 1-x)^2, savage 1/(1+e^x)^2.
     """
 
-    def __init__(self, beta: Positive = 0.1, function: Literal["logistic", "hinge", "squared", "exponential", "truncated_quadratic", "savage"] = "logistic", **kwargs):
+    def __init__(
+        self,
+        beta: Positive = 0.1,
+        function: Literal["logistic", "hinge", "squared", "exponential", "truncated_quadratic", "savage"] = "logistic",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.beta, self.function = beta, function
 

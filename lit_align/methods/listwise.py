@@ -76,12 +76,18 @@ class ListwisePreferenceModule(AlignmentModule):
         """One policy forward over the K responses of every prompt, then the objective."""
         self.current_batch = batch
         policy = ResponseLists.gather(self.backbone.logps(batch), batch["list_index"])
-        reference = ResponseLists.gather(self.reference_logps(batch), batch["list_index"]) if self.needs_reference else None
+        reference = (
+            ResponseLists.gather(self.reference_logps(batch), batch["list_index"]) if self.needs_reference else None
+        )
         return self.loss(policy, reference, batch["scores"])
 
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         output = self.forward_lists(batch)
-        values = {"loss": output.losses.detach(), **ranking_metrics(output.rewards, batch["scores"], batch["list_index"] >= 0), **output.metrics}
+        values = {
+            "loss": output.losses.detach(),
+            **ranking_metrics(output.rewards, batch["scores"], batch["list_index"] >= 0),
+            **output.metrics,
+        }
         self.log_metrics(stage, values, batch_size=output.losses.shape[0])
         return output.losses.mean()
 

@@ -51,6 +51,7 @@ from lit_align.settings import (
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class PolicyPass:
     """One decoder pass over rollout rows: log-probs, critic values (None without a critic) and
@@ -126,8 +127,11 @@ class OnPolicyModule(AlignmentModule):
     ):
         settings = as_settings(model, ModelSettings)
         if resolve_reference(settings, self.needs_reference, type(self).__name__).precomputed:
-            raise SettingError(type(self).__name__, "model.reference", "cannot be cached for on-policy methods "
-                               "(completions are sampled anew every step); use copy or adapter")
+            raise SettingError(
+                type(self).__name__,
+                "model.reference",
+                "cannot be cached for on-policy methods (completions are sampled anew every step); use copy or adapter",
+            )
         super().__init__(settings, optimizer)
         self.automatic_optimization = False
         self.reward, self.eval_reward = reward, eval_reward
@@ -175,15 +179,30 @@ class OnPolicyModule(AlignmentModule):
         from lightning.pytorch.strategies import FSDPStrategy
 
         if isinstance(self.trainer.strategy, FSDPStrategy):
-            raise SettingError(None, "trainer.strategy", f"{type(self).__name__}: on-policy methods do not run under FSDP yet (several backward passes per "
-                             "training_step inside one sharded forward); use DDP (configs/strategies/ddp.yaml) or one device")
+            raise SettingError(
+                None,
+                "trainer.strategy",
+                f"{type(self).__name__}: on-policy methods do not run under FSDP yet (several backward passes per "
+                "training_step inside one sharded forward); use DDP (configs/strategies/ddp.yaml) or one device",
+            )
         if self.reward is None:
-            raise SettingError(None, "reward", f"{type(self).__name__} needs a reward: set model.init_args.reward.class_path, e.g. "
-                             "lit_align.online.rewards.WordRulesReward (built-in task) or lit_align.online.reward_model.RewardModelReward (a trained reward model)")
+            raise SettingError(
+                None,
+                "reward",
+                f"{type(self).__name__} needs a reward: set model.init_args.reward.class_path, e.g. "
+                "lit_align.online.rewards.WordRulesReward (built-in task) or "
+                "lit_align.online.reward_model.RewardModelReward (a trained reward model)",
+            )
         if self.ptx_coef and not getattr(self.trainer.datamodule, "provides_ptx", False):
-            raise SettingError(None, "ptx_coef", f"{type(self).__name__}: ptx_coef={self.ptx_coef} needs ``ptx`` batches (demonstrations or pre-training text) "
-                             f"in the training batches, and the data module {type(self.trainer.datamodule).__name__} provides none: set data.init_args.ptx_train "
-                             "(PromptDataModule: a demonstrations/text source or builtin)")
+            raise SettingError(
+                None,
+                "ptx_coef",
+                f"{type(self).__name__}: ptx_coef={self.ptx_coef} needs ``ptx`` batches (demonstrations or "
+                "pre-training text) "
+                f"in the training batches, and the data module {type(self.trainer.datamodule).__name__} provides none: "
+                "set data.init_args.ptx_train "
+                "(PromptDataModule: a demonstrations/text source or builtin)",
+            )
 
     def prepare_data_for_method(self) -> None:
         """Also ready the rewards (fit, validate and test start): move them to the policy's device
@@ -197,12 +216,25 @@ class OnPolicyModule(AlignmentModule):
                 reward.attach(self)
 
     @torch.no_grad()
-    def make_rollout(self, batch: dict[str, Any], samples: int | None = None, temperature: float | None = None,
-                     sampling_pass: bool = True) -> Rollout:
+    def make_rollout(
+        self,
+        batch: dict[str, Any],
+        samples: int | None = None,
+        temperature: float | None = None,
+        sampling_pass: bool = True,
+    ) -> Rollout:
         """Sample, decode, score and compute the reference's and (``sampling_pass``) the sampling
         policy's log-probs; without it the caller fills them with :meth:`Rollout.take_sampling_pass`."""
         samples = self.samples_per_prompt if samples is None else samples
-        tokens, ended = sample_completions(self.backbone.policy, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.generation, samples, temperature)
+        tokens, ended = sample_completions(
+            self.backbone.policy,
+            self.tokenizer,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            self.generation,
+            samples,
+            temperature,
+        )
         prompts = [prompt for prompt in batch["prompts"] for _ in range(samples)]
         completions = self.decode(tokens)
         scores = self.reward(prompts, completions).to(self.device)
@@ -257,7 +289,9 @@ class OnPolicyModule(AlignmentModule):
         if moments is None:
             return scores
         if self.reward_normalization == "running" or moments.count == 0 or moments.var <= 1e-12:
-            sums = torch.stack([scores.sum(), (scores**2).sum(), torch.tensor(scores.numel(), device=scores.device)]).double()
+            sums = torch.stack(
+                [scores.sum(), (scores**2).sum(), torch.tensor(scores.numel(), device=scores.device)]
+            ).double()
             if self._trainer is not None and self._trainer.world_size > 1:
                 sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
             moments.update(sums[0], sums[1], int(sums[2]))
@@ -273,9 +307,11 @@ class OnPolicyModule(AlignmentModule):
         """Row indices of each minibatch of one pass (shuffled; one optimizer step each)."""
         order = torch.randperm(size, device=self.device)
         step = self.minibatch_size or size
-        return [order[start: start + step] for start in range(0, size, step)]
+        return [order[start : start + step] for start in range(0, size, step)]
 
-    def optimise(self, part: Rollout, ptx: dict[str, torch.Tensor] | None = None, current: PolicyPass | None = None) -> None:
+    def optimise(
+        self, part: Rollout, ptx: dict[str, torch.Tensor] | None = None, current: PolicyPass | None = None
+    ) -> None:
         """One optimizer step on a minibatch of the rollout (``current``: the policy's pass over
         it with gradients, when the caller already ran it)."""
         optimizer = self.optimizers()
@@ -296,22 +332,34 @@ class OnPolicyModule(AlignmentModule):
         metrics["loss"] = loss.detach()
         self.log_metrics("train", {name: value.reshape(-1) for name, value in metrics.items()}, batch_size=part.size)
 
-    def log_rollout(self, stage: str, rollout: Rollout, kl: torch.Tensor, beta: float, raw_scores: torch.Tensor | None = None) -> None:
+    def log_rollout(
+        self, stage: str, rollout: Rollout, kl: torch.Tensor, beta: float, raw_scores: torch.Tensor | None = None
+    ) -> None:
         """Rollout metrics: scores (``raw_scores``, before ``reward_normalization``, when given),
         KL, RLHF reward (the rollout's score - beta KL), length, EOS rate, beta; and the
         normalisation's mean and std when it is on."""
         lengths = rollout.mask.sum(-1).float()
         if self.score_moments is not None:
-            self.log_metrics(stage, {"reward_normalization/mean": self.score_moments.mean.float()[None],
-                                     "reward_normalization/std": self.score_moments.std.float()[None]}, batch_size=rollout.size)
-        self.log_metrics(stage, {
-            "objective/scores": rollout.scores if raw_scores is None else raw_scores,
-            "objective/kl": kl,
-            "objective/rlhf_reward": rollout.scores - beta * kl,
-            "objective/beta": torch.tensor([beta], device=self.device),
-            "response_length": lengths,
-            "ended_with_eos": rollout.ended.float(),
-        }, batch_size=rollout.size)
+            self.log_metrics(
+                stage,
+                {
+                    "reward_normalization/mean": self.score_moments.mean.float()[None],
+                    "reward_normalization/std": self.score_moments.std.float()[None],
+                },
+                batch_size=rollout.size,
+            )
+        self.log_metrics(
+            stage,
+            {
+                "objective/scores": rollout.scores if raw_scores is None else raw_scores,
+                "objective/kl": kl,
+                "objective/rlhf_reward": rollout.scores - beta * kl,
+                "objective/beta": torch.tensor([beta], device=self.device),
+                "response_length": lengths,
+                "ended_with_eos": rollout.ended.float(),
+            },
+            batch_size=rollout.size,
+        )
 
     # ---- evaluation --------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -327,8 +375,20 @@ class OnPolicyModule(AlignmentModule):
         (``objective/train_reward_scores``)."""
         reward = self.eval_reward or self.reward
         if reward is None:
-            raise SettingError(None, "reward", f"{type(self).__name__} needs a reward to evaluate: set model.init_args.reward (or eval_reward)")
-        tokens, ended = sample_completions(self.backbone.policy, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"], self.generation, 1, self.generation.eval_temperature)
+            raise SettingError(
+                None,
+                "reward",
+                f"{type(self).__name__} needs a reward to evaluate: set model.init_args.reward (or eval_reward)",
+            )
+        tokens, ended = sample_completions(
+            self.backbone.policy,
+            self.tokenizer,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            self.generation,
+            1,
+            self.generation.eval_temperature,
+        )
         completions = self.decode(tokens)
         scores = reward(batch["prompts"], completions).to(self.device)
         mask = tokens["labels"] != -100
@@ -336,6 +396,7 @@ class OnPolicyModule(AlignmentModule):
         if self.eval_reward is not None and self.reward is not None:
             values["objective/train_reward_scores"] = self.reward(batch["prompts"], completions).to(self.device)
         self.log_metrics(stage, values, batch_size=len(scores))
+
 
 class ActorCriticModule(OnPolicyModule):
     """An on-policy method with a critic: a scalar value head on the policy's last hidden state
@@ -357,20 +418,32 @@ class ActorCriticModule(OnPolicyModule):
 
     def forward_rollout(self, batch: dict[str, torch.Tensor]) -> PolicyPass:
         current = super().forward_rollout(batch)
-        current.values = self.value_head(current.hidden.to(self.value_head.weight.dtype)).squeeze(-1) * current.logps.mask
+        current.values = (
+            self.value_head(current.hidden.to(self.value_head.weight.dtype)).squeeze(-1) * current.logps.mask
+        )
         return current
 
-    def combine(self, policy_loss: torch.Tensor, value_loss: torch.Tensor, part: Rollout, current: PolicyPass,
-                metrics: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def combine(
+        self,
+        policy_loss: torch.Tensor,
+        value_loss: torch.Tensor,
+        part: Rollout,
+        current: PolicyPass,
+        metrics: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """policy loss + vf_coef * value loss - entropy_coef * entropy, and the metrics every
         actor-critic method logs (added to the method's own ``metrics``)."""
         mask = part.mask
         loss = policy_loss + self.vf_coef * value_loss
-        metrics.update({"loss/policy": policy_loss.detach(), "loss/value": value_loss.detach(),
-                        "value/explained_variance": explained_variance(part.values, part.returns, mask)})
+        metrics.update(
+            {
+                "loss/policy": policy_loss.detach(),
+                "loss/value": value_loss.detach(),
+                "value/explained_variance": explained_variance(part.values, part.returns, mask),
+            }
+        )
         if self.entropy_coef:
             entropy = masked_mean(self.entropy(current), mask)
             loss = loss - self.entropy_coef * entropy
             metrics["policy/entropy"] = entropy.detach()
         return loss, metrics
-

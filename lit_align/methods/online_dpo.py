@@ -50,12 +50,24 @@ class OnlineDPO(OnPolicyModule):
     def __init__(self, *args, beta: Positive = 0.1, samples_per_prompt: Annotated[int, Range(2)] = 2, **kwargs):
         super().__init__(*args, samples_per_prompt=samples_per_prompt, **kwargs)
         if self.generation.temperature <= 0:
-            raise SettingError("OnlineDPO", "generation.temperature", "must be > 0: greedy samples of a prompt are identical and never form a pair")
+            raise SettingError(
+                "OnlineDPO",
+                "generation.temperature",
+                "must be > 0: greedy samples of a prompt are identical and never form a pair",
+            )
         if self.kl_controller.adaptive:
-            raise SettingError("OnlineDPO", "kl.target", "must be unset: OnlineDPO has no KL penalty to adapt (DPO's beta is its KL control)")
+            raise SettingError(
+                "OnlineDPO",
+                "kl.target",
+                "must be unset: OnlineDPO has no KL penalty to adapt (DPO's beta is its KL control)",
+            )
         if self.reward_normalization:
-            raise SettingError("OnlineDPO", "reward_normalization", "must be unset: OnlineDPO pairs the best and worst sample of each prompt, "
-                               "only the scores' order matters, so standardising them changes nothing")
+            raise SettingError(
+                "OnlineDPO",
+                "reward_normalization",
+                "must be unset: OnlineDPO pairs the best and worst sample of each prompt, "
+                "only the scores' order matters, so standardising them changes nothing",
+            )
         self.beta = beta
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -63,7 +75,9 @@ class OnlineDPO(OnPolicyModule):
         rollout = self.make_rollout(batch)
         self.log_rollout("train", rollout, self.token_kl(rollout).sum(-1), self.kl_controller.beta)
         chosen, rejected = best_worst_pairs(rollout.scores, self.samples_per_prompt)
-        self.log_metrics("train", {"pairs": torch.tensor([float(len(chosen))], device=self.device)}, batch_size=rollout.size)
+        self.log_metrics(
+            "train", {"pairs": torch.tensor([float(len(chosen))], device=self.device)}, batch_size=rollout.size
+        )
         if len(chosen) == 0:
             optimizer = self.optimizers()
             optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without a gradient
@@ -91,5 +105,3 @@ class OnlineDPO(OnPolicyModule):
             "scores/chosen": part.scores[:half],
             "scores/rejected": part.scores[half:],
         }
-
-

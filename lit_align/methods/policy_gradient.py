@@ -50,7 +50,13 @@ class REINFORCE(SequencePolicyGradient):
         (everything else: :class:`lit_align.methods.on_policy.OnPolicyModule`)
     """
 
-    def __init__(self, *args, baseline: Literal["moving_average", "batch_mean"] = "moving_average", baseline_momentum: Momentum = 0.9, **kwargs):
+    def __init__(
+        self,
+        *args,
+        baseline: Literal["moving_average", "batch_mean"] = "moving_average",
+        baseline_momentum: Momentum = 0.9,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.baseline = baseline
         self.running_return = RunningMean(baseline_momentum)
@@ -92,12 +98,23 @@ class GRPO(OnPolicyModule):
         (everything else: :class:`lit_align.methods.on_policy.OnPolicyModule`)
     """
 
-    def __init__(self, *args, samples_per_prompt: Annotated[int, Range(2)] = 4, clip: ClipRange = 0.2, loss_aggregation: Literal["sequence", "token"] = "sequence",
-                 scale_advantages: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        samples_per_prompt: Annotated[int, Range(2)] = 4,
+        clip: ClipRange = 0.2,
+        loss_aggregation: Literal["sequence", "token"] = "sequence",
+        scale_advantages: bool = True,
+        **kwargs,
+    ):
         super().__init__(*args, samples_per_prompt=samples_per_prompt, **kwargs)
         if scale_advantages and self.reward_normalization:
-            raise SettingError("GRPO", "reward_normalization", "must be unset with scale_advantages: GRPO standardises each group's scores itself",
-                               hint="set scale_advantages false (Dr. GRPO) where the scores' scale should matter")
+            raise SettingError(
+                "GRPO",
+                "reward_normalization",
+                "must be unset with scale_advantages: GRPO standardises each group's scores itself",
+                hint="set scale_advantages false (Dr. GRPO) where the scores' scale should matter",
+            )
         self.clip, self.loss_aggregation, self.scale_advantages = clip, loss_aggregation, scale_advantages
 
     def token_kl(self, rollout: Rollout) -> torch.Tensor:

@@ -87,8 +87,14 @@ class RewardModel(AlignmentModule):
         rewards = self.score(batch)
         output = self.reward_loss(rewards, batch)
         seen = rewards.detach()
-        values = {"loss": output.losses.detach(), "accuracy": output.accuracies, "margin": output.margins,
-                  "rewards/mean": seen, "rewards/min": seen.min()[None], "rewards/max": seen.max()[None]}
+        values = {
+            "loss": output.losses.detach(),
+            "accuracy": output.accuracies,
+            "margin": output.margins,
+            "rewards/mean": seen,
+            "rewards/min": seen.min()[None],
+            "rewards/max": seen.max()[None],
+        }
         self.log_metrics(stage, values, batch_size=output.losses.shape[0])
         return output.losses.mean()
 
@@ -97,8 +103,13 @@ class RewardModel(AlignmentModule):
         """Pairs or ranked lists; anything else (unpaired examples) is refused by name."""
         layout = getattr(self.trainer.datamodule, "layout", None)
         if layout is not None and type(layout) not in (PairLayout, ListLayout):
-            raise SettingError(None, "data.class_path", f"{type(self).__name__} trains on PairLayout or ListLayout data, but the data module "
-                             f"{type(self.trainer.datamodule).__name__} gives {type(layout).__name__} data; use {self.data_module_name}")
+            raise SettingError(
+                None,
+                "data.class_path",
+                f"{type(self).__name__} trains on PairLayout or ListLayout data, but the data module "
+                f"{type(self.trainer.datamodule).__name__} gives {type(layout).__name__} data; use "
+                f"{self.data_module_name}",
+            )
 
     @property
     def flops_per_batch(self) -> int | None:
@@ -130,7 +141,9 @@ class RewardModel(AlignmentModule):
         target = classifier.base_model.state_dict()
         missing = sorted(set(target) - set(source))
         if missing:
-            raise RuntimeError(f"cannot export {type(self).__name__}: the policy's decoder has no weights for {missing[:5]}")
+            raise RuntimeError(
+                f"cannot export {type(self).__name__}: the policy's decoder has no weights for {missing[:5]}"
+            )
         classifier.base_model.load_state_dict({key: source[key] for key in target})
         with torch.no_grad():
             classifier.score.weight.copy_(self.head.weight)
@@ -188,5 +201,3 @@ def reward_positions(batch: dict[str, torch.Tensor], pad_token_id: int | None) -
     keep = torch.where(keep.any(dim=1, keepdim=True), keep, real)
     last = (torch.arange(ids.shape[1], device=ids.device)[None, :] * keep).argmax(dim=1)
     return rows, start + last
-
-

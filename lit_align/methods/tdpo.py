@@ -34,7 +34,9 @@ class TDPO(PairedPreferenceModule):
     """
 
     def __init__(self, beta: Positive = 0.1, alpha: NonNegative = 0.5, variant: TDPOVariant = "tdpo2", **kwargs):
-        resolve_reference(as_settings(kwargs.get("model"), ModelSettings), True, "TDPO").require_forward("TDPO", KL_NEEDS)  # before any model is built
+        resolve_reference(as_settings(kwargs.get("model"), ModelSettings), True, "TDPO").require_forward(
+            "TDPO", KL_NEEDS
+        )  # before any model is built
         super().__init__(**kwargs)
         self.beta, self.alpha, self.variant = beta, alpha, variant
 
@@ -44,7 +46,16 @@ class TDPO(PairedPreferenceModule):
         chosen, rejected = rows.policy.split()
         ref_chosen, ref_rejected = rows.reference.split()
         kl_chosen, kl_rejected = rows.kl.split()
-        output = tdpo_loss(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, kl_chosen.sum, kl_rejected.sum,
-                           self.beta, self.alpha, self.variant)
+        output = tdpo_loss(
+            chosen.sum,
+            rejected.sum,
+            ref_chosen.sum,
+            ref_rejected.sum,
+            kl_chosen.sum,
+            kl_rejected.sum,
+            self.beta,
+            self.alpha,
+            self.variant,
+        )
         metrics = {"logps/chosen": chosen.sum.detach(), "logps/rejected": rejected.sum.detach(), **output.metrics}
         return output._replace(metrics=metrics)

@@ -64,12 +64,24 @@ class TRPO(SequencePolicyGradient):
         ``max_grad_norm`` are not used.)
     """
 
-    def __init__(self, *args, max_kl: Positive = 0.01, cg_iterations: Count = 10, damping: NonNegative = 0.1, max_backtracks: Count = 10,
-                 backtrack_factor: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.5, **kwargs):
+    def __init__(
+        self,
+        *args,
+        max_kl: Positive = 0.01,
+        cg_iterations: Count = 10,
+        damping: NonNegative = 0.1,
+        max_backtracks: Count = 10,
+        backtrack_factor: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.5,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         if self.epochs != 1 or self.minibatch_size is not None:
-            raise SettingError("TRPO", "epochs", f"must be 1 and minibatch_size unset (TRPO takes one step on the whole rollout), "
-                               f"got {self.epochs} and {self.minibatch_size}")
+            raise SettingError(
+                "TRPO",
+                "epochs",
+                f"must be 1 and minibatch_size unset (TRPO takes one step on the whole rollout), "
+                f"got {self.epochs} and {self.minibatch_size}",
+            )
         self.max_kl, self.cg_iterations, self.damping = max_kl, cg_iterations, damping
         self.max_backtracks, self.backtrack_factor = max_backtracks, backtrack_factor
         self.last_step: LineSearchResult | None = None
@@ -91,7 +103,11 @@ class TRPO(SequencePolicyGradient):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.trainer.world_size > 1:
-            raise SettingError(None, "trainer.devices", "TRPO runs on one device: its gradients (torch.autograd.grad) are not all-reduced across processes")
+            raise SettingError(
+                None,
+                "trainer.devices",
+                "TRPO runs on one device: its gradients (torch.autograd.grad) are not all-reduced across processes",
+            )
 
     def completion_logits(self, current: PolicyPass) -> torch.Tensor:
         """``[M, V]`` logits at the M completion positions of a pass."""
@@ -102,7 +118,9 @@ class TRPO(SequencePolicyGradient):
         double backward), so the sampling pass stays separate."""
         return False
 
-    def optimise(self, part: Rollout, ptx: dict[str, torch.Tensor] | None = None, current: PolicyPass | None = None) -> None:
+    def optimise(
+        self, part: Rollout, ptx: dict[str, torch.Tensor] | None = None, current: PolicyPass | None = None
+    ) -> None:
         """The TRPO update, run as one (counted) step of Lightning's placeholder optimizer."""
         self.optimizers().step(closure=lambda: self.natural_gradient_step(part))
 
@@ -131,19 +149,29 @@ class TRPO(SequencePolicyGradient):
             return float(value), float(categorical_kl(old_logits, self.completion_logits(trial)).mean())
 
         if bool(full_step.any()) and bool(torch.isfinite(full_step).all()):
-            result = backtracking_line_search(evaluate, old_surrogate, self.max_kl, self.max_backtracks, self.backtrack_factor)
+            result = backtracking_line_search(
+                evaluate, old_surrogate, self.max_kl, self.max_backtracks, self.backtrack_factor
+            )
         else:  # zero gradient (e.g. every advantage 0) or no usable curvature: nothing to step along
             result = LineSearchResult(False, 0.0, 0, old_surrogate, 0.0)
         if not result.accepted:
             assign_(params, old_params)
         self.last_step = result
         metrics = {
-            "loss": -result.surrogate, "loss/policy": -result.surrogate, "policy/kl": result.kl,
-            "policy/step_accepted": float(result.accepted), "policy/line_search_steps": float(result.steps),
-            "policy/step_fraction": result.fraction, "policy/expected_improvement": float(gradient @ full_step) * result.fraction,
+            "loss": -result.surrogate,
+            "loss/policy": -result.surrogate,
+            "policy/kl": result.kl,
+            "policy/step_accepted": float(result.accepted),
+            "policy/line_search_steps": float(result.steps),
+            "policy/step_fraction": result.fraction,
+            "policy/expected_improvement": float(gradient @ full_step) * result.fraction,
             "policy/surrogate_improvement": result.surrogate - old_surrogate,
         }
-        self.log_metrics("train", {name: torch.tensor([value], device=self.device) for name, value in metrics.items()}, batch_size=part.size)
+        self.log_metrics(
+            "train",
+            {name: torch.tensor([value], device=self.device) for name, value in metrics.items()},
+            batch_size=part.size,
+        )
         self.log_metrics("train", {"advantages": part.extra["advantage"]}, batch_size=part.size)
         return result
 
@@ -154,5 +182,5 @@ def assign_(params: list[torch.Tensor], vector: torch.Tensor) -> None:
     the inverse of :func:`torch.nn.utils.parameters_to_vector`)."""
     offset = 0
     for param in params:
-        param.copy_(vector[offset: offset + param.numel()].view_as(param))
+        param.copy_(vector[offset : offset + param.numel()].view_as(param))
         offset += param.numel()

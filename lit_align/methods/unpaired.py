@@ -36,8 +36,14 @@ class UnpairedPreferenceModule(AlignmentModule):
     needs_mismatched_completions: ClassVar[bool] = False
     """Whether the data module should give each example a mismatched completion (KTO's KL rows)."""
 
-    def loss(self, completions: SequenceLogps, ref_completions: Optional[SequenceLogps], desirable: torch.Tensor,
-             mismatched: Optional[SequenceLogps], ref_mismatched: Optional[SequenceLogps]) -> UnpairedLoss:
+    def loss(
+        self,
+        completions: SequenceLogps,
+        ref_completions: Optional[SequenceLogps],
+        desirable: torch.Tensor,
+        mismatched: Optional[SequenceLogps],
+        ref_mismatched: Optional[SequenceLogps],
+    ) -> UnpairedLoss:
         """Per-example losses and implicit rewards.
 
         Args:
@@ -57,18 +63,28 @@ class UnpairedPreferenceModule(AlignmentModule):
         rows = self.backbone.logps(batch)
         references = self.reference_logps(batch) if self.needs_reference else None
         completions, mismatched = _split_mismatched(rows, desirable.shape[0])
-        ref_completions, ref_mismatched = _split_mismatched(references, desirable.shape[0]) if references is not None else (None, None)
+        ref_completions, ref_mismatched = (
+            _split_mismatched(references, desirable.shape[0]) if references is not None else (None, None)
+        )
         if self.needs_mismatched_completions and mismatched is None:
-            raise RuntimeError(f"{type(self).__name__} needs mismatched completions, but the batch has none; "
-                               "train it with lit_align.data.UnpairedDataModule, which adds them when the module asks")
+            raise RuntimeError(
+                f"{type(self).__name__} needs mismatched completions, but the batch has none; "
+                "train it with lit_align.data.UnpairedDataModule, which adds them when the module asks"
+            )
         output = self.loss(completions, ref_completions, desirable, mismatched, ref_mismatched)
         logps = completions.sum.detach()
-        return output._replace(metrics={"logps/desirable": logps[desirable], "logps/undesirable": logps[~desirable], **output.metrics})
+        return output._replace(
+            metrics={"logps/desirable": logps[desirable], "logps/undesirable": logps[~desirable], **output.metrics}
+        )
 
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         output = self.forward_unpaired(batch)
         desirable = batch["label"].bool()
-        values = {"loss": output.losses.detach(), "rewards/desirable": output.rewards[desirable], "rewards/undesirable": output.rewards[~desirable]}
+        values = {
+            "loss": output.losses.detach(),
+            "rewards/desirable": output.rewards[desirable],
+            "rewards/undesirable": output.rewards[~desirable],
+        }
         if desirable.any() and (~desirable).any():
             values["rewards/margins"] = output.rewards[desirable].mean() - output.rewards[~desirable].mean()
         values.update(output.metrics)

@@ -54,9 +54,21 @@ class KTO(UnpairedPreferenceModule):
 
     needs_mismatched_completions = True
 
-    def __init__(self, beta: Positive = 0.1, desirable_weight: Positive = 1.0, undesirable_weight: Positive = 1.0, balance_classes: bool = False, **kwargs):
+    def __init__(
+        self,
+        beta: Positive = 0.1,
+        desirable_weight: Positive = 1.0,
+        undesirable_weight: Positive = 1.0,
+        balance_classes: bool = False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
-        self.beta, self.desirable_weight, self.undesirable_weight, self.balance_classes = beta, desirable_weight, undesirable_weight, balance_classes
+        self.beta, self.desirable_weight, self.undesirable_weight, self.balance_classes = (
+            beta,
+            desirable_weight,
+            undesirable_weight,
+            balance_classes,
+        )
 
     def prepare_data_for_method(self) -> None:
         super().prepare_data_for_method()
@@ -68,14 +80,33 @@ class KTO(UnpairedPreferenceModule):
         counts = class_counts or {}
         desirable, undesirable = counts.get("desirable", 0), counts.get("undesirable", 0)
         if desirable <= 0 or undesirable <= 0:
-            raise SettingError(None, "balance_classes", f"KTO balance_classes needs desirable and undesirable training examples; the data module counted {counts or 'none'}")
+            raise SettingError(
+                None,
+                "balance_classes",
+                "KTO balance_classes needs desirable and undesirable training examples; the data module counted "
+                f"{counts or 'none'}",
+            )
         self.undesirable_weight = self.desirable_weight * desirable / undesirable
-        log.info("KTO balance_classes: %d desirable, %d undesirable examples -> desirable_weight %.4g, undesirable_weight %.4g",
-                 desirable, undesirable, self.desirable_weight, self.undesirable_weight)
+        log.info(
+            "KTO balance_classes: %d desirable, %d undesirable examples -> desirable_weight %.4g, undesirable_weight "
+            "%.4g",
+            desirable,
+            undesirable,
+            self.desirable_weight,
+            self.undesirable_weight,
+        )
 
     def loss(self, completions, ref_completions, desirable, mismatched, ref_mismatched) -> UnpairedLoss:
         z0 = kto_reference_point(mismatched.sum, ref_mismatched.sum, _gather_totals(self))
-        return kto_loss(completions.sum, ref_completions.sum, desirable, z0, self.beta, self.desirable_weight, self.undesirable_weight)
+        return kto_loss(
+            completions.sum,
+            ref_completions.sum,
+            desirable,
+            z0,
+            self.beta,
+            self.desirable_weight,
+            self.undesirable_weight,
+        )
 
 
 class NPO(UnpairedPreferenceModule):
@@ -104,10 +135,20 @@ class NPO(UnpairedPreferenceModule):
             return
         labels = [bool(example["label"]) for example in examples]
         if not any(not label for label in labels):
-            raise DataError(source, "NPO lowers the likelihood of undesirable completions (label false), and no training record has one", None, "label")
+            raise DataError(
+                source,
+                "NPO lowers the likelihood of undesirable completions (label false), and no training record has one",
+                None,
+                "label",
+            )
         if self.retain_weight > 0 and not any(labels):
-            raise DataError(source, f"retain_weight={self.retain_weight:g} trains on desirable completions (label true, the retain set), "
-                            "and no training record has one; set retain_weight to 0 or add them", None, "label")
+            raise DataError(
+                source,
+                f"retain_weight={self.retain_weight:g} trains on desirable completions (label true, the retain set), "
+                "and no training record has one; set retain_weight to 0 or add them",
+                None,
+                "label",
+            )
 
     def loss(self, completions, ref_completions, desirable, mismatched, ref_mismatched) -> UnpairedLoss:
         output = npo_loss(completions.sum, ref_completions.sum, self.beta, desirable)
@@ -115,7 +156,10 @@ class NPO(UnpairedPreferenceModule):
             return output
         nll = -completions.mean
         retain = torch.where(desirable, nll, torch.zeros_like(nll))
-        return output._replace(losses=output.losses + self.retain_weight * retain, metrics={**output.metrics, "retain_nll": nll.detach()[desirable]})
+        return output._replace(
+            losses=output.losses + self.retain_weight * retain,
+            metrics={**output.metrics, "retain_nll": nll.detach()[desirable]},
+        )
 
 
 class BCO(UnpairedPreferenceModule):

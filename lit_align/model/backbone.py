@@ -72,7 +72,9 @@ class Backbone(nn.Module):
             self.reference.eval()
         return self
 
-    def logps(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None, hidden: torch.Tensor | None = None) -> SequenceLogps:
+    def logps(
+        self, batch: dict[str, torch.Tensor], model: nn.Module | None = None, hidden: torch.Tensor | None = None
+    ) -> SequenceLogps:
         """Per-token log-probs of ``batch["labels"]`` under ``model`` (default: the policy).
 
         Padded batches pass their attention mask; packed batches (:mod:`lit_align.data.packing`) pass
@@ -115,7 +117,9 @@ class Backbone(nn.Module):
         return base.get_output_embeddings()
 
     @torch.no_grad()
-    def packing_isolates_sequences(self, device: torch.device | None = None, tolerance: float = 1e-4) -> tuple[bool, float]:
+    def packing_isolates_sequences(
+        self, device: torch.device | None = None, tolerance: float = 1e-4
+    ) -> tuple[bool, float]:
         """Whether packed sequences stay isolated under this model's attention implementation:
         log-probs of two short random sequences packed into one row vs each alone."""
         generator = torch.Generator().manual_seed(0)
@@ -125,7 +129,9 @@ class Backbone(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            padded = self.logps({k: v.to(device) for k, v in PairCollator(self.tokenizer.pad_token_id)(examples).items()})
+            padded = self.logps(
+                {k: v.to(device) for k, v in PairCollator(self.tokenizer.pad_token_id)(examples).items()}
+            )
             packed = self.logps({k: v.to(device) for k, v in PackedPairCollator(capacity=64)(examples).items()})
         finally:
             self.train(was_training)
@@ -139,7 +145,11 @@ class Backbone(nn.Module):
             self._flops = flops_per_token(self.policy)
         rows, seq_len = batch["input_ids"].shape  # packed rows: attention runs over the whole row
         tokens = rows * seq_len
-        head_tokens = None if self.settings.logp_chunk_size is None else int((shift_labels(batch["labels"]) != IGNORE_INDEX).sum())
+        head_tokens = (
+            None
+            if self.settings.logp_chunk_size is None
+            else int((shift_labels(batch["labels"]) != IGNORE_INDEX).sum())
+        )
         policy = self._flops.forward_backward if train else self._flops.forward
         total = policy(tokens, seq_len, head_tokens)
         if self.reference_source.runs_forward:  # the reference has the policy's architecture
@@ -160,5 +170,3 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bo
     else:
         inputs["attention_mask"] = batch["attention_mask"]
     return inputs
-
-

@@ -47,7 +47,9 @@ def staged_folder(output_dir: str | os.PathLike) -> Iterator[Path]:
         yield staging
         _replace(staging, target)
     except OSError as error:  # e.g. disk full: say which export failed and that the old one is intact
-        raise OSError(error.errno, f"export to {target} failed, its previous contents are unchanged: {error.strerror or error}") from error
+        raise OSError(
+            error.errno, f"export to {target} failed, its previous contents are unchanged: {error.strerror or error}"
+        ) from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -63,4 +63,11 @@ def flops_per_token(model: nn.Module) -> FlopsPerToken:
     head_forward, head_backward = _linear_flops(head)
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return FlopsPerToken(body_forward, body_backward, head_forward, head_backward, config.num_hidden_layers, config.num_attention_heads * head_dim)
+    return FlopsPerToken(
+        body_forward,
+        body_backward,
+        head_forward,
+        head_backward,
+        config.num_hidden_layers,
+        config.num_attention_heads * head_dim,
+    )

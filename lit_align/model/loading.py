@@ -43,17 +43,21 @@ def model_settings_named(settings: ModelSettings, part: str = "model") -> Iterat
         raise
     except (ValueError, ImportError, TypeError, KeyError, RuntimeError) as error:
         detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ModelLoadError(f"cannot build model {settings.name_or_path!r} with these {part} settings: {type(error).__name__}: {detail}") from None
+        raise ModelLoadError(
+            f"cannot build model {settings.name_or_path!r} with these {part} settings: {type(error).__name__}: {detail}"
+        ) from None
 
 
 def resolve_model_path(settings: ModelSettings) -> tuple[str, str | None]:
     """(folder or hub id, gguf file name or None) for ``settings.name_or_path``."""
     name, gguf = settings.name_or_path, settings.gguf_file
     if name.startswith("package://"):
-        dist, _, rel = name[len("package://"):].partition("/")
+        dist, _, rel = name[len("package://") :].partition("/")
         spec = importlib.util.find_spec(dist)  # locates the package without importing it
         if spec is None or not spec.submodule_search_locations:
-            raise ModelLoadError(f"model.name_or_path={settings.name_or_path!r}: Python package {dist!r} is not installed")
+            raise ModelLoadError(
+                f"model.name_or_path={settings.name_or_path!r}: Python package {dist!r} is not installed"
+            )
         name = str(Path(list(spec.submodule_search_locations)[0]) / rel)
         if not Path(name).exists():
             raise ModelLoadError(f"model.name_or_path={settings.name_or_path!r}: package {dist!r} has no file {rel!r}")
@@ -111,9 +115,14 @@ def _build_tiny(settings: ModelSettings, tokenizer: PreTrainedTokenizerBase, dty
     tiny = settings.tiny
     config = tiny_llama_config(
         vocab_size=max(tiny.vocab_size or 0, len(tokenizer)),
-        hidden_size=tiny.hidden_size, num_layers=tiny.num_layers, num_heads=tiny.num_heads,
-        intermediate_size=tiny.intermediate_size, max_position_embeddings=tiny.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        hidden_size=tiny.hidden_size,
+        num_layers=tiny.num_layers,
+        num_heads=tiny.num_heads,
+        intermediate_size=tiny.intermediate_size,
+        max_position_embeddings=tiny.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     config._attn_implementation = settings.attn_implementation or "sdpa"
     with torch.random.fork_rng(devices=[]):
@@ -146,7 +155,11 @@ def _bnb_config(settings: ModelSettings):
     if q is None:
         return None
     if settings.lora is None:
-        raise SettingError(None, "model.quantization", "model.quantization (4-bit) needs model.lora: quantized base weights cannot be trained directly")
+        raise SettingError(
+            None,
+            "model.quantization",
+            "model.quantization (4-bit) needs model.lora: quantized base weights cannot be trained directly",
+        )
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
@@ -165,5 +178,11 @@ def add_lora(model: PreTrainedModel, settings: ModelSettings):
     from peft import LoraConfig, get_peft_model
 
     lora = settings.lora
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)

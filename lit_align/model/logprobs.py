@@ -76,14 +76,18 @@ class HeadGradients:
     """Gradients of the hidden states, LM-head weight and bias of a chunked head backward,
     accumulated chunk by chunk from each chunk's gradient w.r.t. its logits (in ``acc`` precision)."""
 
-    def __init__(self, needs_input_grad, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype):
+    def __init__(
+        self, needs_input_grad, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype
+    ):
         need_h, need_w, need_b = needs_input_grad[:3]
         self.hidden_grad = torch.zeros_like(hidden) if need_h else None
         self.weight_grad = torch.zeros_like(weight, dtype=acc) if need_w else None
         self.bias_grad = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         self.weight, self.bias = weight, bias
 
-    def add(self, start: int, stop: int, grad_logits: torch.Tensor, hidden: torch.Tensor, weight_mm: torch.Tensor) -> None:
+    def add(
+        self, start: int, stop: int, grad_logits: torch.Tensor, hidden: torch.Tensor, weight_mm: torch.Tensor
+    ) -> None:
         if self.hidden_grad is not None:
             self.hidden_grad[start:stop] = (grad_logits.to(weight_mm.dtype) @ weight_mm).to(hidden.dtype)
         if self.weight_grad is not None:

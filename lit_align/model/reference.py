@@ -62,7 +62,9 @@ class ReferenceSource:
     def logps(self, backbone: ScoresSequences, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         raise NotImplementedError
 
-    def hidden_states(self, backbone: ScoresSequences, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, nn.Module]:
+    def hidden_states(
+        self, backbone: ScoresSequences, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, nn.Module]:
         """(last hidden states, LM head) of the reference, for objectives that need its full
         next-token distributions (TDPO); only sources that run a forward (``runs_forward``) have them."""
         raise NotImplementedError(f"reference={self.name} has no reference weights to run: {self.lacks_weights}")
@@ -70,14 +72,21 @@ class ReferenceSource:
     def require_forward(self, who: str, purpose: str) -> None:
         """Raise unless this source runs a reference forward (full next-token distributions)."""
         if not self.runs_forward:
-            raise SettingError(None, "model.reference", f"{who} needs {purpose}, but model.reference={self.name}: {self.lacks_weights}; "
-                               "set model.reference: copy or adapter (adapter needs model.lora)")
+            raise SettingError(
+                None,
+                "model.reference",
+                f"{who} needs {purpose}, but model.reference={self.name}: {self.lacks_weights}; "
+                "set model.reference: copy or adapter (adapter needs model.lora)",
+            )
 
     def require_copy(self, who: str, purpose: str) -> None:
         """Raise unless this source keeps separate reference weights that can be written."""
         if not self.builds_copy:
-            raise SettingError(None, "model.reference", f"{who} {purpose}, but model.reference={self.name}: {self.lacks_weights}; "
-                               "set model.reference: copy")
+            raise SettingError(
+                None,
+                "model.reference",
+                f"{who} {purpose}, but model.reference={self.name}: {self.lacks_weights}; set model.reference: copy",
+            )
 
 
 class FrozenCopy(ReferenceSource):
@@ -90,7 +99,9 @@ class FrozenCopy(ReferenceSource):
     def logps(self, backbone: ScoresSequences, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         return backbone.logps(batch, backbone.reference)
 
-    def hidden_states(self, backbone: ScoresSequences, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, nn.Module]:
+    def hidden_states(
+        self, backbone: ScoresSequences, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, nn.Module]:
         return backbone.hidden_states(batch, backbone.reference), backbone.lm_head(backbone.reference)
 
 
@@ -100,14 +111,19 @@ class DisabledAdapter(ReferenceSource):
     name = "adapter"
     uses_adapters = True
     runs_forward = True
-    lacks_weights = ("the reference is the policy itself with its LoRA adapters disabled, so there are no separate reference "
-                     "weights (model.reference: copy keeps a frozen plain copy of the base model, updated with the base + LoRA weights)")
+    lacks_weights = (
+        "the reference is the policy itself with its LoRA adapters disabled, so there are no separate reference "
+        "weights (model.reference: copy keeps a frozen plain copy of the base model, updated with the base + LoRA "
+        "weights)"
+    )
 
     def logps(self, backbone: ScoresSequences, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         with backbone.policy.disable_adapter():
             return backbone.logps(batch)
 
-    def hidden_states(self, backbone: ScoresSequences, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, nn.Module]:
+    def hidden_states(
+        self, backbone: ScoresSequences, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, nn.Module]:
         with backbone.policy.disable_adapter():
             return backbone.hidden_states(batch), backbone.lm_head(backbone.policy)
 
@@ -117,13 +133,17 @@ class CachedLogps(ReferenceSource):
 
     name = "cached"
     precomputed = True
-    lacks_weights = ("the reference log-probs of the data's own tokens were computed once before training and stored with the data; "
-                     "no reference model is kept, and a fixed cache cannot follow the policy")
+    lacks_weights = (
+        "the reference log-probs of the data's own tokens were computed once before training and stored with the data; "
+        "no reference model is kept, and a fixed cache cannot follow the policy"
+    )
 
     def logps(self, backbone: ScoresSequences, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         if REFERENCE_LOGPS_KEY not in batch:
-            raise RuntimeError("model.reference=cached, but this batch carries no precomputed reference log-probs; "
-                               "they are attached when fit/validate/test starts (use a lit-align data module)")
+            raise RuntimeError(
+                "model.reference=cached, but this batch carries no precomputed reference log-probs; "
+                "they are attached when fit/validate/test starts (use a lit-align data module)"
+            )
         return SequenceLogps(batch[REFERENCE_LOGPS_KEY].to(torch.float32), response_mask(batch))
 
     @staticmethod
@@ -142,7 +162,9 @@ class NoReference(ReferenceSource):
         raise RuntimeError("this method was built without a reference model (reference='none')")
 
 
-REFERENCE_SOURCES: dict[str, type[ReferenceSource]] = {source.name: source for source in (FrozenCopy, DisabledAdapter, CachedLogps, NoReference)}
+REFERENCE_SOURCES: dict[str, type[ReferenceSource]] = {
+    source.name: source for source in (FrozenCopy, DisabledAdapter, CachedLogps, NoReference)
+}
 
 
 def resolve_reference(settings: ModelSettings, needs_reference: bool, method: str | None = None) -> ReferenceSource:
@@ -153,13 +175,26 @@ def resolve_reference(settings: ModelSettings, needs_reference: bool, method: st
     chosen, who = settings.reference, f"{method}: " if method else ""
     if not needs_reference:
         if chosen not in ("auto", "none"):
-            raise SettingError(None, "model.reference", f"{who}model.reference={chosen}, but this method is reference-free: the reference "
-                               "would be built or computed and never used; leave model.reference auto (or none)")
+            raise SettingError(
+                None,
+                "model.reference",
+                f"{who}model.reference={chosen}, but this method is reference-free: the reference "
+                "would be built or computed and never used; leave model.reference auto (or none)",
+            )
         return NoReference()
     if chosen == "auto":
         chosen = "adapter" if settings.lora is not None else "copy"
     if chosen == "none":
-        raise SettingError(None, "model.reference", f"{who}model.reference=none, but this method needs a reference model; use copy, adapter or cached")
+        raise SettingError(
+            None,
+            "model.reference",
+            f"{who}model.reference=none, but this method needs a reference model; use copy, adapter or cached",
+        )
     if chosen == "adapter" and settings.lora is None:
-        raise SettingError(None, "model.reference", f"{who}model.reference=adapter needs model.lora (the reference is the policy with its LoRA adapters disabled)")
+        raise SettingError(
+            None,
+            "model.reference",
+            f"{who}model.reference=adapter needs model.lora (the reference is the policy with its LoRA adapters "
+            "disabled)",
+        )
     return REFERENCE_SOURCES[chosen]()

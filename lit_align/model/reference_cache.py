@@ -57,8 +57,14 @@ def reference_cache_path(datamodule: PreferenceDataModule, settings: ModelSettin
 
 
 @torch.no_grad()
-def compute_reference_logps(backbone: Backbone, examples: list[dict], batch_size: int, pad_token_id: int, device: torch.device,
-                            layout: PairLayout | None = None) -> list[list[torch.Tensor]]:
+def compute_reference_logps(
+    backbone: Backbone,
+    examples: list[dict],
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    layout: PairLayout | None = None,
+) -> list[list[torch.Tensor]]:
     """Per example, the per-token reference log-probs of each of its responses (in ``layout``
     order), from the current policy with adapters disabled; the caller guarantees the policy
     still has its initial weights."""
@@ -69,7 +75,9 @@ def compute_reference_logps(backbone: Backbone, examples: list[dict], batch_size
     results = []
     try:
         for start in range(0, len(examples), batch_size):
-            chunk = [{k: v for k, v in ex.items() if k != REFERENCE_FIELD} for ex in examples[start: start + batch_size]]
+            chunk = [
+                {k: v for k, v in ex.items() if k != REFERENCE_FIELD} for ex in examples[start : start + batch_size]
+            ]
             batch = {k: v.to(device) for k, v in collate(chunk).items()}
             with CachedLogps.source(backbone):
                 logps = backbone.logps(batch)
@@ -82,7 +90,14 @@ def compute_reference_logps(backbone: Backbone, examples: list[dict], batch_size
     return results
 
 
-def _compute_sharded(backbone: Backbone, examples: list[dict], batch_size: int, pad_token_id: int, device: torch.device, layout: PairLayout) -> list:
+def _compute_sharded(
+    backbone: Backbone,
+    examples: list[dict],
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    layout: PairLayout,
+) -> list:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return compute_reference_logps(backbone, examples, batch_size, pad_token_id, device, layout)
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -91,33 +106,55 @@ def _compute_sharded(backbone: Backbone, examples: list[dict], batch_size: int, 
     indices += indices[-1:] * (per_rank - len(indices))  # equal batch counts on every rank
     mine = compute_reference_logps(backbone, [examples[i] for i in indices], batch_size, pad_token_id, device, layout)
     gathered: list = [None] * world
-    dist.all_gather_object(gathered, list(zip(indices, mine)))
+    dist.all_gather_object(gathered, list(zip(indices, mine, strict=True)))
     by_index = {index: values for shard in gathered for index, values in shard}
     return [by_index[i] for i in range(len(examples))]
 
 
-def attach_reference_logps(backbone: Backbone, datamodule: PreferenceDataModule, policy_is_initial: bool, device: torch.device, is_global_zero: bool = True) -> Path:
+def attach_reference_logps(
+    backbone: Backbone,
+    datamodule: PreferenceDataModule,
+    policy_is_initial: bool,
+    device: torch.device,
+    is_global_zero: bool = True,
+) -> Path:
     """Load (or compute and store) cached reference log-probs and attach them to every example."""
     path = reference_cache_path(datamodule, backbone.settings)
     payload = load_or_none(path)
-    if payload is not None and any(len(payload.get(split, ())) != len(examples) for split, examples in datamodule.datasets.items()):
+    if payload is not None and any(
+        len(payload.get(split, ())) != len(examples) for split, examples in datamodule.datasets.items()
+    ):
         payload = None
     if payload is None:
         if not policy_is_initial:
-            raise SettingError(None, "model.reference", f"model.reference=cached: no usable cache at {path}, and the policy is no longer the initial "
-                               "model (it was trained or loaded from a checkpoint), so the reference cannot be recomputed "
-                               "from it; start from the initial model once to build the cache")
-        log.info("computing reference log-probs once for %s", ", ".join(f"{len(v)} {k}" for k, v in datamodule.datasets.items()))
+            raise SettingError(
+                None,
+                "model.reference",
+                f"model.reference=cached: no usable cache at {path}, and the policy is no longer the initial "
+                "model (it was trained or loaded from a checkpoint), so the reference cannot be recomputed "
+                "from it; start from the initial model once to build the cache",
+            )
+        log.info(
+            "computing reference log-probs once for %s",
+            ", ".join(f"{len(v)} {k}" for k, v in datamodule.datasets.items()),
+        )
         size = datamodule.hparams.eval_batch_size or datamodule.hparams.batch_size
         pad = datamodule.tokenizer.pad_token_id
-        payload = {split: _compute_sharded(backbone, examples, size, pad, device, datamodule.layout) for split, examples in datamodule.datasets.items()}
+        payload = {
+            split: _compute_sharded(backbone, examples, size, pad, device, datamodule.layout)
+            for split, examples in datamodule.datasets.items()
+        }
         if is_global_zero:
             try:
                 atomic_torch_save(payload, path)
             except OSError as error:  # read-only or full: the values are kept in memory for this run
-                log.warning("cannot write the reference log-probs cache in %s (%s); keeping them in memory for this run only. "
-                            "Set data.init_args.cache_dir or $LIT_ALIGN_CACHE to a writable folder", path.parent, error.strerror or error)
+                log.warning(
+                    "cannot write the reference log-probs cache in %s (%s); keeping them in memory for this run only. "
+                    "Set data.init_args.cache_dir or $LIT_ALIGN_CACHE to a writable folder",
+                    path.parent,
+                    error.strerror or error,
+                )
     for split, examples in datamodule.datasets.items():
-        for example, values in zip(examples, payload[split]):
+        for example, values in zip(examples, payload[split], strict=True):
             example[REFERENCE_FIELD] = values
     return path

@@ -108,8 +108,17 @@ class _ChunkedTokenKL(torch.autograd.Function):
         kl, logps, ref_logps = kl * valid, logps * valid, ref_logps * valid
         ctx.matmul_dtypes = (matmul_dtype, ref_matmul_dtype)
         empty = torch.empty(0, device=hidden.device)
-        ctx.save_for_backward(hidden, weight, bias if bias is not None else empty, ref_hidden, ref_weight,
-                              ref_bias if ref_bias is not None else empty, labels, lse_all, ref_lse_all)
+        ctx.save_for_backward(
+            hidden,
+            weight,
+            bias if bias is not None else empty,
+            ref_hidden,
+            ref_weight,
+            ref_bias if ref_bias is not None else empty,
+            labels,
+            lse_all,
+            ref_lse_all,
+        )
         ctx.has_bias = (bias is not None, ref_bias is not None)
         ctx.chunk_size = chunk_size
         ctx.mark_non_differentiable(ref_logps)
@@ -176,13 +185,24 @@ def chunked_token_kl(
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if reference_hidden.shape != hidden.shape:
-        raise ValueError(f"policy and reference hidden states differ in shape: {tuple(hidden.shape)} vs {tuple(reference_hidden.shape)}")
+        raise ValueError(
+            f"policy and reference hidden states differ in shape: {tuple(hidden.shape)} vs "
+            f"{tuple(reference_hidden.shape)}"
+        )
     shape = labels.shape
-    detach = (lambda t: None if t is None else t.detach())
+
+    def detach(t):
+        return None if t is None else t.detach()
+
     out = _ChunkedTokenKL.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias,
-        reference_hidden.detach().reshape(-1, hidden.shape[-1]), reference_weight.detach(), detach(reference_bias),
-        labels.reshape(-1), chunk_size,
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        bias,
+        reference_hidden.detach().reshape(-1, hidden.shape[-1]),
+        reference_weight.detach(),
+        detach(reference_bias),
+        labels.reshape(-1),
+        chunk_size,
     )
     return TokenKL(*(values.view(shape) for values in out))
 
@@ -219,12 +239,22 @@ def batch_token_kl(backbone: Backbone, batch: dict[str, torch.Tensor], chunk_siz
         reference_hidden = reference_hidden[scored]
         reference_weight, reference_bias = head_parameters(reference_head, reference_hidden.dtype)
     head = backbone.lm_head(backbone.policy)
-    values = chunked_token_kl(hidden, head.weight, reference_hidden, reference_weight, labels[scored],
-                              head.bias, reference_bias, chunk_size=chunk_size)
+    values = chunked_token_kl(
+        hidden,
+        head.weight,
+        reference_hidden,
+        reference_weight,
+        labels[scored],
+        head.bias,
+        reference_bias,
+        chunk_size=chunk_size,
+    )
     mask = response_mask(batch)
 
     def rows(per_position: torch.Tensor) -> SequenceLogps:
-        tokens = torch.zeros(labels.shape, dtype=per_position.dtype, device=per_position.device).masked_scatter(scored, per_position)
+        tokens = torch.zeros(labels.shape, dtype=per_position.dtype, device=per_position.device).masked_scatter(
+            scored, per_position
+        )
         if is_packed(batch):
             tokens = unpack_rows(tokens, batch)
         return SequenceLogps(tokens, mask)

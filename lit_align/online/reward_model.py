@@ -31,19 +31,36 @@ class RewardModelReward(RewardFunction):
         max_prompt_length: longest prompt in tokens (default ``max_length // 2``, as the data modules').
     """
 
-    def __init__(self, path: str, batch_size: Count = 32, max_length: Annotated[int, Range(2)] = 512, max_prompt_length: Optional[Count] = None):
+    def __init__(
+        self,
+        path: str,
+        batch_size: Count = 32,
+        max_length: Annotated[int, Range(2)] = 512,
+        max_prompt_length: Optional[Count] = None,
+    ):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         check_arguments(self, locals())
         if max_prompt_length is not None and max_prompt_length >= max_length:
-            raise SettingError(type(self).__name__, "max_prompt_length", f"must be < max_length={max_length}, got {max_prompt_length}: completions need room")
+            raise SettingError(
+                type(self).__name__,
+                "max_prompt_length",
+                f"must be < max_length={max_length}, got {max_prompt_length}: completions need room",
+            )
 
         try:
             self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as error:
-            hint = " (configs/reward.yaml exports one to outputs/reward: train the reward model first)" if not Path(path).exists() else ""
-            raise ModelLoadError(f"RewardModelReward: cannot load the reward model {path!r}{hint}: {(str(error).strip().splitlines() or [''])[0]}") from None
+            hint = (
+                " (configs/reward.yaml exports one to outputs/reward: train the reward model first)"
+                if not Path(path).exists()
+                else ""
+            )
+            raise ModelLoadError(
+                f"RewardModelReward: cannot load the reward model {path!r}{hint}: "
+                f"{(str(error).strip().splitlines() or [''])[0]}"
+            ) from None
         self.batch_size, self.max_length = batch_size, max_length
         self.max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
 
@@ -53,17 +70,21 @@ class RewardModelReward(RewardFunction):
 
     def token_ids(self, prompt, completion: str) -> list[int]:
         """prompt + completion ids, as the data modules tokenize a response."""
-        prompt_ids, responses = tokenize_responses(prompt, {"completion": completion}, self.tokenizer, self.max_length, self.max_prompt_length)
+        prompt_ids, responses = tokenize_responses(
+            prompt, {"completion": completion}, self.tokenizer, self.max_length, self.max_prompt_length
+        )
         return prompt_ids + responses["completion"]
 
     @torch.no_grad()
     def score(self, prompts: Sequence, completions: Sequence[str]) -> torch.Tensor:
-        sequences = [self.token_ids(prompt, completion) for prompt, completion in zip(prompts, completions)]
+        sequences = [
+            self.token_ids(prompt, completion) for prompt, completion in zip(prompts, completions, strict=True)
+        ]
         pad = self.model.config.pad_token_id
         device = next(self.model.parameters()).device
         rewards = []
         for start in range(0, len(sequences), self.batch_size):
-            chunk = sequences[start:start + self.batch_size]
+            chunk = sequences[start : start + self.batch_size]
             width = max(len(ids) for ids in chunk)
             input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in chunk], device=device)
             mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in chunk], device=device)

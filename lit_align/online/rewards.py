@@ -54,5 +54,10 @@ class WordRulesReward(RewardFunction):
 
     def score(self, prompts: Sequence, completions: Sequence[str]) -> list[float]:
         if self.graded:
-            return [WordRulesTask.score(prompt, completion) for prompt, completion in zip(prompts, completions)]
-        return [float(WordRulesTask.is_correct(prompt, completion)) for prompt, completion in zip(prompts, completions)]
+            return [
+                WordRulesTask.score(prompt, completion) for prompt, completion in zip(prompts, completions, strict=True)
+            ]
+        return [
+            float(WordRulesTask.is_correct(prompt, completion))
+            for prompt, completion in zip(prompts, completions, strict=True)
+        ]

@@ -36,8 +36,15 @@ class GenerationSettings:
     def config(self, tokenizer, samples: int, temperature: float) -> GenerationConfig:
         sampling = temperature > 0
         options = {"temperature": temperature, "top_p": self.top_p, "top_k": self.top_k or None} if sampling else {}
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=sampling, num_return_sequences=samples,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True, **options)
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=sampling,
+            num_return_sequences=samples,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+            **options,
+        )
 
 
 @dataclass
@@ -96,22 +103,35 @@ class Rollout:
 
 
 @torch.no_grad()
-def sample_completions(policy, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, generation: GenerationSettings,
-                       samples: int = 1, temperature: float | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def sample_completions(
+    policy,
+    tokenizer,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    generation: GenerationSettings,
+    samples: int = 1,
+    temperature: float | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Generate ``samples`` completions per prompt (in eval mode, KV cache on) and return
     (right-padded training batch, ended ``[N]``), rows ordered prompt by prompt."""
     temperature = generation.temperature if temperature is None else temperature
     was_training = policy.training
     policy.eval()
     try:
-        sequences = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation.config(tokenizer, samples, temperature))
+        sequences = policy.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            generation_config=generation.config(tokenizer, samples, temperature),
+        )
     finally:
         policy.train(was_training)
     prompt_mask = prompt_mask.repeat_interleave(samples, dim=0)
     return completion_batch(sequences, prompt_mask, tokenizer.eos_token_id, tokenizer.pad_token_id)
 
 
-def completion_batch(sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_id: int | None, pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def completion_batch(
+    sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_id: int | None, pad_id: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Left-padded ``generate`` output -> right-padded rows with labels on the completion tokens
     (up to and including the first EOS), and whether each completion ended with EOS."""
     prompt_width = prompt_mask.shape[1]
@@ -128,4 +148,8 @@ def completion_batch(sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_id:
     is_response = torch.arange(width, device=sequences.device)[None, :] >= (prompt_width - pads)[:, None]
     labels = torch.where(mask & is_response, input_ids, IGNORE_INDEX)
     keep = int(mask.sum(1).max())
-    return {"input_ids": input_ids[:, :keep], "attention_mask": mask[:, :keep].long(), "labels": labels[:, :keep]}, ended
+    return {
+        "input_ids": input_ids[:, :keep],
+        "attention_mask": mask[:, :keep].long(),
+        "labels": labels[:, :keep],
+    }, ended

@@ -33,8 +33,15 @@ class SelfJudge(RewardFunction):
         batch_size: judge questions per forward (two rows each).
     """
 
-    def __init__(self, template: str = "Question: {prompt}\nAnswer: {completion}\nIs this answer correct? Answer yes or no:",
-                 yes: str = " yes", no: str = " no", chat_template: bool = False, max_length: Count = 512, batch_size: Count = 16):
+    def __init__(
+        self,
+        template: str = "Question: {prompt}\nAnswer: {completion}\nIs this answer correct? Answer yes or no:",
+        yes: str = " yes",
+        no: str = " no",
+        chat_template: bool = False,
+        max_length: Count = 512,
+        batch_size: Count = 16,
+    ):
         check_arguments(self, locals())
         self.template, self.yes, self.no = template, yes, no
         self.chat_template, self.max_length, self.batch_size = chat_template, max_length, batch_size
@@ -50,7 +57,9 @@ class SelfJudge(RewardFunction):
             prompt = "\n".join(f"{message['role']}: {message['content']}" for message in prompt)
         question = self.template.format(prompt=prompt, completion=completion)
         if self.chat_template:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            )
             return tokenizer(text, add_special_tokens=False)["input_ids"]
         ids = tokenizer(question, add_special_tokens=True)["input_ids"]
         return ids[:-1] if tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id] else ids
@@ -58,18 +67,29 @@ class SelfJudge(RewardFunction):
     @torch.no_grad()
     def score(self, prompts: Sequence, completions: Sequence[str]) -> torch.Tensor:
         if self.module is None:
-            raise RuntimeError("SelfJudge is not attached to a module: on-policy methods attach their reward at fit start; call attach(module) first")
+            raise RuntimeError(
+                "SelfJudge is not attached to a module: on-policy methods attach their reward at fit start; call "
+                "attach(module) first"
+            )
         tokenizer, backbone = self.module.tokenizer, self.module.backbone
         answers = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (self.yes, self.no)]
         rows = []
-        for prompt, completion in zip(prompts, completions):
+        for prompt, completion in zip(prompts, completions, strict=True):
             question = self.question_ids(prompt, completion)
-            rows += [(question[max(0, len(question) + len(answer) - self.max_length):], answer) for answer in answers]
+            rows += [(question[max(0, len(question) + len(answer) - self.max_length) :], answer) for answer in answers]
         was_training = backbone.policy.training
         backbone.policy.eval()
         try:
-            logps = torch.cat([backbone.logps(self.collate(rows[start: start + 2 * self.batch_size])).sum
-                               for start in range(0, len(rows), 2 * self.batch_size)]) if rows else torch.zeros(0)
+            logps = (
+                torch.cat(
+                    [
+                        backbone.logps(self.collate(rows[start : start + 2 * self.batch_size])).sum
+                        for start in range(0, len(rows), 2 * self.batch_size)
+                    ]
+                )
+                if rows
+                else torch.zeros(0)
+            )
         finally:
             backbone.policy.train(was_training)
         return torch.sigmoid(logps[0::2] - logps[1::2]).float()
@@ -85,5 +105,8 @@ class SelfJudge(RewardFunction):
             mask.append([1] * (len(question) + len(answer)) + [0] * fill)
             labels.append([IGNORE_INDEX] * len(question) + answer + [IGNORE_INDEX] * fill)
         device = self.module.device
-        return {"input_ids": torch.tensor(ids, device=device), "attention_mask": torch.tensor(mask, device=device),
-                "labels": torch.tensor(labels, device=device)}
+        return {
+            "input_ids": torch.tensor(ids, device=device),
+            "attention_mask": torch.tensor(mask, device=device),
+            "labels": torch.tensor(labels, device=device),
+        }

@@ -49,7 +49,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ``lit-align fit`` uses it whenever the strategy would use a plain ``TorchCheckpointIO``.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return

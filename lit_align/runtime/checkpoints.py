@@ -29,7 +29,9 @@ def load_module_from_checkpoint(ckpt_path: str) -> LightningModule:
             consolidated = os.path.join(folder, "consolidated.ckpt")
             torch.save(checkpoint, consolidated)
             return cls.load_from_checkpoint(consolidated, map_location="cpu")
-    return cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)  # read with weights_only=False above too
+    return cls.load_from_checkpoint(
+        ckpt_path, map_location="cpu", weights_only=False
+    )  # read with weights_only=False above too
 
 
 def import_recorded_class(recorded: str, ckpt_path: str) -> type:
@@ -42,7 +44,9 @@ def import_recorded_class(recorded: str, ckpt_path: str) -> type:
         for part in class_name.split("."):
             cls = getattr(cls, part)
     except (ImportError, AttributeError) as error:
-        problem = CheckpointError(f"checkpoint {ckpt_path!r} was written by {module_name}.{class_name}, and it cannot be imported ({error})")
+        problem = CheckpointError(
+            f"checkpoint {ckpt_path!r} was written by {module_name}.{class_name}, and it cannot be imported ({error})"
+        )
         top = module_name.partition(".")[0]
         problem.hint = f"run lit-align from the folder that holds {top}.py, or add that folder to PYTHONPATH"
         raise problem from None
@@ -62,8 +66,11 @@ def read_checkpoint(ckpt_path: str, weights_only: bool) -> dict:
     try:  # anything else is still tried, as a legacy (pre zip) torch file
         checkpoint = torch.load(ckpt_path, map_location="cpu", mmap=archive, weights_only=weights_only)
     except Exception as error:  # pickle, zip and torch raise many types; the file is what matters
-        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}" if archive else \
-            "not a zip archive as torch.save writes: empty, truncated or another kind of file"
+        reason = (
+            f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+            if archive
+            else "not a zip archive as torch.save writes: empty, truncated or another kind of file"
+        )
         raise CheckpointError(f"checkpoint {ckpt_path!r} cannot be read ({reason})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{ckpt_path!r} is not a Lightning checkpoint (it has no state_dict)")
@@ -76,7 +83,9 @@ def read_sharded_checkpoint(ckpt_path: str, consolidate: bool) -> dict:
     from pathlib import Path
 
     if not (Path(ckpt_path) / ".metadata").is_file() or not (Path(ckpt_path) / "meta.pt").is_file():
-        raise CheckpointError(f"{ckpt_path!r} is a folder but not a sharded checkpoint (no .metadata and meta.pt in it)")
+        raise CheckpointError(
+            f"{ckpt_path!r} is a folder but not a sharded checkpoint (no .metadata and meta.pt in it)"
+        )
     if not consolidate:
         return {"state_dict": None}
     from lightning.fabric.utilities.load import _load_distributed_checkpoint
@@ -85,4 +94,6 @@ def read_sharded_checkpoint(ckpt_path: str, consolidate: bool) -> dict:
     try:
         return _format_checkpoint(_load_distributed_checkpoint(Path(ckpt_path)))
     except Exception as error:
-        raise CheckpointError(f"sharded checkpoint {ckpt_path!r} cannot be read ({type(error).__name__}: {error})") from None
+        raise CheckpointError(
+            f"sharded checkpoint {ckpt_path!r} cannot be read ({type(error).__name__}: {error})"
+        ) from None

@@ -48,8 +48,12 @@ def decoder_layer_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
         names.update(getattr(module, "_no_split_modules", None) or ())
     classes = {type(module) for module in model.modules() if type(module).__name__ in names}
     if not classes:
-        raise SettingError(None, "trainer.strategy", f"FSDPStrategy: no decoder layer class found in {type(model).__name__} (no Hugging Face model with "
-                         "_no_split_modules); pass auto_wrap_policy explicitly")
+        raise SettingError(
+            None,
+            "trainer.strategy",
+            f"FSDPStrategy: no decoder layer class found in {type(model).__name__} (no Hugging Face model with "
+            "_no_split_modules); pass auto_wrap_policy explicitly",
+        )
     return tuple(sorted(classes, key=lambda cls: cls.__name__))
 
 
@@ -101,7 +105,11 @@ def plan_fsdp_units(model: nn.Module) -> list[nn.Module]:
         head = frozen.get_output_embeddings()
         if head is not None and head.weight is not frozen.get_input_embeddings().weight:
             units.append(head)  # read through lit_align.model.sharding.gathered
-    heads = {id(m.get_output_embeddings()) for m in model.modules() if hasattr(m, "get_output_embeddings") and m.get_output_embeddings() is not None}
+    heads = {
+        id(m.get_output_embeddings())
+        for m in model.modules()
+        if hasattr(m, "get_output_embeddings") and m.get_output_embeddings() is not None
+    }
     ids = {id(m) for m in units}
     for unit in [*units, model]:
         if _mixes_frozen_and_trainable(_own_parameters(unit, ids)):
@@ -110,8 +118,12 @@ def plan_fsdp_units(model: nn.Module) -> list[nn.Module]:
             ids.update(id(m) for m in leaves)
     for unit in [*units, model]:
         if _mixes_frozen_and_trainable(_own_parameters(unit, ids)):
-            log.warning("FSDP unit %s mixes frozen and trainable parameters (e.g. a reference LM head next to the policy's in the root): "
-                        "the frozen part's shard keeps gradient memory", type(unit).__name__)
+            log.warning(
+                "FSDP unit %s mixes frozen and trainable parameters (e.g. a reference LM head next to the policy's in "
+                "the root): "
+                "the frozen part's shard keeps gradient memory",
+                type(unit).__name__,
+            )
     return units
 
 
@@ -127,10 +139,22 @@ def check_unit_dtypes(model: nn.Module, units: list[nn.Module]) -> None:
     for unit in [*units, model]:
         dtypes = {p.dtype for p in _own_parameters(unit, ids)}
         if len(dtypes) > 1:
-            hint = ("; with QLoRA set model.quantization.quant_storage, quantization.compute_dtype and model.dtype to one dtype "
-                    "(e.g. bfloat16)") if torch.uint8 in dtypes else ""
-            raise SettingError(None, "model.quantization", f"FSDPStrategy: unit {type(unit).__name__} holds parameters of dtypes {sorted(str(d) for d in dtypes)}, "
-                             f"but FSDP flattens a unit into one tensor of one dtype{hint}")
+            hint = (
+                (
+                    "; with QLoRA set model.quantization.quant_storage, quantization.compute_dtype and model.dtype to "
+                    "one dtype "
+                    "(e.g. bfloat16)"
+                )
+                if torch.uint8 in dtypes
+                else ""
+            )
+            raise SettingError(
+                None,
+                "model.quantization",
+                f"FSDPStrategy: unit {type(unit).__name__} holds parameters of dtypes "
+                f"{sorted(str(d) for d in dtypes)}, "
+                f"but FSDP flattens a unit into one tensor of one dtype{hint}",
+            )
 
 
 class FSDPStrategy(LightningFSDPStrategy):
@@ -156,7 +180,13 @@ class FSDPStrategy(LightningFSDPStrategy):
 
     strategy_name = "lit_align_fsdp"
 
-    def __init__(self, plan_units: bool = True, checkpoint_layers: bool = False, state_dict_type: Literal["full", "sharded"] = "sharded", **kwargs: Any):
+    def __init__(
+        self,
+        plan_units: bool = True,
+        checkpoint_layers: bool = False,
+        state_dict_type: Literal["full", "sharded"] = "sharded",
+        **kwargs: Any,
+    ):
         super().__init__(state_dict_type=state_dict_type, **kwargs)
         self.plan_units, self.checkpoint_layers = plan_units, checkpoint_layers
 
@@ -179,8 +209,14 @@ class FSDPStrategy(LightningFSDPStrategy):
             return super()._setup_model(model)
         if already_wrapped:  # e.g. fit after validate: the units exist, only the root is wrapped again
             self.kwargs.pop("auto_wrap_policy", None)
-        model = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
-                                         sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs)
+        model = FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
         _move_torchmetrics_to_device(model, self.root_device)
         _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
         return model

@@ -1,6 +1,6 @@
 """Two-process DDP (gloo, CPU) run with ``reference: cached``; used by tests/test_reference_cache.py.
 
-    python tests/scripts/ddp_cached_reference.py CACHE_DIR
+python tests/scripts/ddp_cached_reference.py CACHE_DIR
 """
 
 import sys
@@ -14,7 +14,19 @@ from lit_align.settings import ModelSettings
 if __name__ == "__main__":
     L.seed_everything(0)
     module = DPO(model=ModelSettings(reference="cached"))
-    data = PreferenceDataModule(batch_size=4, max_length=48, task=WordRulesTask(num_train=30, num_val=7), cache_dir=sys.argv[1])
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    data = PreferenceDataModule(
+        batch_size=4, max_length=48, task=WordRulesTask(num_train=30, num_val=7), cache_dir=sys.argv[1]
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, data)

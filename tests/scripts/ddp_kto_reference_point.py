@@ -24,7 +24,12 @@ class RecordingKTO(KTO):
 
     def loss(self, completions, ref_completions, desirable, mismatched, ref_mismatched):
         output = super().loss(completions, ref_completions, desirable, mismatched, ref_mismatched)
-        self.records.append(((mismatched.sum - ref_mismatched.sum).detach().double(), output.metrics["kl"].detach().flatten()[0].double()))
+        self.records.append(
+            (
+                (mismatched.sum - ref_mismatched.sum).detach().double(),
+                output.metrics["kl"].detach().flatten()[0].double(),
+            )
+        )
         return output
 
 
@@ -32,9 +37,21 @@ if __name__ == "__main__":
     L.seed_everything(0)
     module = RecordingKTO(beta=0.1, optimizer=OptimizerSettings(lr=5e-2))
     module.records = []
-    data = UnpairedDataModule(batch_size=3, max_length=48, task=WordRulesTask(num_train=24, num_val=4), cache_dir=sys.argv[1])
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    data = UnpairedDataModule(
+        batch_size=3, max_length=48, task=WordRulesTask(num_train=24, num_val=4), cache_dir=sys.argv[1]
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, data)
     checked = 0
     for local, z0 in module.records:

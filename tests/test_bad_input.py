@@ -510,7 +510,7 @@ def test_loaded_tokenizer_without_pad_token_uses_eos_or_is_named(tmp_path, caplo
     tokenizer = build_tiny_tokenizer()
     tokenizer.pad_token = None
     tokenizer.save_pretrained(tmp_path / "no-pad")
-    with caplog.at_level(logging.INFO, logger="lit_align.model.backbone"):
+    with caplog.at_level(logging.INFO, logger="lit_align.model.loading"):
         loaded = load_tokenizer(ModelSettings(tokenizer=str(tmp_path / "no-pad")))
     assert loaded.pad_token_id == loaded.eos_token_id == tokenizer.eos_token_id
     assert "tokenizer has no pad token; using eos '<|eos|>' for padding (padding is masked out)" in caplog.text
@@ -553,12 +553,12 @@ def test_missing_model_path_is_named_by_the_cli(regime, path, message, in_tmp):
 def test_missing_relative_model_folder_is_named_when_the_hub_lookup_fails(monkeypatch, in_tmp):
     """``outputs/sft`` (the on-policy configs' starting policy) without ``./`` is also a possible hub
     id; when neither exists, the error says there is no such local folder."""
-    from lit_align import backbone
+    from lit_align.model import loading
 
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
-    monkeypatch.setattr(backbone.AutoTokenizer, "from_pretrained", offline)
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", offline)
     message = (
         "cannot load tokenizer from 'outputs/sft': no local folder 'outputs/sft' exists, "
         "and as a hub id: We couldn't connect"

@@ -22,7 +22,7 @@ from jsonargparse import Namespace, set_parsing_settings  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from lit_align.callbacks import NonFiniteLoss, SaveOnSigterm  # noqa: E402
-from lit_align.data.datamodule import PreferenceDataModule  # noqa: E402
+from lit_align.data.datamodule import AlignmentDataModule  # noqa: E402
 from lit_align.data.unpaired import convert_pairs_file  # noqa: E402
 from lit_align.errors import (  # noqa: E402
     DEBUG_VARIABLE,
@@ -166,7 +166,7 @@ class LitAlignCLI(LightningCLI):
         that the dataloader "is not resumable" is silenced: its sampler skips the batches the
         checkpointed epoch already trained on (:mod:`lit_align.data.sampling`)."""
         with warnings.catch_warnings():
-            if isinstance(datamodule, PreferenceDataModule):
+            if isinstance(datamodule, AlignmentDataModule):
                 warnings.filterwarnings(
                     "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
                 )
@@ -290,7 +290,7 @@ def run(words: list[str], from_command_line: bool = False) -> None:
     try:
         LitAlignCLI(
             AlignmentModule,
-            PreferenceDataModule,
+            AlignmentDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             auto_configure_optimizers=False,

@@ -19,6 +19,7 @@ from lit_align.data.formats import normalise_record
 from lit_align.data.sources import read_records
 from lit_align.data.tasks import prompt_and_answer
 from lit_align.data.tokenize import tokenize_pair
+from lit_align.errors import SettingError
 from lit_align.model.tiny import build_tiny_tokenizer
 
 HH_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -395,10 +396,16 @@ def test_empty_file(tokenizer, tmp_path):
         make_dm(tokenizer, train).setup("fit")
 
 
-def test_setup_without_tokenizer(tmp_path):
+def test_setup_without_tokenizer_waits_and_loaders_name_what_is_missing(tmp_path):
+    """Lightning calls setup before the method serves its request (with its tokenizer): nothing
+    is read yet; asking for batches without a tokenizer is an error naming both ways to give one."""
     dm = PreferenceDataModule(train=str(write_jsonl(tmp_path / "t.jsonl", good_records(2))))
-    with pytest.raises(RuntimeError, match="needs a tokenizer"):
-        dm.setup("fit")
+    dm.setup("fit")
+    assert dm.datasets == {}
+    with pytest.raises(
+        SettingError, match=r"PreferenceDataModule needs a tokenizer before it can serve batches.*serve\(\)"
+    ):
+        dm.train_dataloader()
 
 
 # ---- 6. sources ------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def test_on_policy_methods_name_what_is_missing():
     )
     with pytest.raises(ValueError, match="needs a reward"):
         trainer.fit(PPO(), datamodule=data)
-    with pytest.raises(ValueError, match=r"ptx_coef=0.5 needs ``ptx`` batches.*PromptDataModule provides none"):
+    with pytest.raises(ValueError, match=r"PPO: ptx_coef needs ``ptx`` batches.*PromptDataModule provides none"):
         trainer.fit(PPO(reward=WordRulesReward(), ptx_coef=0.5), datamodule=data)
     assert WordRulesReward()(["First letter of abc:\n"], ["a"]).tolist() == [1.0]
     with pytest.raises(ValueError, match="1 prompts but 2 completions"):

@@ -122,14 +122,14 @@ def fit_first_loss(packing: bool, reference: str = "copy", monkeypatch=None) -> 
 def test_training_with_packing_gives_the_padded_loss(reference):
     padded, _ = fit_first_loss(False, reference)
     packed, data = fit_first_loss(True, reference)
-    assert data.packing_active
+    assert data.packing and data.served.packing
     assert packed == pytest.approx(padded, abs=1e-5)
 
 
 def test_packing_falls_back_to_padding_with_a_logged_reason(monkeypatch, caplog):
     monkeypatch.setattr(Backbone, "packing_isolates_sequences", lambda self, device=None: (False, 0.5))
-    with caplog.at_level(logging.WARNING, logger="lit_align.methods.base"):
+    with caplog.at_level(logging.WARNING, logger="lit_align.data.contract"):
         _, data = fit_first_loss(True)
-    assert not data.packing_active
+    assert data.hparams.packing and not data.packing  # requested, then turned off by the served answer
     assert "packing disabled, using padding" in caplog.text and "5.00e-01" in caplog.text
     assert "attention_mask" in next(iter(data.train_dataloader()))

@@ -168,7 +168,8 @@ def test_convert_pairs_command_on_anthropic_hh(tmp_path, capsys, tokenizer):
     dm = UnpairedDataModule(train=str(output), max_records=40, max_length=128, batch_size=4)
     dm.tokenizer = tokenizer
     dm.setup()
-    assert dm.class_counts["desirable"] + dm.class_counts["undesirable"] == len(dm.datasets["train"])
+    counts = dm.count_classes()
+    assert counts["desirable"] + counts["undesirable"] == len(dm.datasets["train"])
 
 
 def test_top1_is_shared_among_tied_rewards():

@@ -317,7 +317,7 @@ def test_unpaired_file_with_plain_and_conversational_prompts(tokenizer, tmp_path
     assert [decode(tokenizer, e["completion"]) for e in train] == ["hi" + EOS, "go away" + EOS, "yes" + EOS]
     assert [e["label"] for e in train] == [True, False, True]
     assert all("kl_completion" not in e for e in train)  # only when the module asks for them
-    assert dm.class_counts == {"desirable": 2, "undesirable": 1}
+    assert dm.count_classes() == {"desirable": 2, "undesirable": 1}
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 3 and sorted(batch["label"].tolist()) == [0, 1, 1]
 
@@ -331,7 +331,7 @@ def test_from_pairs_gives_desirable_then_undesirable(tokenizer, tmp_path):
     assert [e["label"] for e in train] == [True, False] * 3
     assert [decode(tokenizer, e["completion"]) for e in train[:2]] == ["good 0" + EOS, "bad 0" + EOS]
     assert train[0]["prompt"] == train[1]["prompt"]
-    assert dm.class_counts == {"desirable": 3, "undesirable": 3}
+    assert dm.count_classes() == {"desirable": 3, "undesirable": 3}
 
 
 def test_mismatched_completions_come_from_another_prompt_and_fit_max_length(tokenizer, tmp_path):
@@ -478,7 +478,7 @@ def test_kto_balance_classes_sets_the_undesirable_weight(tokenizer, tmp_path):
     module = KTO(desirable_weight=1.5, undesirable_weight=1.0, balance_classes=True)
     data = UnpairedDataModule(train=str(train), val=str(train), batch_size=4, max_length=16)
     trainer(1).fit(module, data)
-    assert data.class_counts == {"desirable": 6, "undesirable": 2}
+    assert module.served_data.class_counts == {"desirable": 6, "undesirable": 2}
     assert module.undesirable_weight == pytest.approx(4.5)
     assert module.desirable_weight * 6 / (module.undesirable_weight * 2) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="desirable and undesirable"):

@@ -27,7 +27,9 @@ from typing import Annotated
 import torch
 from lightning import Callback, LightningModule, Trainer
 
+from lit_align.data.datamodule import AlignmentDataModule
 from lit_align.errors import SettingError
+from lit_align.methods.alignment import AlignmentModule
 from lit_align.settings import Count, Range, check_arguments
 
 log = logging.getLogger(__name__)
@@ -35,12 +37,12 @@ log = logging.getLogger(__name__)
 
 def check_copy_reference(pl_module: LightningModule, who: str) -> None:
     """Raise unless ``pl_module`` keeps a separate, writable reference model (``reference: copy``)."""
-    backbone = getattr(pl_module, "backbone", None)
-    if backbone is None:
+    if not isinstance(pl_module, AlignmentModule):
         raise TypeError(
             f"{who} updates a lit-align module's reference model (module.backbone.reference); "
             f"{type(pl_module).__name__} has no backbone"
         )
+    backbone = pl_module.backbone
     backbone.reference_source.require_copy(who, "updates the reference model from the policy")
     if backbone.settings.quantization is not None:
         raise SettingError(
@@ -149,8 +151,8 @@ class StepwiseDPO(Callback):
     paper orders its datasets); examples are shuffled only within a chunk. Set
     ``trainer.max_epochs`` to ``num_chunks``; the callback sets
     ``trainer.reload_dataloaders_every_n_epochs = 1`` so that each epoch gets its chunk, and turns
-    on the data module's ``train_chunks`` (:class:`lit_align.data.PreferenceDataModule` and its
-    unpaired and listwise subclasses have it). The optimizer and learning-rate schedule run on
+    on the data module's ``train_chunks`` (every lit-align data module,
+    :class:`lit_align.data.AlignmentDataModule`, has it). The optimizer and learning-rate schedule run on
     across chunks. Needs ``model.reference: copy``.
 
     Args:
@@ -166,13 +168,13 @@ class StepwiseDPO(Callback):
         if stage != "fit":
             return
         datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "train_chunks"):
+        if not isinstance(datamodule, AlignmentDataModule):
             name = type(datamodule).__name__ if datamodule is not None else "no data module"
             raise SettingError(
                 None,
                 "data.class_path",
                 f"StepwiseDPO needs a data module that serves one chunk of the training data per epoch "
-                f"(a `train_chunks` attribute, as lit_align.data.PreferenceDataModule has); got {name}",
+                f"(a lit-align data module, e.g. lit_align.data.PreferenceDataModule); got {name}",
             )
         if trainer.max_epochs != self.num_chunks:
             raise SettingError(
@@ -198,5 +200,5 @@ class StepwiseDPO(Callback):
             )
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.datamodule is not None and hasattr(trainer.datamodule, "train_chunks"):
+        if stage == "fit" and isinstance(trainer.datamodule, AlignmentDataModule):
             trainer.datamodule.train_chunks = None

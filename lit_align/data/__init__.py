@@ -1,6 +1,7 @@
 """Preference data: formats, tokenization, collation, the data module and the built-in task."""
 
-from lit_align.data.datamodule import PreferenceDataModule
+from lit_align.data.contract import DataRequest, ServedData
+from lit_align.data.datamodule import AlignmentDataModule, PreferenceDataModule
 from lit_align.data.errors import DataError, DroppableRecord
 from lit_align.data.formats import PreferencePair
 from lit_align.data.listwise_datamodule import ListwiseDataModule
@@ -11,6 +12,9 @@ from lit_align.data.unpaired import convert_pairs_file
 from lit_align.data.unpaired_datamodule import UnpairedDataModule
 
 __all__ = [
+    "AlignmentDataModule",
+    "DataRequest",
+    "ServedData",
     "ListwiseDataModule",
     "UnpairedDataModule",
     "convert_pairs_file",

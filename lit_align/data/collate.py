@@ -25,14 +25,42 @@ from typing import Any
 import torch
 
 from lit_align.data.labels import IGNORE_INDEX
-from lit_align.data.packing import response_mask
+from lit_align.data.packing import response_mask, row_count, token_count
 
 REFERENCE_FIELD = "ref_logps"  # per example: per-token reference log-probs of each response, in layout order
 REFERENCE_LOGPS_KEY = "reference_logps"  # their [rows, T] tensor in a batch
 Example = dict[str, Any]
 
 
-class PairLayout:
+class Layout:
+    """Which responses of an example become policy rows, and in which order; one subclass per
+    data regime. ``token_fields`` hold token ids; every other numeric field of an example is
+    stacked into a ``[B]`` tensor of the batch (:meth:`extras`)."""
+
+    token_fields: tuple[str, ...] = ()
+
+    def responses(self, example: Example) -> list[list[int]]:
+        """The token ids of each response of ``example`` that becomes a row."""
+        raise NotImplementedError
+
+    def rows(self, examples: Sequence[Example]) -> list[tuple[int, int]]:
+        """(example, response) of each row of a batch of ``examples``, in row order."""
+        raise NotImplementedError
+
+    def extras(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """Per-example values of the batch besides the token rows."""
+        return _stack_scalars(examples, self.token_fields)
+
+    def samples(self, batch: dict[str, Any]) -> int:
+        """Examples in a collated batch (what samples/s counts): pairs, completions, lists or prompts."""
+        raise NotImplementedError
+
+    def tokens(self, batch: dict[str, Any]) -> int:
+        """Real (non-padding) tokens of a collated batch, every row counted."""
+        return token_count(batch)
+
+
+class PairLayout(Layout):
     """Paired examples ``{prompt, chosen, rejected}``: chosen rows ``0..B-1``, rejected ``B..2B-1``."""
 
     token_fields = ("prompt", "chosen", "rejected")
@@ -43,11 +71,11 @@ class PairLayout:
     def rows(self, examples: Sequence[Example]) -> list[tuple[int, int]]:
         return [(i, 0) for i in range(len(examples))] + [(i, 1) for i in range(len(examples))]
 
-    def extras(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        return _stack_scalars(examples, self.token_fields)
+    def samples(self, batch: dict[str, Any]) -> int:
+        return row_count(batch) // 2
 
 
-class UnpairedLayout(PairLayout):
+class UnpairedLayout(Layout):
     """Unpaired examples ``{prompt, completion, label[, kl_completion]}``: completion rows first,
     then (if present) the mismatched-completion rows in the same order."""
 
@@ -60,8 +88,11 @@ class UnpairedLayout(PairLayout):
         count = len(self.responses(examples[0]))
         return [(i, k) for k in range(count) for i in range(len(examples))]
 
+    def samples(self, batch: dict[str, Any]) -> int:
+        return int(batch["label"].shape[0])  # mismatched-completion rows are not examples
 
-class ListLayout(PairLayout):
+
+class ListLayout(Layout):
     """Listwise examples ``{prompt, responses: [...], scores: [...]}``: an example's responses are
     adjacent rows; ``list_index [B, K]`` maps them back, ``scores [B, K]`` (NaN past an example's end)."""
 
@@ -85,8 +116,11 @@ class ListLayout(PairLayout):
             row += count
         return {"list_index": index, "scores": scores, **_stack_scalars(examples, self.token_fields)}
 
+    def samples(self, batch: dict[str, Any]) -> int:
+        return int(batch["list_index"].shape[0])
 
-class CompletionLayout(PairLayout):
+
+class CompletionLayout(Layout):
     """Single-response examples ``{prompt, completion}`` (SFT): one row per example, in order."""
 
     token_fields = ("prompt", "completion")
@@ -97,8 +131,11 @@ class CompletionLayout(PairLayout):
     def rows(self, examples: Sequence[Example]) -> list[tuple[int, int]]:
         return [(i, 0) for i in range(len(examples))]
 
+    def samples(self, batch: dict[str, Any]) -> int:
+        return row_count(batch)
 
-class PromptLayout(PairLayout):
+
+class PromptLayout(Layout):
     """Prompts only ``{prompt, text}`` (on-policy methods generate the responses); collated by
     :class:`PromptCollator`, left-padded for generation."""
 
@@ -109,6 +146,12 @@ class PromptLayout(PairLayout):
 
     def rows(self, examples: Sequence[Example]) -> list[tuple[int, int]]:
         return []
+
+    def samples(self, batch: dict[str, Any]) -> int:
+        return int(batch["prompt_ids"].shape[0])
+
+    def tokens(self, batch: dict[str, Any]) -> int:
+        return int(batch["prompt_mask"].sum())
 
 
 class PromptCollator:
@@ -132,7 +175,7 @@ class PromptCollator:
 class Collator:
     """Pads the rows of a layout on the right to one length (``input_ids``, ``attention_mask``, ``labels``)."""
 
-    def __init__(self, pad_token_id: int, layout: PairLayout | None = None, pad_to_multiple_of: int = 1):
+    def __init__(self, pad_token_id: int, layout: Layout | None = None, pad_to_multiple_of: int = 1):
         self.pad_token_id = pad_token_id
         self.layout = layout or PairLayout()
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -175,7 +218,7 @@ class PackedCollator(Collator):
         layout: which responses become rows (default: pairs).
     """
 
-    def __init__(self, pad_token_id: int = 0, capacity: int | None = None, layout: PairLayout | None = None):
+    def __init__(self, pad_token_id: int = 0, capacity: int | None = None, layout: Layout | None = None):
         super().__init__(pad_token_id, layout)
         self.capacity = capacity
 

@@ -1,4 +1,5 @@
-"""The preference data module: raw records -> typed pairs -> token ids (cached) -> batches."""
+"""The data modules' shared machinery (:class:`AlignmentDataModule`: raw records -> typed
+records -> token ids (cached) -> batches) and the paired preference data module."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lit_align.data.collate import Collator, PackedCollator, PairLayout
+from lit_align.data.collate import REFERENCE_FIELD, Collator, Layout, PackedCollator, PairLayout
+from lit_align.data.contract import DataRequest, ServedData
 from lit_align.data.errors import DataError, DroppableRecord
 from lit_align.data.formats import PAIR_FIELDS, FormatName, normalise_record
 from lit_align.data.sampling import GlobalBatchOrder, resumed_epoch_position
@@ -35,8 +37,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LIT_ALIGN_CACHE", Path.home() / ".cache" / "lit-align"))
 
 
-class PreferenceDataModule(LightningDataModule):
-    """Paired preference data for every paired objective (DPO family, ORPO, SimPO, CPO, ...).
+class AlignmentDataModule(LightningDataModule):
+    """What every lit-align data module shares: sources, truncation, tokenized cache, batching
+    (global batch order, exact resume, packing) and the :class:`lit_align.data.contract.DataRequest`
+    / :class:`lit_align.data.contract.ServedData` contract with the method. A subclass per data
+    regime says which record fields it reads, its layout and how one record becomes examples.
 
     Args:
         train: ``"builtin"`` (the built-in word-rules task) or a data source: a .jsonl/.jsonl.gz/
@@ -115,7 +120,11 @@ class PreferenceDataModule(LightningDataModule):
         self.task = task or WordRulesTask()
         self.max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
         self.tokenizer: PreTrainedTokenizerBase | None = None
-        self.packing_active = packing  # switched off by the module if the model cannot isolate packed sequences
+        self.request: DataRequest | None = None
+        """The method's request, once served."""
+        self.served: ServedData | None = None
+        """The answer to it (see :meth:`serve`)."""
+        self._built_as: str | None = None  # the cache key the tokenized splits were built under
         self.datasets: dict[str, list[dict[str, Any]]] = {}
         self.sources: dict[str, str] = {}
         """Per split, the name of the source its examples were read from (a file, folder, hub name
@@ -156,21 +165,27 @@ class PreferenceDataModule(LightningDataModule):
             splits = {name: (src, recs[: h.max_records]) for name, (src, recs) in splits.items()}
         return splits
 
-    # ---- what a data regime defines (paired here; unpaired and listwise subclasses override) ----
-    record_fields: ClassVar[tuple[str, ...]] = PAIR_FIELDS
+    # ---- what a data regime defines ------------------------------------------------------------
+    record_fields: ClassVar[tuple[str, ...]] = ()
     """The record fields this data module reads: the keys ``columns`` may map."""
-    layout = PairLayout()
+    layout: ClassVar[Layout]
     """Which responses of an example become policy rows, and in which order."""
+    provides_ptx: bool = False
+    """Whether training batches carry ``ptx`` demonstrations (PPO-ptx)."""
 
     def builtin_records(self, split: str) -> list[dict[str, Any]]:
         """Raw records of the built-in task's ``split`` (``train`` or ``val``)."""
         return self.task.split(split)
 
     def tokenize_record(self, record: dict[str, Any], source: str, index: int) -> list[dict[str, Any]]:
-        """Token-id examples of one raw record (a paired record gives one example)."""
-        h = self.hparams
-        pair = normalise_record(record, source, index, h.format, h.columns, h.assistant_marker)
-        return [tokenize_pair(pair, self.tokenizer, h.max_length, self.max_prompt_length, h.truncation, source, index)]
+        """Token-id examples of one raw record."""
+        raise NotImplementedError
+
+    def count_classes(self) -> dict[str, int]:
+        """Desirable and undesirable training examples (data with a ``label`` per example)."""
+        raise SettingError(
+            None, "data.class_path", f"{type(self).__name__} has no desirable/undesirable labels to count"
+        )
 
     def finish_split(self, name: str, source: str, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Last touch on a tokenized split before it is cached (e.g. mismatched completions)."""
@@ -197,6 +212,12 @@ class PreferenceDataModule(LightningDataModule):
         if not examples:
             raise DataError(source, f"no usable records ({len(skipped)} skipped; first: {skipped[:1]})")
         return examples, skipped
+
+    @property
+    def packing(self) -> bool:
+        """Whether batches are packed now: the ``packing`` setting until the method's request is
+        served, then the served answer (turned off when the model cannot isolate packed sequences)."""
+        return self.served.packing if self.served is not None else self.hparams.packing
 
     # ---- cache ---------------------------------------------------------------------------
     def cache_key(self) -> str:
@@ -234,15 +255,60 @@ class PreferenceDataModule(LightningDataModule):
         return payload
 
     # ---- Lightning hooks -----------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        if self.tokenizer is None:
-            self.tokenizer = getattr(self._module(), "tokenizer", None)
-        if self.tokenizer is None:
-            raise RuntimeError(
-                "PreferenceDataModule needs a tokenizer: set `datamodule.tokenizer` or use it with a lit-align module"
+    def serve(self, request: DataRequest) -> ServedData:
+        """Answer a method's :class:`DataRequest` (the one place a method and its data meet):
+        check the layout, tokenize with the method's tokenizer (cached), run the method's check
+        of every example, count classes and provide ptx batches when asked."""
+        if not isinstance(self.layout, request.layouts):
+            wanted = " or ".join(layout.__name__ for layout in request.layouts)
+            raise SettingError(
+                None,
+                "data.class_path",
+                f"{request.method} trains on {wanted} data, but the data module {type(self).__name__} gives "
+                f"{type(self.layout).__name__} data; use {request.data_modules}",
             )
+        if request.ptx and not self.provides_ptx:
+            raise SettingError(
+                None,
+                "ptx_coef",
+                f"{request.method}: ptx_coef needs ``ptx`` batches (demonstrations or pre-training text) in the "
+                f"training batches, and the data module {type(self).__name__} provides none: set "
+                "data.init_args.ptx_train (PromptDataModule: a demonstrations/text source or builtin)",
+            )
+        if self.served is not None and self.request == request:
+            return self.served
+        self.request = request
+        if self.tokenizer is None:
+            self.tokenizer = request.tokenizer
+        if self.datasets and self._built_as != self.cache_key():  # tokenized before the request changed what is needed
+            self.datasets = {}
+        self.setup()
+        if request.check_examples is not None:
+            for split, examples in self.datasets.items():
+                request.check_examples(split, self.sources.get(split, split), examples)
+        self.served = ServedData(
+            layout=self.layout,
+            examples=self.datasets,
+            sources=self.sources,
+            packing=self.hparams.packing,
+            class_counts=self.count_classes() if request.class_counts else None,
+            ptx=request.ptx,
+        )
+        return self.served
+
+    def attach_reference(self, values: dict[str, list[Any]]) -> None:
+        """Per split, each example's per-token reference log-probs (one tensor per response, in
+        layout order), carried by the example into its batches (``model.reference: cached``)."""
+        for split, examples in self.datasets.items():
+            for example, example_values in zip(examples, values[split], strict=True):
+                example[REFERENCE_FIELD] = example_values
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and tokenize every split (or load them from the cache). Without a tokenizer
+        (Lightning calls this before the method has served its request) nothing happens yet:
+        :meth:`serve` sets the method's tokenizer and calls it again."""
+        if self.datasets or self.tokenizer is None:
+            return
         if (
             self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is None
         ):  # without pad, batches are padded with eos
@@ -274,6 +340,7 @@ class PreferenceDataModule(LightningDataModule):
                     )
         self.datasets = cached["splits"]
         self.sources = cached["sources"]
+        self._built_as = self.cache_key()
         self.skipped = {name: len(reasons) for name, reasons in cached["skipped"].items()}
         for name, reasons in cached["skipped"].items():
             if reasons:
@@ -285,17 +352,19 @@ class PreferenceDataModule(LightningDataModule):
                     reasons[0],
                 )
 
-    def _module(self):
-        """The LightningModule this data feeds, when attached to a trainer."""
-        trainer = getattr(self, "trainer", None)
-        return trainer.lightning_module if trainer is not None else None
-
     def _loader(self, name: str, shuffle: bool, examples: list[dict[str, Any]] | None = None) -> DataLoader:
         """Batches of ``batch_size`` per process; the global batches are the same for any number
         of processes and a resumed epoch continues where it stopped (see :mod:`lit_align.data.sampling`)."""
+        if not self.datasets:
+            raise SettingError(
+                None,
+                "tokenizer",
+                f"{type(self).__name__} needs a tokenizer before it can serve batches: use it with a lit-align "
+                "method (which gives its tokenizer through serve()), or set `datamodule.tokenizer` and call setup()",
+            )
         size = self.hparams.batch_size if name == "train" else self.hparams.eval_batch_size or self.hparams.batch_size
         examples = self.datasets[name] if examples is None else examples
-        trainer = getattr(self, "trainer", None)
+        trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         skip = resumed_epoch_position(trainer)[0] if name == "train" else 0
         order = GlobalBatchOrder(
@@ -314,14 +383,14 @@ class PreferenceDataModule(LightningDataModule):
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Padded or packed batch; decided per call, so the packing check may switch it late."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        if self.packing_active:
+        if self.packing:
             return PackedCollator(pad, capacity=self.hparams.max_length, layout=self.layout)(examples)
         return Collator(pad, layout=self.layout)(examples)
 
     def train_dataloader(self) -> DataLoader:
         if not self.train_chunks:
             return self._loader("train", shuffle=True)
-        examples, trainer = self.datasets["train"], getattr(self, "trainer", None)
+        examples, trainer = self.datasets["train"], self.trainer
         k = (trainer.current_epoch if trainer is not None else 0) % self.train_chunks
         bounds = [len(examples) * i // self.train_chunks for i in range(self.train_chunks + 1)]
         return self._loader("train", shuffle=True, examples=examples[bounds[k] : bounds[k + 1]])
@@ -331,6 +400,23 @@ class PreferenceDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
+
+
+class PreferenceDataModule(AlignmentDataModule):
+    """Paired preference data ``{prompt, chosen, rejected}`` for every paired objective (DPO
+    family, ORPO, SimPO, CPO, ...) and the reward model. Settings: :class:`AlignmentDataModule`;
+    ``batch_size`` counts pairs (the policy sees 2x rows)."""
+
+    record_fields: ClassVar[tuple[str, ...]] = PAIR_FIELDS
+    """The record fields this data module reads: the keys ``columns`` may map."""
+    layout: ClassVar[Layout] = PairLayout()
+    """Which responses of an example become policy rows, and in which order."""
+
+    def tokenize_record(self, record: dict[str, Any], source: str, index: int) -> list[dict[str, Any]]:
+        """Token-id examples of one raw record (a paired record gives one example)."""
+        h = self.hparams
+        pair = normalise_record(record, source, index, h.format, h.columns, h.assistant_marker)
+        return [tokenize_pair(pair, self.tokenizer, h.max_length, self.max_prompt_length, h.truncation, source, index)]
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -5,17 +5,17 @@ from __future__ import annotations
 from typing import Annotated, Any, Optional
 
 from lit_align.data.collate import ListLayout
-from lit_align.data.datamodule import PreferenceDataModule
+from lit_align.data.datamodule import AlignmentDataModule
 from lit_align.data.errors import DroppableRecord
 from lit_align.data.listwise import normalise_listwise
 from lit_align.data.tokenize import tokenize_responses
 from lit_align.settings import Range
 
 
-class ListwiseDataModule(PreferenceDataModule):
+class ListwiseDataModule(AlignmentDataModule):
     """Listwise examples ``{prompt, responses: [...], scores: [...]}`` (or ``ranks``, 1 = best).
 
-    Every setting of :class:`PreferenceDataModule` applies; ``batch_size`` counts prompts, and the
+    Every setting of :class:`AlignmentDataModule` applies; ``batch_size`` counts prompts, and the
     K responses of a prompt run in the same forward as adjacent rows (``K * batch_size`` rows).
     The built-in task gives the correct answer, the unchanged word and partly-correct answers,
     scored by the fraction of correct positions.

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 
 from lit_align.data.collate import PromptCollator, PromptLayout
-from lit_align.data.datamodule import BUILTIN, PreferenceDataModule
+from lit_align.data.datamodule import BUILTIN, AlignmentDataModule
 from lit_align.data.formats import read_field, read_prompt
 from lit_align.data.sft_datamodule import SFTDataModule
 from lit_align.data.sources import read_records
@@ -16,9 +16,9 @@ from lit_align.data.tokenize import tokenize_prompt
 from lit_align.settings import Count
 
 
-class PromptDataModule(PreferenceDataModule):
+class PromptDataModule(AlignmentDataModule):
     """Prompts for PPO, REINFORCE, A2C, TRPO, RLOO, GRPO and online DPO. Every setting of
-    :class:`PreferenceDataModule` applies (sources, ``columns``, ``max_prompt_length``,
+    :class:`AlignmentDataModule` applies (sources, ``columns``, ``max_prompt_length``,
     truncation, caching); ``max_length`` bounds the prompt alone here (the completion's length is
     the method's ``generation.max_new_tokens``).
 
@@ -35,7 +35,7 @@ class PromptDataModule(PreferenceDataModule):
     Args:
         ptx_train: source of the ``ptx`` batches (any source :class:`SFTDataModule` reads).
         ptx_batch_size: examples per ``ptx`` batch (default: ``batch_size``).
-        (everything else: :class:`PreferenceDataModule`)
+        (everything else: :class:`AlignmentDataModule`)
     """
 
     layout = PromptLayout()
@@ -80,8 +80,7 @@ class PromptDataModule(PreferenceDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Add the next ``ptx`` batch to each training batch (in the main process, so the order
         does not depend on ``num_workers``)."""
-        trainer = getattr(self, "trainer", None)
-        if self.ptx_data is not None and trainer is not None and trainer.training:
+        if self.ptx_data is not None and self.trainer is not None and self.trainer.training:
             if self._ptx_batches is None:
                 self._ptx_batches = self._cycle_ptx()
             batch["ptx"] = next(self._ptx_batches)

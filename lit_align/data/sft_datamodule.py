@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lit_align.data.collate import CompletionLayout
-from lit_align.data.datamodule import PreferenceDataModule
+from lit_align.data.datamodule import AlignmentDataModule
 from lit_align.data.errors import DataError
 from lit_align.data.formats import (
     PAIR_FIELDS,
@@ -19,8 +19,8 @@ from lit_align.data.formats import (
 from lit_align.data.tokenize import tokenize_responses
 
 
-class SFTDataModule(PreferenceDataModule):
-    """Demonstrations for supervised fine-tuning. Every setting of :class:`PreferenceDataModule`
+class SFTDataModule(AlignmentDataModule):
+    """Demonstrations for supervised fine-tuning. Every setting of :class:`AlignmentDataModule`
     applies (sources, ``columns``, truncation, packing, caching).
 
     Record shapes (``columns`` renames fields):

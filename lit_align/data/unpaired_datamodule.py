@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lit_align.data.collate import UnpairedLayout
-from lit_align.data.datamodule import PreferenceDataModule
+from lit_align.data.datamodule import AlignmentDataModule
 from lit_align.data.errors import DataError
 from lit_align.data.formats import PAIR_FIELDS, normalise_record
 from lit_align.data.tokenize import tokenize_responses
@@ -16,10 +16,10 @@ from lit_align.data.unpaired import (
 )
 
 
-class UnpairedDataModule(PreferenceDataModule):
+class UnpairedDataModule(AlignmentDataModule):
     """Unpaired examples: a prompt, one completion and a label (true = desirable).
 
-    Every setting of :class:`PreferenceDataModule` applies. Records are ``{prompt, completion,
+    Every setting of :class:`AlignmentDataModule` applies. Records are ``{prompt, completion,
     label}`` (text or chat messages; ``columns`` renames fields), or preference pairs when
     ``from_pairs`` is set: each pair then gives its chosen response as a desirable example and its
     rejected response as an undesirable one. The built-in task is always converted from pairs.
@@ -29,8 +29,8 @@ class UnpairedDataModule(PreferenceDataModule):
     after this example's prompt. They are fixed when the data is prepared, so the KL estimate
     works at any batch size (batch size 1 included) and with the cached reference.
 
-    After ``setup``, ``class_counts`` holds the number of desirable and undesirable training
-    examples (KTO's class-balance weights are computed from them).
+    :meth:`count_classes` gives the number of desirable and undesirable training examples (KTO's
+    and BCO's class-balance weights are computed from them).
 
     Args:
         from_pairs: the records are preference pairs (any paired format) to convert.
@@ -41,8 +41,8 @@ class UnpairedDataModule(PreferenceDataModule):
 
     def __init__(self, *args, from_pairs: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.mismatched_completions = False  # set from the module's `needs_mismatched_completions`
-        self.class_counts: dict[str, int] = {}
+        self.mismatched_completions = False
+        """Add mismatched completions even without a request asking for them (standalone use)."""
 
     def _converts_pairs(self, source: str) -> bool:
         """Paired records to convert: ``from_pairs``, or the built-in task's pairs."""
@@ -74,7 +74,7 @@ class UnpairedDataModule(PreferenceDataModule):
         return [self._wants_mismatched()]
 
     def _wants_mismatched(self) -> bool:
-        return self.mismatched_completions or bool(getattr(self._module(), "needs_mismatched_completions", False))
+        return self.mismatched_completions or (self.request is not None and self.request.mismatched_completions)
 
     def finish_split(self, name: str, source: str, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not self._wants_mismatched():
@@ -96,7 +96,6 @@ class UnpairedDataModule(PreferenceDataModule):
             example["kl_completion"] = other["completion"][:room]
         return examples
 
-    def setup(self, stage: str | None = None) -> None:
-        super().setup(stage)
+    def count_classes(self) -> dict[str, int]:
         labels = [bool(example["label"]) for example in self.datasets["train"]]
-        self.class_counts = {"desirable": sum(labels), "undesirable": len(labels) - sum(labels)}
+        return {"desirable": sum(labels), "undesirable": len(labels) - sum(labels)}

@@ -17,7 +17,9 @@ from lightning import LightningModule
 from torchmetrics import MeanMetric
 from transformers import get_scheduler
 
-from lit_align.data.collate import PairLayout
+from lit_align.data.collate import Layout, PairLayout
+from lit_align.data.contract import DataRequest, ServedData
+from lit_align.data.datamodule import AlignmentDataModule
 from lit_align.data.errors import DataError
 from lit_align.data.sampling import resumed_epoch_position
 from lit_align.errors import SettingError
@@ -47,8 +49,8 @@ class AlignmentModule(LightningModule):
 
     needs_reference: ClassVar[bool] = True
     """Whether the objective uses reference log-probs (False: no reference is ever built)."""
-    data_layout: ClassVar[type] = PairLayout
-    """The data layout (:mod:`lit_align.data.collate`) this method consumes."""
+    data_layouts: ClassVar[tuple[type[Layout], ...]] = (PairLayout,)
+    """The data layouts (:mod:`lit_align.data.collate`) this method trains on."""
     data_module_name: ClassVar[str] = "lit_align.data.PreferenceDataModule"
     """The data module to name in the error when the configured one has another layout."""
     headline_metric: ClassVar[str] = "val/rewards/accuracies"
@@ -72,8 +74,8 @@ class AlignmentModule(LightningModule):
         """The batch of the step being run: objectives read per-example data columns from it (ODPO's scores)."""
         self._policy_is_initial = True  # False once trained or loaded: then no reference can be derived from it
         self._reference_attached = False
-        self._packing_checked = False
-        self._examples_checked: object | None = None  # the data module whose examples were checked
+        self.served_data: ServedData | None = None
+        """The data module's answer to :meth:`data_request` (None with data that is not a lit-align data module)."""
         self._rng_to_restore: list[dict[str, Any]] | None = None  # from a checkpoint; applied in on_train_start
         self._train_metric_names: list[str] = []  # the same on every process (see _log_global_step_means)
 
@@ -191,7 +193,26 @@ class AlignmentModule(LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ---- before the first batch: data check, cached reference, packing check ---------------
+    # ---- the data contract: request at setup; cached reference and packing before the first batch ----
+    def data_request(self) -> DataRequest:
+        """What this method needs of its data (:mod:`lit_align.data.contract`); methods that need
+        more (mismatched completions, class counts, ptx batches) extend it."""
+        return DataRequest(
+            method=type(self).__name__,
+            layouts=self.data_layouts,
+            data_modules=self.data_module_name,
+            tokenizer=self.tokenizer,
+            check_examples=self.check_examples,
+        )
+
+    def setup(self, stage: str) -> None:
+        """Hand the data module this method's request and keep its answer (a lit-align data
+        module; other data is used as it is, unchecked)."""
+        datamodule = self.trainer.datamodule
+        self.served_data = (
+            datamodule.serve(self.data_request()) if isinstance(datamodule, AlignmentDataModule) else None
+        )
+
     def on_fit_start(self) -> None:
         self.prepare_data_for_method()
 
@@ -202,11 +223,25 @@ class AlignmentModule(LightningModule):
         self.prepare_data_for_method()
 
     def prepare_data_for_method(self) -> None:
-        """Check the data module's layout and every example, attach cached reference log-probs, check packing."""
-        self._check_layout()
-        self._check_examples()
+        """With the model in place: attach cached reference log-probs, settle packing."""
         self._attach_cached_reference()
-        self._check_packing()
+        if self.served_data is not None:
+            self.served_data.settle_packing(
+                lambda: self.backbone.packing_isolates_sequences(self.device),
+                self.backbone.settings.attn_implementation,
+            )
+
+    # ---- what the Throughput callback counts --------------------------------------------------
+    def batch_samples(self, batch: dict[str, Any]) -> int:
+        """Examples in ``batch``: pairs, completions, lists or prompts, as its layout counts them."""
+        return self._layout().samples(batch)
+
+    def batch_tokens(self, batch: dict[str, Any]) -> int:
+        """Real (non-padding) tokens the policy processed for ``batch``."""
+        return self._layout().tokens(batch)
+
+    def _layout(self) -> Layout:
+        return self.served_data.layout if self.served_data is not None else self.data_layouts[0]()
 
     # ---- what an objective needs of each record ----------------------------------------------
     def check_example(self, example: dict[str, Any]) -> tuple[str, str] | None:
@@ -230,43 +265,6 @@ class AlignmentModule(LightningModule):
                 f"{problem} ({len(problems)} of {len(examples)} {split} records have this problem)",
                 example.get("record"),
                 field,
-            )
-
-    def _check_examples(self) -> None:
-        datamodule = self.trainer.datamodule
-        examples = getattr(datamodule, "datasets", None) or {}
-        if self._examples_checked is datamodule or not examples:
-            return
-        sources = getattr(datamodule, "sources", {})
-        for split, split_examples in examples.items():
-            self.check_examples(split, sources.get(split, split), split_examples)
-        self._examples_checked = datamodule
-
-    def _check_layout(self) -> None:
-        layout = getattr(self.trainer.datamodule, "layout", None)
-        if layout is not None and type(layout) is not self.data_layout:
-            raise SettingError(
-                None,
-                "data.class_path",
-                f"{type(self).__name__} trains on {self.data_layout.__name__} data, but the data module "
-                f"{type(self.trainer.datamodule).__name__} gives {type(layout).__name__} data; use "
-                f"{self.data_module_name}",
-            )
-
-    def _check_packing(self) -> None:
-        """Keep packing only if packed and padded log-probs agree under this model's attention."""
-        datamodule = self.trainer.datamodule
-        if not getattr(datamodule, "packing_active", False) or self._packing_checked:
-            return
-        self._packing_checked = True
-        isolated, difference = self.backbone.packing_isolates_sequences(self.device)
-        if not isolated:
-            datamodule.packing_active = False
-            log.warning(
-                "packing disabled, using padding: attention %r lets packed sequences see each other "
-                "(packed vs padded log-probs differ by %.2e)",
-                self.backbone.settings.attn_implementation,
-                difference,
             )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -297,7 +295,7 @@ class AlignmentModule(LightningModule):
         if not self.backbone.reference_source.precomputed or self._reference_attached:
             return
         datamodule = self.trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "cache_key"):
+        if not isinstance(datamodule, AlignmentDataModule):
             raise SettingError(
                 None,
                 "model.reference",

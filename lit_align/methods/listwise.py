@@ -59,7 +59,7 @@ class ListwisePreferenceModule(AlignmentModule):
         optimizer: AdamW and learning-rate schedule.
     """
 
-    data_layout = ListLayout
+    data_layouts = (ListLayout,)
     data_module_name = "lit_align.data.ListwiseDataModule"
 
     def loss(self, policy: ResponseLists, reference: Optional[ResponseLists], scores: torch.Tensor) -> ListwiseLoss:

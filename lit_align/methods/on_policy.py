@@ -19,12 +19,13 @@ minibatches of them); ``val_check_interval`` counts rollouts. Held-out evaluatio
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal, Optional
 
 import torch
 
 from lit_align.data.collate import PromptLayout
+from lit_align.data.contract import DataRequest
 from lit_align.errors import NonFiniteLossError, SettingError
 from lit_align.losses.policy_gradient import (
     KL_ESTIMATORS,
@@ -102,7 +103,7 @@ class OnPolicyModule(AlignmentModule):
         optimizer: AdamW and learning-rate schedule.
     """
 
-    data_layout: ClassVar[type] = PromptLayout
+    data_layouts: ClassVar[tuple[type, ...]] = (PromptLayout,)
     data_module_name: ClassVar[str] = "lit_align.data.PromptDataModule"
     headline_metric: ClassVar[str] = "val/objective/scores"
     hparams_ignore: ClassVar[tuple[str, ...]] = ("reward", "eval_reward")
@@ -135,6 +136,7 @@ class OnPolicyModule(AlignmentModule):
         super().__init__(settings, optimizer)
         self.automatic_optimization = False
         self.reward, self.eval_reward = reward, eval_reward
+        self._rollout_counts = (0, 0)  # (completions, real tokens) of the last rollout, for Throughput
         self.generation = as_settings(generation, GenerationSettings)
         self.samples_per_prompt, self.epochs, self.minibatch_size = samples_per_prompt, epochs, minibatch_size
         self.max_grad_norm, self.missing_eos_penalty = max_grad_norm, missing_eos_penalty
@@ -193,16 +195,18 @@ class OnPolicyModule(AlignmentModule):
                 "lit_align.online.rewards.WordRulesReward (built-in task) or "
                 "lit_align.online.reward_model.RewardModelReward (a trained reward model)",
             )
-        if self.ptx_coef and not getattr(self.trainer.datamodule, "provides_ptx", False):
-            raise SettingError(
-                None,
-                "ptx_coef",
-                f"{type(self).__name__}: ptx_coef={self.ptx_coef} needs ``ptx`` batches (demonstrations or "
-                "pre-training text) "
-                f"in the training batches, and the data module {type(self.trainer.datamodule).__name__} provides none: "
-                "set data.init_args.ptx_train "
-                "(PromptDataModule: a demonstrations/text source or builtin)",
-            )
+
+    def batch_samples(self, batch: dict[str, Any]) -> int:
+        """Completions sampled for ``batch`` (its prompts x ``samples_per_prompt``), from its rollout."""
+        return self._rollout_counts[0]
+
+    def batch_tokens(self, batch: dict[str, Any]) -> int:
+        """Real tokens (prompts and completions) of ``batch``'s rollout."""
+        return self._rollout_counts[1]
+
+    def data_request(self) -> DataRequest:
+        """Also ``ptx`` batches when ``ptx_coef`` is set (PPO-ptx)."""
+        return replace(super().data_request(), ptx=bool(self.ptx_coef))
 
     def prepare_data_for_method(self) -> None:
         """Also ready the rewards (fit, validate and test start): move them to the policy's device
@@ -212,8 +216,7 @@ class OnPolicyModule(AlignmentModule):
             if reward is None:
                 continue
             reward.to(self.device)
-            if hasattr(reward, "attach"):
-                reward.attach(self)
+            reward.attach(self)
 
     @torch.no_grad()
     def make_rollout(
@@ -242,6 +245,7 @@ class OnPolicyModule(AlignmentModule):
             scores = scores - self.missing_eos_penalty * (~ended).float()
         ref = self.reference_logps(tokens).tokens if self.needs_reference else None
         rollout = Rollout(tokens, prompts, completions, ended, scores, ref_logps=ref)
+        self._rollout_counts = (rollout.size, int(tokens["attention_mask"].sum()))
         if sampling_pass:
             rollout.take_sampling_pass(self.forward_rollout(tokens))
         return rollout

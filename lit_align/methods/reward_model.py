@@ -19,7 +19,6 @@ from torch import nn
 
 from lit_align.data.collate import ListLayout, PairLayout
 from lit_align.data.packing import is_packed, unpack_rows
-from lit_align.errors import SettingError
 from lit_align.losses.reward import (
     RewardLoss,
     bradley_terry_loss,
@@ -53,6 +52,7 @@ class RewardModel(AlignmentModule):
     """
 
     needs_reference = False
+    data_layouts = (PairLayout, ListLayout)
     data_module_name = "lit_align.data.PreferenceDataModule (pairs) or lit_align.data.ListwiseDataModule (ranked lists)"
     headline_metric = "val/accuracy"
     exports_lora_adapter = False
@@ -99,18 +99,6 @@ class RewardModel(AlignmentModule):
         return output.losses.mean()
 
     # ---- checks and FLOPs -------------------------------------------------------------------
-    def _check_layout(self) -> None:
-        """Pairs or ranked lists; anything else (unpaired examples) is refused by name."""
-        layout = getattr(self.trainer.datamodule, "layout", None)
-        if layout is not None and type(layout) not in (PairLayout, ListLayout):
-            raise SettingError(
-                None,
-                "data.class_path",
-                f"{type(self).__name__} trains on PairLayout or ListLayout data, but the data module "
-                f"{type(self.trainer.datamodule).__name__} gives {type(layout).__name__} data; use "
-                f"{self.data_module_name}",
-            )
-
     @property
     def flops_per_batch(self) -> int | None:
         """Analytic FLOPs of the last batch: the decoder's forward (+ backward when training); the

@@ -20,7 +20,7 @@ class SFT(AlignmentModule):
     """
 
     needs_reference: ClassVar[bool] = False
-    data_layout: ClassVar[type] = CompletionLayout
+    data_layouts: ClassVar[tuple[type, ...]] = (CompletionLayout,)
     data_module_name: ClassVar[str] = "lit_align.data.SFTDataModule"
     headline_metric: ClassVar[str] = "val/loss"
 

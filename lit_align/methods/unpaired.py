@@ -7,11 +7,13 @@ mismatched prompt/completion rows of KTO's reference point), the reference, and 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import ClassVar, Optional
 
 import torch
 
 from lit_align.data.collate import UnpairedLayout
+from lit_align.data.contract import DataRequest
 from lit_align.losses.types import UnpairedLoss
 from lit_align.methods.alignment import AlignmentModule
 from lit_align.model.logprobs import SequenceLogps
@@ -30,11 +32,15 @@ class UnpairedPreferenceModule(AlignmentModule):
         optimizer: AdamW and learning-rate schedule.
     """
 
-    data_layout = UnpairedLayout
+    data_layouts = (UnpairedLayout,)
     data_module_name = "lit_align.data.UnpairedDataModule"
     headline_metric = "val/rewards/margins"
     needs_mismatched_completions: ClassVar[bool] = False
-    """Whether the data module should give each example a mismatched completion (KTO's KL rows)."""
+    """Whether the data module should give each example a mismatched completion (KTO's KL rows):
+    part of this method's :meth:`data_request`."""
+
+    def data_request(self) -> DataRequest:
+        return replace(super().data_request(), mismatched_completions=self.needs_mismatched_completions)
 
     def loss(
         self,

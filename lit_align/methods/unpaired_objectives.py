@@ -10,10 +10,12 @@ so it is checkpointed; updated in training only, from every process's rewards).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Optional
 
 import torch
 
+from lit_align.data.contract import DataRequest
 from lit_align.data.errors import DataError
 from lit_align.errors import SettingError
 from lit_align.losses.types import UnpairedLoss
@@ -70,10 +72,13 @@ class KTO(UnpairedPreferenceModule):
             balance_classes,
         )
 
+    def data_request(self) -> DataRequest:
+        return replace(super().data_request(), class_counts=self.balance_classes)
+
     def prepare_data_for_method(self) -> None:
         super().prepare_data_for_method()
-        if self.balance_classes:
-            self.balance_class_weights(getattr(self.trainer.datamodule, "class_counts", None))
+        if self.balance_classes and self.served_data is not None:
+            self.balance_class_weights(self.served_data.class_counts)
 
     def balance_class_weights(self, class_counts: Optional[dict[str, int]]) -> None:
         """Set lambda_U so that lambda_D n_D / (lambda_U n_U) = 1."""

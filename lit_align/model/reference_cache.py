@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lit_align.data.collate import REFERENCE_FIELD, Collator, PairLayout
-from lit_align.data.datamodule import PreferenceDataModule
+from lit_align.data.collate import REFERENCE_FIELD, Collator, Layout, PairLayout
+from lit_align.data.datamodule import AlignmentDataModule
 from lit_align.data.sources import source_fingerprint
 from lit_align.errors import SettingError
 from lit_align.model.backbone import Backbone
@@ -52,7 +52,7 @@ def model_fingerprint(settings: ModelSettings) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def reference_cache_path(datamodule: PreferenceDataModule, settings: ModelSettings) -> Path:
+def reference_cache_path(datamodule: AlignmentDataModule, settings: ModelSettings) -> Path:
     return datamodule.cache_root() / "reference" / f"{datamodule.cache_key()}-{model_fingerprint(settings)}.pt"
 
 
@@ -63,7 +63,7 @@ def compute_reference_logps(
     batch_size: int,
     pad_token_id: int,
     device: torch.device,
-    layout: PairLayout | None = None,
+    layout: Layout | None = None,
 ) -> list[list[torch.Tensor]]:
     """Per example, the per-token reference log-probs of each of its responses (in ``layout``
     order), from the current policy with adapters disabled; the caller guarantees the policy
@@ -96,7 +96,7 @@ def _compute_sharded(
     batch_size: int,
     pad_token_id: int,
     device: torch.device,
-    layout: PairLayout,
+    layout: Layout,
 ) -> list:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return compute_reference_logps(backbone, examples, batch_size, pad_token_id, device, layout)
@@ -113,12 +113,12 @@ def _compute_sharded(
 
 def attach_reference_logps(
     backbone: Backbone,
-    datamodule: PreferenceDataModule,
+    datamodule: AlignmentDataModule,
     policy_is_initial: bool,
     device: torch.device,
     is_global_zero: bool = True,
 ) -> Path:
-    """Load (or compute and store) cached reference log-probs and attach them to every example."""
+    """Load (or compute and store) cached reference log-probs; the data module attaches them to its examples."""
     path = reference_cache_path(datamodule, backbone.settings)
     payload = load_or_none(path)
     if payload is not None and any(
@@ -154,7 +154,5 @@ def attach_reference_logps(
                     path.parent,
                     error.strerror or error,
                 )
-    for split, examples in datamodule.datasets.items():
-        for example, values in zip(examples, payload[split], strict=True):
-            example[REFERENCE_FIELD] = values
+    datamodule.attach_reference(payload)
     return path

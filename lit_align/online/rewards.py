@@ -20,12 +20,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from lightning import LightningModule
 
 from lit_align.data.tasks import WordRulesTask
 
 
 class RewardFunction:
     """Scores completions of prompts; subclasses implement :meth:`score`."""
+
+    def attach(self, module: LightningModule) -> None:
+        """Called with the method at fit, validation and test start (a reward that uses the
+        policy itself, e.g. :class:`lit_align.online.self_judge.SelfJudge`, keeps it); nothing here."""
 
     def score(self, prompts: Sequence, completions: Sequence[str]) -> Sequence[float] | torch.Tensor:
         """One reward per (prompt, completion)."""

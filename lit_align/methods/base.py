@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from lit_align.losses.types import PreferenceLoss
+from lit_align.losses.types import PreferenceLoss, pairwise_accuracy
 from lit_align.methods.alignment import AlignmentModule
 from lit_align.model.logprobs import SequenceLogps
 
@@ -60,7 +60,7 @@ class PairedPreferenceModule(AlignmentModule):
             "rewards/chosen": output.chosen_rewards,
             "rewards/rejected": output.rejected_rewards,
             # a tie (e.g. every DPO margin at step 0) is a coin flip: it counts one half
-            "rewards/accuracies": (margins > 0).float() + 0.5 * (margins == 0).float(),
+            "rewards/accuracies": pairwise_accuracy(margins),
             "rewards/margins": margins,
             **output.metrics,
         }

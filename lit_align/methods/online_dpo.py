@@ -8,6 +8,7 @@ import torch
 
 from lit_align.errors import SettingError
 from lit_align.losses.dpo import dpo_loss
+from lit_align.losses.types import pairwise_accuracy
 from lit_align.methods.on_policy import OnPolicyModule, PolicyPass
 from lit_align.online.rollout import Rollout
 from lit_align.settings import Positive, Range
@@ -98,7 +99,7 @@ class OnlineDPO(OnPolicyModule):
         return output.losses.mean(), {
             "rewards/chosen": output.chosen_rewards,
             "rewards/rejected": output.rejected_rewards,
-            "rewards/accuracies": (margins > 0).float() + 0.5 * (margins == 0).float(),
+            "rewards/accuracies": pairwise_accuracy(margins),
             "rewards/margins": margins,
             "logps/chosen": chosen.sum.detach(),
             "logps/rejected": rejected.sum.detach(),

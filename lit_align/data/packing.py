@@ -34,6 +34,23 @@ def unpack_rows(values: torch.Tensor, batch: dict[str, torch.Tensor], fill: floa
     return torch.where(inside, unpacked, torch.full_like(unpacked, fill))
 
 
+def at_positions(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like the bool ``positions`` holding ``values`` (one per True entry, in
+    order) where it is True and 0 elsewhere: the inverse of ``tensor[positions]``."""
+    return torch.zeros(positions.shape, dtype=values.dtype, device=values.device).masked_scatter(positions, values)
+
+
+def padded_layout(
+    values: torch.Tensor, batch: dict[str, torch.Tensor], positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-token ``values`` of a padded or packed batch in the padded layout (``[S, T]``, as
+    :func:`response_mask`). ``values`` is ``[R, L]`` in the batch's own layout or, with a bool
+    ``[R, L]`` ``positions``, holds the values at those positions only (in order; 0 elsewhere)."""
+    if positions is not None:
+        values = at_positions(values, positions)
+    return unpack_rows(values, batch) if is_packed(batch) else values
+
+
 def response_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``[R, T]`` True where the (shifted) label is a response token, in the padded layout."""
     labels = shift_labels(batch["labels"])

@@ -18,18 +18,46 @@ import torch.nn.functional as F
 from lit_align.losses.types import PreferenceLoss
 
 
-def _rewards(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta):
-    chosen = beta * (policy_chosen - reference_chosen)
-    rejected = beta * (policy_rejected - reference_rejected)
-    return chosen, rejected
+# ---- shared by the DPO family (this module, dpo_variants, gpo, tdpo) --------------------------
+def log_ratios(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h_w, h_l): the log-ratios h = log pi(y|x) - log pi_ref(y|x) of the chosen and the
+    rejected response; the log-ratio margin is m = h_w - h_l."""
+    return policy_chosen - reference_chosen, policy_rejected - reference_rejected
 
 
-def _smoothed_logits(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, label_smoothing):
-    """(r_w, r_l, beta * m), after checking the label-noise rate is in [0, 0.5)."""
+def preference_output(
+    losses: torch.Tensor,
+    chosen_ratio: torch.Tensor,
+    rejected_ratio: torch.Tensor,
+    beta: float,
+    metrics: dict[str, torch.Tensor] | None = None,
+) -> PreferenceLoss:
+    """A :class:`PreferenceLoss` whose rewards are the DPO implicit rewards r = beta h (Rafailov
+    et al. 2023, Sec. 5) of the log-ratios ``chosen_ratio``/``rejected_ratio``, detached like the
+    ``metrics``."""
+    chosen, rejected = (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+    return PreferenceLoss(losses, chosen, rejected, {k: v.detach() for k, v in (metrics or {}).items()})
+
+
+def check_label_smoothing(label_smoothing: float) -> None:
+    """Raise ValueError unless the assumed label-noise rate eps is in [0, 0.5)."""
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    chosen, rejected = _rewards(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta)
-    return chosen, rejected, chosen - rejected
+
+
+def conservative_logistic(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """The cDPO loss of a logit x (conservative DPO, Mitchell 2023; DPO's Eq. 7 at eps = 0):
+
+        -(1 - eps) log sigma(x) - eps log sigma(-x)
+
+    the cross-entropy against the preference label smoothed by the label-noise rate
+    eps = ``label_smoothing``; its minimum sits at the finite x = log((1 - eps) / eps)."""
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
 
 def dpo_loss(
@@ -53,11 +81,10 @@ def dpo_loss(
         beta: inverse temperature; the strength of the implicit KL penalty to the reference.
         label_smoothing: eps in [0, 0.5), the assumed label-noise rate.
     """
-    chosen, rejected, logits = _smoothed_logits(
-        policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, label_smoothing
-    )
-    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    return PreferenceLoss(losses, chosen.detach(), rejected.detach())
+    check_label_smoothing(label_smoothing)
+    h_w, h_l = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    losses = conservative_logistic(beta * h_w - beta * h_l, label_smoothing)
+    return preference_output(losses, h_w, h_l, beta)
 
 
 def robust_dpo_loss(
@@ -80,13 +107,13 @@ def robust_dpo_loss(
         beta: inverse temperature, as in DPO.
         label_smoothing: eps in [0, 0.5), the known label-flip rate.
     """
-    chosen, rejected, logits = _smoothed_logits(
-        policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, label_smoothing
-    )
+    check_label_smoothing(label_smoothing)
+    h_w, h_l = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    logits = beta * h_w - beta * h_l
     losses = (-(1 - label_smoothing) * F.logsigmoid(logits) + label_smoothing * F.logsigmoid(-logits)) / (
         1 - 2 * label_smoothing
     )
-    return PreferenceLoss(losses, chosen.detach(), rejected.detach())
+    return preference_output(losses, h_w, h_l, beta)
 
 
 def hinge_loss(
@@ -106,9 +133,9 @@ def hinge_loss(
     Args:
         beta: inverse of the margin: the loss is zero once m >= 1 / beta.
     """
-    chosen, rejected = _rewards(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta)
-    losses = torch.relu(1 - (chosen - rejected))
-    return PreferenceLoss(losses, chosen.detach(), rejected.detach())
+    h_w, h_l = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    losses = torch.relu(1 - (beta * h_w - beta * h_l))
+    return preference_output(losses, h_w, h_l, beta)
 
 
 def ipo_loss(
@@ -129,7 +156,6 @@ def ipo_loss(
     Args:
         beta: tau, the regularisation strength; the target margin is 1 / (2 tau).
     """
-    margin = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
-    losses = (margin - 1 / (2 * beta)) ** 2
-    chosen, rejected = _rewards(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta)
-    return PreferenceLoss(losses, chosen.detach(), rejected.detach())
+    h_w, h_l = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    losses = (h_w - h_l - 1 / (2 * beta)) ** 2
+    return preference_output(losses, h_w, h_l, beta)

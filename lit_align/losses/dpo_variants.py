@@ -22,23 +22,10 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 
+from lit_align.losses.dpo import check_label_smoothing, conservative_logistic, log_ratios, preference_output
 from lit_align.losses.types import PreferenceLoss
 
 Number = float | torch.Tensor
-
-
-def _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected):
-    return policy_chosen - reference_chosen, policy_rejected - reference_rejected
-
-
-def _output(losses, chosen_ratio, rejected_ratio, beta, metrics=None) -> PreferenceLoss:
-    chosen, rejected = (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
-    return PreferenceLoss(losses, chosen, rejected, {k: v.detach() for k, v in (metrics or {}).items()})
-
-
-def _check_smoothing(label_smoothing: float) -> None:
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
 
 
 def _per_pair(value: Number, like: torch.Tensor) -> torch.Tensor:
@@ -80,10 +67,10 @@ def rdpo_loss(
     """
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0 (it penalises length), got {alpha}")
-    h_w, h_l = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    h_w, h_l = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     length_term = alpha * (chosen_lengths - rejected_lengths).to(h_w.dtype)
     losses = -F.logsigmoid(beta * (h_w - h_l) + length_term)
-    return _output(losses, h_w, h_l, beta, {"length_term": length_term})
+    return preference_output(losses, h_w, h_l, beta, {"length_term": length_term})
 
 
 # ----------------------------------------------------------------------------- DPOP
@@ -113,10 +100,10 @@ def dpop_loss(
     """
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
-    h_w, h_l = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    h_w, h_l = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     penalty = torch.relu(-h_w)  # max(0, log pi_ref(y_w) - log pi(y_w))
     losses = -F.logsigmoid(beta * (h_w - h_l - lam * penalty))
-    return _output(losses, h_w, h_l, beta, {"dpop_penalty": penalty})
+    return preference_output(losses, h_w, h_l, beta, {"dpop_penalty": penalty})
 
 
 # ----------------------------------------------------------------------------- β-DPO
@@ -214,12 +201,12 @@ def beta_dpo_loss(
 
     Metrics: ``beta_used`` (beta_batch), ``kept`` (1 for kept pairs, 0 for filtered ones).
     """
-    h_w, h_l = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    h_w, h_l = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     beta_batch = torch.as_tensor(beta_batch, dtype=h_w.dtype, device=h_w.device).detach()
     losses = -F.logsigmoid(beta_batch * (h_w - h_l))
     kept = torch.ones_like(losses) if keep is None else keep.to(losses.dtype)
     losses = losses * kept * (kept.numel() / kept.sum().clamp(min=1))
-    return _output(losses, h_w, h_l, beta, {"beta_used": _per_pair(beta_batch, losses), "kept": kept})
+    return preference_output(losses, h_w, h_l, beta, {"beta_used": _per_pair(beta_batch, losses), "kept": kept})
 
 
 # ----------------------------------------------------------------------------- ODPO
@@ -277,7 +264,7 @@ def odpo_loss(
         raise ValueError(
             f"unknown ODPO offset_fn {offset_fn!r}; choose one of {sorted(ODPO_OFFSET_FUNCTIONS)}"
         ) from None
-    h_w, h_l = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    h_w, h_l = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     offset = torch.full_like(h_w, default_offset).detach()
     if score_chosen is not None and score_rejected is not None:
         difference = (score_chosen - score_rejected).to(device=h_w.device, dtype=h_w.dtype).detach()
@@ -290,7 +277,7 @@ def odpo_loss(
             )
         offset = torch.where(scored, alpha * f(torch.where(scored, difference, torch.ones_like(difference))), offset)
     losses = -F.logsigmoid(beta * (h_w - h_l) - offset)
-    return _output(losses, h_w, h_l, beta, {"offset": offset})
+    return preference_output(losses, h_w, h_l, beta, {"offset": offset})
 
 
 # ----------------------------------------------------------------------------- EXO
@@ -320,13 +307,13 @@ def exo_pair_loss(
     """
     if not 0.0 < label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in (0, 0.5) for EXO (it takes log eps), got {label_smoothing}")
-    h_w, h_l = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    h_w, h_l = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     logits = beta * (h_w - h_l)
     log_q_w, log_q_l = F.logsigmoid(logits), F.logsigmoid(-logits)
     losses = log_q_w.exp() * (log_q_w - math.log1p(-label_smoothing)) + log_q_l.exp() * (
         log_q_l - math.log(label_smoothing)
     )
-    return _output(losses, h_w, h_l, beta)
+    return preference_output(losses, h_w, h_l, beta)
 
 
 # ----------------------------------------------------------------------------- NCA
@@ -349,10 +336,10 @@ def nca_pair_loss(
     Args:
         beta: scale of the implicit rewards r = beta (log pi - log pi_ref).
     """
-    h_w, h_l = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    h_w, h_l = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     r_w, r_l = beta * h_w, beta * h_l
     losses = -F.logsigmoid(r_w) - 0.5 * F.logsigmoid(-r_w) - 0.5 * F.logsigmoid(-r_l)
-    return _output(losses, h_w, h_l, beta)
+    return preference_output(losses, h_w, h_l, beta)
 
 
 # ----------------------------------------------------------------------------- APO
@@ -374,9 +361,9 @@ def apo_zero_loss(
     Args:
         beta: scale of the implicit rewards.
     """
-    h_w, h_l = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    h_w, h_l = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     losses = (1 - torch.sigmoid(beta * h_w)) + torch.sigmoid(beta * h_l)
-    return _output(losses, h_w, h_l, beta)
+    return preference_output(losses, h_w, h_l, beta)
 
 
 def apo_down_loss(
@@ -396,9 +383,9 @@ def apo_down_loss(
     Args:
         beta: scale of the implicit rewards.
     """
-    h_w, h_l = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    h_w, h_l = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     losses = torch.sigmoid(beta * h_w) + (1 - torch.sigmoid(beta * (h_w - h_l)))
-    return _output(losses, h_w, h_l, beta)
+    return preference_output(losses, h_w, h_l, beta)
 
 
 # ----------------------------------------------------------------------------- SPPO
@@ -425,9 +412,9 @@ def sppo_hard_loss(
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0 (the targets are +-1/(2 beta)), got {beta}")
-    h_w, h_l = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    h_w, h_l = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     losses = (h_w - 0.5 / beta) ** 2 + (h_l + 0.5 / beta) ** 2
-    return _output(losses, h_w, h_l, beta)
+    return preference_output(losses, h_w, h_l, beta)
 
 
 # ----------------------------------------------------------------------------- BCO
@@ -454,17 +441,13 @@ def bco_pair_loss(
 
     Metrics: ``delta``.
     """
-    h_w, h_l = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    h_w, h_l = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     delta = torch.as_tensor(delta, dtype=h_w.dtype, device=h_w.device).detach()
     losses = -F.logsigmoid(beta * h_w - delta) - F.logsigmoid(-(beta * h_l - delta))
-    return _output(losses, h_w, h_l, beta, {"delta": _per_pair(delta, losses)})
+    return preference_output(losses, h_w, h_l, beta, {"delta": _per_pair(delta, losses)})
 
 
 # ----------------------------------------------------------------------------- AOT
-def _smoothed_logistic(delta: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
-    return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
-
-
 def aot_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -492,10 +475,10 @@ def aot_loss(
         beta: scale of the log-ratios.
         label_smoothing: eps in [0, 0.5), as in cDPO.
     """
-    _check_smoothing(label_smoothing)
-    h_w, h_l = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    check_label_smoothing(label_smoothing)
+    h_w, h_l = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     delta = torch.sort(h_w, dim=0).values - torch.sort(h_l, dim=0).values
-    return _output(_smoothed_logistic(delta, beta, label_smoothing), h_w, h_l, beta)
+    return preference_output(conservative_logistic(beta * delta, label_smoothing), h_w, h_l, beta)
 
 
 def aot_pair_loss(
@@ -520,10 +503,10 @@ def aot_pair_loss(
         beta: scale of the log-ratios.
         label_smoothing: eps in [0, 0.5), as in cDPO.
     """
-    _check_smoothing(label_smoothing)
-    h_w, h_l = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    check_label_smoothing(label_smoothing)
+    h_w, h_l = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
     delta = (
         torch.sort(policy_chosen - policy_rejected, dim=0).values
         - torch.sort(reference_chosen - reference_rejected, dim=0).values
     )
-    return _output(_smoothed_logistic(delta, beta, label_smoothing), h_w, h_l, beta)
+    return preference_output(conservative_logistic(beta * delta, label_smoothing), h_w, h_l, beta)

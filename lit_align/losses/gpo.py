@@ -35,6 +35,7 @@ from types import MappingProxyType
 import torch
 import torch.nn.functional as F
 
+from lit_align.losses.dpo import log_ratios, preference_output
 from lit_align.losses.types import PreferenceLoss
 
 
@@ -103,7 +104,6 @@ def gpo_loss(
         f = GPO_FUNCTIONS[function]
     except KeyError:
         raise ValueError(f"unknown GPO function {function!r}; choose one of {sorted(GPO_FUNCTIONS)}") from None
-    chosen = beta * (policy_chosen - reference_chosen)
-    rejected = beta * (policy_rejected - reference_rejected)
-    losses = f(chosen - rejected)
-    return PreferenceLoss(losses, chosen.detach(), rejected.detach())
+    h_w, h_l = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    losses = f(beta * h_w - beta * h_l)
+    return preference_output(losses, h_w, h_l, beta)

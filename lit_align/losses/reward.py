@@ -12,6 +12,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from lit_align.losses.types import pairwise_accuracy
+
 
 class RewardLoss(NamedTuple):
     """Per-prompt losses and per-pair margins of a reward-model objective.
@@ -27,7 +29,7 @@ class RewardLoss(NamedTuple):
     @property
     def accuracies(self) -> torch.Tensor:
         """``[P]`` 1 where the preferred response has the higher reward, 1/2 on a tie, else 0."""
-        return (self.margins > 0).float() + 0.5 * (self.margins == 0).float()
+        return pairwise_accuracy(self.margins)
 
 
 def bradley_terry_loss(

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from lit_align.losses.dpo import log_ratios
 from lit_align.losses.types import PreferenceLoss
 
 TDPOVariant = Literal["tdpo1", "tdpo2"]
@@ -59,13 +60,14 @@ def tdpo_loss(
     """
     if variant not in ("tdpo1", "tdpo2"):
         raise ValueError(f"TDPO variant must be 'tdpo1' or 'tdpo2', got {variant!r}")
-    u = beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))
+    h_w, h_l = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    u = beta * (h_w - h_l)
     if variant == "tdpo1":
         logits = u - (beta * seq_kl_rejected - beta * seq_kl_chosen)
     else:
         logits = u - alpha * (beta * seq_kl_rejected - (beta * seq_kl_chosen).detach())
     losses = -F.logsigmoid(logits)
-    chosen = beta * (policy_chosen - reference_chosen + seq_kl_chosen)
-    rejected = beta * (policy_rejected - reference_rejected + seq_kl_rejected)
+    chosen = beta * (h_w + seq_kl_chosen)
+    rejected = beta * (h_l + seq_kl_rejected)
     metrics = {"kl/chosen": seq_kl_chosen.detach(), "kl/rejected": seq_kl_rejected.detach()}
     return PreferenceLoss(losses, chosen.detach(), rejected.detach(), metrics)

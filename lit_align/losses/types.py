@@ -1,4 +1,4 @@
-"""What every paired and listwise objective returns."""
+"""What every paired and listwise objective returns, and the pairwise accuracy read from its rewards."""
 
 from __future__ import annotations
 
@@ -52,3 +52,10 @@ class UnpairedLoss(NamedTuple):
     losses: torch.Tensor
     rewards: torch.Tensor
     metrics: Mapping[str, torch.Tensor] = MappingProxyType({})  # read-only shared default
+
+
+def pairwise_accuracy(margins: torch.Tensor) -> torch.Tensor:
+    """Per-pair accuracy of reward margins r_w - r_l: 1 where the preferred response gets the
+    higher reward, 0 where it gets the lower one, and 1/2 on a tie (a coin flip: every margin of
+    an untrained policy is 0 at step 0, which then scores chance, not a miss)."""
+    return (margins > 0).float() + 0.5 * (margins == 0).float()

@@ -10,6 +10,7 @@ from lit_align.losses.policy_gradient import (
     clipped_surrogate,
     clipped_value_loss,
     gae,
+    kl_k2,
     masked_mean,
     n_step_advantages,
     token_rewards,
@@ -80,7 +81,7 @@ class PPO(ActorCriticModule):
             current,
             {
                 "policy/clipfrac": masked_mean(clipped.float(), mask),
-                "policy/approxkl": masked_mean(0.5 * (current.logps.tokens - part.old_logps).detach() ** 2, mask),
+                "policy/approxkl": masked_mean(kl_k2(current.logps.tokens.detach(), part.old_logps), mask),
                 "value/clipfrac": masked_mean(value_clipped.float(), mask),
             },
         )

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from lit_align.losses.types import PreferenceLoss
+from lit_align.losses.types import PreferenceLoss, pairwise_accuracy
 from lit_align.methods.alignment import AlignmentModule
 from lit_align.model.logprobs import SequenceLogps
 
@@ -48,21 +48,31 @@ class PairedPreferenceModule(AlignmentModule):
         ref_chosen = ref_rejected = None
         if self.needs_reference:
             ref_chosen, ref_rejected = self.reference_logps(batch).split()
-        output = self.loss(chosen, rejected, ref_chosen, ref_rejected)
-        metrics = {"logps/chosen": chosen.sum.detach(), "logps/rejected": rejected.sum.detach(), **output.metrics}
-        return output._replace(metrics=metrics)
+        return with_logps(self.loss(chosen, rejected, ref_chosen, ref_rejected), chosen, rejected)
 
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         output = self.forward_pair(batch)
-        margins = output.chosen_rewards - output.rejected_rewards
-        values = {
-            "loss": output.losses.detach(),
-            "rewards/chosen": output.chosen_rewards,
-            "rewards/rejected": output.rejected_rewards,
-            # a tie (e.g. every DPO margin at step 0) is a coin flip: it counts one half
-            "rewards/accuracies": (margins > 0).float() + 0.5 * (margins == 0).float(),
-            "rewards/margins": margins,
-            **output.metrics,
-        }
+        values = {"loss": output.losses.detach(), **paired_metrics(output)}
         self.log_metrics(stage, values, batch_size=output.losses.shape[0])
         return output.losses.mean()
+
+
+def with_logps(output: PreferenceLoss, chosen: SequenceLogps, rejected: SequenceLogps) -> PreferenceLoss:
+    """``output`` with the policy's log pi(y|x) of both responses (``logps/chosen``,
+    ``logps/rejected``, detached) ahead of the objective's own metrics."""
+    metrics = {"logps/chosen": chosen.sum.detach(), "logps/rejected": rejected.sum.detach(), **output.metrics}
+    return output._replace(metrics=metrics)
+
+
+def paired_metrics(output: PreferenceLoss) -> dict[str, torch.Tensor]:
+    """What a paired objective logs besides its loss: ``rewards/chosen``, ``rewards/rejected``,
+    ``rewards/accuracies`` (a tie, e.g. every DPO margin at step 0, is a coin flip: it counts one
+    half), ``rewards/margins`` (r_w - r_l), then the output's metrics."""
+    margins = output.chosen_rewards - output.rejected_rewards
+    return {
+        "rewards/chosen": output.chosen_rewards,
+        "rewards/rejected": output.rejected_rewards,
+        "rewards/accuracies": pairwise_accuracy(margins),
+        "rewards/margins": margins,
+        **output.metrics,
+    }

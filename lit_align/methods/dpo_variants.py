@@ -33,6 +33,7 @@ from lit_align.losses import (
     rdpo_loss,
     sppo_hard_loss,
 )
+from lit_align.losses.dpo import log_ratios
 from lit_align.methods.base import PairedPreferenceModule
 from lit_align.methods.running import RunningMean
 from lit_align.settings import (
@@ -142,7 +143,8 @@ class BetaDPO(PairedPreferenceModule):
         self.margin_updates += 1
 
     def loss(self, chosen, rejected, ref_chosen, ref_rejected) -> PreferenceLoss:
-        margins = ((chosen.sum - ref_chosen.sum) - (rejected.sum - ref_rejected.sum)).detach()
+        h_w, h_l = log_ratios(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum)
+        margins = (h_w - h_l).detach()
         keep = None
         if self.training:
             self._update_statistics(margins)
@@ -311,9 +313,8 @@ class BCOPair(PairedPreferenceModule):
 
     def loss(self, chosen, rejected, ref_chosen, ref_rejected) -> PreferenceLoss:
         if self.training:
-            mean, _ = _global_moments(
-                self, self.beta * torch.cat([chosen.sum - ref_chosen.sum, rejected.sum - ref_rejected.sum])
-            )
+            ratios = log_ratios(chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum)
+            mean, _ = _global_moments(self, self.beta * torch.cat(ratios))
             self.reward_shift.update(mean, 1)
         return bco_pair_loss(
             chosen.sum, rejected.sum, ref_chosen.sum, ref_rejected.sum, self.beta, self.reward_shift.value

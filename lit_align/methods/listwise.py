@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from lit_align.data.collate import ListLayout
-from lit_align.losses.types import ListwiseLoss
+from lit_align.losses.types import ListwiseLoss, pairwise_accuracy
 from lit_align.methods.alignment import AlignmentModule
 from lit_align.model.logprobs import SequenceLogps
 
@@ -97,8 +97,7 @@ def ranking_metrics(rewards: torch.Tensor, scores: torch.Tensor, valid: torch.Te
     reward counts one half in accuracy, and top-1 is shared among tied highest rewards (so an
     untrained policy, whose rewards are all equal, scores chance, not a hit)."""
     better = (scores[:, :, None] > scores[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-    difference = rewards[:, :, None] - rewards[:, None, :]
-    correct = (difference > 0).float() + 0.5 * (difference == 0).float()
+    correct = pairwise_accuracy(rewards[:, :, None] - rewards[:, None, :])
     masked = rewards.masked_fill(~valid, float("-inf"))
     highest = (masked == masked.amax(dim=1, keepdim=True)) & valid
     best = scores.masked_fill(~valid, float("-inf")).amax(dim=1, keepdim=True)

@@ -26,6 +26,7 @@ import torch
 
 from lit_align.data.collate import PromptLayout
 from lit_align.data.contract import DataRequest
+from lit_align.data.packing import at_positions
 from lit_align.errors import NonFiniteLossError, SettingError
 from lit_align.losses.policy_gradient import (
     KL_ESTIMATORS,
@@ -168,7 +169,7 @@ class OnPolicyModule(AlignmentModule):
         mask = current.logps.mask
         logits = self.backbone.lm_head(self.backbone.policy)(current.hidden[mask]).float()
         values = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
-        return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+        return at_positions(values, mask)
 
     @property
     def flops_per_batch(self) -> int | None:

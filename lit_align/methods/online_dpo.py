@@ -8,6 +8,7 @@ import torch
 
 from lit_align.errors import SettingError
 from lit_align.losses.dpo import dpo_loss
+from lit_align.methods.base import paired_metrics, with_logps
 from lit_align.methods.on_policy import OnPolicyModule, PolicyPass
 from lit_align.online.rollout import Rollout
 from lit_align.settings import Positive, Range
@@ -93,15 +94,11 @@ class OnlineDPO(OnPolicyModule):
         chosen, rejected = current.logps.split()
         half = part.size // 2
         reference = part.ref_logps.sum(-1)
-        output = dpo_loss(chosen.sum, rejected.sum, reference[:half], reference[half:], self.beta)
-        margins = output.chosen_rewards - output.rejected_rewards
+        output = with_logps(
+            dpo_loss(chosen.sum, rejected.sum, reference[:half], reference[half:], self.beta), chosen, rejected
+        )
         return output.losses.mean(), {
-            "rewards/chosen": output.chosen_rewards,
-            "rewards/rejected": output.rejected_rewards,
-            "rewards/accuracies": (margins > 0).float() + 0.5 * (margins == 0).float(),
-            "rewards/margins": margins,
-            "logps/chosen": chosen.sum.detach(),
-            "logps/rejected": rejected.sum.detach(),
+            **paired_metrics(output),
             "scores/chosen": part.scores[:half],
             "scores/rejected": part.scores[half:],
         }

@@ -11,6 +11,7 @@ from lit_align.losses.policy_gradient import (
     aggregate,
     clipped_surrogate,
     group_normalised_advantages,
+    kl_k2,
     kl_k3,
     leave_one_out_advantages,
     masked_mean,
@@ -136,5 +137,5 @@ class GRPO(OnPolicyModule):
             "loss/policy": aggregate(surrogate, mask, self.loss_aggregation).detach(),
             "policy/kl": masked_mean(kl, mask).detach(),
             "policy/clipfrac": masked_mean(clipped.float(), mask),
-            "policy/approxkl": masked_mean(0.5 * (current.logps.tokens - part.old_logps).detach() ** 2, mask),
+            "policy/approxkl": masked_mean(kl_k2(current.logps.tokens.detach(), part.old_logps), mask),
         }

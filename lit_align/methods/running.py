@@ -14,13 +14,12 @@ class RunningMean(torch.nn.Module):
     exponential moving average with that weight on the old value. The first update sets it.
 
     Args:
-        momentum: None (cumulative mean) or the weight of the old value in [0, 1).
+        momentum: None (cumulative mean) or the weight of the old value in [0, 1) (the modules
+            that keep one check the range when they are built: their settings are ``Momentum``).
     """
 
     def __init__(self, momentum: Optional[float] = None):
         super().__init__()
-        if momentum is not None and not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be null or in [0, 1), got {momentum}")
         self.momentum = momentum
         self.register_buffer("value", torch.zeros(()))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))

@@ -13,7 +13,7 @@ import torch
 
 from lit_align.losses import PreferenceLoss
 from lit_align.losses.tdpo import TDPOVariant, tdpo_loss
-from lit_align.methods.base import PairedPreferenceModule
+from lit_align.methods.base import PairedPreferenceModule, with_logps
 from lit_align.model.reference import resolve_reference
 from lit_align.model.token_kl import KL_NEEDS, batch_token_kl
 from lit_align.settings import ModelSettings, NonNegative, Positive, as_settings
@@ -57,5 +57,4 @@ class TDPO(PairedPreferenceModule):
             self.alpha,
             self.variant,
         )
-        metrics = {"logps/chosen": chosen.sum.detach(), "logps/rejected": rejected.sum.detach(), **output.metrics}
-        return output._replace(metrics=metrics)
+        return with_logps(output, chosen, rejected)

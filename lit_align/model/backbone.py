@@ -13,7 +13,7 @@ from transformers import (
 
 from lit_align.data.collate import PackedPairCollator, PairCollator
 from lit_align.data.labels import IGNORE_INDEX, shift_labels
-from lit_align.data.packing import is_packed, response_mask, unpack_rows
+from lit_align.data.packing import is_packed, padded_layout, response_mask
 from lit_align.model.flops import flops_per_token
 from lit_align.model.loading import (
     add_lora,
@@ -86,7 +86,7 @@ class Backbone(nn.Module):
         labels = shift_labels(batch["labels"])
         chunk = self.settings.logp_chunk_size
         if chunk is None and hidden is None:
-            tokens = naive_label_logps(model(**_model_inputs(batch)).logits, labels)
+            tokens = padded_layout(naive_label_logps(model(**_model_inputs(batch)).logits, labels), batch)
         else:
             hidden = self.hidden_states(batch, model) if hidden is None else hidden
             chunk = chunk or hidden.shape[0] * hidden.shape[1]
@@ -95,9 +95,7 @@ class Backbone(nn.Module):
             scored = labels != IGNORE_INDEX
             weight, bias = head_parameters(head, hidden.dtype)
             values = chunked_label_logps(hidden[scored], weight, labels[scored], bias, chunk_size=chunk)
-            tokens = torch.zeros(labels.shape, dtype=values.dtype, device=values.device).masked_scatter(scored, values)
-        if is_packed(batch):
-            tokens = unpack_rows(tokens, batch)
+            tokens = padded_layout(values, batch, scored)
         return SequenceLogps(tokens, response_mask(batch))
 
     def hidden_states(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None) -> torch.Tensor:

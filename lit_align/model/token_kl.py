@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_align.data.labels import IGNORE_INDEX, shift_labels
-from lit_align.data.packing import is_packed, response_mask, unpack_rows
+from lit_align.data.packing import padded_layout, response_mask
 from lit_align.model.backbone import Backbone
 from lit_align.model.logprobs import HeadGradients, SequenceLogps, _accum_dtype
 from lit_align.model.sharding import head_parameters
@@ -252,11 +252,6 @@ def batch_token_kl(backbone: Backbone, batch: dict[str, torch.Tensor], chunk_siz
     mask = response_mask(batch)
 
     def rows(per_position: torch.Tensor) -> SequenceLogps:
-        tokens = torch.zeros(labels.shape, dtype=per_position.dtype, device=per_position.device).masked_scatter(
-            scored, per_position
-        )
-        if is_packed(batch):
-            tokens = unpack_rows(tokens, batch)
-        return SequenceLogps(tokens, mask)
+        return SequenceLogps(padded_layout(per_position, batch, scored), mask)
 
     return BatchTokenKL(rows(values.logps), rows(values.reference_logps), rows(values.kl))

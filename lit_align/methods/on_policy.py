@@ -50,6 +50,8 @@ from lit_align.settings import (
 )
 
 log = logging.getLogger(__name__)
+ADAPTIVE_KL_FIELDS = ("increase_above", "decrease_below", "factor")
+"""The :class:`KLPenalty` fields only the adaptive controller reads (it runs when ``target`` is set)."""
 
 
 @dataclass

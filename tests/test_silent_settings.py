@@ -1,0 +1,176 @@
+"""Settings a method would silently ignore are errors when it is built, with the fix named."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import lightning
+import pytest
+
+import lit_align.methods.alignment as alignment_module
+from lit_align.cli import main
+from lit_align.data import PromptDataModule, WordRulesTask
+from lit_align.errors import SettingError
+from lit_align.methods import GRPO, TRPO, OnlineDPO
+from lit_align.online.rewards import WordRulesReward
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Building a backbone (loading a model) fails the test: the refusals come before it."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the setting was refused")
+
+    monkeypatch.setattr(alignment_module, "Backbone", load)
+
+
+# ---- methods: the refused settings and their messages ---------------------------------------------
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (
+            lambda: GRPO(kl={"estimator": "k2"}),
+            "GRPO: kl.estimator must be k3 or unset, got 'k2': GRPO's KL term in the loss is always the k3 "
+            "estimator (DeepSeekMath, eq. 4)",
+        ),
+        (
+            lambda: TRPO(max_grad_norm=1.0),
+            "TRPO: max_grad_norm must be unset, got 1.0: TRPO clips no gradient, the trust region max_kl bounds "
+            "its step",
+        ),
+        (
+            lambda: TRPO(optimizer={"lr": 1e-3, "schedule": "linear"}),
+            "TRPO: optimizer must be unset, got lr=0.001, schedule='linear': TRPO has no AdamW and no "
+            "learning-rate schedule, its natural-gradient step is sized by max_kl and the line search",
+        ),
+        (
+            lambda: TRPO(optimizer={"betas": [0.8, 0.99]}),
+            "TRPO: optimizer must be unset, got betas=[0.8, 0.99]: TRPO has no AdamW and no learning-rate "
+            "schedule, its natural-gradient step is sized by max_kl and the line search",
+        ),
+        (
+            lambda: TRPO(epochs=2),
+            "TRPO: epochs must be 1 and minibatch_size unset (TRPO takes one step on the whole rollout), got 2 "
+            "and None",
+        ),
+        (
+            lambda: OnlineDPO(kl={"beta": 0.2}),
+            "OnlineDPO: kl.beta must be unset, got 0.2: OnlineDPO has no KL penalty, DPO's beta is its KL control "
+            "(set beta instead)",
+        ),
+        (
+            lambda: OnlineDPO(kl={"target": 6.0}),
+            "OnlineDPO: kl.target must be unset, got 6.0: OnlineDPO has no KL penalty, DPO's beta is its KL "
+            "control (set beta instead)",
+        ),
+        (
+            lambda: OnlineDPO(kl={"factor": 3.0}),
+            "OnlineDPO: kl.factor must be unset, got 3.0: OnlineDPO has no KL penalty, DPO's beta is its KL "
+            "control (set beta instead)",
+        ),
+    ],
+    ids=[
+        "grpo-kl-estimator",
+        "trpo-max-grad-norm",
+        "trpo-optimizer",
+        "trpo-optimizer-betas",
+        "trpo-epochs",
+        "online-dpo-kl-beta",
+        "online-dpo-kl-target",
+        "online-dpo-kl-factor",
+    ],
+)
+def test_a_silently_ignored_method_setting_is_refused_before_the_model_is_loaded(build, message, no_model_loading):
+    with pytest.raises(SettingError, match="^" + re.escape(message) + "$"):
+        build()
+
+
+def test_a_refused_setting_still_reports_its_range_first(no_model_loading):
+    """A value out of range is named by its range, not by the refusal of the setting."""
+    with pytest.raises(SettingError, match=re.escape("TRPO: max_grad_norm must be > 0, got 0")):
+        TRPO(max_grad_norm=0)
+
+
+def test_what_the_methods_use_is_accepted():
+    """GRPO's own estimator and the default; TRPO without clipping or optimizer by default; the
+    estimator of OnlineDPO's logged KL."""
+    assert GRPO(kl={"estimator": "k3"}).kl_settings.estimator == "k3"
+    assert GRPO().kl_settings.estimator == "k1"
+    trpo = TRPO()
+    assert trpo.max_grad_norm is None and trpo.hparams["optimizer"] is None
+    assert OnlineDPO(kl={"estimator": "k3"}).kl_settings.estimator == "k3"
+
+
+def test_online_dpo_reports_the_rlhf_reward_with_dpo_beta(tmp_path):
+    """objective/beta and objective/rlhf_reward (score - beta KL) use DPO's beta, the KL weight of
+    the objective online DPO optimises; objective/kl is still logged."""
+    lightning.seed_everything(0)
+    module = OnlineDPO(reward=WordRulesReward(), beta=0.3, generation={"max_new_tokens": 3, "temperature": 1.0})
+    data = PromptDataModule(task=WordRulesTask(num_train=8, num_val=2), batch_size=4, max_length=32, use_cache=False)
+    logger = lightning.pytorch.loggers.CSVLogger(tmp_path)
+    trainer = lightning.Trainer(
+        max_steps=1, logger=logger, log_every_n_steps=1, limit_val_batches=0, enable_checkpointing=False, **QUIET
+    )
+    trainer.fit(module, datamodule=data)
+    metrics = trainer.logged_metrics
+    assert float(metrics["train/objective/beta"]) == pytest.approx(0.3)
+    expected = float(metrics["train/objective/scores"]) - 0.3 * float(metrics["train/objective/kl"])
+    assert float(metrics["train/objective/rlhf_reward"]) == pytest.approx(expected, abs=1e-5)
+
+
+# ---- the CLI -----------------------------------------------------------------------------------------
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "config, flags, message, key",
+    [
+        (
+            "trpo",
+            ["--model.init_args.max_grad_norm", "1.0"],
+            "TRPO: max_grad_norm must be unset, got 1.0: TRPO clips no gradient, the trust region max_kl bounds "
+            "its step",
+            "model.init_args.max_grad_norm",
+        ),
+        (
+            "trpo",
+            ["--model.init_args.optimizer.lr", "0.001"],
+            "TRPO: optimizer must be unset, got lr=0.001: TRPO has no AdamW and no learning-rate schedule, its "
+            "natural-gradient step is sized by max_kl and the line search",
+            "model.init_args.optimizer",
+        ),
+        (
+            "grpo",
+            ["--model.init_args.kl.estimator", "k2"],
+            "GRPO: kl.estimator must be k3 or unset, got 'k2': GRPO's KL term in the loss is always the k3 "
+            "estimator (DeepSeekMath, eq. 4)",
+            "model.init_args.kl.estimator",
+        ),
+        (
+            "online_dpo",
+            ["--model.init_args.kl.beta", "0.2"],
+            "OnlineDPO: kl.beta must be unset, got 0.2: OnlineDPO has no KL penalty, DPO's beta is its KL control "
+            "(set beta instead)",
+            "model.init_args.kl.beta",
+        ),
+    ],
+    ids=["trpo-max-grad-norm", "trpo-optimizer", "grpo-kl-estimator", "online-dpo-kl-beta"],
+)
+def test_cli_names_the_ignored_setting_in_one_line(config, flags, message, key, in_tmp):
+    """Refused before the model (outputs/sft, absent here) is loaded."""
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(CONFIGS / f"{config}.yaml"), *flags])
+    assert str(stop.value.code) == (
+        f"lit-align fit: {message}\nhint: change {key} (in the YAML, or --{key} on the command line); "
+        "LIT_ALIGN_DEBUG=1 shows the traceback"
+    )
+    assert not Path("runs").exists()

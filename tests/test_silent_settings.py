@@ -1,4 +1,5 @@
-"""Settings a method would silently ignore are errors when it is built, with the fix named."""
+"""Settings a method would silently ignore are errors when it is built (or, for data the method
+would not use, when fit starts), with the fix named."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import lit_align.methods.alignment as alignment_module
 from lit_align.cli import main
 from lit_align.data import PromptDataModule, WordRulesTask
 from lit_align.errors import SettingError
-from lit_align.methods import GRPO, TRPO, OnlineDPO
+from lit_align.methods import GRPO, PPO, REINFORCE, TRPO, OnlineDPO
 from lit_align.online.rewards import WordRulesReward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,21 @@ def no_model_loading(monkeypatch):
             "OnlineDPO: kl.factor must be unset, got 3.0: OnlineDPO has no KL penalty, DPO's beta is its KL "
             "control (set beta instead)",
         ),
+        (
+            lambda: PPO(kl={"factor": 3.0}),
+            "PPO: kl.factor must be unset without kl.target, got 3.0: only the adaptive KL controller uses it, "
+            "and kl.target turns that on (unset: fixed kl.beta)",
+        ),
+        (
+            lambda: GRPO(kl={"increase_above": 2.0}),
+            "GRPO: kl.increase_above must be unset without kl.target, got 2.0: only the adaptive KL controller "
+            "uses it, and kl.target turns that on (unset: fixed kl.beta)",
+        ),
+        (
+            lambda: REINFORCE(baseline="batch_mean", baseline_momentum=0.5),
+            "REINFORCE: baseline_momentum must be unset with baseline=batch_mean, got 0.5: only the "
+            "moving_average baseline uses it",
+        ),
     ],
     ids=[
         "grpo-kl-estimator",
@@ -84,6 +100,9 @@ def no_model_loading(monkeypatch):
         "online-dpo-kl-beta",
         "online-dpo-kl-target",
         "online-dpo-kl-factor",
+        "ppo-kl-factor-without-target",
+        "grpo-kl-increase-above-without-target",
+        "reinforce-momentum-with-batch-mean",
     ],
 )
 def test_a_silently_ignored_method_setting_is_refused_before_the_model_is_loaded(build, message, no_model_loading):
@@ -99,12 +118,14 @@ def test_a_refused_setting_still_reports_its_range_first(no_model_loading):
 
 def test_what_the_methods_use_is_accepted():
     """GRPO's own estimator and the default; TRPO without clipping or optimizer by default; the
-    estimator of OnlineDPO's logged KL."""
+    estimator of OnlineDPO's logged KL; the adaptive settings together with kl.target."""
     assert GRPO(kl={"estimator": "k3"}).kl_settings.estimator == "k3"
     assert GRPO().kl_settings.estimator == "k1"
     trpo = TRPO()
     assert trpo.max_grad_norm is None and trpo.hparams["optimizer"] is None
     assert OnlineDPO(kl={"estimator": "k3"}).kl_settings.estimator == "k3"
+    assert PPO(kl={"target": 6.0, "factor": 3.0}).kl_controller.adaptive
+    assert REINFORCE(baseline_momentum=0.5).running_return is not None
 
 
 def test_online_dpo_reports_the_rlhf_reward_with_dpo_beta(tmp_path):
@@ -122,6 +143,31 @@ def test_online_dpo_reports_the_rlhf_reward_with_dpo_beta(tmp_path):
     assert float(metrics["train/objective/beta"]) == pytest.approx(0.3)
     expected = float(metrics["train/objective/scores"]) - 0.3 * float(metrics["train/objective/kl"])
     assert float(metrics["train/objective/rlhf_reward"]) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (
+            lambda: PPO(reward=WordRulesReward()),
+            "PPO: data.init_args.ptx_train is set, but ptx_coef is 0, so the ptx batches would be read and never "
+            "trained on: set model.init_args.ptx_coef > 0 (PPO-ptx) or remove ptx_train",
+        ),
+        (
+            lambda: GRPO(reward=WordRulesReward()),
+            "GRPO: data.init_args.ptx_train is set, but GRPO does not train on ptx batches (PPO-ptx, ptx_coef, "
+            "is PPO's): remove ptx_train",
+        ),
+    ],
+    ids=["ppo-without-ptx-coef", "grpo"],
+)
+def test_ptx_batches_no_method_trains_on_are_refused_when_fit_starts(build, message):
+    data = PromptDataModule(
+        task=WordRulesTask(num_train=8, num_val=2), batch_size=4, ptx_train="builtin", use_cache=False
+    )
+    trainer = lightning.Trainer(max_steps=1, logger=False, enable_checkpointing=False, **QUIET)
+    with pytest.raises(SettingError, match="^" + re.escape(message) + "$"):
+        trainer.fit(build(), datamodule=data)
 
 
 # ---- the CLI -----------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from lit_align.settings import (
     OptimizerSettings,
     Positive,
     as_settings,
+    init_hints,
 )
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,20 @@ class OnPolicyModule(AlignmentModule):
         self.score_moments = RunningMoments() if reward_normalization else None
         """Mean and variance of the scores used by ``reward_normalization`` (checkpointed)."""
 
+    def check_settings(self) -> None:
+        """Also refuse the adaptive KL controller's settings without ``kl.target``, which turns it on."""
+        super().check_settings()
+        kl, default = as_settings(self.hparams.get("kl"), KLPenalty), KLPenalty()
+        if kl.target is None:
+            for name in ADAPTIVE_KL_FIELDS:
+                if getattr(kl, name) != getattr(default, name):
+                    raise SettingError(
+                        type(self).__name__,
+                        f"kl.{name}",
+                        f"must be unset without kl.target, got {getattr(kl, name)!r}: only the adaptive KL "
+                        "controller uses it, and kl.target turns that on (unset: fixed kl.beta)",
+                    )
+
     # ---- what a method implements ------------------------------------------------------------
     def prepare(self, rollout: Rollout) -> None:
         """Fill ``rollout.advantages`` (and whatever else :meth:`loss` reads) from a fresh rollout."""
@@ -204,6 +219,20 @@ class OnPolicyModule(AlignmentModule):
                 f"in the training batches, and the data module {type(self.trainer.datamodule).__name__} provides none: "
                 "set data.init_args.ptx_train "
                 "(PromptDataModule: a demonstrations/text source or builtin)",
+            )
+        if not self.ptx_coef and getattr(self.trainer.datamodule, "provides_ptx", False):
+            trains_ptx = "ptx_coef" in init_hints(type(self))
+            raise SettingError(
+                None,
+                "data.init_args.ptx_train",
+                f"{type(self).__name__}: data.init_args.ptx_train is set, but "
+                + (
+                    "ptx_coef is 0, so the ptx batches would be read and never trained on: set "
+                    "model.init_args.ptx_coef > 0 (PPO-ptx) or remove ptx_train"
+                    if trains_ptx
+                    else f"{type(self).__name__} does not train on ptx batches (PPO-ptx, ptx_coef, is PPO's): "
+                    "remove ptx_train"
+                ),
             )
 
     def prepare_data_for_method(self) -> None:

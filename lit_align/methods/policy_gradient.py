@@ -21,6 +21,9 @@ from lit_align.online.kl_control import KLPenalty
 from lit_align.online.rollout import Rollout
 from lit_align.settings import ClipRange, Momentum, Range, as_settings
 
+BASELINE_MOMENTUM = 0.9
+"""REINFORCE's default ``baseline_momentum``."""
+
 
 class SequencePolicyGradient(OnPolicyModule):
     """REINFORCE-style update with one advantage per completion: loss = -mean_i A_i sum_t log pi(y_it)
@@ -55,12 +58,23 @@ class REINFORCE(SequencePolicyGradient):
         self,
         *args,
         baseline: Literal["moving_average", "batch_mean"] = "moving_average",
-        baseline_momentum: Momentum = 0.9,
+        baseline_momentum: Momentum = BASELINE_MOMENTUM,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.baseline = baseline
         self.running_return = RunningMean(baseline_momentum)
+
+    def check_settings(self) -> None:
+        """Also refuse ``baseline_momentum`` with the batch-mean baseline, which has no moving average."""
+        super().check_settings()
+        momentum = self.hparams.get("baseline_momentum")
+        if self.hparams.get("baseline") == "batch_mean" and momentum != BASELINE_MOMENTUM:
+            raise SettingError(
+                "REINFORCE",
+                "baseline_momentum",
+                f"must be unset with baseline=batch_mean, got {momentum!r}: only the moving_average baseline uses it",
+            )
 
     def sequence_advantages(self, returns: torch.Tensor, rollout: Rollout) -> torch.Tensor:
         if self.baseline == "batch_mean":

@@ -1,5 +1,6 @@
 """Settings a method would silently ignore are errors when it is built (or, for data the method
-would not use, when fit starts), with the fix named."""
+would not use, when fit starts), with the fix named; ``lit-align predict``, which no method
+implements, is not a command."""
 
 from __future__ import annotations
 
@@ -220,3 +221,19 @@ def test_cli_names_the_ignored_setting_in_one_line(config, flags, message, key, 
         "LIT_ALIGN_DEBUG=1 shows the traceback"
     )
     assert not Path("runs").exists()
+
+
+def test_predict_is_not_listed_and_not_a_command(in_tmp, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "{fit,validate,test}" in out and "predict" not in out
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", "--config", str(CONFIGS / "dpo.yaml")])
+    assert str(stop.value.code) == (
+        "lit-align predict: no such command: lit-align methods have no predict_step (the commands are fit, "
+        "validate, test, export and convert-pairs)\n"
+        "hint: to generate with a trained policy, export it (lit-align export --ckpt_path ... --output_dir ...) "
+        "and load the folder with transformers"
+    )

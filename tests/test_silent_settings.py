@@ -1,9 +1,11 @@
-"""Settings a method would silently ignore are errors when it is built (or, for data the method
-would not use, when fit starts), with the fix named; ``lit-align predict``, which no method
-implements, is not a command."""
+"""Settings a method or data module would silently ignore are errors when it is built, with the fix
+named; ``lit-align test`` evaluates on a test source of its own (or says that it uses the
+validation split); ``lit-align predict``, which no method implements, is not a command."""
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from pathlib import Path
 
@@ -12,9 +14,9 @@ import pytest
 
 import lit_align.methods.alignment as alignment_module
 from lit_align.cli import main
-from lit_align.data import PromptDataModule, WordRulesTask
+from lit_align.data import PreferenceDataModule, PromptDataModule, WordRulesTask
 from lit_align.errors import SettingError
-from lit_align.methods import GRPO, PPO, REINFORCE, TRPO, OnlineDPO
+from lit_align.methods import DPO, GRPO, PPO, REINFORCE, TRPO, OnlineDPO
 from lit_align.online.rewards import WordRulesReward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,6 +171,91 @@ def test_ptx_batches_no_method_trains_on_are_refused_when_fit_starts(build, mess
     trainer = lightning.Trainer(max_steps=1, logger=False, enable_checkpointing=False, **QUIET)
     with pytest.raises(SettingError, match="^" + re.escape(message) + "$"):
         trainer.fit(build(), datamodule=data)
+
+
+# ---- data modules -----------------------------------------------------------------------------------
+def _pairs(path: Path, count: int, tag: str) -> Path:
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"Q {tag}{i}: ", "chosen": f"good {i}", "rejected": f"bad {i}"}) + "\n"
+            for i in range(count)
+        )
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (
+            lambda: PreferenceDataModule(test_split="test"),
+            "PreferenceDataModule: test_split must be unset without test, got 'test': it names the split to read "
+            "from the test source (set test too)",
+        ),
+        (
+            lambda: PromptDataModule(val_split="validation"),
+            "PromptDataModule: val_split must be unset without val, got 'validation': it names the split to read "
+            "from the val source (set val too)",
+        ),
+    ],
+    ids=["test-split", "val-split"],
+)
+def test_the_split_of_a_source_that_is_not_set_is_refused(build, message):
+    with pytest.raises(SettingError, match="^" + re.escape(message) + "$"):
+        build()
+
+
+class CountTestPairs(lightning.Callback):
+    def __init__(self):
+        self.pairs = 0
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.pairs += batch["input_ids"].shape[0] // 2  # chosen and rejected rows
+
+
+def _test_run(data: PreferenceDataModule) -> int:
+    """Pairs ``trainer.test`` evaluates DPO on."""
+    counter = CountTestPairs()
+    trainer = lightning.Trainer(logger=False, callbacks=[counter], inference_mode=False, **QUIET)
+    trainer.test(DPO(), datamodule=data)
+    return counter.pairs
+
+
+def test_trainer_test_iterates_the_test_source(tmp_path):
+    train, val, test = _pairs(tmp_path / "t.jsonl", 6, "t"), _pairs(tmp_path / "v.jsonl", 3, "v"), tmp_path / "x.jsonl"
+    data = PreferenceDataModule(train=str(train), val=str(val), test=str(_pairs(test, 5, "x")), eval_batch_size=2)
+    assert _test_run(data) == 5
+    assert data.sources["test"] == str(test) and len(data.datasets["test"]) == 5
+    cached = PreferenceDataModule(train=str(train), val=str(val), test=str(test), eval_batch_size=2)
+    assert _test_run(cached) == 5  # read back from the tokenized cache
+
+
+def test_without_a_test_source_testing_uses_the_validation_split_and_says_so(tmp_path, caplog):
+    train, val = _pairs(tmp_path / "t.jsonl", 6, "t"), _pairs(tmp_path / "v.jsonl", 3, "v")
+    data = PreferenceDataModule(train=str(train), val=str(val), eval_batch_size=2)
+    with caplog.at_level(logging.WARNING, logger="lit_align.data.datamodule"):
+        assert _test_run(data) == 3
+        data.test_dataloader()
+    warnings = [record.getMessage() for record in caplog.records if "data.init_args.test" in record.getMessage()]
+    assert warnings == [
+        f"no data.init_args.test source: testing on the validation split ({val}, 3 examples); set "
+        "data.init_args.test to test on data of its own"
+    ]
+
+
+def test_the_test_source_is_part_of_the_tokenized_cache_key(tmp_path, tokenizer):
+    train, test = _pairs(tmp_path / "t.jsonl", 6, "t"), _pairs(tmp_path / "x.jsonl", 2, "x")
+
+    def key(**settings) -> str:
+        data = PreferenceDataModule(train=str(train), **settings)
+        data.tokenizer = tokenizer
+        return data.cache_key()
+
+    without, with_test = key(), key(test=str(test))
+    assert without != with_test
+    _pairs(test, 3, "x")  # the same path, other content
+    assert key(test=str(test)) != with_test
+    assert key(test=str(test), test_split="other") != key(test=str(test))
 
 
 # ---- the CLI -----------------------------------------------------------------------------------------

@@ -54,6 +54,14 @@ TRAINER_RANGES = {
 """Ranges of Trainer settings that Lightning takes without checking and then fails on mid-run
 (0 for accumulate_grad_batches or val_check_interval divides by zero; a negative
 gradient_clip_val would flip the gradients): checked before anything is built."""
+NO_PREDICT = LitAlignError(
+    "no such command: lit-align methods have no predict_step (the commands are fit, validate, test, export and "
+    "convert-pairs)"
+)
+NO_PREDICT.hint = (
+    "to generate with a trained policy, export it (lit-align export --ckpt_path ... --output_dir ...) and load the "
+    "folder with transformers"
+)
 LIGHTNING_CKPT_NAMES = ("best", "last", "hpc")  # --ckpt_path values Lightning resolves itself, not files
 DEFAULT_RUN_FOLDER = "runs"
 
@@ -78,6 +86,12 @@ class LitAlignCLI(LightningCLI):
     ``trainer.callbacks`` replaces the default one. Checkpoints are written atomically in their
     own folder (:class:`lit_align.runtime.atomic.AtomicCheckpointIO`).
     """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands but ``predict``: no lit-align method has a ``predict_step``
+        (:data:`NO_PREDICT` says what to do instead)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -256,9 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     words = sys.argv[1:] if argv is None else argv
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    command = next(
-        (word for word in words if word in ("fit", "validate", "test", "predict", "export", "convert-pairs")), ""
-    )
+    command = next((word for word in words if word in ("fit", "validate", "test", "export", "convert-pairs")), "")
+    if words[:1] == ["predict"]:  # Lightning's subcommand, removed: say why and what to do instead
+        raise SystemExit(f"lit-align predict: {NO_PREDICT}\nhint: {NO_PREDICT.hint}")
     try:
         run(words, from_command_line=argv is None)
     except Exception as error:

@@ -199,6 +199,22 @@ def as_settings(value, cls):
     return cls(**kwargs)
 
 
+def changed_fields(settings: object) -> str:
+    """``name=value`` of each field of a settings dataclass that differs from its default (for a
+    message), or ``"the defaults"``."""
+    default = type(settings)()
+    changed = [
+        f"{item.name}={getattr(settings, item.name)!r}"
+        for item in dataclasses.fields(settings)
+        if _as_list(getattr(settings, item.name)) != _as_list(getattr(default, item.name))
+    ]
+    return ", ".join(changed) or "the defaults"
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 # ---- checking ---------------------------------------------------------------------------------
 def init_hints(cls: type) -> dict[str, Any]:
     """The annotated type of every constructor argument of ``cls`` and its bases (a subclass's own

@@ -41,6 +41,8 @@ class DataRequest:
         class_counts: the data module must count desirable and undesirable training examples
             (class-balancing weights of KTO and BCO).
         ptx: training batches must carry ``ptx`` demonstrations (PPO-ptx).
+        ptx_setting: the method's setting that turns ``ptx`` on (PPO's ``ptx_coef``), None if it
+            has none: ptx batches it would never train on are refused, naming it.
         check_examples: run on every split before the first batch.
     """
 
@@ -51,6 +53,7 @@ class DataRequest:
     mismatched_completions: bool = False
     class_counts: bool = False
     ptx: bool = False
+    ptx_setting: str | None = None
     check_examples: ExampleCheck | None = None
 
 

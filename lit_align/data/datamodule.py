@@ -49,7 +49,11 @@ class AlignmentDataModule(LightningDataModule):
         val: held-out source; when unset, the built-in task's held-out split, or ``val_fraction``
             of ``train`` split off with ``seed``.
         split: split to read from a hub dataset or saved DatasetDict for training.
-        val_split: split to read for ``val`` (defaults to ``split``).
+        val_split: split to read for ``val`` (defaults to ``split``); only with ``val``.
+        test: source ``lit-align test`` (``trainer.test``) evaluates on, read, tokenized and
+            cached like ``val``; when unset, testing uses the validation split and logs a warning
+            saying so.
+        test_split: split to read for ``test`` (defaults to ``split``); only with ``test``.
         val_fraction: fraction of ``train`` held out when ``val`` is unset (non-builtin data).
         format: record shape: ``auto`` (detected per record), ``explicit`` {prompt, chosen, rejected}
             strings, ``conversational`` chat message lists, ``implicit`` whole transcripts sharing
@@ -82,6 +86,8 @@ class AlignmentDataModule(LightningDataModule):
         val: Optional[str] = None,
         split: str = "train",
         val_split: Optional[str] = None,
+        test: Optional[str] = None,
+        test_split: Optional[str] = None,
         val_fraction: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.05,
         format: FormatName = "auto",
         columns: Optional[dict[str, str]] = None,
@@ -109,6 +115,14 @@ class AlignmentDataModule(LightningDataModule):
                 "max_prompt_length",
                 f"must be < max_length={max_length}, got {max_prompt_length}: responses need room",
             )
+        for source_name, source, split_name in (("val", val, val_split), ("test", test, test_split)):
+            if split_name is not None and source is None:  # the split of a source that is never read
+                raise SettingError(
+                    type(self).__name__,
+                    f"{source_name}_split",
+                    f"must be unset without {source_name}, got {split_name!r}: it names the split to read from "
+                    f"the {source_name} source (set {source_name} too)",
+                )
         unknown = sorted(set(columns or {}) - set(self.record_fields))
         if unknown:  # a misspelt key would silently rename nothing
             raise SettingError(
@@ -130,6 +144,7 @@ class AlignmentDataModule(LightningDataModule):
         """Per split, the name of the source its examples were read from (a file, folder, hub name
         or ``builtin:<split>``); each example's ``record`` is its record number there."""
         self.skipped: dict[str, int] = {}
+        self._warned_testing_on_val = False
         self.train_chunks: int | None = None
         """Serve the training examples in this many consecutive chunks, in their order: chunk
         ``current_epoch % train_chunks`` in each epoch, shuffled only within the chunk. Set by
@@ -161,6 +176,8 @@ class AlignmentDataModule(LightningDataModule):
                     "train": (h.train, [r for r in train_records if r[0] not in held]),
                     "val": (h.train, [r for r in train_records if r[0] in held]),
                 }
+        if h.test:
+            splits["test"] = (h.test, list(enumerate(read_records(h.test, h.test_split or h.split))))
         if h.max_records:
             splits = {name: (src, recs[: h.max_records]) for name, (src, recs) in splits.items()}
         return splits
@@ -227,11 +244,12 @@ class AlignmentDataModule(LightningDataModule):
             h.pop(name, None)
         train_id = repr(self.task) if h["train"] == BUILTIN else source_fingerprint(h["train"])
         val_id = source_fingerprint(h["val"]) if h["val"] else None
+        test_id = source_fingerprint(h["test"]) if h.get("test") else None
         identity = {
             "version": CACHE_VERSION,
             "regime": [type(self).__qualname__, *self.cache_identity()],
             "settings": {k: v for k, v in h.items() if k != "task"},
-            "sources": [train_id, val_id],
+            "sources": [train_id, val_id, test_id],
             "tokenizer": tokenizer_fingerprint(self.tokenizer),
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -274,6 +292,19 @@ class AlignmentDataModule(LightningDataModule):
                 f"{request.method}: ptx_coef needs ``ptx`` batches (demonstrations or pre-training text) in the "
                 f"training batches, and the data module {type(self).__name__} provides none: set "
                 "data.init_args.ptx_train (PromptDataModule: a demonstrations/text source or builtin)",
+            )
+        if self.provides_ptx and not request.ptx:
+            raise SettingError(
+                None,
+                "data.init_args.ptx_train",
+                f"{request.method}: data.init_args.ptx_train is set, but "
+                + (
+                    f"{request.ptx_setting} is 0, so the ptx batches would be read and never trained on: set "
+                    f"model.init_args.{request.ptx_setting} > 0 (PPO-ptx) or remove ptx_train"
+                    if request.ptx_setting
+                    else f"{request.method} does not train on ptx batches (PPO-ptx, ptx_coef, is PPO's): "
+                    "remove ptx_train"
+                ),
             )
         if self.served is not None and self.request == request:
             return self.served
@@ -399,6 +430,18 @@ class AlignmentDataModule(LightningDataModule):
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
+        """The ``test`` source's examples; without one, the validation split's, with a warning
+        (once per data module) that the test metrics are then validation metrics."""
+        if "test" in self.datasets:
+            return self._loader("test", shuffle=False)
+        if not self._warned_testing_on_val:
+            self._warned_testing_on_val = True
+            log.warning(
+                "no data.init_args.test source: testing on the validation split (%s, %d examples); set "
+                "data.init_args.test to test on data of its own",
+                self.sources.get("val", "val"),
+                len(self.datasets.get("val", ())),
+            )
         return self._loader("val", shuffle=False)
 
 

@@ -66,6 +66,7 @@ class AlignmentModule(LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=list(self.hparams_ignore))
         check_arguments(self, self.hparams)  # every setting of the whole class chain, before any model is loaded
+        self.check_settings()
         self.model_settings = as_settings(model, ModelSettings)
         self.optimizer_settings = as_settings(optimizer, OptimizerSettings)
         self.backbone = Backbone(self.model_settings, needs_reference=self.needs_reference, method=type(self).__name__)
@@ -82,6 +83,13 @@ class AlignmentModule(LightningModule):
     @property
     def tokenizer(self):
         return self.backbone.tokenizer
+
+    def check_settings(self) -> None:
+        """Refuse combinations of settings this method cannot use, e.g. a setting it would
+        silently ignore (:class:`lit_align.errors.SettingError` naming it and what the method uses
+        instead). Runs in the constructor after the range checks and before any model is loaded;
+        reads the constructor arguments from ``self.hparams`` (nested settings as dataclasses or
+        dicts). Nothing to refuse here; methods extend it."""
 
     # ---- what a data regime implements ---------------------------------------------------
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:

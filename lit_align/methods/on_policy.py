@@ -49,9 +49,12 @@ from lit_align.settings import (
     OptimizerSettings,
     Positive,
     as_settings,
+    init_hints,
 )
 
 log = logging.getLogger(__name__)
+ADAPTIVE_KL_FIELDS = ("increase_above", "decrease_below", "factor")
+"""The :class:`KLPenalty` fields only the adaptive controller reads (it runs when ``target`` is set)."""
 
 
 @dataclass
@@ -148,6 +151,20 @@ class OnPolicyModule(AlignmentModule):
         self.score_moments = RunningMoments() if reward_normalization else None
         """Mean and variance of the scores used by ``reward_normalization`` (checkpointed)."""
 
+    def check_settings(self) -> None:
+        """Also refuse the adaptive KL controller's settings without ``kl.target``, which turns it on."""
+        super().check_settings()
+        kl, default = as_settings(self.hparams.get("kl"), KLPenalty), KLPenalty()
+        if kl.target is None:
+            for name in ADAPTIVE_KL_FIELDS:
+                if getattr(kl, name) != getattr(default, name):
+                    raise SettingError(
+                        type(self).__name__,
+                        f"kl.{name}",
+                        f"must be unset without kl.target, got {getattr(kl, name)!r}: only the adaptive KL "
+                        "controller uses it, and kl.target turns that on (unset: fixed kl.beta)",
+                    )
+
     # ---- what a method implements ------------------------------------------------------------
     def prepare(self, rollout: Rollout) -> None:
         """Fill ``rollout.advantages`` (and whatever else :meth:`loss` reads) from a fresh rollout."""
@@ -207,7 +224,11 @@ class OnPolicyModule(AlignmentModule):
 
     def data_request(self) -> DataRequest:
         """Also ``ptx`` batches when ``ptx_coef`` is set (PPO-ptx)."""
-        return replace(super().data_request(), ptx=bool(self.ptx_coef))
+        return replace(
+            super().data_request(),
+            ptx=bool(self.ptx_coef),
+            ptx_setting="ptx_coef" if "ptx_coef" in init_hints(type(self)) else None,
+        )
 
     def prepare_data_for_method(self) -> None:
         """Also ready the rewards (fit, validate and test start): move them to the policy's device

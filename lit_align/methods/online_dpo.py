@@ -9,9 +9,10 @@ import torch
 from lit_align.errors import SettingError
 from lit_align.losses.dpo import dpo_loss
 from lit_align.methods.base import paired_metrics, with_logps
-from lit_align.methods.on_policy import OnPolicyModule, PolicyPass
-from lit_align.online.rollout import Rollout
-from lit_align.settings import Positive, Range
+from lit_align.methods.on_policy import ADAPTIVE_KL_FIELDS, OnPolicyModule, PolicyPass
+from lit_align.online.kl_control import KLPenalty
+from lit_align.online.rollout import GenerationSettings, Rollout
+from lit_align.settings import Positive, Range, as_settings
 
 
 def best_worst_pairs(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,38 +44,49 @@ class OnlineDPO(OnPolicyModule):
     Args:
         beta: DPO inverse temperature (the strength of the implicit KL penalty to the reference).
         samples_per_prompt: completions per prompt (>= 2; 2 = one pair per prompt at most).
-        (everything else: :class:`lit_align.methods.on_policy.OnPolicyModule`; ``kl`` only sets
-        the beta of the logged ``objective/rlhf_reward``; ``generation.temperature`` must be > 0,
-        or the samples of a prompt are identical and never form a pair.)
+        (everything else: :class:`lit_align.methods.on_policy.OnPolicyModule`; there is no KL
+        penalty: ``beta`` is the KL control, and ``kl.beta``, ``kl.target`` and the adaptive
+        controller's settings must stay unset; ``kl.estimator`` picks the estimator of the logged
+        ``objective/kl``, and ``objective/rlhf_reward`` is score - ``beta`` KL, the objective DPO
+        optimises; ``generation.temperature`` must be > 0, or the samples of a prompt are
+        identical and never form a pair.)
     """
 
     def __init__(self, *args, beta: Positive = 0.1, samples_per_prompt: Annotated[int, Range(2)] = 2, **kwargs):
         super().__init__(*args, samples_per_prompt=samples_per_prompt, **kwargs)
-        if self.generation.temperature <= 0:
+        self.beta = beta
+
+    def check_settings(self) -> None:
+        """Also refuse greedy sampling, the KL penalty's settings and ``reward_normalization``."""
+        h = self.hparams
+        if as_settings(h.get("generation"), GenerationSettings).temperature <= 0:
             raise SettingError(
                 "OnlineDPO",
                 "generation.temperature",
                 "must be > 0: greedy samples of a prompt are identical and never form a pair",
             )
-        if self.kl_controller.adaptive:
-            raise SettingError(
-                "OnlineDPO",
-                "kl.target",
-                "must be unset: OnlineDPO has no KL penalty to adapt (DPO's beta is its KL control)",
-            )
-        if self.reward_normalization:
+        kl, default = as_settings(h.get("kl"), KLPenalty), KLPenalty()
+        for name in ("beta", "target", *ADAPTIVE_KL_FIELDS):  # before the base: its message would say set kl.target
+            if getattr(kl, name) != getattr(default, name):
+                raise SettingError(
+                    "OnlineDPO",
+                    f"kl.{name}",
+                    f"must be unset, got {getattr(kl, name)!r}: OnlineDPO has no KL penalty, DPO's beta is its KL "
+                    "control (set beta instead)",
+                )
+        if h.get("reward_normalization"):
             raise SettingError(
                 "OnlineDPO",
                 "reward_normalization",
                 "must be unset: OnlineDPO pairs the best and worst sample of each prompt, "
                 "only the scores' order matters, so standardising them changes nothing",
             )
-        self.beta = beta
+        super().check_settings()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._policy_is_initial = False
         rollout = self.make_rollout(batch)
-        self.log_rollout("train", rollout, self.token_kl(rollout).sum(-1), self.kl_controller.beta)
+        self.log_rollout("train", rollout, self.token_kl(rollout).sum(-1), self.beta)  # DPO's beta: its KL weight
         chosen, rejected = best_worst_pairs(rollout.scores, self.samples_per_prompt)
         self.log_metrics(
             "train", {"pairs": torch.tensor([float(len(chosen))], device=self.device)}, batch_size=rollout.size

@@ -18,8 +18,12 @@ from lit_align.losses.policy_gradient import (
 )
 from lit_align.methods.on_policy import OnPolicyModule, PolicyPass
 from lit_align.methods.running import RunningMean
+from lit_align.online.kl_control import KLPenalty
 from lit_align.online.rollout import Rollout
-from lit_align.settings import ClipRange, Momentum, Range
+from lit_align.settings import ClipRange, Momentum, Range, as_settings
+
+BASELINE_MOMENTUM = 0.9
+"""REINFORCE's default ``baseline_momentum``."""
 
 
 class SequencePolicyGradient(OnPolicyModule):
@@ -55,12 +59,23 @@ class REINFORCE(SequencePolicyGradient):
         self,
         *args,
         baseline: Literal["moving_average", "batch_mean"] = "moving_average",
-        baseline_momentum: Momentum = 0.9,
+        baseline_momentum: Momentum = BASELINE_MOMENTUM,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.baseline = baseline
         self.running_return = RunningMean(baseline_momentum)
+
+    def check_settings(self) -> None:
+        """Also refuse ``baseline_momentum`` with the batch-mean baseline, which has no moving average."""
+        super().check_settings()
+        momentum = self.hparams.get("baseline_momentum")
+        if self.hparams.get("baseline") == "batch_mean" and momentum != BASELINE_MOMENTUM:
+            raise SettingError(
+                "REINFORCE",
+                "baseline_momentum",
+                f"must be unset with baseline=batch_mean, got {momentum!r}: only the moving_average baseline uses it",
+            )
 
     def sequence_advantages(self, returns: torch.Tensor, rollout: Rollout) -> torch.Tensor:
         if self.baseline == "batch_mean":
@@ -89,7 +104,8 @@ class GRPO(OnPolicyModule):
     k completions per prompt; advantage of every token of completion i is the group-normalised
     score (r_i - mean r) / std r; clipped-ratio surrogate over ``epochs`` of minibatch reuse; the
     KL to the reference is a k3 term in the loss (eq. 4), weighted by ``kl.beta`` (not a reward
-    penalty). The KL controller still adapts beta when ``kl.target`` is set.
+    penalty). The KL controller still adapts beta when ``kl.target`` is set. The estimator is
+    always k3 (the logged ``objective/kl`` too): ``kl.estimator`` must be k3 or left at its default.
 
     Args:
         clip: epsilon of the clipped ratio.
@@ -109,14 +125,28 @@ class GRPO(OnPolicyModule):
         **kwargs,
     ):
         super().__init__(*args, samples_per_prompt=samples_per_prompt, **kwargs)
-        if scale_advantages and self.reward_normalization:
+        self.clip, self.loss_aggregation, self.scale_advantages = clip, loss_aggregation, scale_advantages
+
+    def check_settings(self) -> None:
+        """Also refuse ``reward_normalization`` with ``scale_advantages`` and any KL estimator but
+        k3 (the default k1 is accepted: it cannot be told from an unset one)."""
+        super().check_settings()
+        h = self.hparams
+        if h.get("scale_advantages") and h.get("reward_normalization"):
             raise SettingError(
                 "GRPO",
                 "reward_normalization",
                 "must be unset with scale_advantages: GRPO standardises each group's scores itself",
                 hint="set scale_advantages false (Dr. GRPO) where the scores' scale should matter",
             )
-        self.clip, self.loss_aggregation, self.scale_advantages = clip, loss_aggregation, scale_advantages
+        estimator = as_settings(h.get("kl"), KLPenalty).estimator
+        if estimator not in ("k3", KLPenalty.estimator):
+            raise SettingError(
+                "GRPO",
+                "kl.estimator",
+                f"must be k3 or unset, got {estimator!r}: GRPO's KL term in the loss is always the k3 estimator "
+                "(DeepSeekMath, eq. 4)",
+            )
 
     def token_kl(self, rollout: Rollout) -> torch.Tensor:
         if rollout.ref_logps is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -23,7 +23,7 @@ from lit_align.losses.trpo import (
 from lit_align.methods.on_policy import PolicyPass
 from lit_align.methods.policy_gradient import SequencePolicyGradient
 from lit_align.online.rollout import Rollout
-from lit_align.settings import Count, NonNegative, Positive, Range
+from lit_align.settings import Count, NonNegative, OptimizerSettings, Positive, Range, as_settings, changed_fields
 
 
 class TRPO(SequencePolicyGradient):
@@ -59,9 +59,10 @@ class TRPO(SequencePolicyGradient):
         damping: added to F's diagonal (F + damping I) for a stable solve.
         max_backtracks: line-search candidates at most (fractions 1, 1/2, 1/4, ...).
         backtrack_factor: shrink factor of the line search.
+        max_grad_norm: must stay unset: no gradient is clipped, the trust region bounds the step.
+        optimizer: must stay unset: there is no AdamW and no learning-rate schedule.
         (everything else: :class:`lit_align.methods.on_policy.OnPolicyModule`; ``epochs`` must be 1
-        and ``minibatch_size`` unset (one step on the whole rollout); ``optimizer`` and
-        ``max_grad_norm`` are not used.)
+        and ``minibatch_size`` unset (one step on the whole rollout).)
     """
 
     def __init__(
@@ -72,20 +73,43 @@ class TRPO(SequencePolicyGradient):
         damping: NonNegative = 0.1,
         max_backtracks: Count = 10,
         backtrack_factor: Annotated[float, Range(0, 1, low_open=True, high_open=True)] = 0.5,
+        max_grad_norm: Optional[Positive] = None,
+        optimizer: Optional[OptimizerSettings] = None,
         **kwargs,
     ):
-        super().__init__(*args, **kwargs)
-        if self.epochs != 1 or self.minibatch_size is not None:
-            raise SettingError(
-                "TRPO",
-                "epochs",
-                f"must be 1 and minibatch_size unset (TRPO takes one step on the whole rollout), "
-                f"got {self.epochs} and {self.minibatch_size}",
-            )
+        super().__init__(*args, max_grad_norm=max_grad_norm, optimizer=optimizer, **kwargs)
         self.max_kl, self.cg_iterations, self.damping = max_kl, cg_iterations, damping
         self.max_backtracks, self.backtrack_factor = max_backtracks, backtrack_factor
         self.last_step: LineSearchResult | None = None
         """Line-search outcome of the latest update (accepted, fraction, steps, surrogate, kl)."""
+
+    def check_settings(self) -> None:
+        """Also refuse what TRPO's one natural-gradient step per rollout does not use: several
+        epochs or minibatches, gradient clipping, an optimizer."""
+        super().check_settings()
+        h = self.hparams
+        epochs, minibatch_size = h.get("epochs", 1), h.get("minibatch_size")
+        if epochs != 1 or minibatch_size is not None:
+            raise SettingError(
+                "TRPO",
+                "epochs",
+                f"must be 1 and minibatch_size unset (TRPO takes one step on the whole rollout), "
+                f"got {epochs} and {minibatch_size}",
+            )
+        if h.get("max_grad_norm") is not None:
+            raise SettingError(
+                "TRPO",
+                "max_grad_norm",
+                f"must be unset, got {h['max_grad_norm']!r}: TRPO clips no gradient, the trust region max_kl "
+                "bounds its step",
+            )
+        if h.get("optimizer") is not None:
+            raise SettingError(
+                "TRPO",
+                "optimizer",
+                f"must be unset, got {changed_fields(as_settings(h['optimizer'], OptimizerSettings))}: TRPO has no "
+                "AdamW and no learning-rate schedule, its natural-gradient step is sized by max_kl and the line search",
+            )
 
     def sequence_advantages(self, returns: torch.Tensor, rollout: Rollout) -> torch.Tensor:
         if self.samples_per_prompt >= 2:

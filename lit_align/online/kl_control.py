@@ -21,9 +21,11 @@ class KLPenalty:
     beta: NonNegative = 0.05
     """KL coefficient (the initial one under the adaptive controller)."""
     estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token estimator of KL(pi || pi_ref) on sampled tokens (:mod:`lit_align.losses.policy_gradient`)."""
+    """Per-token estimator of KL(pi || pi_ref) on sampled tokens (:mod:`lit_align.losses.policy_gradient`).
+    GRPO always uses k3 (k2 is an error there); online DPO uses it for the logged KL only."""
     target: Optional[Positive] = None
-    """Adaptive controller: the KL per response (summed over its tokens) to aim for; unset = fixed beta."""
+    """Adaptive controller: the KL per response (summed over its tokens) to aim for; unset = fixed beta
+    (the three settings below are then an error: nothing reads them)."""
     increase_above: Annotated[float, Range(1)] = 1.5
     """Adaptive: multiply beta by ``factor`` when the observed KL exceeds ``increase_above * target``."""
     decrease_below: Annotated[float, Range(0, 1)] = 0.5

@@ -3,7 +3,6 @@
 from lit_align.losses.types import ListwiseLoss, PreferenceLoss, UnpairedLoss
 from lit_align.methods.actor_critic import A2C, PPO
 from lit_align.methods.alignment import AlignmentModule
-from lit_align.methods.base import PairedPreferenceModule
 from lit_align.methods.dpo import DPO, IPO, HingeDPO, RobustDPO
 from lit_align.methods.dpo_variants import (
     AOT,
@@ -23,6 +22,7 @@ from lit_align.methods.listwise import ListwisePreferenceModule, ResponseLists
 from lit_align.methods.listwise_objectives import PRO, RRHF, LiPO
 from lit_align.methods.on_policy import ActorCriticModule, OnPolicyModule, PolicyPass
 from lit_align.methods.online_dpo import OnlineDPO
+from lit_align.methods.paired import PairedPreferenceModule
 from lit_align.methods.policy_gradient import GRPO, REINFORCE, RLOO
 from lit_align.methods.reference_free import CPO, ORPO, SimPO
 from lit_align.methods.reward_model import RewardModel

@@ -11,7 +11,7 @@ from lit_align.losses import (
     ipo_loss,
     robust_dpo_loss,
 )
-from lit_align.methods.base import PairedPreferenceModule
+from lit_align.methods.paired import PairedPreferenceModule
 from lit_align.model.logprobs import SequenceLogps
 from lit_align.settings import LabelNoise, Positive
 

@@ -34,7 +34,7 @@ from lit_align.losses import (
     sppo_hard_loss,
 )
 from lit_align.losses.dpo import log_ratios
-from lit_align.methods.base import PairedPreferenceModule
+from lit_align.methods.paired import PairedPreferenceModule
 from lit_align.methods.running import RunningMean
 from lit_align.settings import (
     Finite,

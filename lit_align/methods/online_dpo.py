@@ -1,4 +1,4 @@
-"""Online (iterative) DPO on fresh samples of the policy, and a self-rewarding judge."""
+"""Online (iterative) DPO on fresh samples of the policy."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 
 from lit_align.errors import SettingError
 from lit_align.losses.dpo import dpo_loss
-from lit_align.methods.base import paired_metrics, with_logps
 from lit_align.methods.on_policy import ADAPTIVE_KL_FIELDS, OnPolicyModule, PolicyPass
+from lit_align.methods.paired import paired_metrics, with_logps
 from lit_align.online.kl_control import KLPenalty
 from lit_align.online.rollout import GenerationSettings, Rollout
 from lit_align.settings import Positive, Range, as_settings

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lit_align.losses import PreferenceLoss, cpo_loss, orpo_loss, simpo_loss
-from lit_align.methods.base import PairedPreferenceModule
+from lit_align.methods.paired import PairedPreferenceModule
 from lit_align.settings import NonNegative, Positive
 
 

@@ -13,7 +13,7 @@ import torch
 
 from lit_align.losses import PreferenceLoss
 from lit_align.losses.tdpo import TDPOVariant, tdpo_loss
-from lit_align.methods.base import PairedPreferenceModule, with_logps
+from lit_align.methods.paired import PairedPreferenceModule, with_logps
 from lit_align.model.reference import resolve_reference
 from lit_align.model.token_kl import KL_NEEDS, batch_token_kl
 from lit_align.settings import ModelSettings, NonNegative, Positive, as_settings

@@ -26,6 +26,7 @@ from lit_align.model.export import export_policy
 from lit_align.model.logprobs import SequenceLogps
 from lit_align.model.reference_cache import attach_reference_logps
 from lit_align.runtime.rng import RNG_STATES_KEY, rng_state, set_rng_state
+from lit_align.runtime.trainer import distributed
 from lit_align.settings import (
     ModelSettings,
     OptimizerSettings,
@@ -107,7 +108,7 @@ class AlignmentModule(LightningModule):
         """Accumulate per-example ``values`` in torchmetrics means, logged as ``{stage}/{name}``
         (per step in training, per epoch otherwise). Means are over the examples of all processes:
         exact (sums and counts are reduced, not means of means). Empty tensors are skipped."""
-        if stage == "train" and self._trainer is not None and self._trainer.world_size > 1:
+        if stage == "train" and distributed(self):
             self._log_global_step_means(values, batch_size)
             return
         for name, value in values.items():

@@ -428,10 +428,10 @@ def test_nonfinite_decision_is_taken_by_all_processes_together():
         strategy=SimpleNamespace(reduce_boolean_decision=any_process),
         global_step=2,
         current_epoch=0,
-        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=2)),
         is_global_zero=True,
     )
     guard = NonFiniteLoss("skip")
+    guard.on_train_batch_start(trainer, module, None, 2)
     guard.on_before_backward(trainer, module, torch.tensor(0.5))
     assert decisions == [(False, False)]
     param = torch.nn.Parameter(torch.ones(2))

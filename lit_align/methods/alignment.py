@@ -19,7 +19,6 @@ from transformers import get_scheduler
 
 from lit_align.data.collate import PairLayout
 from lit_align.data.errors import DataError
-from lit_align.data.sampling import resumed_epoch_position
 from lit_align.errors import SettingError
 from lit_align.model.backbone import Backbone
 from lit_align.model.export import export_policy
@@ -290,7 +289,7 @@ class AlignmentModule(LightningModule):
         if not states or not self.trainer.ckpt_path:
             return
         set_rng_state(states[self.global_rank % len(states)])
-        if resumed_epoch_position(self.trainer)[1]:
+        if self.trainer.is_last_batch:  # as restored: the checkpoint had ended its epoch
             torch.empty((), dtype=torch.int64).random_()  # as DataLoader.__iter__ does (loader.generator is None)
 
     def _attach_cached_reference(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
+import inspect
 import logging
 import os
 import signal
@@ -248,7 +249,10 @@ def record_batches(tmp_path: Path, num_workers: int, limits: dict, ckpt_path=Non
         num_sanity_val_steps=0,
         default_root_dir=tmp_path,
     )
-    trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=False)
+    # the data module's hyper-parameters hold a WordRulesTask, which a weights_only load refuses
+    # (Lightning 2.6 loads weights_only unless told; 2.4 and 2.5 have no such argument and load everything)
+    loading = {"weights_only": False} if "weights_only" in inspect.signature(L.Trainer.fit).parameters else {}
+    trainer.fit(module, data, ckpt_path=ckpt_path, **loading)
     return module.seen
 
 
@@ -536,6 +540,7 @@ DDP_SCRIPT = '''
 """Two processes (DDP, gloo): rank 1's loss is NaN at step 2 (NonFiniteLoss skip), then rank 0
 gets SIGTERM while step 4 trains (SaveOnSigterm)."""
 import hashlib
+import inspect
 import os
 import signal
 import sys

@@ -26,6 +26,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_align.errors import NonFiniteLossError
+from lit_align.runtime.lightning_internals import stop_as_on_sigterm
 from lit_align.settings import NonNegativeInt, check_arguments
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class SaveOnSigterm(Callback):
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop and not trainer.received_sigterm:
-            trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException at this boundary
+            stop_as_on_sigterm(trainer)  # Lightning raises SIGTERMException at this boundary
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 from lightning.pytorch.callbacks import ThroughputMonitor
 
 from lit_align.data.packing import row_count, token_count
+from lit_align.runtime.lightning_internals import throughput_meters
 from lit_align.settings import Positive, Range, check_arguments
 
 
@@ -35,5 +36,5 @@ class Throughput(ThroughputMonitor):
         super().setup(trainer, pl_module, stage)
         if self.peak_flops is not None:
             self.available_flops = self.peak_flops
-            for throughput in self._throughputs.values():
+            for throughput in throughput_meters(self):
                 throughput.available_flops = self.peak_flops

@@ -91,10 +91,12 @@ def read_sharded_checkpoint(ckpt_path: str, consolidate: bool) -> dict:
         )
     if not consolidate:
         return {"state_dict": None}
+    import torch
+
     with tempfile.TemporaryDirectory() as folder:
         consolidated = os.path.join(folder, "consolidated.ckpt")
         consolidate_sharded_checkpoint(ckpt_path, consolidated)
-        return read_checkpoint(consolidated, weights_only=False)
+        return torch.load(consolidated, map_location="cpu", weights_only=False)  # read whole: the file goes
 
 
 CONSOLIDATE_COMMAND = ("-m", "lightning.pytorch.utilities.consolidate_checkpoint")

@@ -113,12 +113,10 @@ class LitAlignCLI(LightningCLI):
         :class:`lit_align.runtime.atomic.AtomicCheckpointIO` for Lightning's plain checkpoint writer."""
         from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-        configured = kwargs.get("callbacks", self._get(self.config_init, "trainer", default={}).get("callbacks")) or []
+        init = self.config_init.get(str(self.subcommand), self.config_init)  # the subcommand's part, if any
+        configured = kwargs.get("callbacks", (init.get("trainer") or {}).get("callbacks")) or []
         configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
-        defaults = [
-            SaveOnSigterm(),
-            NonFiniteLoss(action=self._get(self.config_init, "nonfinite_loss", default="stop")),
-        ]
+        defaults = [SaveOnSigterm(), NonFiniteLoss(action=init.get("nonfinite_loss") or "stop")]
         kwargs["callbacks"] = configured + [
             cb for cb in defaults if not any(isinstance(c, type(cb)) for c in configured)
         ]

@@ -677,6 +677,21 @@ def test_corrupt_checkpoint_is_named(command, kind, problem, in_tmp):
     assert not Path("runs").exists() and not (in_tmp / "out").exists()
 
 
+def test_corrupt_sharded_checkpoint_folder_is_named(in_tmp):
+    """A folder that is no sharded checkpoint, and one whose shards cannot be read (Lightning's
+    converter fails): export names the folder and the reason."""
+    folder = in_tmp / "epoch=0-step=3.ckpt"
+    folder.mkdir()
+    argv = ["export", "--ckpt_path", str(folder), "--output_dir", str(in_tmp / "out")]
+    with pytest.raises(SystemExit, match=re.escape(f"{str(folder)!r} is a folder but not a sharded checkpoint")):
+        main(argv)
+    (folder / ".metadata").write_bytes(b"\x00 not metadata \xff" * 20)
+    torch.save({"lit_align_class": "lit_align.methods.dpo:DPO"}, folder / "meta.pt")
+    with pytest.raises(SystemExit, match=re.escape(f"sharded checkpoint {str(folder)!r} cannot be read (")):
+        main(argv)
+    assert not (in_tmp / "out").exists()
+
+
 # ---- corrupt or wrong containers (class 6) ---------------------------------------------------------
 def _gzip_bytes(content: bytes) -> bytes:
     return gzip.compress(content)

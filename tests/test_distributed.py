@@ -167,6 +167,7 @@ def test_fsdp_sharded_checkpoints_resume_and_export_one_consolidated_folder(tmp_
     from safetensors.torch import load_file
 
     from lit_align.cli import main
+    from lit_align.runtime.checkpoints import read_checkpoint
 
     export = ["--trainer.callbacks+=lit_align.callbacks.ExportHF", "--trainer.callbacks.output_dir", "exported"]
     every_3 = [
@@ -197,6 +198,9 @@ def test_fsdp_sharded_checkpoints_resume_and_export_one_consolidated_folder(tmp_
     main(["export", "--ckpt_path", str(folders[-1]), "--output_dir", str(tmp_path / "from_shards")])
     consolidated = load_file(tmp_path / "from_shards" / "model.safetensors")
     assert all(torch.equal(consolidated[key], value) for key, value in weights["fsdp"].items())
+    whole = read_checkpoint(str(folders[-1]), weights_only=False)  # consolidated in memory
+    assert whole["global_step"] == 6 and whole["lit_align_class"] == "lit_align.methods.dpo:DPO"
+    assert "policy" in " ".join(whole["state_dict"]) and whole["optimizer_states"]
     resumed = _run(tmp_path, "fsdp", "dpo.yaml", *fsdp, "--ckpt_path", str(folders[0]))
     torch.testing.assert_close(
         torch.tensor(resumed["train/loss"]), torch.tensor(sharded["train/loss"][3:]), rtol=0, atol=1e-6

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
+import inspect
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from lit_align.callbacks import ExportHF, NonFiniteLoss, SaveOnSigterm
 from lit_align.callbacks.reliability import nonfinite_loss_message
 from lit_align.data import PreferenceDataModule, WordRulesTask
 from lit_align.methods import DPO
+from lit_align.model.tiny import build_tiny_tokenizer
 from lit_align.runtime.atomic import AtomicCheckpointIO, atomic_torch_save, load_or_none
 from lit_align.settings import OptimizerSettings
 
@@ -48,6 +50,7 @@ import torch
 from lightning import Callback
 
 from lit_align.methods import DPO
+from lit_align.model.tiny import build_tiny_tokenizer
 
 
 class NoisyDPO(DPO):
@@ -209,6 +212,97 @@ def test_resume_from_the_last_batch_of_an_epoch_matches_the_uninterrupted_run(wo
     assert_continues_reference(train_metrics(cwd), reference.metrics, first_step=STEPS_PER_EPOCH)
 
 
+class BatchRecorder(L.LightningModule):
+    """Records a fingerprint of every training batch; its configure_optimizers reads
+    estimated_stepping_batches, as AlignmentModule's does (in an epoch-based run Lightning then
+    builds and iterates the train loader before it restores a checkpoint)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.tokenizer = build_tiny_tokenizer()
+        self.seen: list[tuple[int, str]] = []
+
+    def training_step(self, batch, batch_idx):
+        digest = hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest()[:12]
+        self.seen.append((self.current_epoch, digest))
+        return self.weight * batch["input_ids"].float().mean()
+
+    def configure_optimizers(self):
+        assert self.trainer.estimated_stepping_batches > 0
+        return torch.optim.SGD([self.weight], lr=0.1)
+
+
+def record_batches(tmp_path: Path, num_workers: int, limits: dict, ckpt_path=None, callbacks=()) -> list:
+    module = BatchRecorder()
+    data = PreferenceDataModule(
+        batch_size=4, max_length=48, num_workers=num_workers, task=WordRulesTask(num_train=24, num_val=4)
+    )
+    trainer = L.Trainer(
+        **limits,
+        logger=False,
+        enable_checkpointing=bool(callbacks),
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    # the data module's hyper-parameters hold a WordRulesTask, which a weights_only load refuses
+    # (Lightning 2.6 loads weights_only unless told; 2.4 and 2.5 have no such argument and load everything)
+    loading = {"weights_only": False} if "weights_only" in inspect.signature(L.Trainer.fit).parameters else {}
+    trainer.fit(module, data, ckpt_path=ckpt_path, **loading)
+    return module.seen
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("limits", [{"max_steps": 14}, {"max_epochs": 3}], ids=["max_steps", "max_epochs"])
+def test_resumed_fit_sees_the_batches_of_the_uninterrupted_one(tmp_path, limits, num_workers):
+    """24 pairs in batches of 4: 6 steps per epoch. Resumed from a mid-epoch checkpoint, from one
+    written after an epoch's last batch, and from one written at the end of an epoch, a fit trains
+    on exactly the batches the uninterrupted fit trained on from there (the train loader's position
+    travels in the data module's checkpoint state), also in an epoch-based run (Lightning builds
+    the train loader before it restores the checkpoint) and with a worker process (which takes
+    the order when Lightning creates the iterator, before it sets the epoch)."""
+    every_step = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=1, save_top_k=-1)
+    epoch_end = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "epochs", save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True
+    )
+    reference = record_batches(tmp_path, num_workers, limits, callbacks=[every_step, epoch_end])
+    assert len(reference) == (14 if "max_steps" in limits else 18) and len(set(reference)) == len(reference)
+    checkpoints = [
+        (tmp_path / "steps" / "epoch=1-step=9.ckpt", (1, 3)),  # mid-epoch
+        (tmp_path / "steps" / "epoch=0-step=6.ckpt", (0, 6)),  # after the epoch's last batch
+    ]
+    if "max_epochs" in limits:
+        # at the epoch's end (on_train_epoch_end); with max_steps, Lightning 2.6 itself resumes
+        # such a checkpoint wrongly (one batch of the next epoch, then a new epoch), whatever the data
+        checkpoints.append((tmp_path / "epochs" / "epoch=0-step=6.ckpt", (0, 6)))
+    for path, position in checkpoints:
+        saved = torch.load(path, weights_only=False)["PreferenceDataModule"]["train_position"]
+        assert (saved["epoch"], saved["batches"]) == position
+        done = 6 * position[0] + position[1]
+        assert record_batches(tmp_path, num_workers, limits, ckpt_path=path) == reference[done:], path
+
+
+@pytest.mark.slow
+def test_epoch_based_run_resumes_mid_epoch_exactly(workspace):
+    """max_epochs instead of max_steps: Lightning then builds and iterates the train loader (for
+    the scheduler's estimated_stepping_batches) before it restores the checkpoint; a run resumed
+    mid-epoch still continues the uninterrupted one, step for step."""
+    epochs = ["--trainer.max_steps", "-1", "--trainer.max_epochs", "3"]
+    checkpoints = workspace / "epochs-ckpts"
+    reference = train_metrics(run(workspace, "epochs-reference", *every_step_checkpoints(checkpoints), *epochs))
+    assert sorted(reference) == list(range(3 * STEPS_PER_EPOCH))
+    resumed = train_metrics(
+        run(workspace, "epochs-resumed", *epochs, "--ckpt_path", str(checkpoints / "epoch=1-step=7.ckpt"))
+    )
+    assert sorted(resumed) == list(range(7, 3 * STEPS_PER_EPOCH))
+    for step, values in resumed.items():
+        assert values == pytest.approx(reference[step], rel=1e-6, abs=1e-7), (step, values, reference[step])
+
+
 def test_checkpoints_carry_every_rng_state(tmp_path):
     """Lightning (2.6) saves no RNG state; lit-align modules add torch, random and numpy states."""
     module = DPO()
@@ -225,6 +319,22 @@ def test_checkpoints_carry_every_rng_state(tmp_path):
     trainer.save_checkpoint(tmp_path / "x.ckpt")
     (state,) = torch.load(tmp_path / "x.ckpt", weights_only=False)["lit_align_rng_states"]
     assert {"torch", "python", "numpy"} <= set(state)
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    """Saved, loaded with weights_only=True and set back, every generator draws what it drew."""
+    import random
+
+    import numpy as np
+
+    from lit_align.runtime.rng import rng_state, set_rng_state
+
+    torch.save({"states": [rng_state()]}, tmp_path / "rng.pt")
+    drawn = (torch.rand(3), random.random(), np.random.rand())
+    (state,) = torch.load(tmp_path / "rng.pt", weights_only=True)["states"]
+    set_rng_state(state)
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(drawn[0], again[0]) and drawn[1:] == again[1:]
 
 
 # ---- 2. SIGTERM: a checkpoint at the next batch boundary, exit status 143 ----------------------
@@ -244,8 +354,8 @@ def test_sigterm_saves_a_checkpoint_at_the_next_batch_boundary_and_resumes_exact
     assert "Traceback" not in output
     checkpoint = torch.load(saved, map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 8  # the batch running when SIGTERM arrived finished, no other started
-    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
-    assert progress["ready"] == progress["completed"] == 8 - STEPS_PER_EPOCH
+    # the data module's position: epoch 1 had handed out its first 3 batches, no fourth was fetched
+    assert checkpoint["PreferenceDataModule"]["train_position"] == {"epoch": 1, "batches": 8 - STEPS_PER_EPOCH}
     assert sorted(train_metrics(cwd)) == list(range(8))  # every finished step was logged
     assert train_metrics(cwd) == {step: reference.metrics[step] for step in range(8)}
 
@@ -412,10 +522,10 @@ def test_nonfinite_decision_is_taken_by_all_processes_together():
         strategy=SimpleNamespace(reduce_boolean_decision=any_process),
         global_step=2,
         current_epoch=0,
-        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=2)),
         is_global_zero=True,
     )
     guard = NonFiniteLoss("skip")
+    guard.on_train_batch_start(trainer, module, None, 2)
     guard.on_before_backward(trainer, module, torch.tensor(0.5))
     assert decisions == [(False, False)]
     param = torch.nn.Parameter(torch.ones(2))
@@ -430,6 +540,7 @@ DDP_SCRIPT = '''
 """Two processes (DDP, gloo): rank 1's loss is NaN at step 2 (NonFiniteLoss skip), then rank 0
 gets SIGTERM while step 4 trains (SaveOnSigterm)."""
 import hashlib
+import inspect
 import os
 import signal
 import sys
@@ -440,6 +551,7 @@ import torch
 from lit_align.callbacks import NonFiniteLoss, SaveOnSigterm
 from lit_align.data import PreferenceDataModule, WordRulesTask
 from lit_align.methods import DPO
+from lit_align.model.tiny import build_tiny_tokenizer
 
 
 class NaNOnRankOne(DPO):

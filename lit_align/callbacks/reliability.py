@@ -26,6 +26,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_align.errors import NonFiniteLossError
+from lit_align.runtime.lightning_internals import stop_as_on_sigterm
 from lit_align.settings import NonNegativeInt, check_arguments
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class SaveOnSigterm(Callback):
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop and not trainer.received_sigterm:
-            trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException at this boundary
+            stop_as_on_sigterm(trainer)  # Lightning raises SIGTERMException at this boundary
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -159,6 +160,7 @@ class NonFiniteLoss(Callback):
         self.action, self.max_skipped = action, max_skipped
         self.skipped = 0
         self._drop_gradients = False
+        self._batch_idx: Optional[int] = None  # of the batch training now (named in the message)
 
     @property
     def state_key(self) -> str:
@@ -173,6 +175,9 @@ class NonFiniteLoss(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._drop_gradients = False
 
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         if not pl_module.automatic_optimization:
             return
@@ -180,9 +185,7 @@ class NonFiniteLoss(Callback):
         if not trainer.strategy.reduce_boolean_decision(local, all=False):  # any process: all decide alike
             return
         value = loss if local else "on another process"
-        message = nonfinite_loss_message(
-            pl_module, value, trainer.global_step, trainer.fit_loop.epoch_loop.batch_idx, trainer.current_epoch
-        )
+        message = nonfinite_loss_message(pl_module, value, trainer.global_step, self._batch_idx, trainer.current_epoch)
         if self.action == "stop":
             raise NonFiniteLossError(
                 f"{message}; stopping (to skip such steps instead: lit-align fit --nonfinite_loss skip, "

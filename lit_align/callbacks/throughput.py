@@ -8,6 +8,7 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 
 from lit_align.errors import SettingError
 from lit_align.methods.alignment import AlignmentModule
+from lit_align.runtime.lightning_internals import throughput_meters
 from lit_align.settings import Positive, Range, check_arguments
 
 
@@ -47,7 +48,7 @@ class Throughput(ThroughputMonitor):
         super().setup(trainer, pl_module, stage)
         if self.peak_flops is not None:
             self.available_flops = self.peak_flops
-            for throughput in self._throughputs.values():
+            for throughput in throughput_meters(self):
                 throughput.available_flops = self.peak_flops
 
 

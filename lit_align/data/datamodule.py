@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal, Optional
 
 import torch
 from lightning import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -20,7 +21,7 @@ from lit_align.data.collate import REFERENCE_FIELD, Collator, Layout, PackedColl
 from lit_align.data.contract import DataRequest, ServedData
 from lit_align.data.errors import DataError, DroppableRecord
 from lit_align.data.formats import PAIR_FIELDS, FormatName, normalise_record
-from lit_align.data.sampling import GlobalBatchOrder, resumed_epoch_position
+from lit_align.data.sampling import GlobalBatchOrder, ResumableLoader
 from lit_align.data.sources import read_records, source_fingerprint
 from lit_align.data.tasks import WordRulesTask
 from lit_align.data.tokenize import TruncationMode, tokenize_pair
@@ -397,7 +398,6 @@ class AlignmentDataModule(LightningDataModule):
         examples = self.datasets[name] if examples is None else examples
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        skip = resumed_epoch_position(trainer)[0] if name == "train" else 0
         order = GlobalBatchOrder(
             len(examples),
             size,
@@ -405,11 +405,39 @@ class AlignmentDataModule(LightningDataModule):
             seed=self.hparams.seed,
             num_replicas=world,
             rank=rank,
-            skip_batches=skip,
         )
-        return DataLoader(
+        if name != "train":
+            return DataLoader(
+                examples, batch_size=size, sampler=order, collate_fn=self.collate, num_workers=self.hparams.num_workers
+            )
+        self._train_loader = ResumableLoader(
             examples, batch_size=size, sampler=order, collate_fn=self.collate, num_workers=self.hparams.num_workers
         )
+        self._resume_train_loader()
+        return self._train_loader
+
+    # ---- where a checkpoint stopped in its epoch (Lightning saves and restores data module state) --
+    _train_loader: ResumableLoader | None = None
+    _train_position: dict[str, int] | None = None  # from a checkpoint, until a train loader takes it
+
+    def state_dict(self) -> dict[str, Any]:
+        """The train loader's position (epoch, global batches handed out), saved in checkpoints."""
+        position = self._train_loader.position() if self._train_loader is not None else None
+        return {"train_position": position} if position else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """On a resumed ``fit``, the train order starts where the checkpoint stopped. Lightning
+        calls this before it builds the train loader, or (under FSDP) after but before the first
+        batch; the loader takes the position in both cases."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING and state_dict.get("train_position"):
+            self._train_position = dict(state_dict["train_position"])
+            self._resume_train_loader()
+
+    def _resume_train_loader(self) -> None:
+        if self._train_position is not None and self._train_loader is not None:
+            self._train_loader.sampler.resume_at(self._train_position["epoch"], self._train_position["batches"])
+            self._train_position = None
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Padded or packed batch; decided per call, so the packing check may switch it late."""

@@ -7,16 +7,20 @@ each step, so DDP and FSDP runs reproduce a single-process run with the same glo
 floating-point summation order). Lightning's own ``DistributedSampler`` deals examples round-robin
 from a permutation that depends on the number of processes, which does not.
 
-The order also resumes exactly: a run restored from a mid-epoch checkpoint skips the batches the
-epoch had already completed, so steps after a resume see the data an uninterrupted run would.
+The order also resumes exactly: :class:`ResumableLoader` knows where in its epoch it is (the
+epoch and the batches it has handed out), a data module saves that position in checkpoints
+(``LightningDataModule.state_dict``) and gives it back to the new loader's order on resume
+(:meth:`GlobalBatchOrder.resume_at`), which then skips the batches the epoch had already trained
+on, so steps after a resume see the data an uninterrupted run would.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 class GlobalBatchOrder(DistributedSampler):
@@ -29,7 +33,6 @@ class GlobalBatchOrder(DistributedSampler):
         seed: permutation seed.
         num_replicas: number of processes (``R``).
         rank: this process.
-        skip_batches: global batches to skip at the start of the first pass (a resumed epoch).
 
     A last global batch smaller than ``B * R`` is split into near-equal contiguous parts (sizes
     differ by at most one); if it holds fewer examples than processes, a process without one
@@ -45,18 +48,30 @@ class GlobalBatchOrder(DistributedSampler):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
-        skip_batches: int = 0,
     ):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
         # DistributedSampler.__init__ is not called: it would ask torch.distributed for the world
         self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
-        self.num_replicas, self.rank, self.epoch, self.skip_batches = num_replicas, rank, 0, skip_batches
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
         self.drop_last = False
+        self.resume: tuple[int, int] | None = None
+        """(epoch, global batches) where a checkpoint stopped, until a pass of that epoch or a later one starts."""
+        self.pass_epoch: int | None = None
+        """The epoch of the pass that started last (None before the first)."""
+        self.pass_start = 0
+        """Global batches that pass skipped (those its epoch had trained before a resume)."""
 
     @property
     def global_batch_size(self) -> int:
         return self.batch_size * self.num_replicas
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Start the first pass of ``epoch`` after its first ``batches`` global batches. Decided
+        when a pass starts, not here: Lightning may create the loader's iterator before it
+        restores a checkpoint or sets the epoch. A pass of a later epoch drops it (the checkpoint
+        had ended its epoch)."""
+        self.resume = (epoch, batches)
 
     def order(self) -> list[int]:
         """This epoch's permutation of all examples (the same on every process)."""
@@ -75,8 +90,12 @@ class GlobalBatchOrder(DistributedSampler):
         return chunk[start : start + base + (self.rank < extra)]
 
     def __iter__(self) -> Iterator[int]:
+        skip = 0
+        if self.resume is not None and self.epoch >= self.resume[0]:
+            epoch, batches = self.resume
+            skip, self.resume = (batches if epoch == self.epoch else 0), None
+        self.pass_epoch, self.pass_start = self.epoch, skip
         order, step = self.order(), self.global_batch_size
-        skip, self.skip_batches = self.skip_batches, 0  # only the resumed pass starts late
         for start in range(skip * step, self.size, step):
             yield from self.local_part(order[start : start + step])
 
@@ -90,25 +109,50 @@ class GlobalBatchOrder(DistributedSampler):
         self.epoch = epoch
 
 
-def resumed_epoch_position(trainer) -> tuple[int, bool]:
-    """(batches of the current epoch already trained, whether that epoch had ended) of the
-    checkpoint a ``fit`` is resuming from; ``(0, False)`` when not resuming mid-run. The train
-    loader skips the first number; a finished epoch means the resumed run starts the next one.
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` whose sampler is a :class:`GlobalBatchOrder` and which knows its position
+    in the epoch: :meth:`position` is the epoch and the global batches of it handed out so far
+    (those skipped on a resume included). Lightning fetches no batch ahead from a loader with a
+    length, so at a checkpoint that is the number of batches the epoch has trained on
+    (``tests/test_lightning_internals.py`` checks that)."""
 
-    Lightning restores the loop counters before it asks for the train loader, but only corrects
-    them later (``_TrainingEpochLoop.reset``): a checkpoint written in ``on_train_batch_end``
-    (``ModelCheckpoint(every_n_train_steps=...)``) records the batch as processed but not yet
-    completed, and Lightning counts it as completed when the loop restarts. The same rule is
-    applied here.
-    """
-    loop = getattr(trainer, "fit_loop", None) if trainer is not None else None
-    if loop is None or not loop.restarting:
-        return 0, False
-    progress = loop.epoch_loop.batch_progress
-    current = progress.current
-    completed = current.completed
-    if current.ready == current.started == current.processed == completed + 1:  # saved in on_train_batch_end
-        completed += 1
-    if progress.is_last_batch and completed >= current.ready:  # the saved epoch had ended
-        return 0, True
-    return completed, False
+    batches_out = 0
+    """Batches handed out by the current pass."""
+
+    def __iter__(self) -> Iterator[Any]:
+        self.sampler.pass_epoch = None  # set again when the new pass's order starts
+        self.batches_out = 0
+        return _Pass(self, super().__iter__())
+
+    def position(self) -> dict[str, int] | None:
+        """``{"epoch", "batches"}`` of the current pass, or None before any pass started."""
+        order = self.sampler
+        if order.pass_epoch is None:
+            return None
+        return {"epoch": order.pass_epoch, "batches": order.pass_start + self.batches_out}
+
+
+class _Pass:
+    """One pass of a :class:`ResumableLoader`: the ``DataLoader``'s iterator, its batches counted."""
+
+    def __init__(self, loader: ResumableLoader, iterator: Iterator[Any]):
+        self.loader, self.iterator, self.started = loader, iterator, False
+
+    def __iter__(self) -> _Pass:
+        return self
+
+    def __len__(self) -> int:
+        return len(self.iterator)
+
+    def __next__(self) -> Any:
+        if not self.started:
+            self.started = True
+            order = self.loader.sampler
+            if order.pass_epoch is not None and (order.pass_epoch != order.epoch or order.resume is not None):
+                # worker processes took this pass's order when the iterator was made, before Lightning
+                # set the epoch or restored the position: make it again (the global RNG left as it was)
+                with torch.random.fork_rng(devices=[]):
+                    self.iterator = DataLoader.__iter__(self.loader)
+        batch = next(self.iterator)
+        self.loader.batches_out += 1
+        return batch

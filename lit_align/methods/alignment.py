@@ -21,13 +21,13 @@ from lit_align.data.collate import Layout, PairLayout
 from lit_align.data.contract import DataRequest, ServedData
 from lit_align.data.datamodule import AlignmentDataModule
 from lit_align.data.errors import DataError
-from lit_align.data.sampling import resumed_epoch_position
 from lit_align.errors import SettingError
 from lit_align.model.backbone import Backbone
 from lit_align.model.export import export_policy
 from lit_align.model.logprobs import SequenceLogps
 from lit_align.model.reference_cache import attach_reference_logps
 from lit_align.runtime.rng import RNG_STATES_KEY, rng_state, set_rng_state
+from lit_align.runtime.trainer import distributed
 from lit_align.settings import (
     ModelSettings,
     OptimizerSettings,
@@ -117,7 +117,7 @@ class AlignmentModule(LightningModule):
         """Accumulate per-example ``values`` in torchmetrics means, logged as ``{stage}/{name}``
         (per step in training, per epoch otherwise). Means are over the examples of all processes:
         exact (sums and counts are reduced, not means of means). Empty tensors are skipped."""
-        if stage == "train" and self._trainer is not None and self._trainer.world_size > 1:
+        if stage == "train" and distributed(self):
             self._log_global_step_means(values, batch_size)
             return
         for name, value in values.items():
@@ -295,7 +295,7 @@ class AlignmentModule(LightningModule):
         if not states or not self.trainer.ckpt_path:
             return
         set_rng_state(states[self.global_rank % len(states)])
-        if resumed_epoch_position(self.trainer)[1]:
+        if self.trainer.is_last_batch:  # as restored: the checkpoint had ended its epoch
             torch.empty((), dtype=torch.int64).random_()  # as DataLoader.__iter__ does (loader.generator is None)
 
     def _attach_cached_reference(self) -> None:

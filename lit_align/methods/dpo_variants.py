@@ -36,6 +36,7 @@ from lit_align.losses import (
 from lit_align.losses.dpo import log_ratios
 from lit_align.methods.paired import PairedPreferenceModule
 from lit_align.methods.running import RunningMean
+from lit_align.runtime.trainer import distributed
 from lit_align.settings import (
     Finite,
     LabelNoise,
@@ -52,8 +53,7 @@ def _global_moments(module: PairedPreferenceModule, values: torch.Tensor) -> tup
     values = values.detach()
     values = values.float() if values.device.type == "mps" else values.double()
     sums = torch.stack([values.new_tensor(values.numel()), values.sum(), (values**2).sum()])
-    trainer = module._trainer
-    if trainer is not None and trainer.world_size > 1:
+    if distributed(module):
         sums = module.all_gather(sums).reshape(-1, 3).sum(0)
     count, total, squares = sums
     mean = total / count.clamp(min=1)

@@ -41,6 +41,7 @@ from lit_align.model.reference import resolve_reference
 from lit_align.online.kl_control import KLPenalty
 from lit_align.online.rewards import RewardFunction
 from lit_align.online.rollout import GenerationSettings, Rollout, sample_completions
+from lit_align.runtime.trainer import distributed
 from lit_align.settings import (
     Count,
     Finite,
@@ -318,7 +319,7 @@ class OnPolicyModule(AlignmentModule):
             sums = torch.stack(
                 [scores.sum(), (scores**2).sum(), torch.tensor(scores.numel(), device=scores.device)]
             ).double()
-            if self._trainer is not None and self._trainer.world_size > 1:
+            if distributed(self):
                 sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
             moments.update(sums[0], sums[1], int(sums[2]))
         return ((scores - moments.mean) * torch.rsqrt(moments.var + 1e-8)).to(scores.dtype)

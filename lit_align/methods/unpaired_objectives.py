@@ -22,6 +22,7 @@ from lit_align.losses.types import UnpairedLoss
 from lit_align.losses.unpaired import bco_loss, kto_loss, kto_reference_point, npo_loss
 from lit_align.methods.running import RunningMean
 from lit_align.methods.unpaired import UnpairedPreferenceModule
+from lit_align.runtime.trainer import attached_trainer
 from lit_align.settings import Momentum, NonNegative, Positive
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 def _gather_totals(module: UnpairedPreferenceModule):
     """A function mapping this process's ``[sum, count]`` to every process's (``all_gather``;
     the tensor itself on one process), or None when no trainer is attached."""
-    if module._trainer is None:
+    if attached_trainer(module) is None:
         return None
     return lambda totals: module.all_gather(totals).reshape(-1, totals.numel())
 

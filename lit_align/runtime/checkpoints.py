@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
+import tempfile
 import zipfile
+from pathlib import Path
 
 from lightning import LightningModule
 
@@ -14,24 +18,25 @@ from lit_align.errors import CheckpointError
 
 def load_module_from_checkpoint(ckpt_path: str) -> LightningModule:
     """Rebuild the module class recorded in a lit-align checkpoint and load it (Lightning's
-    ``load_from_checkpoint`` restores hyper-parameters and weights)."""
-    checkpoint = read_checkpoint(ckpt_path, weights_only=False)
+    ``load_from_checkpoint`` restores hyper-parameters and weights). A sharded FSDP checkpoint
+    folder is consolidated into a temporary file first (:func:`consolidate_sharded_checkpoint`)."""
+    if not os.path.isdir(ckpt_path):
+        return _load_module(ckpt_path, ckpt_path)
+    read_sharded_checkpoint(ckpt_path, consolidate=False)  # a folder of shards, or a CheckpointError
+    with tempfile.TemporaryDirectory() as folder:
+        consolidated = os.path.join(folder, "consolidated.ckpt")
+        consolidate_sharded_checkpoint(ckpt_path, consolidated)
+        return _load_module(consolidated, ckpt_path)
+
+
+def _load_module(path: str, ckpt_path: str) -> LightningModule:
+    """The lit-align module of the checkpoint file ``path`` (errors name ``ckpt_path``, what the user gave)."""
+    checkpoint = read_checkpoint(path, weights_only=False)
     recorded = checkpoint.get("lit_align_class", "")
     if not recorded.partition(":")[2]:
         raise CheckpointError(f"{ckpt_path!r} was not written by a lit-align module")
     cls = import_recorded_class(recorded, ckpt_path)
-    if os.path.isdir(ckpt_path):  # a sharded FSDP checkpoint: consolidated into a temporary file first
-        import tempfile
-
-        import torch
-
-        with tempfile.TemporaryDirectory() as folder:
-            consolidated = os.path.join(folder, "consolidated.ckpt")
-            torch.save(checkpoint, consolidated)
-            return cls.load_from_checkpoint(consolidated, map_location="cpu")
-    return cls.load_from_checkpoint(
-        ckpt_path, map_location="cpu", weights_only=False
-    )  # read with weights_only=False above too
+    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=False)  # read so above too
 
 
 def import_recorded_class(recorded: str, ckpt_path: str) -> type:
@@ -80,20 +85,32 @@ def read_checkpoint(ckpt_path: str, weights_only: bool) -> dict:
 def read_sharded_checkpoint(ckpt_path: str, consolidate: bool) -> dict:
     """A sharded FSDP checkpoint folder (``state_dict_type: sharded``): checked for its metadata
     and, if ``consolidate``, gathered into one ordinary Lightning checkpoint dict in memory."""
-    from pathlib import Path
-
     if not (Path(ckpt_path) / ".metadata").is_file() or not (Path(ckpt_path) / "meta.pt").is_file():
         raise CheckpointError(
             f"{ckpt_path!r} is a folder but not a sharded checkpoint (no .metadata and meta.pt in it)"
         )
     if not consolidate:
         return {"state_dict": None}
-    from lightning.fabric.utilities.load import _load_distributed_checkpoint
-    from lightning.pytorch.utilities.consolidate_checkpoint import _format_checkpoint
+    import torch
 
-    try:
-        return _format_checkpoint(_load_distributed_checkpoint(Path(ckpt_path)))
-    except Exception as error:
-        raise CheckpointError(
-            f"sharded checkpoint {ckpt_path!r} cannot be read ({type(error).__name__}: {error})"
-        ) from None
+    with tempfile.TemporaryDirectory() as folder:
+        consolidated = os.path.join(folder, "consolidated.ckpt")
+        consolidate_sharded_checkpoint(ckpt_path, consolidated)
+        return torch.load(consolidated, map_location="cpu", weights_only=False)  # read whole: the file goes
+
+
+CONSOLIDATE_COMMAND = ("-m", "lightning.pytorch.utilities.consolidate_checkpoint")
+"""Lightning's documented converter of a sharded checkpoint folder into one checkpoint file
+(``python -m lightning.pytorch.utilities.consolidate_checkpoint FOLDER --output_file FILE``)."""
+
+
+def consolidate_sharded_checkpoint(ckpt_path: str, output_file: str) -> None:
+    """Write the sharded checkpoint folder ``ckpt_path`` as one ordinary Lightning checkpoint file,
+    with Lightning's own converter (run as a command: its functions are private), or raise
+    :class:`CheckpointError` with the converter's last message."""
+    command = [sys.executable, *CONSOLIDATE_COMMAND, str(ckpt_path), "--output_file", str(output_file)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0 or not os.path.isfile(output_file):
+        lines = [line.strip() for line in (done.stderr or done.stdout or "").splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"the converter exited with status {done.returncode}"
+        raise CheckpointError(f"sharded checkpoint {ckpt_path!r} cannot be read ({reason})")

@@ -28,14 +28,11 @@ import logging
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
-from lightning.pytorch.strategies.fsdp import (
-    _move_torchmetrics_to_device,
-    _setup_activation_checkpointing,
-)
 from torch import nn
+from torchmetrics import Metric
 
 from lit_align.errors import SettingError
+from lit_align.runtime.lightning_internals import FSDPStrategyBase, setup_activation_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +154,7 @@ def check_unit_dtypes(model: nn.Module, units: list[nn.Module]) -> None:
             )
 
 
-class FSDPStrategy(LightningFSDPStrategy):
+class FSDPStrategy(FSDPStrategyBase):
     """Lightning's FSDP strategy (every argument of it applies: ``sharding_strategy``,
     ``state_dict_type: sharded``, ``cpu_offload``, ...) with alignment-aware defaults.
 
@@ -190,7 +187,7 @@ class FSDPStrategy(LightningFSDPStrategy):
         super().__init__(state_dict_type=state_dict_type, **kwargs)
         self.plan_units, self.checkpoint_layers = plan_units, checkpoint_layers
 
-    def _setup_model(self, model: nn.Module) -> nn.Module:
+    def wrap_model(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.fsdp.wrap import CustomPolicy
 
@@ -200,13 +197,13 @@ class FSDPStrategy(LightningFSDPStrategy):
             check_unit_dtypes(model, units)
             unit_ids = {id(m) for m in units}
             self.kwargs["auto_wrap_policy"] = CustomPolicy(lambda module: id(module) in unit_ids)
-        if self.checkpoint_layers and not self._activation_checkpointing_kwargs:
+        if self.checkpoint_layers and not self.activation_checkpointing_kwargs:
             layers = decoder_layer_classes(model)
             frozen = {id(m) for f in _frozen_models(model) for m in f.modules()}
             policy_layer_ids = {id(m) for m in model.modules() if isinstance(m, layers) and id(m) not in frozen}
-            self._activation_checkpointing_kwargs = {"check_fn": lambda module: id(module) in policy_layer_ids}
+            self.activation_checkpointing_kwargs = {"check_fn": lambda module: id(module) in policy_layer_ids}
         if self.root_device.type != "cpu":
-            return super()._setup_model(model)
+            return super().wrap_model(model)
         if already_wrapped:  # e.g. fit after validate: the units exist, only the root is wrapped again
             self.kwargs.pop("auto_wrap_policy", None)
         model = FullyShardedDataParallel(
@@ -217,6 +214,7 @@ class FSDPStrategy(LightningFSDPStrategy):
             device_id=torch.device("cpu"),
             **self.kwargs,
         )
-        _move_torchmetrics_to_device(model, self.root_device)
-        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
+        for metric in (m for m in model.modules() if isinstance(m, Metric)):
+            metric.to(self.root_device)  # FSDP leaves modules without parameters where they are; Lightning moves them
+        setup_activation_checkpointing(model, self.activation_checkpointing_kwargs)
         return model

@@ -1,0 +1,208 @@
+"""The Lightning internals lit-align relies on (listed in lit_align/runtime/lightning_internals.py)
+are still there and still do what lit-align relies on: an upgrade that changes one fails here,
+with the internal named."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import re
+import signal
+from pathlib import Path
+
+import lightning
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
+from lightning.pytorch.loops import training_epoch_loop
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from lit_align.callbacks import Throughput
+from lit_align.data.sampling import GlobalBatchOrder, ResumableLoader
+from lit_align.methods import SFT
+from lit_align.runtime import lightning_internals as internals
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def changed(internal: str, use: str) -> str:
+    return (
+        f"Lightning {lightning.__version__} changed {internal}, which {use}: adapt "
+        "lit_align/runtime/lightning_internals.py (and its list) or bound the lightning requirement"
+    )
+
+
+def trainer(tmp_path: Path, **kwargs) -> lightning.Trainer:
+    settings = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    return lightning.Trainer(**{**settings, **kwargs})
+
+
+def test_installed_lightning_is_in_the_tested_range_pyproject_requires():
+    (requirement,) = re.findall(r'^\s*"(lightning[<>=!~ ].*?)",', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
+    tested = SpecifierSet(",".join(internals.TESTED_LIGHTNING))
+    assert SpecifierSet(requirement.removeprefix("lightning")) == tested, (requirement, tested)
+    assert Version(lightning.__version__) in tested, (
+        f"lightning {lightning.__version__} is outside the tested range {tested}: run this file and the "
+        "resume tests with it, then widen TESTED_LIGHTNING and pyproject.toml together"
+    )
+
+
+# ---- 1, 2: FSDPStrategy._setup_model and _activation_checkpointing_kwargs --------------------------
+def test_fsdp_strategy_still_wraps_the_model_in_setup_model():
+    message = changed("FSDPStrategy._setup_model(model)", "lit_align.runtime.strategies.FSDPStrategy overrides")
+    assert "_setup_model" in vars(FSDPStrategy), message
+    assert list(inspect.signature(FSDPStrategy._setup_model).parameters) == ["self", "model"], message
+    assert "self._setup_model(" in inspect.getsource(FSDPStrategy.setup), message  # where Lightning wraps
+    wrapped = []
+
+    class Recording(internals.FSDPStrategyBase):
+        def wrap_model(self, model):
+            wrapped.append(model)
+            return model
+
+    model = torch.nn.Linear(2, 2)
+    assert Recording()._setup_model(model) is model and wrapped == [model]
+
+
+def test_fsdp_strategy_keeps_activation_checkpointing_settings_and_the_attributes_used_to_wrap():
+    message = changed("FSDPStrategy._activation_checkpointing_kwargs", "FSDPStrategy(checkpoint_layers=True) sets")
+    strategy = internals.FSDPStrategyBase()
+    assert strategy.activation_checkpointing_kwargs == {}, message
+    assert (
+        "auto_wrap_policy"
+        in internals.FSDPStrategyBase(activation_checkpointing_policy={torch.nn.Linear}).activation_checkpointing_kwargs
+    ), message
+    strategy.activation_checkpointing_kwargs = {"check_fn": bool}
+    assert strategy._activation_checkpointing_kwargs == {"check_fn": bool}, message
+    # public attributes (no underscore, but undocumented) the CPU wrapping passes to FullyShardedDataParallel
+    for name in ("kwargs", "cpu_offload", "mixed_precision_config", "sharding_strategy"):
+        assert hasattr(strategy, name), changed(f"FSDPStrategy.{name}", "the CPU wrapping passes to FSDP")
+
+
+# ---- 3: _setup_activation_checkpointing ------------------------------------------------------------
+def test_setup_activation_checkpointing_wraps_the_chosen_layers():
+    from lightning.pytorch.strategies import fsdp
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    message = changed(
+        "lightning.pytorch.strategies.fsdp._setup_activation_checkpointing(module, activation_checkpointing_kwargs)",
+        "the CPU FSDP wrapping calls",
+    )
+    assert list(inspect.signature(fsdp._setup_activation_checkpointing).parameters) == [
+        "module",
+        "activation_checkpointing_kwargs",
+    ], message
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2))
+    internals.setup_activation_checkpointing(model, {"check_fn": lambda m: isinstance(m, torch.nn.Linear)})
+    assert [type(m).__name__ for m in model.children()] == ["CheckpointWrapper", "ReLU", "CheckpointWrapper"], message
+    assert isinstance(model[0], CheckpointWrapper)
+    internals.setup_activation_checkpointing(model, {})  # empty settings: nothing happens
+    assert model(torch.ones(1, 2)).shape == (1, 2)
+
+
+# ---- 4: Trainer._signal_connector.received_sigterm -------------------------------------------------
+def test_the_sigterm_flag_stops_fit_at_the_next_batch_boundary(tmp_path):
+    message = changed("Trainer._signal_connector.received_sigterm", "SaveOnSigterm sets to stop every process")
+
+    class StopAfterBatch2(lightning.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 1:
+                internals.stop_as_on_sigterm(trainer)
+                assert trainer.received_sigterm, message
+
+    run = trainer(tmp_path, max_steps=10, callbacks=[StopAfterBatch2()])
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SIGTERMException):
+            run.fit(BoringModel())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert run.global_step == 2, message  # the batch running finished, no other started
+
+
+# ---- 5: ThroughputMonitor._throughputs -------------------------------------------------------------
+def test_throughput_monitor_meters_take_the_given_peak_flops(tmp_path):
+    message = changed("ThroughputMonitor._throughputs", "Throughput(peak_flops=...) reads")
+    run = trainer(tmp_path)
+    run.state.fn, run.state.stage = TrainerFn.FITTING, RunningStage.TRAINING
+    monitor = Throughput(peak_flops=123e9)
+    monitor.setup(run, SFT(), "fit")  # a lit-align method: Throughput counts through it
+    assert isinstance(monitor._throughputs, dict), message
+    meters = internals.throughput_meters(monitor)
+    assert meters and all(meter.available_flops == 123e9 for meter in meters), message
+    assert isinstance(monitor, ThroughputMonitor)
+
+
+# ---- behaviour of public APIs that lit-align relies on ---------------------------------------------
+class CountedBoring(BoringModel):
+    """BoringModel on a ResumableLoader; checks at every batch end how many batches it handed out."""
+
+    def __init__(self):
+        super().__init__()
+        self.handed_out: list[tuple[int, int]] = []
+
+    def train_dataloader(self):
+        self.loader = ResumableLoader(RandomDataset(32, 40), batch_size=4, sampler=GlobalBatchOrder(40, 4))
+        return self.loader
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.handed_out.append((batch_idx, self.loader.batches_out))
+
+
+def test_lightning_fetches_no_batch_ahead_from_a_loader_with_a_length(tmp_path):
+    """At every checkpoint point the loader has handed out exactly the batches trained: the
+    position ResumableLoader saves. Lightning prefetches one batch only from loaders without a length."""
+    model = CountedBoring()
+    trainer(tmp_path, max_steps=15).fit(model)
+    assert model.handed_out == [(i % 10, i % 10 + 1) for i in range(15)], changed(
+        "the prefetching of sized train loaders (_PrefetchDataFetcher)", "ResumableLoader's saved position counts on"
+    )
+
+
+def test_is_last_batch_at_train_start_of_a_resumed_fit_is_the_checkpoints(tmp_path):
+    """AlignmentModule.on_train_start reads Trainer.is_last_batch to know whether the checkpoint had
+    ended its epoch (then it repeats the next epoch's loader RNG draw)."""
+    seen = []
+
+    class Probe(CountedBoring):  # 10 batches an epoch
+        def on_train_start(self):
+            seen.append(self.trainer.is_last_batch)
+
+    every_step = ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=1, save_top_k=-1)
+    epoch_end = ModelCheckpoint(
+        dirpath=tmp_path / "ends", save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True
+    )
+    trainer(tmp_path, max_steps=14, enable_checkpointing=True, callbacks=[every_step, epoch_end]).fit(Probe())
+    for path, ended in [
+        (tmp_path / "steps" / "epoch=0-step=4.ckpt", False),  # mid-epoch
+        (tmp_path / "steps" / "epoch=0-step=10.ckpt", True),  # after the epoch's last batch
+        (tmp_path / "ends" / "epoch=0-step=10.ckpt", True),  # at the epoch's end
+    ]:
+        trainer(tmp_path, max_steps=14).fit(Probe(), ckpt_path=path)
+        assert seen[-1] is ended, changed("Trainer.is_last_batch at on_train_start of a resumed fit", "lit-align reads")
+
+
+def test_the_not_resumable_warning_lit_align_fit_silences_is_still_worded_so():
+    assert "You're resuming from a checkpoint that ended before the epoch ended" in inspect.getsource(
+        training_epoch_loop
+    ), changed("the wording of the 'not resumable' resume warning", "lit-align fit silences by its text")
+
+
+def test_the_documented_checkpoint_converter_is_there():
+    assert importlib.util.find_spec("lightning.pytorch.utilities.consolidate_checkpoint") is not None, changed(
+        "python -m lightning.pytorch.utilities.consolidate_checkpoint", "lit-align export runs on sharded checkpoints"
+    )

@@ -328,7 +328,9 @@ def test_reward_config_learns_the_builtin_task_and_exports(tmp_path, monkeypatch
 @pytest.mark.slow
 def test_reward_model_learns_ranked_lists_through_the_cli(tmp_path, monkeypatch, measured):
     """The same config on ListwiseDataModule (list_size 4: the correct answer, the unchanged word
-    and partly-correct answers): held-out pairwise accuracy over all differently-scored pairs."""
+    and partly-correct answers): held-out pairwise accuracy over all differently-scored pairs.
+    At lr 5e-4 (measured 0.967 / 0.971 / 0.932 / 0.958 with ``LIT_ALIGN_TEST_SEED`` 0-3); the
+    config's 1e-3 collapsed to a constant reward (accuracy 0.497) on seed 2 with these batches of 8 lists."""
     monkeypatch.chdir(tmp_path)
     main(
         [
@@ -341,6 +343,8 @@ def test_reward_model_learns_ranked_lists_through_the_cli(tmp_path, monkeypatch,
             "4",
             "--data.init_args.batch_size",
             "8",
+            "--model.init_args.optimizer.lr",
+            "0.0005",
             "--trainer.max_steps",
             "60",
             "--trainer.val_check_interval",

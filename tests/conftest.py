@@ -1,10 +1,13 @@
-"""Shared test fixtures, and the seed of the tests that assert learning."""
+"""Shared test fixtures and helpers, and the seed of the tests that assert learning."""
 
+import csv
 import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test downloads; a hub lookup fails at once instead of timing out
 
+import lightning  # noqa: E402
 import pytest  # noqa: E402
 
 from lit_align.model.tiny import build_tiny_tokenizer  # noqa: E402
@@ -26,6 +29,50 @@ def seed_flags(seed: int = LEARNING_SEED) -> list[str]:
         "--model.init_args.model.tiny.seed",
         str(seed),
     ]
+
+
+QUIET_FLAGS = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+"""CLI flags that turn off the progress bar and the model summary."""
+
+
+def short_run_flags(steps: int) -> list[str]:
+    """CLI flags of a run of ``steps`` training steps that validates after the last one and saves no
+    checkpoint."""
+    return [
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        str(steps),
+        "--trainer.enable_checkpointing",
+        "false",
+    ]
+
+
+QUIET_TRAINER = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
+"""``lightning.Trainer`` settings of a test run: no logger, no checkpoints, no progress bar, no model summary."""
+
+
+def quiet_trainer(**settings) -> lightning.Trainer:
+    """A ``lightning.Trainer`` with ``QUIET_TRAINER`` and ``settings`` (which win over it); every
+    other argument keeps Lightning's default."""
+    return lightning.Trainer(**{**QUIET_TRAINER, **settings})
+
+
+def metrics_table(folder="runs") -> list[dict[str, str]]:
+    """The rows of the one metrics.csv under ``folder`` (the CSV logger's, of a run in the working directory)."""
+    (path,) = Path(folder).rglob("metrics.csv")
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def metric_rows(name: str, folder="runs") -> list[float]:
+    """Values of one metric in the metrics.csv under ``folder``, in logged order."""
+    return [float(row[name]) for row in metrics_table(folder) if row.get(name)]
 
 
 @pytest.fixture
@@ -58,9 +105,6 @@ def sft_policy(tmp_path_factory):
     on-policy config. Its held-out NLL per completion token must fall by more than 3 nats
     (measured 5.5 -> 0.80-1.16 over seeds 0-5). Seeded by ``LIT_ALIGN_TEST_SEED`` (the run and the
     tiny model's initialisation)."""
-    import csv
-    from pathlib import Path
-
     from lit_align.cli import main
 
     folder = tmp_path_factory.mktemp("sft")
@@ -74,19 +118,14 @@ def sft_policy(tmp_path_factory):
                 str(Path(__file__).resolve().parents[1] / "configs" / "sft.yaml"),
                 "--trainer.enable_checkpointing",
                 "false",
-                "--trainer.enable_progress_bar",
-                "false",
-                "--trainer.enable_model_summary",
-                "false",
+                *QUIET_FLAGS,
                 "--seed_everything",
                 str(LEARNING_SEED),
                 "--model.init_args.model.tiny.seed",
                 str(LEARNING_SEED),
             ]
         )
-        (metrics,) = Path("runs").rglob("metrics.csv")
-        with open(metrics) as handle:
-            losses = [float(row["val/loss"]) for row in csv.DictReader(handle) if row.get("val/loss")]
+        losses = metric_rows("val/loss")
     assert losses[-1] < losses[0] - 3.0, losses
     return folder / "outputs" / "sft"
 

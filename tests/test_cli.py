@@ -3,32 +3,23 @@ validate/test, real HH data, and config/data errors before training."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 
 import pytest
-from conftest import seed_flags
+from conftest import QUIET_FLAGS, metric_rows, seed_flags, short_run_flags
 
 from lit_align.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the CSV logger writes runs/ under the working directory
-
-
-def metric_rows(name: str) -> list[float]:
-    """Values of one metric in the run's metrics.csv, in logged order."""
-    (path,) = Path("runs").rglob("metrics.csv")
-    with open(path) as handle:
-        return [float(row[name]) for row in csv.DictReader(handle) if row.get(name)]
 
 
 PAIRED_CONFIGS = [
@@ -94,13 +85,8 @@ def test_each_method_learns_the_builtin_task_through_the_cli(method, capsys, mea
             "fit",
             "--config",
             str(CONFIGS / f"{method}.yaml"),
-            "--trainer.max_steps",
-            "80",
-            "--trainer.val_check_interval",
-            "80",
-            "--trainer.enable_checkpointing",
-            "false",
-            *QUIET,
+            *short_run_flags(80),
+            *QUIET_FLAGS,
             *seed_flags(),
         ]
     )
@@ -150,14 +136,14 @@ def test_validate_and_test_subcommands_from_a_checkpoint(capsys):
             "4",
             "--validate_before_fit",
             "false",
-            *QUIET,
+            *QUIET_FLAGS,
         ]
     )
     (checkpoint,) = Path("runs").rglob("*.ckpt")
     capsys.readouterr()
-    main(["validate", "--config", str(CONFIGS / "simpo.yaml"), "--ckpt_path", str(checkpoint), *QUIET])
+    main(["validate", "--config", str(CONFIGS / "simpo.yaml"), "--ckpt_path", str(checkpoint), *QUIET_FLAGS])
     assert "val/rewards/accuracies" in capsys.readouterr().out
-    main(["test", "--config", str(CONFIGS / "simpo.yaml"), "--ckpt_path", str(checkpoint), *QUIET])
+    main(["test", "--config", str(CONFIGS / "simpo.yaml"), "--ckpt_path", str(checkpoint), *QUIET_FLAGS])
     assert "test/rewards/accuracies" in capsys.readouterr().out
 
 
@@ -186,7 +172,7 @@ def test_dpo_on_anthropic_hh_trains_with_finite_loss():
             "2",
             "--validate_before_fit",
             "false",
-            *QUIET,
+            *QUIET_FLAGS,
         ]
     )
     losses = metric_rows("train/loss")
@@ -230,7 +216,7 @@ def test_bad_data_stops_before_any_training_step(tmp_path):
                 str(data),
                 "--data.init_args.val",
                 str(data),
-                *QUIET,
+                *QUIET_FLAGS,
             ]
         )
     assert not list(Path("runs").rglob("*.ckpt"))

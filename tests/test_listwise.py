@@ -7,7 +7,6 @@ functions that mirror the implementation. Throughout, sp(z) = log(1 + e^z) = -lo
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import seed_flags
+from conftest import QUIET_FLAGS, metric_rows, seed_flags, short_run_flags
 from torch.testing import assert_close
 
 from lit_align.cli import main
@@ -455,12 +454,6 @@ def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the CSV logger writes runs/ under the working directory
 
 
-def metric_rows(name: str) -> list[float]:
-    (path,) = Path("runs").rglob("metrics.csv")
-    with open(path) as handle:
-        return [float(row[name]) for row in csv.DictReader(handle) if row.get(name)]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["rrhf", "pro", "lipo"])
 def test_each_listwise_config_learns_the_builtin_task_through_the_cli(method, in_tmp, capsys, measured):
@@ -471,16 +464,8 @@ def test_each_listwise_config_learns_the_builtin_task_through_the_cli(method, in
             "fit",
             "--config",
             str(CONFIGS / f"{method}.yaml"),
-            "--trainer.max_steps",
-            "80",
-            "--trainer.val_check_interval",
-            "80",
-            "--trainer.enable_checkpointing",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_model_summary",
-            "false",
+            *short_run_flags(80),
+            *QUIET_FLAGS,
             *seed_flags(),
         ]
     )

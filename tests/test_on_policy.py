@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning
 import pytest
 import torch
-from conftest import LEARNING_SEED
+from conftest import LEARNING_SEED, QUIET_FLAGS, metric_rows
 
 from lit_align.cli import main
 from lit_align.data import DataError, PromptDataModule, SFTDataModule, WordRulesTask
@@ -24,14 +24,7 @@ from lit_align.online.rollout import completion_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 ON_POLICY_CONFIGS = ["reinforce", "rloo", "grpo", "ppo", "a2c"]
-
-
-def metric_rows(name: str) -> list[float]:
-    (path,) = Path("runs").rglob("metrics.csv")
-    with open(path) as handle:
-        return [float(row[name]) for row in csv.DictReader(handle) if row.get(name)]
 
 
 def test_completion_batch_right_aligns_rows_and_labels_up_to_the_first_eos():
@@ -121,7 +114,7 @@ def test_each_on_policy_method_raises_held_out_reward(method, in_sft_workdir, me
             str(LEARNING_SEED),
             "--trainer.enable_checkpointing",
             "false",
-            *QUIET,
+            *QUIET_FLAGS,
         ]
     )
     scores = measured("val/objective/scores", metric_rows("val/objective/scores"))
@@ -232,7 +225,7 @@ def test_sft_reward_model_ppo_pipeline_through_the_cli(in_sft_workdir, measured)
             *seed,
             "--trainer.enable_checkpointing",
             "false",
-            *QUIET,
+            *QUIET_FLAGS,
         ]
     )
     accuracies = measured("reward model val/accuracy", metric_rows("val/accuracy"))
@@ -249,7 +242,7 @@ def test_sft_reward_model_ppo_pipeline_through_the_cli(in_sft_workdir, measured)
             *seed,
             "--trainer.enable_checkpointing",
             "false",
-            *QUIET,
+            *QUIET_FLAGS,
         ]
     )
     learned = measured(

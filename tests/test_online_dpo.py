@@ -5,8 +5,8 @@ import math
 import lightning
 import pytest
 import torch
-from conftest import LEARNING_SEED
-from test_on_policy import CONFIGS, QUIET, metric_rows
+from conftest import LEARNING_SEED, QUIET_FLAGS, metric_rows
+from test_on_policy import CONFIGS
 
 from lit_align.cli import main
 from lit_align.data import PromptDataModule, WordRulesTask
@@ -236,7 +236,7 @@ def test_online_dpo_config_raises_held_out_reward(in_sft_workdir, measured):
             str(LEARNING_SEED),
             "--trainer.enable_checkpointing",
             "false",
-            *QUIET,
+            *QUIET_FLAGS,
         ]
     )
     scores = measured("val/objective/scores", metric_rows("val/objective/scores"))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import re
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import seed_flags
+from conftest import metrics_table, seed_flags, short_run_flags
 
 from lit_align.cli import main
 
@@ -39,12 +38,7 @@ def test_example_trains_through_the_cli_as_the_readme_says(tmp_path, monkeypatch
             "my_losses.MarginDPO",
             "--model.delta",
             "1.0",
-            "--trainer.max_steps",
-            "80",
-            "--trainer.val_check_interval",
-            "80",
-            "--trainer.enable_checkpointing",
-            "false",
+            *short_run_flags(80),
             "--trainer.enable_progress_bar",
             "false",
             *seed_flags(),
@@ -53,8 +47,7 @@ def test_example_trains_through_the_cli_as_the_readme_says(tmp_path, monkeypatch
     import my_losses
 
     assert my_losses.MarginDPO.loss is not my_losses.PairedPreferenceModule.loss
-    (path,) = Path("runs").rglob("metrics.csv")
-    rows = list(csv.DictReader(open(path)))
+    rows = metrics_table()
     accuracies = measured(
         "val/rewards/accuracies", [float(r["val/rewards/accuracies"]) for r in rows if r.get("val/rewards/accuracies")]
     )

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import seed_flags
+from conftest import QUIET_FLAGS, metrics_table, seed_flags
 from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
@@ -225,17 +224,12 @@ def cli_accuracies(tmp_path, monkeypatch, capsys, config, *overrides) -> list[fl
             str(CONFIGS / config),
             "--trainer.enable_checkpointing",
             "false",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_model_summary",
-            "false",
+            *QUIET_FLAGS,
             *overrides,
             *seed_flags(),
         ]
     )
-    (path,) = Path("runs").rglob("metrics.csv")
-    with open(path) as handle:
-        rows = list(csv.DictReader(handle))
+    rows = metrics_table()
     assert all(math.isfinite(float(r["train/loss"])) for r in rows if r.get("train/loss"))
     assert "held-out val/rewards/accuracies:" in capsys.readouterr().out
     return [float(r["val/rewards/accuracies"]) for r in rows if r.get("val/rewards/accuracies")]

@@ -7,7 +7,6 @@ functions that mirror the implementation. Throughout, sp(z) = log(1 + e^z) = -lo
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import seed_flags
+from conftest import QUIET_FLAGS, metric_rows, seed_flags, short_run_flags
 from torch.testing import assert_close
 from transformers import AutoModelForSequenceClassification
 
@@ -38,7 +37,6 @@ from lit_align.settings import LoRA, ModelSettings, OptimizerSettings
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 HH = Path(__file__).parents[1] / ".." / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 TOL = {"rtol": 1e-6, "atol": 1e-6}
 NAN = math.nan
 
@@ -285,7 +283,7 @@ def test_trains_on_anthropic_hh_with_finite_loss(tmp_path, monkeypatch):
             "false",
             "--validate_before_fit",
             "false",
-            *QUIET,
+            *QUIET_FLAGS,
         ]
     )
     losses = metric_rows("train/loss")
@@ -295,19 +293,13 @@ def test_trains_on_anthropic_hh_with_finite_loss(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- CLI end to end
-def metric_rows(name: str) -> list[float]:
-    (path,) = Path("runs").rglob("metrics.csv")
-    with open(path) as handle:
-        return [float(row[name]) for row in csv.DictReader(handle) if row.get(name)]
-
-
 @pytest.mark.slow
 def test_reward_config_learns_the_builtin_task_and_exports(tmp_path, monkeypatch, capsys, measured):
     """configs/reward.yaml as written: held-out pairwise accuracy 0.5 before (every reward starts
     at 0) and >= 0.9 after (measured 1.000); the export callback's folder and ``lit-align export``
     from the checkpoint both score like the module."""
     monkeypatch.chdir(tmp_path)
-    main(["fit", "--config", str(CONFIGS / "reward.yaml"), *QUIET, *seed_flags()])
+    main(["fit", "--config", str(CONFIGS / "reward.yaml"), *QUIET_FLAGS, *seed_flags()])
     accuracies = measured("val/accuracy", metric_rows("val/accuracy"))
     assert accuracies[0] == 0.5 and accuracies[-1] >= 0.9, accuracies
     assert all(math.isfinite(v) for v in metric_rows("train/loss"))
@@ -345,15 +337,10 @@ def test_reward_model_learns_ranked_lists_through_the_cli(tmp_path, monkeypatch,
             "8",
             "--model.init_args.optimizer.lr",
             "0.0005",
-            "--trainer.max_steps",
-            "60",
-            "--trainer.val_check_interval",
-            "60",
-            "--trainer.enable_checkpointing",
-            "false",
+            *short_run_flags(60),
             "--trainer.callbacks",
             "[]",
-            *QUIET,
+            *QUIET_FLAGS,
             *seed_flags(),
         ]
     )

@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import QUIET_FLAGS, metrics_table
 
 from lit_align.cli import main
 from lit_align.runtime.atomic import unwritable
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 SHORT = [
     "--trainer.max_steps",
     "2",
@@ -30,7 +30,7 @@ SHORT = [
     "2",
     "--trainer.log_every_n_steps",
     "1",
-    *QUIET,
+    *QUIET_FLAGS,
 ]
 
 
@@ -60,11 +60,6 @@ def read_only_folder(tmp_path):
     folder.chmod(0o755)
 
 
-def metrics(folder: Path) -> list[dict]:
-    (path,) = folder.rglob("metrics.csv")
-    return list(csv.DictReader(open(path)))
-
-
 # ---- class 8: folders the run cannot write ---------------------------------------------------------
 @pytest.mark.parametrize("reference", ["auto", "cached"])
 def test_read_only_cache_folder_trains_uncached_with_a_warning(
@@ -78,14 +73,14 @@ def test_read_only_cache_folder_trains_uncached_with_a_warning(
     if reference == "cached":
         assert f"cannot write the reference log-probs cache in {read_only_folder / 'reference'}" in caplog.text
         assert "keeping them in memory for this run only" in caplog.text
-    assert any(row.get("train/loss") for row in metrics(in_tmp / "runs"))
+    assert any(row.get("train/loss") for row in metrics_table(in_tmp / "runs"))
     assert not list(read_only_folder.iterdir())
 
 
 def test_default_root_dir_holds_the_run(in_tmp):
     main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--trainer.default_root_dir", "elsewhere", *SHORT])
     assert not Path("runs").exists()
-    rows = metrics(in_tmp / "elsewhere")
+    rows = metrics_table(in_tmp / "elsewhere")
     assert any(row.get("train/loss") for row in rows)
     assert list((in_tmp / "elsewhere").rglob("*.ckpt"))  # checkpoints follow the logger's folder
 
@@ -103,7 +98,7 @@ def test_a_logger_folder_given_explicitly_is_kept(in_tmp):
             *SHORT,
         ]
     )
-    assert metrics(in_tmp / "logs") and not (in_tmp / "root").exists()
+    assert metrics_table(in_tmp / "logs") and not (in_tmp / "root").exists()
 
 
 @pytest.mark.parametrize("flag", ["--trainer.default_root_dir", "--trainer.logger.init_args.save_dir"])
@@ -150,7 +145,7 @@ def dpo_checkpoint(in_tmp) -> Path:
 @pytest.mark.parametrize("command", ["fit", "validate", "test"])
 def test_a_checkpoint_of_another_method_is_refused_naming_both(command, dpo_checkpoint):
     with pytest.raises(SystemExit) as stop:
-        main([command, "--config", str(CONFIGS / "orpo.yaml"), "--ckpt_path", str(dpo_checkpoint), *QUIET])
+        main([command, "--config", str(CONFIGS / "orpo.yaml"), "--ckpt_path", str(dpo_checkpoint), *QUIET_FLAGS])
     message, hint = str(stop.value.code).splitlines()
     assert message == (
         f"lit-align {command}: checkpoint {str(dpo_checkpoint)!r} was written by lit_align.methods.dpo.DPO, but the "
@@ -161,28 +156,31 @@ def test_a_checkpoint_of_another_method_is_refused_naming_both(command, dpo_chec
     assert not Path("runs").exists()
 
 
+def resume_dpo(checkpoint: Path, *overrides: str) -> None:
+    """``lit-align fit`` of configs/dpo.yaml from ``checkpoint``, ``overrides`` before the trainer's
+    flags: 3 steps in all, a validation batch after each."""
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "dpo.yaml"),
+            "--ckpt_path",
+            str(checkpoint),
+            *overrides,
+            "--trainer.max_steps",
+            "3",
+            "--trainer.val_check_interval",
+            "1",
+            "--trainer.limit_val_batches",
+            "1",
+            *QUIET_FLAGS,
+        ]
+    )
+
+
 def test_settings_the_checkpoint_replaces_are_reported(dpo_checkpoint, caplog):
     with caplog.at_level(logging.WARNING, logger="lit_align.cli"):
-        main(
-            [
-                "fit",
-                "--config",
-                str(CONFIGS / "dpo.yaml"),
-                "--ckpt_path",
-                str(dpo_checkpoint),
-                "--model.init_args.beta",
-                "0.3",
-                "--model.init_args.optimizer.lr",
-                "0.01",
-                "--trainer.max_steps",
-                "3",
-                "--trainer.val_check_interval",
-                "1",
-                "--trainer.limit_val_batches",
-                "1",
-                *QUIET,
-            ]
-        )
+        resume_dpo(dpo_checkpoint, "--model.init_args.beta", "0.3", "--model.init_args.optimizer.lr", "0.01")
     assert (
         f"resuming from {dpo_checkpoint}: the checkpoint's hyper-parameters replace 2 configured setting(s):"
         in caplog.text
@@ -193,22 +191,7 @@ def test_settings_the_checkpoint_replaces_are_reported(dpo_checkpoint, caplog):
 
 def test_resuming_with_the_same_settings_reports_nothing(dpo_checkpoint, caplog):
     with caplog.at_level(logging.WARNING, logger="lit_align.cli"):
-        main(
-            [
-                "fit",
-                "--config",
-                str(CONFIGS / "dpo.yaml"),
-                "--ckpt_path",
-                str(dpo_checkpoint),
-                "--trainer.max_steps",
-                "3",
-                "--trainer.val_check_interval",
-                "1",
-                "--trainer.limit_val_batches",
-                "1",
-                *QUIET,
-            ]
-        )
+        resume_dpo(dpo_checkpoint)
     assert "resuming from" not in caplog.text
 
 

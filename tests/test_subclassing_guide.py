@@ -2,36 +2,22 @@
 
 from __future__ import annotations
 
-import csv
 import re
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import seed_flags
+from conftest import QUIET_FLAGS, metric_rows, seed_flags, short_run_flags
 
 from lit_align.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "subclassing.md"
-QUIET = [
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-    "--trainer.enable_checkpointing",
-    "false",
-]
 
 
 def example(heading: str) -> str:
     """The python block under the guide's ``## <heading>`` section."""
     return re.search(rf"## {heading}.*?```python\n(.*?)```", GUIDE.read_text(), re.S).group(1)
-
-
-def headline(name: str) -> list[float]:
-    (path,) = Path("runs").rglob("metrics.csv")
-    return [float(row[name]) for row in csv.DictReader(open(path)) if row.get(name)]
 
 
 CASES = [
@@ -63,15 +49,12 @@ def test_each_worked_example_learns_through_the_cli(heading, name, config, metri
             str(ROOT / "configs" / config),
             "--model",
             f"my_objectives.{name}",
-            "--trainer.max_steps",
-            "80",
-            "--trainer.val_check_interval",
-            "80",
-            *QUIET,
+            *short_run_flags(80),
+            *QUIET_FLAGS,
             *seed_flags(),
         ]
     )
-    values = measured(metric, headline(metric))
+    values = measured(metric, metric_rows(metric))
     assert len(values) == 2, values
     if metric.endswith("accuracies"):
         assert values[0] <= 0.65 and values[-1] >= 0.8, values

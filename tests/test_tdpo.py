@@ -6,13 +6,12 @@ Loss values are derived with ``math`` from the paper's definitions; sp(z) = log(
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import seed_flags
+from conftest import QUIET_FLAGS, metrics_table, seed_flags, short_run_flags
 from torch.testing import assert_close
 
 from lit_align.data.collate import PackedPairCollator, PairCollator
@@ -290,22 +289,12 @@ def test_tdpo_learns_the_builtin_task_through_the_cli(tmp_path, monkeypatch, cap
             "fit",
             "--config",
             str(CONFIGS / "tdpo.yaml"),
-            "--trainer.max_steps",
-            "80",
-            "--trainer.val_check_interval",
-            "80",
-            "--trainer.enable_checkpointing",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_model_summary",
-            "false",
+            *short_run_flags(80),
+            *QUIET_FLAGS,
             *seed_flags(),
         ]
     )
-    (path,) = Path("runs").rglob("metrics.csv")
-    with open(path) as handle:
-        rows = list(csv.DictReader(handle))
+    rows = metrics_table()
     accuracies = measured(
         "val/rewards/accuracies", [float(r["val/rewards/accuracies"]) for r in rows if r.get("val/rewards/accuracies")]
     )

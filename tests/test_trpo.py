@@ -6,8 +6,8 @@ import math
 import lightning
 import pytest
 import torch
-from conftest import LEARNING_SEED
-from test_on_policy import CONFIGS, QUIET, metric_rows
+from conftest import LEARNING_SEED, QUIET_FLAGS, metric_rows
+from test_on_policy import CONFIGS
 
 from lit_align.cli import main
 from lit_align.data import PromptDataModule, WordRulesTask
@@ -243,7 +243,7 @@ def test_trpo_config_raises_held_out_reward_inside_the_trust_region(in_sft_workd
             "1",
             "--trainer.enable_checkpointing",
             "false",
-            *QUIET,
+            *QUIET_FLAGS,
         ]
     )
     scores = measured("val/objective/scores", metric_rows("val/objective/scores"))

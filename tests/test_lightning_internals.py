@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning
 import pytest
 import torch
+from conftest import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from lightning.pytorch.loops import training_epoch_loop
@@ -38,17 +39,8 @@ def changed(internal: str, use: str) -> str:
 
 
 def trainer(tmp_path: Path, **kwargs) -> lightning.Trainer:
-    settings = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-    return lightning.Trainer(**{**settings, **kwargs})
+    settings = dict(accelerator="cpu", limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    return quiet_trainer(**{**settings, **kwargs})
 
 
 def test_installed_lightning_is_in_the_tested_range_pyproject_requires():

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning
 import pytest
 import torch
-from conftest import LEARNING_SEED, QUIET_FLAGS, metric_rows
+from conftest import LEARNING_SEED, QUIET_FLAGS, metric_rows, quiet_trainer
 
 from lit_align.cli import main
 from lit_align.data import DataError, PromptDataModule, SFTDataModule, WordRulesTask
@@ -80,9 +80,7 @@ def test_on_policy_methods_name_what_is_missing():
     with pytest.raises(ValueError, match="GRPO: samples_per_prompt must be >= 2, got 1"):
         GRPO(samples_per_prompt=1)
     data = PromptDataModule(task=WordRulesTask(num_train=4, num_val=2), batch_size=2, use_cache=False)
-    trainer = lightning.Trainer(
-        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-    )
+    trainer = quiet_trainer(max_steps=1)
     with pytest.raises(ValueError, match="needs a reward"):
         trainer.fit(PPO(), datamodule=data)
     with pytest.raises(ValueError, match=r"PPO: ptx_coef needs ``ptx`` batches.*PromptDataModule provides none"):
@@ -171,15 +169,7 @@ def test_ppo_ptx_term_lowers_nll_of_held_out_demonstrations(sft_policy, tmp_path
         )
         assert data.provides_ptx == bool(coef)
         logger = lightning.pytorch.loggers.CSVLogger(tmp_path / f"logs{coef}")
-        trainer = lightning.Trainer(
-            max_steps=40,
-            logger=logger,
-            log_every_n_steps=1,
-            limit_val_batches=0,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        trainer = quiet_trainer(max_steps=40, logger=logger, log_every_n_steps=1, limit_val_batches=0)
         trainer.fit(module, datamodule=data)
         nll[coef] = _demonstration_nll(module, evaluation)
         if coef:
@@ -311,16 +301,7 @@ def test_training_logs_raw_scores_and_held_out_training_reward_next_to_eval_rewa
     data = PromptDataModule(
         task=WordRulesTask(num_train=8, num_val=4, rules=("first",)), batch_size=4, max_length=32, use_cache=False
     )
-    trainer = lightning.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        val_check_interval=2,
-    )
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=2)
     trainer.fit(module, datamodule=data)
     metrics = trainer.callback_metrics
     assert 0.0 <= float(metrics["val/objective/scores"]) <= 1.0
@@ -363,14 +344,7 @@ def test_one_update_per_rollout_reuses_the_sampling_pass_with_the_same_result(me
         data = PromptDataModule(
             task=WordRulesTask(num_train=8, num_val=2, rules=("first",)), batch_size=4, max_length=32, use_cache=False
         )
-        trainer = lightning.Trainer(
-            max_steps=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-        )
+        trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
         trainer.fit(module, datamodule=data)
         assert len(calls) == (1 if reuse else 2)
         weights[reuse] = torch.cat([p.detach().flatten() for p in module.parameters() if p.requires_grad])

@@ -5,7 +5,7 @@ import math
 import lightning
 import pytest
 import torch
-from conftest import LEARNING_SEED, QUIET_FLAGS, metric_rows
+from conftest import LEARNING_SEED, QUIET_FLAGS, metric_rows, quiet_trainer
 from test_on_policy import CONFIGS
 
 from lit_align.cli import main
@@ -96,17 +96,7 @@ class PairRecordingOnlineDPO(OnlineDPO):
 
 
 def _trainer(steps, **kwargs):
-    return lightning.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        accelerator="cpu",
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    return quiet_trainer(max_steps=steps, accelerator="cpu", limit_val_batches=1, num_sanity_val_steps=0, **kwargs)
 
 
 def _data():

@@ -7,6 +7,7 @@ import logging
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 
 from lit_align.data import PreferenceDataModule, WordRulesTask
 from lit_align.data.collate import PackedPairCollator, PairCollator
@@ -105,15 +106,7 @@ def fit_first_loss(packing: bool, reference: str = "copy", monkeypatch=None) -> 
     data = PreferenceDataModule(
         batch_size=8, max_length=48, packing=packing, task=WordRulesTask(num_train=32, num_val=8)
     )
-    trainer = L.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(module, data)
     return float(trainer.callback_metrics["train/loss"]), data
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning
 import pytest
 import torch
+from conftest import quiet_trainer
 
 from lit_align.data import DataError, ListwiseDataModule, PreferenceDataModule, UnpairedDataModule
 from lit_align.losses import bradley_terry_loss, gpo_loss, lipo_lambda_loss, odpo_loss, pro_loss
@@ -37,15 +38,7 @@ class StepCounter(lightning.Callback):
 def fit_until_error(module, data) -> tuple[BaseException, int]:
     """Fit ``module`` on ``data``; the error raised and the number of training steps begun."""
     counter = StepCounter()
-    trainer = lightning.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[counter],
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_steps=2, callbacks=[counter], num_sanity_val_steps=0)
     with pytest.raises(DataError) as info:
         trainer.fit(module, datamodule=data)
     return info.value, counter.steps
@@ -110,14 +103,7 @@ def test_odpo_log1p_accepts_misordered_scores_and_without_any_scores_says_so(tmp
     train = write_jsonl(tmp_path / "train.jsonl", pairs([(3, 7), (7, 1)]))
     val = write_jsonl(tmp_path / "val.jsonl", pairs([(5, 1)]))
     module = ODPO(offset_fn="log1p", model=TINY)
-    trainer = lightning.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
     trainer.fit(module, datamodule=PreferenceDataModule(train=str(train), val=str(val), batch_size=2, use_cache=False))
     assert trainer.global_step == 1
 
@@ -257,14 +243,8 @@ def test_lipo_trains_on_elo_scores_with_finite_loss(tmp_path):
     rows += [{"prompt": f"R{i}: ", "responses": [f"top {i}", f"low {i}"], "scores": [1000.0, 0.0]} for i in range(16)]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     module = LiPO(model=TINY, optimizer={"lr": 1e-3})
-    trainer = lightning.Trainer(
-        max_steps=6,
-        logger=lightning.pytorch.loggers.CSVLogger(tmp_path),
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
+    trainer = quiet_trainer(
+        max_steps=6, logger=lightning.pytorch.loggers.CSVLogger(tmp_path), log_every_n_steps=1, limit_val_batches=0
     )
     trainer.fit(module, datamodule=ListwiseDataModule(train=str(train), val=str(train), batch_size=8, use_cache=False))
     (metrics,) = Path(trainer.logger.log_dir).glob("metrics.csv")

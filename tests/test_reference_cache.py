@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 
 import lit_align.model.reference_cache as reference_cache
 from lit_align.data import PreferenceDataModule, WordRulesTask
@@ -25,16 +26,7 @@ def make(reference: str, seed: int = 0, lora=None, max_length: int = 48):
 
 
 def fit(module, data, steps=5):
-    trainer = L.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        deterministic=True,
-    )
+    trainer = quiet_trainer(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, deterministic=True)
     trainer.fit(module, data)
     return trainer
 

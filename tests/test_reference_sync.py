@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import QUIET_FLAGS, metrics_table, seed_flags
+from conftest import QUIET_FLAGS, metrics_table, quiet_trainer, seed_flags
 from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
@@ -105,16 +105,8 @@ def small_data(num_train=12, batch_size=2) -> PreferenceDataModule:
 
 
 def trainer(callbacks, **kwargs) -> L.Trainer:
-    options = {
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "limit_val_batches": 0,
-        "num_sanity_val_steps": 0,
-        "inference_mode": False,
-    }
-    return L.Trainer(callbacks=callbacks, **{**options, **kwargs})
+    options = {"limit_val_batches": 0, "num_sanity_val_steps": 0, "inference_mode": False}
+    return quiet_trainer(callbacks=callbacks, **{**options, **kwargs})
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import math
 
-import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 
 from lit_align.data import DataError, ListwiseDataModule, PreferenceDataModule, UnpairedDataModule, WordRulesTask
 from lit_align.data.collate import Collator, PackedCollator
@@ -135,9 +135,7 @@ def test_non_numeric_pair_score_is_named(bad, tokenizer, tmp_path):
 
 
 def test_a_method_given_another_regime_names_the_data_module_to_use():
-    trainer = L.Trainer(
-        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-    )
+    trainer = quiet_trainer(max_steps=1)
     with pytest.raises(
         ValueError,
         match=r"DPO trains on PairLayout data, but the data module ListwiseDataModule gives ListLayout data; "

@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 
 from lit_align.callbacks import ExportHF, NonFiniteLoss, SaveOnSigterm
 from lit_align.callbacks.reliability import nonfinite_loss_message
@@ -238,13 +239,10 @@ def record_batches(tmp_path: Path, num_workers: int, limits: dict, ckpt_path=Non
     data = PreferenceDataModule(
         batch_size=4, max_length=48, num_workers=num_workers, task=WordRulesTask(num_train=24, num_val=4)
     )
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         **limits,
-        logger=False,
         enable_checkpointing=bool(callbacks),
         callbacks=list(callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         default_root_dir=tmp_path,
@@ -306,15 +304,7 @@ def test_epoch_based_run_resumes_mid_epoch_exactly(workspace):
 def test_checkpoints_carry_every_rng_state(tmp_path):
     """Lightning (2.6) saves no RNG state; lit-align modules add torch, random and numpy states."""
     module = DPO()
-    trainer = L.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, PreferenceDataModule(batch_size=4, max_length=48, task=WordRulesTask(num_train=8, num_val=4)))
     trainer.save_checkpoint(tmp_path / "x.ckpt")
     (state,) = torch.load(tmp_path / "x.ckpt", weights_only=False)["lit_align_rng_states"]
@@ -442,12 +432,10 @@ def nan_fit(tmp_path, guard, callbacks=(), logger=False, steps=6):
     module = NaNDPO(optimizer=OptimizerSettings(lr=1e-2))
     data = PreferenceDataModule(batch_size=4, max_length=48, task=WordRulesTask(num_train=64, num_val=4))
     checkpointing = any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=steps,
         logger=logger,
         enable_checkpointing=checkpointing,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         log_every_n_steps=1,
@@ -719,15 +707,7 @@ def test_cli_export_out_of_space_names_the_folder_and_keeps_it(exported, tmp_pat
     from lit_align.cli import main
 
     module = DPO()
-    trainer = L.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, PreferenceDataModule(batch_size=4, max_length=48, task=WordRulesTask(num_train=8, num_val=4)))
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     monkeypatch.setattr(
@@ -818,16 +798,7 @@ def test_checkpoint_write_failure_keeps_the_previous_checkpoint(tmp_path, monkey
     """AtomicCheckpointIO (the CLI's checkpoint writer): a failed save of last.ckpt leaves the one
     before it loadable, and nothing else in the folder."""
     module = DPO()
-    trainer = L.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        plugins=[AtomicCheckpointIO()],
-    )
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()])
     trainer.fit(module, PreferenceDataModule(batch_size=4, max_length=48, task=WordRulesTask(num_train=8, num_val=4)))
     path = tmp_path / "ckpts" / "last.ckpt"
     trainer.save_checkpoint(path)

@@ -11,10 +11,9 @@ import json
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from conftest import QUIET_FLAGS, metric_rows, seed_flags, short_run_flags
+from conftest import QUIET_FLAGS, metric_rows, quiet_trainer, seed_flags, short_run_flags
 from torch.testing import assert_close
 from transformers import AutoModelForSequenceClassification
 
@@ -55,12 +54,8 @@ def small_task() -> WordRulesTask:
 
 
 def fit(module, data, tmp_path, steps=5, callbacks=()):
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         callbacks=list(callbacks),

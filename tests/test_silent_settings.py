@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning
 import pytest
+from conftest import quiet_trainer
 
 import lit_align.methods.alignment as alignment_module
 from lit_align.cli import main
@@ -138,9 +139,7 @@ def test_online_dpo_reports_the_rlhf_reward_with_dpo_beta(tmp_path):
     module = OnlineDPO(reward=WordRulesReward(), beta=0.3, generation={"max_new_tokens": 3, "temperature": 1.0})
     data = PromptDataModule(task=WordRulesTask(num_train=8, num_val=2), batch_size=4, max_length=32, use_cache=False)
     logger = lightning.pytorch.loggers.CSVLogger(tmp_path)
-    trainer = lightning.Trainer(
-        max_steps=1, logger=logger, log_every_n_steps=1, limit_val_batches=0, enable_checkpointing=False, **QUIET
-    )
+    trainer = quiet_trainer(max_steps=1, logger=logger, log_every_n_steps=1, limit_val_batches=0)
     trainer.fit(module, datamodule=data)
     metrics = trainer.logged_metrics
     assert float(metrics["train/objective/beta"]) == pytest.approx(0.3)
@@ -168,7 +167,7 @@ def test_ptx_batches_no_method_trains_on_are_refused_when_fit_starts(build, mess
     data = PromptDataModule(
         task=WordRulesTask(num_train=8, num_val=2), batch_size=4, ptx_train="builtin", use_cache=False
     )
-    trainer = lightning.Trainer(max_steps=1, logger=False, enable_checkpointing=False, **QUIET)
+    trainer = quiet_trainer(max_steps=1)
     with pytest.raises(SettingError, match="^" + re.escape(message) + "$"):
         trainer.fit(build(), datamodule=data)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from conftest import quiet_trainer
 
 from lit_align.callbacks import Throughput
 from lit_align.data import (
@@ -75,14 +76,11 @@ REGIMES = {
 
 
 def fit_with_throughput(module, data, tmp_path):
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=STEPS,
         log_every_n_steps=1,
         callbacks=[Throughput(window_size=2)],
         logger=L.pytorch.loggers.CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )

@@ -6,7 +6,7 @@ import math
 import lightning
 import pytest
 import torch
-from conftest import LEARNING_SEED, QUIET_FLAGS, metric_rows
+from conftest import LEARNING_SEED, QUIET_FLAGS, metric_rows, quiet_trainer
 from test_on_policy import CONFIGS
 
 from lit_align.cli import main
@@ -192,16 +192,7 @@ def test_trpo_end_to_end_accepted_steps_within_trust_region(one_thread):
         generation={"max_new_tokens": 4, "temperature": 1.0},
     )
     data = PromptDataModule(task=WordRulesTask(rules=("first",)), batch_size=8, max_length=32)
-    trainer = lightning.Trainer(
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        accelerator="cpu",
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=steps, accelerator="cpu", limit_val_batches=1, num_sanity_val_steps=0)
     trainer.fit(module, data)
     assert trainer.global_step == steps and len(module.records) == steps  # max_steps counts rollouts
     accepted = [(result, kl) for result, kl in module.records if result.accepted]

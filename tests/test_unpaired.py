@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import QUIET_FLAGS, metric_rows, metrics_table, seed_flags, short_run_flags
+from conftest import QUIET_FLAGS, metric_rows, metrics_table, quiet_trainer, seed_flags, short_run_flags
 from lightning.pytorch.loggers import CSVLogger
 from torch.testing import assert_close
 
@@ -424,16 +424,8 @@ def test_convert_pairs_file_writes_nothing_on_error(tmp_path):
 
 # ----------------------------------------------------------------------------- training
 def trainer(steps: int, **kwargs) -> L.Trainer:
-    defaults = {
-        "max_steps": steps,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "limit_val_batches": 0,
-        "num_sanity_val_steps": 0,
-    }
-    return L.Trainer(**{**defaults, **kwargs})
+    defaults = {"max_steps": steps, "limit_val_batches": 0, "num_sanity_val_steps": 0}
+    return quiet_trainer(**{**defaults, **kwargs})
 
 
 def test_kto_trains_at_batch_size_one(tmp_path):

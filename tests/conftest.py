@@ -88,6 +88,13 @@ def measured(record_property):
 
 
 @pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """The test's temporary folder as the working directory (the CLI writes runs/ under it)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
 def tokenizer():
     """The built-in byte-level tokenizer with a chat template (no download)."""
     return build_tiny_tokenizer()

@@ -106,12 +106,6 @@ def assert_skipped_then_strict(regime, tokenizer, train, caplog, message: str, *
         strict.setup("fit")
 
 
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the CLI writes runs/ under the working directory
-    return tmp_path
-
-
 # ---- missing field ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "regime, field",

@@ -261,12 +261,6 @@ def test_every_numeric_setting_is_checked_when_its_holder_is_built(cls, name):
 
 
 # ---- the CLI: our message first and alone, then the hint -----------------------------------------
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 @pytest.mark.parametrize(
     "flags, message, key",
     [

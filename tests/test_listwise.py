@@ -449,11 +449,6 @@ def test_one_training_step_gives_a_finite_loss(method):
 
 
 # ----------------------------------------------------------------------------- CLI end to end
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the CSV logger writes runs/ under the working directory
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["rrhf", "pro", "lipo"])
 def test_each_listwise_config_learns_the_builtin_task_through_the_cli(method, in_tmp, capsys, measured):

@@ -360,8 +360,8 @@ def test_cli_adds_the_reliability_callbacks_without_duplicating_configured_ones(
 
     monkeypatch.chdir(tmp_path)
 
-    def callbacks(*args):
-        cli = LitAlignCLI(
+    def build(*args):
+        return LitAlignCLI(
             AlignmentModule,
             Base,
             subclass_mode_model=True,
@@ -371,7 +371,9 @@ def test_cli_adds_the_reliability_callbacks_without_duplicating_configured_ones(
             run=False,
             args=["--config", str(DPO_YAML), *args],
         )
-        return cli.trainer.callbacks
+
+    def callbacks(*args):
+        return build(*args).trainer.callbacks
 
     default = callbacks()
     assert [type(c) for c in default].count(SaveOnSigterm) == 1
@@ -391,16 +393,7 @@ def test_cli_adds_the_reliability_callbacks_without_duplicating_configured_ones(
     assert guard.max_skipped == 3
     assert any(isinstance(c, ExportHF) for c in configured)
     assert [type(c) for c in configured].count(SaveOnSigterm) == 1
-    cli = LitAlignCLI(
-        AlignmentModule,
-        Base,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        trainer_defaults=TRAINER_DEFAULTS,
-        run=False,
-        args=["--config", str(DPO_YAML)],
-    )
+    cli = build()
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 

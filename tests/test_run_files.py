@@ -35,12 +35,6 @@ SHORT = [
 
 
 @pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-@pytest.fixture
 def read_only_folder(tmp_path):
     """A folder no file can be created in: mode 0o555, and immutable (``chattr +i``) where the tests
     run as root, who ignores modes."""

@@ -258,12 +258,6 @@ def test_the_test_source_is_part_of_the_tokenized_cache_key(tmp_path, tokenizer)
 
 
 # ---- the CLI -----------------------------------------------------------------------------------------
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 @pytest.mark.parametrize(
     "config, flags, message, key",
     [

@@ -239,6 +239,7 @@ def record_batches(tmp_path: Path, num_workers: int, limits: dict, ckpt_path=Non
     data = PreferenceDataModule(
         batch_size=4, max_length=48, num_workers=num_workers, task=WordRulesTask(num_train=24, num_val=4)
     )
+    data.tokenizer = module.tokenizer  # a plain LightningModule serves no data request: the tokenizer is given
     trainer = quiet_trainer(
         **limits,
         enable_checkpointing=bool(callbacks),

@@ -155,16 +155,16 @@ class OnPolicyModule(AlignmentModule):
     def check_settings(self) -> None:
         """Also refuse the adaptive KL controller's settings without ``kl.target``, which turns it on."""
         super().check_settings()
-        kl, default = as_settings(self.hparams.get("kl"), KLPenalty), KLPenalty()
-        if kl.target is None:
-            for name in ADAPTIVE_KL_FIELDS:
-                if getattr(kl, name) != getattr(default, name):
-                    raise SettingError(
-                        type(self).__name__,
-                        f"kl.{name}",
-                        f"must be unset without kl.target, got {getattr(kl, name)!r}: only the adaptive KL "
-                        "controller uses it, and kl.target turns that on (unset: fixed kl.beta)",
-                    )
+        kl = as_settings(self.hparams.get("kl"), KLPenalty)
+        unread = kl.set_away_from_default(ADAPTIVE_KL_FIELDS) if kl.target is None else []
+        if unread:
+            (name, value), *_ = unread
+            raise SettingError(
+                type(self).__name__,
+                f"kl.{name}",
+                f"must be unset without kl.target, got {value!r}: only the adaptive KL "
+                "controller uses it, and kl.target turns that on (unset: fixed kl.beta)",
+            )
 
     # ---- what a method implements ------------------------------------------------------------
     def prepare(self, rollout: Rollout) -> None:

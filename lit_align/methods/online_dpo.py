@@ -65,15 +65,17 @@ class OnlineDPO(OnPolicyModule):
                 "generation.temperature",
                 "must be > 0: greedy samples of a prompt are identical and never form a pair",
             )
-        kl, default = as_settings(h.get("kl"), KLPenalty), KLPenalty()
-        for name in ("beta", "target", *ADAPTIVE_KL_FIELDS):  # before the base: its message would say set kl.target
-            if getattr(kl, name) != getattr(default, name):
-                raise SettingError(
-                    "OnlineDPO",
-                    f"kl.{name}",
-                    f"must be unset, got {getattr(kl, name)!r}: OnlineDPO has no KL penalty, DPO's beta is its KL "
-                    "control (set beta instead)",
-                )
+        kl = as_settings(h.get("kl"), KLPenalty)
+        # before the base's check: its message would say to set kl.target
+        unused = kl.set_away_from_default(("beta", "target", *ADAPTIVE_KL_FIELDS))
+        if unused:
+            (name, value), *_ = unused
+            raise SettingError(
+                "OnlineDPO",
+                f"kl.{name}",
+                f"must be unset, got {value!r}: OnlineDPO has no KL penalty, DPO's beta is its KL "
+                "control (set beta instead)",
+            )
         if h.get("reward_normalization"):
             raise SettingError(
                 "OnlineDPO",

@@ -33,6 +33,12 @@ class KLPenalty:
     factor: Annotated[float, Range(1, low_open=True)] = 2.0
     """Adaptive: how much beta moves per update."""
 
+    def set_away_from_default(self, names: tuple[str, ...]) -> list[tuple[str, object]]:
+        """(name, value) of each of ``names`` whose value differs from the default: the settings a
+        method that does not read them must refuse."""
+        default = type(self)()
+        return [(name, getattr(self, name)) for name in names if getattr(self, name) != getattr(default, name)]
+
     def controller(self) -> "KLController":
         return KLController(self)
 

@@ -259,9 +259,6 @@ class AlignmentDataModule(LightningDataModule):
         """Anything besides the hyper-parameters that changes the tokenized examples."""
         return []
 
-    def _cache_path(self) -> Path:
-        return self.cache_root() / "tokenized" / f"{self.cache_key()}.pt"
-
     def cache_root(self) -> Path:
         return Path(self.hparams.cache_dir or default_cache_dir())
 
@@ -350,7 +347,8 @@ class AlignmentDataModule(LightningDataModule):
                 f"{type(self).__name__}: the tokenizer has neither a pad nor an eos token, so batches cannot be "
                 "padded; set tokenizer.pad_token",
             )
-        path = self._cache_path()
+        key = self.cache_key()  # hashes the tokenizer: computed once per setup
+        path = self.cache_root() / "tokenized" / f"{key}.pt"
         cached = self._load_cache(path)
         if cached is None:
             cached = {"splits": {}, "skipped": {}, "sources": {}}
@@ -372,7 +370,7 @@ class AlignmentDataModule(LightningDataModule):
                     )
         self.datasets = cached["splits"]
         self.sources = cached["sources"]
-        self._built_as = self.cache_key()
+        self._built_as = key
         self.skipped = {name: len(reasons) for name, reasons in cached["skipped"].items()}
         for name, reasons in cached["skipped"].items():
             if reasons:

@@ -5,8 +5,9 @@ A method declares what it needs of its data once, as a :class:`DataRequest`
 in one place, :meth:`lit_align.data.datamodule.AlignmentDataModule.serve`, and answers in one
 place, a :class:`ServedData`. Neither side reads the other's attributes: what the method needs
 (the layout, mismatched completions, class counts, ptx batches, a check of every example) and
-what the data module decides (whether packing stays on, the class counts, the examples the
-reference cache fills) cross here and nowhere else. Callbacks use the same two objects.
+what the data module decides (its layout, whether packing stays on, the class counts) cross here
+and nowhere else; the cached reference hands its values to the data module, which attaches them
+to its own examples. Callbacks use the same two objects.
 """
 
 from __future__ import annotations
@@ -63,20 +64,14 @@ class ServedData:
 
     Args:
         layout: the layout its batches have.
-        examples: per split, the tokenized examples (the lists the data loaders serve).
-        sources: per split, the name of the source its examples came from.
         packing: whether batches are packed; requested by the ``packing`` setting, kept only if
             :meth:`settle_packing` finds the model isolates packed sequences.
         class_counts: desirable and undesirable training examples, when requested.
-        ptx: whether training batches carry ``ptx`` demonstrations.
     """
 
     layout: Layout
-    examples: dict[str, list[dict[str, Any]]]
-    sources: dict[str, str]
     packing: bool = False
     class_counts: dict[str, int] | None = None
-    ptx: bool = False
     _packing_settled: bool = field(default=False, repr=False)
 
     def settle_packing(self, isolates: Callable[[], tuple[bool, float]], attention: str | None) -> bool:

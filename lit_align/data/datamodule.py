@@ -317,11 +317,8 @@ class AlignmentDataModule(LightningDataModule):
                 request.check_examples(split, self.sources.get(split, split), examples)
         self.served = ServedData(
             layout=self.layout,
-            examples=self.datasets,
-            sources=self.sources,
             packing=self.hparams.packing,
             class_counts=self.count_classes() if request.class_counts else None,
-            ptx=request.ptx,
         )
         return self.served
 

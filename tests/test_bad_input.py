@@ -457,11 +457,11 @@ def test_unknown_chat_role(regime, role, tokenizer, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     if role == "robot":  # not a chat role at all: rejected when the record is read
         message = where(train, 2, f"{field}[0]") + re.escape(
-            "unknown chat role 'robot' (known: system, user, assistant, tool)"
+            "unknown chat role 'robot' (known: system, developer, user, assistant, tool, ipython)"
         )
     else:  # a known role this tokenizer's chat template refuses: rejected when rendered, in the field that holds it
         message = where(train, 2, field) + re.escape(
-            "the chat template rejected this conversation: unknown chat role: tool"
+            "the chat template cannot render this conversation: unknown chat role: tool"
         )
     with pytest.raises(DataError, match=message):
         data_module(regime, tokenizer, train).setup("fit")
@@ -777,7 +777,11 @@ def test_utf8_byte_order_mark_is_accepted(regime, suffix, tokenizer, tmp_path):
     [
         ({"chosen": ["good answer", "more"]}, "chosen[0]", "expected a message {'role': ..., 'content': ...}"),
         ({"rejected": ["bad"]}, "rejected[0]", "expected a message {'role': ..., 'content': ...}"),
-        ({"chosen": [{"role": "assistant", "content": 5}]}, "chosen[0]", "message content must be a string, got int"),
+        (
+            {"chosen": [{"role": "assistant", "content": 5}]},
+            "chosen[0]",
+            "message content must be a string or a list of text parts, got int",
+        ),
         (
             {"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "robot", "content": "x"}]},
             "chosen[0]",
@@ -785,8 +789,8 @@ def test_utf8_byte_order_mark_is_accepted(regime, suffix, tokenizer, tmp_path):
         ),
         (
             {"prompt": [{"role": "user", "content": "Q"}], "rejected": [{"role": "user", "content": "x"}]},
-            "rejected",
-            "expected exactly one assistant message as the response",
+            "rejected[0]",
+            "a response must start with an assistant message, got role 'user'",
         ),
     ],
     ids=["chosen-strings", "rejected-strings", "content-not-text", "response-role", "response-not-assistant"],
@@ -900,6 +904,6 @@ def test_a_template_that_rejects_a_response_names_that_response(tmp_path):
         DataError,
         match="^"
         + where(train, 2, "rejected")
-        + re.escape("the chat template rejected this conversation: assistant turns cannot say forbidden"),
+        + re.escape("the chat template cannot render this conversation: assistant turns cannot say forbidden"),
     ):
         data_module("paired", tokenizer, train, val=write_jsonl(tmp_path / "v.jsonl", rows[:1])).setup("fit")

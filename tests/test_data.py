@@ -297,10 +297,10 @@ def test_wrong_type(tokenizer, tmp_path, val_file):
         make_dm(tokenizer, train, val=str(val_file)).setup("fit")
 
 
-def test_wrong_type_of_prompt_messages(tokenizer):
-    with pytest.raises(DataError, match=r"record 0, field 'prompt': expected a list of chat messages, got str"):
+def test_wrong_type_of_prompt_beside_messages(tokenizer):
+    with pytest.raises(DataError, match=r"record 0, field 'prompt': expected a string, got int"):
         normalise_record(
-            {"prompt": "hi", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}, "d.jsonl", 0
+            {"prompt": 5, "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}, "d.jsonl", 0
         )
 
 
@@ -378,7 +378,7 @@ def test_role_rejected_by_chat_template(tokenizer):
         {"prompt": [{"role": "tool", "content": "42"}], "chosen": "a", "rejected": "b"}, "d.jsonl", 5
     )
     with pytest.raises(
-        DataError, match=r"d\.jsonl, record 5, field 'prompt': the chat template rejected.*unknown chat role: tool"
+        DataError, match=r"d\.jsonl, record 5, field 'prompt': the chat template cannot render.*unknown chat role: tool"
     ):
         tokenize_pair(pair, tokenizer, 64, 32, source="d.jsonl", index=5)
 

@@ -61,6 +61,9 @@ class AlignmentDataModule(LightningDataModule):
             a prompt prefix (Anthropic HH).
         columns: rename fields, mapping our name to the dataset's, e.g. ``{"prompt": "question"}``.
         assistant_marker: the text that ends the prompt in ``implicit`` transcripts.
+        chat_template_kwargs: extra variables for the chat template when rendering conversations,
+            e.g. ``{"enable_thinking": false}`` (Qwen3) or ``{"tools": [...]}``; prompts for
+            generation are rendered with them too.
         task: settings of the built-in task (used when ``train`` is ``"builtin"``).
         max_length: longest prompt + response in tokens.
         max_prompt_length: longest prompt in tokens (default: half of ``max_length``).
@@ -93,6 +96,7 @@ class AlignmentDataModule(LightningDataModule):
         format: FormatName = "auto",
         columns: Optional[dict[str, str]] = None,
         assistant_marker: str = "\n\nAssistant:",
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
         task: Optional[WordRulesTask] = None,
         max_length: Annotated[int, Range(2)] = 512,
         max_prompt_length: Optional[Count] = None,
@@ -482,7 +486,18 @@ class PreferenceDataModule(AlignmentDataModule):
         """Token-id examples of one raw record (a paired record gives one example)."""
         h = self.hparams
         pair = normalise_record(record, source, index, h.format, h.columns, h.assistant_marker)
-        return [tokenize_pair(pair, self.tokenizer, h.max_length, self.max_prompt_length, h.truncation, source, index)]
+        return [
+            tokenize_pair(
+                pair,
+                self.tokenizer,
+                h.max_length,
+                self.max_prompt_length,
+                h.truncation,
+                source,
+                index,
+                h.chat_template_kwargs,
+            )
+        ]
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

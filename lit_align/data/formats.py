@@ -3,12 +3,26 @@
 Three record shapes are understood (``format="auto"`` picks per record):
 
 * ``explicit``: ``{"prompt": str, "chosen": str, "rejected": str}``.
-* ``conversational``: ``{"prompt": [messages], "chosen": [assistant message] | str, "rejected": ...}``,
-  or, with no prompt, ``chosen``/``rejected`` as whole conversations whose shared leading messages
-  are the prompt. Rendered later with the tokenizer's chat template.
+* ``conversational``: chat messages anywhere in the record. The prompt is a list of messages, or
+  the leading messages that ``chosen`` and ``rejected`` share when they are whole conversations
+  (with no prompt, or a text prompt: UltraFeedback-binarized's shape, where the text prompt is the
+  user turn those conversations start with), or a text prompt made the user turn when the
+  responses are messages alone. A response is text, one assistant message, or several messages
+  (an assistant turn calling tools, the ``tool`` results, the final answer). Rendered later with
+  the tokenizer's chat template.
 * ``implicit``: ``{"chosen": str, "rejected": str}`` whole transcripts (Anthropic HH style); the
   prompt is their shared prefix up to and including the last assistant marker in it
   (``"\\n\\nAssistant:"`` by default), the responses are the rest.
+
+Messages are kept as they are for the chat template: besides ``role`` and ``content`` any field
+(``tool_calls``, a ``tool`` message's ``name`` / ``tool_call_id``, ``reasoning_content``,
+``thinking``) passes through, and content may be a list of text parts
+(``[{"type": "text", "text": ...}]``). Only text can be tokenized: another part (an image) is an
+error naming the record and field.
+
+An optional ``system`` text (Intel/orca_dpo_pairs' shape: ``system``, ``question``, ``chosen``,
+``rejected``) becomes the system message of a chat prompt; a text prompt beside it becomes the
+user turn.
 
 Optional numeric ``score_chosen``/``score_rejected`` fields (e.g. reward-model or rater scores)
 are kept for objectives that use them (ODPO's offset); an optional numeric ``margin`` (how
@@ -26,21 +40,28 @@ from typing import Any, Literal, Union
 
 from lit_align.data.errors import DataError, DroppableRecord
 
-Message = dict[str, str]
+Message = dict[str, Any]
+"""A chat message as the record has it: ``role``, ``content`` and any other field the template reads."""
+Response = Union[str, tuple[Message, ...]]
+"""A response: text (one plain assistant turn), or messages (an assistant turn with more than text,
+or several turns: tool calls, their results, the answer)."""
 FormatName = Literal["auto", "explicit", "conversational", "implicit"]
-KNOWN_ROLES = ("system", "user", "assistant", "tool")
-PAIR_FIELDS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin")
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
+RESPONSE_ROLES = ("assistant", "tool", "ipython")
+"""Roles a response's messages may have (the model's turns and the results of its tool calls)."""
+PAIR_FIELDS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected", "margin", "system")
 """The fields a paired record can have (the names ``columns`` maps from)."""
 FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """One preference: ``prompt`` is text or a list of chat messages; responses are text."""
+    """One preference: ``prompt`` is text or a list of chat messages; each response is text or
+    messages (:data:`Response`, messages only with a chat prompt)."""
 
     prompt: Union[str, tuple[Message, ...]]
-    chosen: str
-    rejected: str
+    chosen: Response
+    rejected: Response
     score_chosen: float | None = None
     score_rejected: float | None = None
     margin: float | None = None
@@ -65,6 +86,14 @@ def normalise_record(
     }
     prompt, chosen, rejected = fields["prompt"], fields["chosen"], fields["rejected"]
     shape = format if format != "auto" else _detect(prompt, chosen, rejected)
+    if shape == "implicit" and record.get((columns or {}).get("system", "system")) is not None:
+        raise DataError(
+            source,
+            "a system field needs a prompt field: whole transcripts (the implicit format) have no turn to put it "
+            "before",
+            index,
+            "system",
+        )
     if shape == "explicit":
         pair = PreferencePair(
             read_text(prompt, "prompt", source, index, allow_empty=True),
@@ -83,6 +112,9 @@ def normalise_record(
         pair = _conversational(prompt, chosen, rejected, source, index)
     else:
         raise DataError(source, f"unknown format '{format}'; use one of auto, explicit, conversational, implicit")
+    system = record.get((columns or {}).get("system", "system"))
+    if system is not None:
+        pair = replace(pair, prompt=_with_system(pair.prompt, system, source, index))
     if pair.chosen == pair.rejected:
         raise DroppableRecord(source, "chosen and rejected responses are identical", index, "rejected")
     scores = {
@@ -90,6 +122,17 @@ def normalise_record(
         for name in ("score_chosen", "score_rejected", "margin")
     }
     return replace(pair, **scores)
+
+
+def _with_system(prompt: Union[str, tuple[Message, ...]], system: Any, source: str, index: int):
+    """The prompt as chat messages opened by the record's ``system`` text (none when it is empty)."""
+    text = read_text(system, "system", source, index, allow_empty=True)
+    messages = ({"role": "user", "content": prompt},) if isinstance(prompt, str) else prompt
+    if any(message["role"] == "system" for message in messages):
+        raise DataError(
+            source, "the record has a system field and a system message in its prompt; keep one", index, "system"
+        )
+    return (({"role": "system", "content": text},) if text.strip() else ()) + messages
 
 
 def read_number(value: Any, field: str, source: str, index: int) -> float | None:
@@ -130,6 +173,8 @@ def read_text(value: Any, field: str, source: str, index: int, allow_empty: bool
 
 
 def read_messages(value: Any, field: str, source: str, index: int) -> tuple[Message, ...]:
+    """Chat messages as the record has them (every field kept), checked: a known role, and content
+    that is text, a list of text parts, or null on an assistant turn that calls tools."""
     if not isinstance(value, Sequence) or isinstance(value, str):
         raise DataError(source, f"expected a list of chat messages, got {type(value).__name__}", index, field)
     messages = []
@@ -141,40 +186,104 @@ def read_messages(value: Any, field: str, source: str, index: int) -> tuple[Mess
             raise DataError(
                 source, f"unknown chat role '{message['role']}' (known: {', '.join(KNOWN_ROLES)})", index, where
             )
-        if not isinstance(message["content"], str):
+        _check_content(message, source, index, where)
+        if message.get("tool_calls") is not None and not isinstance(message["tool_calls"], list):
             raise DataError(
-                source, f"message content must be a string, got {type(message['content']).__name__}", index, where
+                source, f"tool_calls must be a list, got {type(message['tool_calls']).__name__}", index, where
             )
-        messages.append({"role": message["role"], "content": message["content"]})
+        messages.append(dict(message))
     return tuple(messages)
 
 
-def read_reply(messages: tuple[Message, ...], field: str, source: str, index: int) -> str:
-    if len(messages) != 1 or messages[0]["role"] != "assistant":
-        raise DataError(source, "expected exactly one assistant message as the response", index, field)
-    return read_text(messages[0]["content"], field, source, index)
+def _check_content(message: Mapping[str, Any], source: str, index: int, where: str) -> None:
+    content = message["content"]
+    if isinstance(content, str) or (content is None and message.get("tool_calls")):
+        return
+    if not isinstance(content, list):
+        raise DataError(
+            source,
+            f"message content must be a string or a list of text parts, got {type(content).__name__}",
+            index,
+            where,
+        )
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise DataError(
+                source,
+                f"content part {k} is {kind!r}: only text parts ({{'type': 'text', 'text': ...}}) can be tokenized",
+                index,
+                f"{where}.content[{k}]",
+            )
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    """The text of a message's content (its text parts joined; '' for none)."""
+    content = message["content"]
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content)
+    return content or ""
+
+
+def read_reply(messages: tuple[Message, ...], field: str, source: str, index: int) -> Response:
+    """A response given as messages: text when it is one plain assistant turn, else the messages
+    (starting with an assistant turn; tool results may follow)."""
+    if not messages:
+        raise DroppableRecord(source, "is empty (no response messages)", index, field)
+    if messages[0]["role"] != "assistant":
+        raise DataError(
+            source,
+            f"a response must start with an assistant message, got role '{messages[0]['role']}'",
+            index,
+            f"{field}[0]",
+        )
+    for position, message in enumerate(messages):
+        if message["role"] not in RESPONSE_ROLES:
+            raise DataError(
+                source,
+                f"a response holds the model's turns and tool results ({', '.join(RESPONSE_ROLES)}), got role "
+                f"'{message['role']}'; put earlier turns into the prompt",
+                index,
+                f"{field}[{position}]",
+            )
+    if len(messages) == 1 and set(messages[0]) == {"role", "content"} and isinstance(messages[0]["content"], str):
+        return read_text(messages[0]["content"], field, source, index)
+    if not any(message_text(message).strip() or message.get("tool_calls") for message in messages):
+        raise DroppableRecord(source, "is empty", index, field)
+    return messages
+
+
+def _response_messages(value: Any, field: str, source: str, index: int) -> tuple[Message, ...]:
+    if isinstance(value, list):
+        return read_messages(value, field, source, index)
+    return ({"role": "assistant", "content": read_text(value, field, source, index)},)
+
+
+def _shared_prefix(first: tuple[Message, ...], second: tuple[Message, ...]) -> int:
+    """How many leading messages the two conversations share (at least one message of each is left)."""
+    shared = 0
+    while shared < min(len(first), len(second)) - 1 and first[shared] == second[shared]:
+        shared += 1
+    return shared
 
 
 def _conversational(prompt: Any, chosen: Any, rejected: Any, source: str, index: int) -> PreferencePair:
     # the responses are read first: a malformed response is reported as itself, not as a prompt
     # that does not fit it
-    chosen_msgs = (
-        read_messages(chosen, "chosen", source, index)
-        if isinstance(chosen, list)
-        else ({"role": "assistant", "content": read_text(chosen, "chosen", source, index)},)
-    )
-    rejected_msgs = (
-        read_messages(rejected, "rejected", source, index)
-        if isinstance(rejected, list)
-        else ({"role": "assistant", "content": read_text(rejected, "rejected", source, index)},)
-    )
-    if prompt is None:  # whole conversations: the shared leading messages are the prompt
-        shared = 0
-        while shared < min(len(chosen_msgs), len(rejected_msgs)) - 1 and chosen_msgs[shared] == rejected_msgs[shared]:
-            shared += 1
+    chosen_msgs = _response_messages(chosen, "chosen", source, index)
+    rejected_msgs = _response_messages(rejected, "rejected", source, index)
+    if isinstance(prompt, list):
+        prompt_msgs = read_messages(prompt, "prompt", source, index)
+        # responses that repeat the prompt conversation before the reply: the reply is the rest
+        if prompt_msgs and all(msgs[: len(prompt_msgs)] == prompt_msgs for msgs in (chosen_msgs, rejected_msgs)):
+            chosen_msgs, rejected_msgs = chosen_msgs[len(prompt_msgs) :], rejected_msgs[len(prompt_msgs) :]
+    else:
+        shared = _shared_prefix(chosen_msgs, rejected_msgs)
         prompt_msgs = chosen_msgs[:shared]
         chosen_msgs, rejected_msgs = chosen_msgs[shared:], rejected_msgs[shared:]
-        if not prompt_msgs:
+        if prompt is not None:
+            prompt_msgs = _text_prompt_turn(prompt_msgs, prompt, source, index)
+        elif not prompt_msgs:
             raise DataError(
                 source,
                 "chosen and rejected conversations share no leading messages, so there is no prompt to split off "
@@ -182,8 +291,6 @@ def _conversational(prompt: Any, chosen: Any, rejected: Any, source: str, index:
                 index,
                 "chosen",
             )
-    else:
-        prompt_msgs = read_messages(prompt, "prompt", source, index)
     if not prompt_msgs:
         raise DataError(source, "conversation has no prompt messages", index, "prompt")
     return PreferencePair(
@@ -191,6 +298,33 @@ def _conversational(prompt: Any, chosen: Any, rejected: Any, source: str, index:
         read_reply(chosen_msgs, "chosen", source, index),
         read_reply(rejected_msgs, "rejected", source, index),
     )
+
+
+def _text_prompt_turn(shared: tuple[Message, ...], prompt: Any, source: str, index: int) -> tuple[Message, ...]:
+    """The prompt of a text ``prompt`` beside conversational responses: the conversations' shared
+    leading messages when they have them (the text must be one of their user turns, as in
+    UltraFeedback-binarized), else the text as the user turn."""
+    text = read_text(prompt, "prompt", source, index)
+    if not shared:
+        return ({"role": "user", "content": text},)
+    users = [message_text(m).strip() for m in shared if m["role"] == "user"]
+    if text.strip() not in users:
+        raise DataError(
+            source,
+            "the text prompt is not a user turn of the conversation that chosen and rejected share; map the "
+            "right fields with `columns`, or drop the prompt field to use the shared conversation",
+            index,
+            "prompt",
+        )
+    return shared
+
+
+def as_chat(prompt: Union[str, tuple[Message, ...]], responses: Sequence[Response]):
+    """The prompt to render with responses given as messages: a text prompt becomes the user turn
+    (messages need a chat template, which needs a conversation to render them in)."""
+    if isinstance(prompt, str) and any(not isinstance(response, str) for response in responses):
+        return ({"role": "user", "content": prompt},)
+    return prompt
 
 
 def _split_implicit(chosen: str, rejected: str, marker: str, source: str, index: int) -> PreferencePair:
@@ -225,8 +359,8 @@ def read_prompt(value: Any, field: str, source: str, index: int) -> Union[str, t
     return read_text(value, field, source, index, allow_empty=True)
 
 
-def read_response(value: Any, field: str, source: str, index: int) -> str:
-    """A response: text, or a list holding exactly one assistant message."""
+def read_response(value: Any, field: str, source: str, index: int) -> Response:
+    """A response: text, or messages (one assistant turn, or several: see :func:`read_reply`)."""
     if isinstance(value, list):
         return read_reply(read_messages(value, field, source, index), field, source, index)
     return read_text(value, field, source, index)

@@ -46,7 +46,15 @@ class ListwiseDataModule(AlignmentDataModule):
         order = sorted(range(len(item.responses)), key=lambda k: -item.scores[k])[: h.max_responses]
         texts = {f"responses[{k}]": item.responses[k] for k in order}
         prompt, responses = tokenize_responses(
-            item.prompt, texts, self.tokenizer, h.max_length, self.max_prompt_length, h.truncation, source, index
+            item.prompt,
+            texts,
+            self.tokenizer,
+            h.max_length,
+            self.max_prompt_length,
+            h.truncation,
+            source,
+            index,
+            template_kwargs=h.chat_template_kwargs,
         )
         ids = list(responses.values())
         if len({tuple(values) for values in ids}) < len(ids):

@@ -94,7 +94,9 @@ class PromptDataModule(AlignmentDataModule):
             source,
             index,
         )
-        ids = tokenize_prompt(prompt, self.tokenizer, self.max_prompt_length, h.truncation, source, index)
+        ids = tokenize_prompt(
+            prompt, self.tokenizer, self.max_prompt_length, h.truncation, source, index, h.chat_template_kwargs
+        )
         return [{"prompt": ids, "text": prompt if isinstance(prompt, str) else [dict(m) for m in prompt]}]
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -9,10 +9,12 @@ from lit_align.data.datamodule import AlignmentDataModule
 from lit_align.data.errors import DataError
 from lit_align.data.formats import (
     PAIR_FIELDS,
+    RESPONSE_ROLES,
     normalise_record,
     read_field,
     read_messages,
     read_prompt,
+    read_reply,
     read_response,
     read_text,
 )
@@ -27,8 +29,9 @@ class SFTDataModule(AlignmentDataModule):
 
     * ``{"prompt": ..., "completion": ...}``: prompt text or chat messages; completion text or a
       list holding one assistant message.
-    * ``{"messages": [...]}``: a whole conversation; the last message (an assistant turn) is the
-      completion, the messages before it the prompt.
+    * ``{"messages": [...]}``: a whole conversation ending in an assistant turn; the completion is
+      the model's last reply (the assistant turns after the last user or system turn, with the
+      ``tool`` results between them), the messages before it the prompt.
     * ``{"text": ...}``: plain text, every token trained (continued pre-training; PPO-ptx data).
     * preference pairs, when ``from_pairs`` is set: the chosen response is the completion. The
       built-in task is always read this way (its correct answers).
@@ -56,6 +59,7 @@ class SFTDataModule(AlignmentDataModule):
                 h.truncation,
                 source,
                 index,
+                template_kwargs=h.chat_template_kwargs,
             )
         except DataError as error:  # a {messages} record: prompt and completion are both in `messages`
             messages = self._messages_field(record)
@@ -77,14 +81,19 @@ class SFTDataModule(AlignmentDataModule):
         name = (h.columns or {}).get
         if name("messages", "messages") in record:
             messages = read_messages(record[name("messages", "messages")], "messages", source, index)
-            if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            start = len(messages)  # the reply: the model's turns (and tool results) after the last other turn
+            while start > 0 and messages[start - 1]["role"] in RESPONSE_ROLES:
+                start -= 1
+            while start < len(messages) and messages[start]["role"] != "assistant":
+                start += 1
+            if start == 0 or start == len(messages) or messages[-1]["role"] != "assistant":
                 raise DataError(
                     source,
                     "expected a conversation ending in an assistant message after at least one other message",
                     index,
                     "messages",
                 )
-            return messages[:-1], read_text(messages[-1]["content"], "messages", source, index)
+            return messages[:start], read_reply(messages[start:], "messages", source, index)
         if name("text", "text") in record and name("completion", "completion") not in record:
             return "", read_text(record[name("text", "text")], "text", source, index)
         prompt = read_prompt(

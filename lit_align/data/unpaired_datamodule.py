@@ -67,6 +67,7 @@ class UnpairedDataModule(AlignmentDataModule):
             h.truncation,
             source,
             index,
+            template_kwargs=h.chat_template_kwargs,
         )
         return {"prompt": prompt, "completion": responses["completion"], "label": item.label}
 

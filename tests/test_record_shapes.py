@@ -1,0 +1,243 @@
+"""The record shapes people have, loaded without configuration: UltraFeedback-binarized, rich chat
+messages (tool calls, tool results, reasoning, text parts), orca-style system fields and column
+mappings, asserting on the decoded text the model trains on."""
+
+import json
+import re
+
+import pytest
+
+from lit_align.data import PreferenceDataModule
+from lit_align.data.errors import DataError
+from lit_align.data.formats import normalise_record
+from lit_align.data.sft_datamodule import SFTDataModule
+from lit_align.data.tokenize import tokenize_pair
+from lit_align.model.tiny import build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return str(path)
+
+
+def decoded(tokenizer, ids):
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def ultrafeedback_record(k: int) -> dict:
+    """One record in HuggingFaceH4/ultrafeedback_binarized's shape."""
+    prompt = f"Name a colour number {k}."
+    return {
+        "prompt": prompt,
+        "prompt_id": f"{k:064x}",
+        "chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": f"Blue is colour {k}."}],
+        "rejected": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "I cannot say."}],
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": f"Blue is colour {k}."}],
+        "score_chosen": 8.0,
+        "score_rejected": 3.5,
+    }
+
+
+def test_ultrafeedback_binarized_loads_without_configuration(tokenizer, tmp_path):
+    records = [ultrafeedback_record(k) for k in range(6)]
+    train = write_jsonl(tmp_path / "uf.jsonl", records)
+    dm = PreferenceDataModule(train=train, val=train, max_length=96, cache_dir=str(tmp_path / "cache"))
+    dm.tokenizer = tokenizer
+    dm.setup("fit")
+    example = dm.datasets["train"][0]
+    # the text prompt is the user turn the conversations share; the replies are what follows it
+    assert decoded(tokenizer, example["prompt"]) == "<|bos|><|user|>Name a colour number 0.<|eos|><|assistant|>"
+    assert decoded(tokenizer, example["chosen"]) == "Blue is colour 0.<|eos|>"
+    assert decoded(tokenizer, example["rejected"]) == "I cannot say.<|eos|>"
+    assert (example["score_chosen"], example["score_rejected"]) == (8.0, 3.5)
+
+
+def test_text_prompt_that_is_not_the_shared_user_turn_is_named(tokenizer):
+    record = ultrafeedback_record(0) | {"prompt": "a different question"}
+    with pytest.raises(
+        DataError, match=r"^uf\.jsonl, record 3, field 'prompt': the text prompt is not a user turn of the conversation"
+    ):
+        normalise_record(record, "uf.jsonl", 3)
+
+
+def test_text_prompt_beside_assistant_messages_is_the_user_turn(tokenizer):
+    pair = normalise_record(
+        {
+            "prompt": "Hi?",
+            "chosen": [{"role": "assistant", "content": "Hello."}],
+            "rejected": [{"role": "assistant", "content": "Go away."}],
+        },
+        "d.jsonl",
+        0,
+    )
+    assert pair.prompt == ({"role": "user", "content": "Hi?"},)
+    assert (pair.chosen, pair.rejected) == ("Hello.", "Go away.")
+
+
+def test_chat_prompt_repeated_in_the_responses_is_split_off():
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    pair = normalise_record(
+        {
+            "prompt": prompt,
+            "chosen": prompt + [{"role": "assistant", "content": "Hello."}],
+            "rejected": prompt + [{"role": "assistant", "content": "Go away."}],
+        },
+        "d.jsonl",
+        0,
+    )
+    assert pair.prompt == tuple(prompt)
+    assert (pair.chosen, pair.rejected) == ("Hello.", "Go away.")
+
+
+TOOL_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+
+
+def test_tool_calls_and_tool_results_are_kept_as_they_are():
+    chosen = [
+        {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]},
+        {"role": "tool", "name": "get_weather", "tool_call_id": "call_0", "content": '{"sky": "sunny"}'},
+        {"role": "assistant", "content": "It is sunny in Paris.", "reasoning_content": "The tool said sunny."},
+    ]
+    record = {
+        "prompt": [{"role": "user", "content": "Weather in Paris?"}],
+        "chosen": chosen,
+        "rejected": [{"role": "assistant", "content": "It always rains."}],
+    }
+    pair = normalise_record(record, "tools.jsonl", 0)
+    assert pair.chosen == tuple(chosen)  # every field of every message, in order
+    assert pair.rejected == "It always rains."
+
+
+def test_tool_call_message_may_have_null_content():
+    record = {
+        "prompt": [{"role": "user", "content": "Weather?"}],
+        "chosen": [{"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}],
+        "rejected": "No idea.",
+    }
+    assert normalise_record(record, "d.jsonl", 0).chosen[0]["tool_calls"] == [TOOL_CALL]
+
+
+def test_text_parts_are_passed_to_the_template_as_they_are(tokenizer):
+    parts = [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo."}]
+    record = {"prompt": [{"role": "user", "content": "Hi?"}], "chosen": [{"role": "assistant", "content": parts}]}
+    pair = normalise_record(record | {"rejected": "Go away."}, "d.jsonl", 0)
+    assert pair.chosen == ({"role": "assistant", "content": parts},)
+    # the tiny template joins content as text: a template that cannot render parts says so, naming the field
+    with pytest.raises(DataError, match=r"^d\.jsonl, record 0, field 'chosen': the chat template cannot render"):
+        tokenize_pair(pair, tokenizer, 96, 48, source="d.jsonl", index=0)
+
+
+@pytest.mark.parametrize(
+    "content, field, message",
+    [
+        (
+            [{"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "x.png"}}],
+            "chosen[0].content[1]",
+            "content part 1 is 'image_url': only text parts ({'type': 'text', 'text': ...}) can be tokenized",
+        ),
+        ([{"type": "text", "text": 3}], "chosen[0].content[0]", "content part 0 is 'text': only text parts"),
+        (["plain"], "chosen[0].content[0]", "content part 0 is 'str': only text parts"),
+        (None, "chosen[0]", "message content must be a string or a list of text parts, got NoneType"),
+    ],
+    ids=["image", "text-not-string", "bare-string", "null-without-tool-calls"],
+)
+def test_content_that_is_not_text_is_named(content, field, message):
+    record = {"prompt": "Hi?", "chosen": [{"role": "assistant", "content": content}], "rejected": "No."}
+    with pytest.raises(DataError, match="^" + re.escape(f"d.jsonl, record 4, field '{field}': {message}")):
+        normalise_record(record, "d.jsonl", 4)
+
+
+def test_response_with_a_user_turn_is_named():
+    record = {
+        "prompt": [{"role": "user", "content": "Hi?"}],
+        "chosen": [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Thanks"}],
+        "rejected": "No.",
+    }
+    with pytest.raises(
+        DataError,
+        match=re.escape("d.jsonl, record 0, field 'chosen[1]': a response holds the model's turns and tool results"),
+    ):
+        normalise_record(record, "d.jsonl", 0)
+
+
+def test_tool_calls_must_be_a_list():
+    record = {
+        "prompt": "Hi?",
+        "chosen": [{"role": "assistant", "content": "", "tool_calls": {"name": "f"}}],
+        "rejected": "No.",
+    }
+    with pytest.raises(DataError, match=re.escape("field 'chosen[0]': tool_calls must be a list, got dict")):
+        normalise_record(record, "d.jsonl", 0)
+
+
+def test_orca_shape_with_column_mapping_and_system_field(tokenizer, tmp_path):
+    """Intel/orca_dpo_pairs: {system, question, chosen, rejected}; ``columns`` maps the question."""
+    records = [
+        {
+            "system": "You are terse." if k % 2 else "",
+            "question": f"Add 2 and {k}.",
+            "chosen": f"{k + 2}",
+            "rejected": "5",
+        }
+        for k in range(1, 5)
+    ]
+    train = write_jsonl(tmp_path / "orca.jsonl", records)
+    dm = PreferenceDataModule(
+        train=train, val=train, columns={"prompt": "question"}, max_length=96, cache_dir=str(tmp_path / "c")
+    )
+    dm.tokenizer = tokenizer
+    dm.setup("fit")
+    with_system, without = dm.datasets["train"][0], dm.datasets["train"][1]
+    assert decoded(tokenizer, with_system["prompt"]) == (
+        "<|bos|><|system|>You are terse.<|eos|><|user|>Add 2 and 1.<|eos|><|assistant|>"
+    )
+    assert decoded(tokenizer, without["prompt"]) == "<|bos|><|user|>Add 2 and 2.<|eos|><|assistant|>"
+    assert decoded(tokenizer, with_system["chosen"]) == "3<|eos|>"
+
+
+def test_stack_exchange_shape_with_column_mapping(tokenizer, tmp_path):
+    """lvwerra/stack-exchange-paired: {question, response_j (preferred), response_k}."""
+    records = [{"question": f"Q{k}?", "response_j": f"good {k}", "response_k": f"bad {k}"} for k in range(4)]
+    train = write_jsonl(tmp_path / "se.jsonl", records)
+    dm = PreferenceDataModule(
+        train=train,
+        val=train,
+        columns={"prompt": "question", "chosen": "response_j", "rejected": "response_k"},
+        max_length=64,
+        cache_dir=str(tmp_path / "c"),
+    )
+    dm.tokenizer = tokenizer
+    dm.setup("fit")
+    example = dm.datasets["train"][2]
+    assert decoded(tokenizer, example["prompt"]) == "Q2?"  # plain text: no template
+    assert decoded(tokenizer, example["chosen"]) == "good 2<|eos|>"
+    assert decoded(tokenizer, example["rejected"]) == "bad 2<|eos|>"
+
+
+def test_system_field_and_system_message_together_is_an_error():
+    record = {
+        "system": "A",
+        "prompt": [{"role": "system", "content": "B"}, {"role": "user", "content": "Hi?"}],
+        "chosen": "x",
+        "rejected": "y",
+    }
+    with pytest.raises(DataError, match=re.escape("record 0, field 'system': the record has a system field and")):
+        normalise_record(record, "d.jsonl", 0)
+
+
+def test_sft_conversation_with_tool_turns_trains_on_the_whole_last_reply(tokenizer):
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Let me look."},
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny."},
+    ]
+    dm = SFTDataModule(train="x.jsonl", max_length=96)
+    prompt, completion = dm._demonstration({"messages": messages}, "x.jsonl", 0)
+    assert prompt == tuple(messages[:1])
+    assert completion == tuple(messages[1:])

@@ -41,6 +41,16 @@ def test_completion_batch_right_aligns_rows_and_labels_up_to_the_first_eos():
     assert ended.tolist() == [True, False]
 
 
+def test_completion_batch_ends_at_any_end_of_turn_token():
+    """Two stop ids (EOS=2 and a template's end of turn, 6): each row ends at the first of either."""
+    sequences = torch.tensor([[7, 9, 6, 2, 5], [7, 3, 2, 6, 4], [7, 3, 4, 4, 4]])
+    prompt_mask = torch.tensor([[1], [1], [1]])
+    batch, ended = completion_batch(sequences, prompt_mask, eos_id=[2, 6], pad_id=0)
+    N = IGNORE_INDEX
+    assert batch["labels"].tolist() == [[N, 9, 6, N, N], [N, 3, 2, N, N], [N, 3, 4, 4, 4]]
+    assert ended.tolist() == [True, True, False]
+
+
 def test_sft_data_record_shapes_and_errors(tmp_path):
     path = tmp_path / "sft.jsonl"
     records = [

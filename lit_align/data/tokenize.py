@@ -287,6 +287,28 @@ def _ends_with_special(text: str, tokenizer: PreTrainedTokenizerBase) -> bool:
     return any(end.endswith(token) for token in specials if token.strip())
 
 
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end a reply: EOS, and the special token the chat template closes an assistant
+    turn with when it is another (Llama 3's ``<|eot_id|>`` beside the base model's
+    ``<|end_of_text|>``, Gemma's ``<end_of_turn>``). Generation stops at any of them, as the
+    tokenized responses end with them."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if not getattr(tokenizer, "chat_template", None):
+        return ids
+    try:
+        marked = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK}], tokenize=False
+        )
+    except Exception:  # a template with other rules (a required system turn, ...): EOS alone
+        return ids
+    if marked.count(_MARK) != 1:
+        return ids
+    specials = set(tokenizer.all_special_ids)
+    specials.update(i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special)
+    end = [i for i in tokenizer(marked.split(_MARK)[1], add_special_tokens=False)["input_ids"] if i in specials]
+    return ids + [i for i in end[:1] if i not in ids]
+
+
 def tokenize_prompt(
     prompt: Prompt,
     tokenizer: PreTrainedTokenizerBase,

@@ -3,11 +3,14 @@
 ``generate`` works on left-padded prompts; training batches in lit-align are right-padded
 (``input_ids``, ``attention_mask``, ``labels`` with -100 off the response), so every row is
 shifted left by its prompt padding. The completion is the generated tokens up to and including
-the first EOS; a completion that hits ``max_new_tokens`` first has no EOS (``ended`` is False).
+the first end-of-turn token (EOS, or the chat template's own end of turn:
+:func:`lit_align.data.tokenize.end_of_turn_ids`); a completion that hits ``max_new_tokens`` first
+has none (``ended`` is False).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Annotated, Any, Optional
 
@@ -15,6 +18,7 @@ import torch
 from transformers import GenerationConfig
 
 from lit_align.data.labels import IGNORE_INDEX
+from lit_align.data.tokenize import end_of_turn_ids
 from lit_align.settings import Count, NonNegative, NonNegativeInt, Range
 
 
@@ -41,7 +45,7 @@ class GenerationSettings:
             do_sample=sampling,
             num_return_sequences=samples,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=end_of_turn_ids(tokenizer),
             use_cache=True,
             **options,
         )
@@ -126,17 +130,19 @@ def sample_completions(
     finally:
         policy.train(was_training)
     prompt_mask = prompt_mask.repeat_interleave(samples, dim=0)
-    return completion_batch(sequences, prompt_mask, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return completion_batch(sequences, prompt_mask, end_of_turn_ids(tokenizer), tokenizer.pad_token_id)
 
 
 def completion_batch(
-    sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_id: int | None, pad_id: int
+    sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_id: int | Sequence[int] | None, pad_id: int
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Left-padded ``generate`` output -> right-padded rows with labels on the completion tokens
-    (up to and including the first EOS), and whether each completion ended with EOS."""
+    (up to and including the first end-of-turn token: ``eos_id``, one id or several), and whether
+    each completion ended with one."""
     prompt_width = prompt_mask.shape[1]
     response = sequences[:, prompt_width:]
-    is_eos = response == eos_id if eos_id is not None else torch.zeros_like(response, dtype=torch.bool)
+    stops = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    is_eos = torch.isin(response, torch.tensor(stops, dtype=response.dtype, device=response.device))
     before_end = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # up to and including the first EOS
     ended = is_eos.any(1)
     mask = torch.cat([prompt_mask.bool(), before_end], 1)

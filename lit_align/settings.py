@@ -14,6 +14,7 @@ import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 from lit_align.errors import SettingError
@@ -109,7 +110,21 @@ class LoRA:
     dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.0
     """Dropout on the adapter input."""
     target_modules: Union[str, list[str]] = "all-linear"
-    """Which linear layers get adapters: ``"all-linear"`` or a list of module names."""
+    """Which linear layers get adapters: ``"all-linear"`` (every linear layer but the output
+    head) or a list of module names (e.g. ``[q_proj, v_proj]``)."""
+    modules_to_save: Optional[list[str]] = None
+    """Modules trained in full beside the adapters and saved with them, e.g. ``[lm_head,
+    embed_tokens]`` after adding tokens; the reference (adapters disabled) keeps the originals."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA (Kalajdzievski 2023): scale the update by alpha / sqrt(r), not alpha / r."""
+    use_dora: bool = False
+    """DoRA (Liu et al. 2024): split each weight into magnitude and direction, LoRA on the direction."""
+    init_lora_weights: Union[bool, Literal["gaussian", "pissa", "olora"]] = True
+    """Adapter initialisation: ``true`` (B = 0, so training starts at the base model), ``gaussian``,
+    ``false`` (random B: the policy starts away from the base, for debugging), or ``pissa`` /
+    ``olora``, which move the principal part of each weight into the adapters: the base weights
+    change, so the reference is then a frozen copy of the original model (``model.reference``
+    ``auto`` or ``copy``)."""
 
 
 @dataclass
@@ -138,6 +153,11 @@ class ModelSettings:
     """GGUF file name inside ``name_or_path`` (alternative to pointing at the file directly)."""
     tokenizer: Optional[str] = None
     """Tokenizer source if it differs from the model's."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of the model and tokenizer; only for hub ids."""
+    chat_template: Optional[str] = None
+    """Chat template replacing the tokenizer's: a Jinja template string, or the path of a file
+    holding one (``.jinja``); used for training data, generation and the exported tokenizer."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the weights (keep float32 on CPU: bf16 matmuls there are ~100x slower)."""
     attn_implementation: Optional[str] = "sdpa"
@@ -161,11 +181,36 @@ class ModelSettings:
     trust_remote_code: bool = False
     """Allow model code from the hub repository."""
 
+    def __post_init__(self) -> None:
+        if self.revision is not None and not is_hub_id(self.name_or_path):
+            raise SettingError(
+                None,
+                "model.revision",
+                f"model.revision={self.revision!r} picks a version of a hub repository, but model.name_or_path="
+                f"{self.name_or_path!r} is not a hub id (the tiny model, a local folder or file, or package://): "
+                "remove revision",
+            )
+
+
+def is_hub_id(name_or_path: str) -> bool:
+    """Whether a model source is read from the hub (so a revision can pick its version)."""
+    if name_or_path == "tiny" or name_or_path.startswith(("package://", ".", "/", "~")):
+        return False
+    return not Path(name_or_path).expanduser().exists()
+
+
+OptimizerName = Literal["adamw", "adamw_fused", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
+
 
 @dataclass
 class OptimizerSettings:
     """AdamW with a warm-up then decay schedule (transformers' schedulers)."""
 
+    name: OptimizerName = "adamw"
+    """``adamw`` (torch), ``adamw_fused`` (torch's fused kernel, CPU and CUDA), ``adamw_8bit``
+    (bitsandbytes: optimizer state in 8 bits, about a quarter of the memory), ``paged_adamw`` /
+    ``paged_adamw_8bit`` (bitsandbytes: state paged to CPU memory under GPU memory pressure; CUDA
+    only). The bitsandbytes ones need ``pip install 'lit-align[qlora]'``."""
     lr: Positive = 5e-5
     """Peak learning rate."""
     weight_decay: NonNegative = 0.0

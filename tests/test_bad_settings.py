@@ -121,7 +121,7 @@ CONFIGS = ROOT / "configs"
             lambda: data_package.PreferenceDataModule(columns={"promt": "question"}),
             "PreferenceDataModule: columns maps fields it does not read: promt; the keys are lit-align's field names "
             "(prompt, chosen, rejected, "
-            "score_chosen, score_rejected, margin), the values the file's",
+            "score_chosen, score_rejected, margin, system), the values the file's",
         ),
         (
             lambda: data_package.ListwiseDataModule(columns={"chosen": "best"}),

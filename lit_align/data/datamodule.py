@@ -31,7 +31,9 @@ from lit_align.settings import Count, NonNegativeInt, Range, Seed, check_argumen
 
 log = logging.getLogger(__name__)
 BUILTIN = "builtin"
-CACHE_VERSION = 5  # 3: pairs carry their optional `margin` column; 4: every example its source record number; 5: chat replies end with the template's end of turn (no extra EOS), messages kept whole
+# 3: pairs carry their optional `margin` column; 4: every example its source record number;
+# 5: chat replies end with the template's end of turn (no extra EOS), messages kept whole
+CACHE_VERSION = 5
 
 
 def default_cache_dir() -> Path:

@@ -22,6 +22,7 @@ from lit_align.data.contract import DataRequest, ServedData
 from lit_align.data.datamodule import AlignmentDataModule
 from lit_align.data.errors import DataError
 from lit_align.errors import SettingError
+from lit_align.methods.optimizers import build_optimizer
 from lit_align.model.backbone import Backbone
 from lit_align.model.export import export_policy
 from lit_align.model.logprobs import SequenceLogps
@@ -192,9 +193,7 @@ class AlignmentModule(LightningModule):
     def configure_optimizers(self):
         settings = self.optimizer_settings
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps, weight_decay=settings.weight_decay
-        )
+        optimizer = build_optimizer(params, settings, self.device)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = get_scheduler(
             settings.schedule, optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total

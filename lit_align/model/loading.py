@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import jinja2
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -78,16 +79,24 @@ def _not_local(source: str) -> str:
 
 
 def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``settings`` (with ``chat_template`` in place of its own when set), padding
+    on the right with a pad token (EOS when it has none)."""
     if settings.name_or_path == "tiny" and settings.tokenizer is None:
-        return build_tiny_tokenizer()
+        tokenizer = build_tiny_tokenizer()
+        _set_chat_template(tokenizer, settings)
+        return tokenizer
     if settings.tokenizer is not None:
         source, gguf = settings.tokenizer, None
     else:
         source, gguf = resolve_model_path(settings)
+    revision = {"revision": settings.revision} if settings.revision and settings.tokenizer is None else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf, trust_remote_code=settings.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, gguf_file=gguf, trust_remote_code=settings.trust_remote_code, **revision
+        )
     except Exception as error:
         raise ModelLoadError(f"cannot load tokenizer from {source!r}: {_not_local(source)}{error}") from None
+    _set_chat_template(tokenizer, settings)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ModelLoadError(f"tokenizer {source!r} has neither a pad nor an eos token; set one")
@@ -95,6 +104,37 @@ def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
         log.info("tokenizer has no pad token; using eos %r for padding (padding is masked out)", tokenizer.eos_token)
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def read_chat_template(value: str) -> str:
+    """The template ``model.chat_template`` gives: the text itself when it holds Jinja tags
+    (``{{`` or ``{%``), else the contents of the file it names."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(
+            f"model.chat_template={value!r} is neither a Jinja template (no '{{{{' or '{{%' in it) nor an existing file"
+        )
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"model.chat_template: cannot read {value!r}: {error}") from None
+
+
+def _set_chat_template(tokenizer: PreTrainedTokenizerBase, settings: ModelSettings) -> None:
+    """Replace the tokenizer's chat template with ``settings.chat_template``, compiled first so a
+    syntax error stops the run here, naming the setting and the line."""
+    if settings.chat_template is None:
+        return
+    template = read_chat_template(settings.chat_template)
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as error:
+        raise ModelLoadError(
+            f"model.chat_template is not a valid Jinja template: line {error.lineno}: {error.message}"
+        ) from None
+    tokenizer.chat_template = template
 
 
 def load_causal_lm(settings: ModelSettings, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -133,6 +173,8 @@ def _build_tiny(settings: ModelSettings, tokenizer: PreTrainedTokenizerBase, dty
 
 def _from_pretrained(source, gguf, settings, dtype, quantization) -> PreTrainedModel:
     kwargs = {"dtype": dtype, "trust_remote_code": settings.trust_remote_code}
+    if settings.revision:
+        kwargs["revision"] = settings.revision
     if gguf:
         kwargs["gguf_file"] = gguf
     if settings.attn_implementation:
@@ -183,6 +225,10 @@ def add_lora(model: PreTrainedModel, settings: ModelSettings):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        init_lora_weights=lora.init_lora_weights,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)

@@ -162,6 +162,9 @@ class NoReference(ReferenceSource):
         raise RuntimeError("this method was built without a reference model (reference='none')")
 
 
+BASE_MOVING_INITS = ("pissa", "olora")
+"""LoRA initialisations that subtract what they put into the adapters from the base weights."""
+
 REFERENCE_SOURCES: dict[str, type[ReferenceSource]] = {
     source.name: source for source in (FrozenCopy, DisabledAdapter, CachedLogps, NoReference)
 }
@@ -182,8 +185,17 @@ def resolve_reference(settings: ModelSettings, needs_reference: bool, method: st
                 "would be built or computed and never used; leave model.reference auto (or none)",
             )
         return NoReference()
+    moves_base = settings.lora is not None and settings.lora.init_lora_weights in BASE_MOVING_INITS
     if chosen == "auto":
-        chosen = "adapter" if settings.lora is not None else "copy"
+        chosen = "adapter" if settings.lora is not None and not moves_base else "copy"
+    if moves_base and chosen in ("adapter", "cached"):
+        raise SettingError(
+            None,
+            "model.reference",
+            f"{who}model.reference={chosen} computes the reference with the LoRA adapters disabled, but "
+            f"model.lora.init_lora_weights={settings.lora.init_lora_weights} moves the principal part of each weight "
+            "into the adapters, so the disabled model is not the initial policy: use model.reference copy (or auto)",
+        )
     if chosen == "none":
         raise SettingError(
             None,

@@ -223,3 +223,53 @@ def test_dpo_with_8bit_adamw_trains_and_resumes_its_state_from_a_checkpoint(tmp_
     assert type(optimizer).__name__ == "AdamW8bit"
     steps = [state["step"] for state in optimizer.state.values() if "step" in state]
     assert steps and min(steps) == 5  # 3 restored + 2 more: the state came back, not a fresh one
+
+
+def test_modules_to_save_are_synced_into_the_reference_and_merged_under_their_plain_names():
+    from lit_align.callbacks.reference_sync import update_reference
+    from lit_align.methods.reward_model import merged_decoder_state
+
+    backbone = Backbone(
+        ModelSettings(lora=LoRA(r=4, modules_to_save=["lm_head", "embed_tokens"]), reference="copy"),
+        needs_reference=True,
+    )
+    trained = dict(backbone.policy.named_parameters())
+    with torch.no_grad():
+        for p in trained.values():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    batch = tiny_batch(backbone.tokenizer)
+    update_reference(backbone, 1.0)  # TR-DPO's hard update: the reference becomes the policy
+    torch.testing.assert_close(backbone.reference_logps(batch).tokens, backbone.logps(batch).tokens, atol=1e-5, rtol=0)
+    state = merged_decoder_state(backbone.policy)  # what the reward model's export writes
+    assert not [name for name in state if "modules_to_save" in name or "original_module" in name]
+    (embedding,) = [p for name, p in trained.items() if "embed_tokens.modules_to_save" in name]
+    assert torch.equal(state["embed_tokens.weight"], embedding)
+
+
+def test_reference_updates_refuse_dora_before_training():
+    from lit_align.callbacks.reference_sync import check_copy_reference
+
+    method = DPO(model={"lora": {"r": 4, "use_dora": True}, "reference": "copy"})
+    method.configure_model()
+    with pytest.raises(SettingError, match=re.escape("model.lora.use_dora") + ".*" + re.escape("use_dora false")):
+        check_copy_reference(method, "ReferenceSync")
+
+
+def test_pissa_policy_exports_merged_and_refuses_an_adapter_only_export(tmp_path):
+    backbone = lora_backbone(init_lora_weights="pissa")
+    with pytest.raises(SettingError, match=re.escape("export with merge_lora true")):
+        export_policy(backbone, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+    folder = export_policy(backbone, tmp_path / "merged", merge_lora=True)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+    batch = tiny_batch(backbone.tokenizer)
+    logits = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = backbone.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_chat_template_with_loop_controls_is_accepted():
+    template = "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m['content'] }}{% endfor %}"
+    tokenizer = load_tokenizer(ModelSettings(chat_template=template))
+    assert tokenizer.apply_chat_template(CONVERSATION + CONVERSATION, tokenize=False) == "hi"

@@ -30,6 +30,7 @@ from lightning import Callback, LightningModule, Trainer
 from lit_align.data.datamodule import AlignmentDataModule
 from lit_align.errors import SettingError
 from lit_align.methods.alignment import AlignmentModule
+from lit_align.model.loading import trained_module_names
 from lit_align.settings import Count, Range, check_arguments
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,13 @@ def check_copy_reference(pl_module: LightningModule, who: str) -> None:
             f"{who} cannot write the policy's weights into a 4-bit quantized reference (QLoRA); "
             "train without model.quantization to update the reference",
         )
+    if backbone.settings.lora is not None and backbone.settings.lora.use_dora:
+        raise SettingError(
+            None,
+            "model.lora.use_dora",
+            f"{who} writes the policy's weights into the reference as weight + LoRA delta, which model.lora.use_dora "
+            "(DoRA's magnitude rescaling) does not fit; train with plain LoRA (use_dora false) to update the reference",
+        )
 
 
 def policy_weights(backbone) -> dict[str, torch.Tensor]:
@@ -66,9 +74,9 @@ def policy_weights(backbone) -> dict[str, torch.Tensor]:
     from peft.tuners.lora import LoraLayer
 
     inner = policy.get_base_model()
-    weights = {
-        name.replace(".base_layer.", "."): param for name, param in inner.named_parameters() if "lora_" not in name
-    }
+    weights = trained_module_names(
+        {name.replace(".base_layer.", "."): param for name, param in inner.named_parameters() if "lora_" not in name}
+    )
     for name, module in inner.named_modules():
         if not isinstance(module, LoraLayer):
             continue

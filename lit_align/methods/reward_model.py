@@ -27,7 +27,7 @@ from lit_align.losses.reward import (
 from lit_align.methods.alignment import AlignmentModule
 from lit_align.model.export import staged_folder
 from lit_align.model.flops import flops_per_token
-from lit_align.model.loading import DTYPES
+from lit_align.model.loading import DTYPES, trained_module_names
 from lit_align.settings import ModelSettings, OptimizerSettings
 
 
@@ -157,7 +157,7 @@ def merged_decoder_state(policy: nn.Module) -> dict[str, torch.Tensor]:
 
     base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
     decoder = base.get_decoder()
-    state = dict(decoder.state_dict())
+    state = trained_module_names(dict(decoder.state_dict()))
     for name, module in decoder.named_modules():
         tuner = isinstance(module, BaseTunerLayer)
         layer = module.get_base_layer() if tuner else module

@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from lit_align.errors import SettingError
 from lit_align.model.backbone import Backbone
+from lit_align.model.reference import BASE_MOVING_INITS
 
 
 def export_policy(backbone: Backbone, output_dir: str | os.PathLike, merge_lora: bool = False) -> Path:
@@ -25,6 +27,15 @@ def export_policy(backbone: Backbone, output_dir: str | os.PathLike, merge_lora:
     output_dir)``), ``merge_lora=True`` folds the adapter into a copy of the base weights and saves
     a plain model.
     """
+    lora = backbone.settings.lora
+    if backbone.is_peft and not merge_lora and lora.init_lora_weights in BASE_MOVING_INITS:
+        raise SettingError(
+            None,
+            "merge_lora",
+            f"an adapter-only export of a model.lora.init_lora_weights={lora.init_lora_weights} policy would load onto "
+            f"{backbone.settings.name_or_path!r}, but its adapters were fitted to base weights that initialisation "
+            "rewrote: export with merge_lora true",
+        )
     with staged_folder(output_dir) as staging:
         model = backbone.policy
         if backbone.is_peft and merge_lora:

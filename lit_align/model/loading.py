@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,8 +129,8 @@ def _set_chat_template(tokenizer: PreTrainedTokenizerBase, settings: ModelSettin
     if settings.chat_template is None:
         return
     template = read_chat_template(settings.chat_template)
-    try:
-        jinja2.Environment().parse(template)
+    try:  # transformers renders templates with the loop controls ({% break %}) on
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
     except jinja2.TemplateSyntaxError as error:
         raise ModelLoadError(
             f"model.chat_template is not a valid Jinja template: line {error.lineno}: {error.message}"
@@ -214,6 +215,17 @@ def _bnb_config(settings: ModelSettings):
         bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
         bnb_4bit_quant_storage=DTYPES[q.quant_storage or "uint8"],
     )
+
+
+def trained_module_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` named as in the plain model: for a module in LoRA's ``modules_to_save``, peft keeps
+    the original (``X.original_module.*``) beside the trained copy (``X.modules_to_save.default.*``);
+    the trained copy takes the plain name ``X.*`` and the original is left out."""
+    return {
+        re.sub(r"\.modules_to_save\.[^.]+\.", ".", name): value
+        for name, value in weights.items()
+        if ".original_module." not in name
+    }
 
 
 def add_lora(model: PreTrainedModel, settings: ModelSettings):

@@ -114,10 +114,11 @@ def test_tool_calls_and_tool_results_are_kept_as_they_are():
     assert pair.rejected == "It always rains."
 
 
-def test_tool_call_message_may_have_null_content():
+@pytest.mark.parametrize("content", [{"content": None}, {}], ids=["null", "absent"])
+def test_tool_call_message_may_have_null_or_no_content(content):
     record = {
         "prompt": [{"role": "user", "content": "Weather?"}],
-        "chosen": [{"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}],
+        "chosen": [{"role": "assistant", "tool_calls": [TOOL_CALL], **content}],
         "rejected": "No idea.",
     }
     assert normalise_record(record, "d.jsonl", 0).chosen[0]["tool_calls"] == [TOOL_CALL]

@@ -180,7 +180,9 @@ def read_messages(value: Any, field: str, source: str, index: int) -> tuple[Mess
     messages = []
     for position, message in enumerate(value):
         where = f"{field}[{position}]"
-        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+        if not isinstance(message, Mapping) or "role" not in message:
+            raise DataError(source, "expected a message {'role': ..., 'content': ...}", index, where)
+        if "content" not in message and not message.get("tool_calls"):  # a tool call may come without content
             raise DataError(source, "expected a message {'role': ..., 'content': ...}", index, where)
         if message["role"] not in KNOWN_ROLES:
             raise DataError(
@@ -196,7 +198,7 @@ def read_messages(value: Any, field: str, source: str, index: int) -> tuple[Mess
 
 
 def _check_content(message: Mapping[str, Any], source: str, index: int, where: str) -> None:
-    content = message["content"]
+    content = message.get("content")
     if isinstance(content, str) or (content is None and message.get("tool_calls")):
         return
     if not isinstance(content, list):
@@ -219,7 +221,7 @@ def _check_content(message: Mapping[str, Any], source: str, index: int, where: s
 
 def message_text(message: Mapping[str, Any]) -> str:
     """The text of a message's content (its text parts joined; '' for none)."""
-    content = message["content"]
+    content = message.get("content")
     if isinstance(content, list):
         return "".join(part["text"] for part in content)
     return content or ""

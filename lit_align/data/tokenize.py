@@ -94,7 +94,7 @@ def render_conversation(
     full_text = render(reply, False, response_field)
     if full_text.startswith(prompt_text) and not _loses_reasoning(reply, full_text[len(prompt_text) :]):
         return prompt_text, full_text[len(prompt_text) :]
-    if len(reply) == 1 and isinstance(reply[0]["content"], str):
+    if len(reply) == 1 and isinstance(reply[0].get("content"), str):
         marked = render([{**reply[0], "content": _MARK, "reasoning_content": None}], False, response_field)
         return prompt_text, _continue_prompt(prompt_text, marked, reply[0], source, index, prompt_field)
     raise DataError(
@@ -139,7 +139,9 @@ def _continue_prompt(
     if not prompt_text.startswith(head):
         raise DataError(
             source,
-            "the chat template renders the prompt differently with and without the response",
+            "the chat template renders the prompt differently with and without the response (a template that "
+            "places a message by whether its turn is the last one, such as Mistral v0.3's system message in the "
+            "last user turn, cannot be split into a prompt and a reply: fold that message into the user turn)",
             index,
             prompt_field,
         )

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "results"
 LEARNING_TESTS = [
     "tests/test_cli.py::test_each_method_learns_the_builtin_task_through_the_cli",
+    "tests/test_record_shapes.py::test_dpo_trains_end_to_end_through_the_cli",
     "tests/test_listwise.py::test_each_listwise_config_learns_the_builtin_task_through_the_cli",
     "tests/test_unpaired.py::test_each_unpaired_method_learns_the_builtin_task_through_the_cli",
     "tests/test_reward_model.py::test_reward_config_learns_the_builtin_task_and_exports",

@@ -10,6 +10,7 @@ import pytest
 
 from lit_align.data import PreferenceDataModule
 from lit_align.data.errors import DataError
+from lit_align.errors import SettingError
 from lit_align.data.formats import normalise_record
 from lit_align.data.sft_datamodule import SFTDataModule
 from lit_align.data.tokenize import tokenize_pair
@@ -219,6 +220,13 @@ def test_stack_exchange_shape_with_column_mapping(tokenizer, tmp_path):
     assert decoded(tokenizer, example["prompt"]) == "Q2?"  # plain text: no template
     assert decoded(tokenizer, example["chosen"]) == "good 2<|eos|>"
     assert decoded(tokenizer, example["rejected"]) == "bad 2<|eos|>"
+
+
+def test_chat_template_kwargs_without_chat_data_is_refused():
+    with pytest.raises(
+        SettingError, match=re.escape("PreferenceDataModule: chat_template_kwargs is set, but the only data is the")
+    ):
+        PreferenceDataModule(chat_template_kwargs={"enable_thinking": False})
 
 
 def test_system_field_and_system_message_together_is_an_error():

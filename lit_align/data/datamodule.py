@@ -130,6 +130,13 @@ class AlignmentDataModule(LightningDataModule):
                     f"must be unset without {source_name}, got {split_name!r}: it names the split to read from "
                     f"the {source_name} source (set {source_name} too)",
                 )
+        if chat_template_kwargs and train == BUILTIN and val is None and test is None:
+            raise SettingError(
+                type(self).__name__,
+                "chat_template_kwargs",
+                "is set, but the only data is the built-in task, whose prompts are plain text: no chat template "
+                "renders them; remove it or train on conversational data",
+            )
         unknown = sorted(set(columns or {}) - set(self.record_fields))
         if unknown:  # a misspelt key would silently rename nothing
             raise SettingError(

@@ -10,10 +10,10 @@ import pytest
 
 from lit_align.data import PreferenceDataModule
 from lit_align.data.errors import DataError
-from lit_align.errors import SettingError
 from lit_align.data.formats import normalise_record
 from lit_align.data.sft_datamodule import SFTDataModule
 from lit_align.data.tokenize import tokenize_pair
+from lit_align.errors import SettingError
 from lit_align.model.tiny import build_tiny_tokenizer
 
 

@@ -462,7 +462,8 @@ def _counting_tokenize(monkeypatch) -> list[int]:
 
 
 def _cache_files(tmp_path) -> list[Path]:
-    return sorted((tmp_path / "lit-align-cache" / "tokenized").glob("*.pt"))
+    """The tokenized-data cache entries: one folder of Arrow files and meta.json per key."""
+    return sorted(path.parent for path in (tmp_path / "lit-align-cache" / "tokenized").glob("*/meta.json"))
 
 
 def test_cache_is_reused(tokenizer, tmp_path, monkeypatch):
@@ -511,17 +512,24 @@ def test_corrupt_cache_is_rebuilt(tokenizer, tmp_path, monkeypatch, caplog):
     train = write_jsonl(tmp_path / "train.jsonl", good_records(4))
     first = make_dm(tokenizer, train, val=str(train))
     first.setup("fit")
+    expected = {name: list(examples) for name, examples in first.datasets.items()}  # read before the damage
     (cache,) = _cache_files(tmp_path)
-    cache.write_bytes(b"\x00garbage, not a torch file\xff" * 10)
+    train_file = next(cache.glob("train*.arrow"))
+    size, garbage = train_file.stat().st_size, b"\x00garbage, not an arrow file\xff"
+    damaged = tmp_path / "damaged"  # same size, so only reading the file finds it (not meta.json's sizes)
+    damaged.write_bytes((garbage * (size // len(garbage) + 1))[:size])
+    damaged.replace(train_file)  # a new file: `first` keeps the pages it has memory-mapped
 
     calls = _counting_tokenize(monkeypatch)
     second = make_dm(tokenizer, train, val=str(train))
     with caplog.at_level(logging.WARNING, logger="lit_align.data.datamodule"):
         second.setup("fit")
     assert len(calls) == 8
-    assert second.datasets == first.datasets
+    assert second.datasets == expected
     assert "unreadable" in caplog.text
-    assert torch.load(cache, weights_only=True)["splits"] == first.datasets  # rewritten, readable again
+    third = make_dm(tokenizer, train, val=str(train))  # rewritten, readable again
+    third.setup("fit")
+    assert len(calls) == 8 and third.datasets == expected
 
 
 def test_use_cache_false_writes_nothing(tokenizer, tmp_path):

@@ -820,11 +820,26 @@ def small_dm(**kwargs) -> PreferenceDataModule:
     return dm
 
 
+def arrow_writes_that_fail_midway_under(folder: Path, monkeypatch) -> None:
+    """Arrow files written under ``folder`` (the tokenized cache's) get some bytes, then the disk is full."""
+    from lit_align.data import storage
+
+    original = storage.write_arrow
+
+    def failing(path, schema, tables):
+        if Path(path).is_relative_to(folder):
+            Path(path).write_bytes(b"ARROW1 partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(path, schema, tables)
+
+    monkeypatch.setattr(storage, "write_arrow", failing)
+
+
 def test_tokenized_cache_write_failure_leaves_no_half_written_cache(tmp_path, monkeypatch, caplog):
-    """A cache that cannot be written (here: the disk fills midway) leaves no file behind; the run
-    goes on without it, saying so."""
+    """A cache that cannot be written (here: the disk fills midway) leaves nothing behind; the run
+    goes on without it (its Arrow files in a temporary folder), saying so."""
     cache = tmp_path / "cache"
-    torch_save_that_fails_midway(monkeypatch)
+    arrow_writes_that_fail_midway_under(cache, monkeypatch)
     failed = small_dm(cache_dir=str(cache))
     with caplog.at_level(logging.WARNING, logger="lit_align.data.datamodule"):
         failed.setup("fit")
@@ -838,21 +853,23 @@ def test_tokenized_cache_write_failure_leaves_no_half_written_cache(tmp_path, mo
     dm = small_dm(cache_dir=str(cache))
     dm.setup("fit")
     (written,) = (cache / "tokenized").iterdir()
-    assert load_or_none(written)["splits"] == dm.datasets
+    assert sorted(p.name for p in written.iterdir()) == ["meta.json", "train.arrow", "val.arrow"]
+    assert dm.datasets == failed.datasets
 
 
 def test_truncated_tokenized_cache_is_detected_and_rebuilt(tmp_path, caplog):
-    """tests/test_data.py covers a garbage file; here the file is a valid cache cut in half."""
+    """tests/test_data.py covers a garbage file; here a file of the cache is cut in half."""
     cache = tmp_path / "cache"
     first = small_dm(cache_dir=str(cache))
     first.setup("fit")
+    expected = {name: list(examples) for name, examples in first.datasets.items()}
     (written,) = (cache / "tokenized").iterdir()
-    whole = written.read_bytes()
-    written.write_bytes(whole[: len(whole) // 2])
-    assert load_or_none(written) is None
+    whole = (written / "train.arrow").read_bytes()
+    (tmp_path / "half").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "half").replace(written / "train.arrow")  # a new file: `first` keeps its memory-mapped pages
     second = small_dm(cache_dir=str(cache))
     with caplog.at_level(logging.WARNING, logger="lit_align.data.datamodule"):
         second.setup("fit")
     assert "unreadable; rebuilding" in caplog.text
-    assert second.datasets == first.datasets
-    assert load_or_none(written)["splits"] == first.datasets
+    assert second.datasets == expected
+    assert (written / "train.arrow").read_bytes() == whole

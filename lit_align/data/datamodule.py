@@ -3,13 +3,17 @@ records -> token ids (cached) -> batches) and the paired preference data module.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Optional
 
 import torch
 from lightning import LightningDataModule
@@ -22,18 +26,50 @@ from lit_align.data.contract import DataRequest, ServedData
 from lit_align.data.errors import DataError, DroppableRecord
 from lit_align.data.formats import PAIR_FIELDS, FormatName, normalise_record
 from lit_align.data.sampling import GlobalBatchOrder, ResumableLoader
-from lit_align.data.sources import read_records, source_fingerprint
+from lit_align.data.sources import (
+    DataFiles,
+    LoadOptions,
+    describe_source,
+    iter_records,
+    source_fingerprint,
+    source_kind,
+)
+from lit_align.data.storage import (
+    RECORD,
+    SKIPPED,
+    ExampleTable,
+    commit,
+    decode_records,
+    encode_examples,
+    example_schema,
+    finalize,
+    new_workspace,
+    open_tables,
+    read_meta,
+    tokenize_records,
+    write_records,
+)
 from lit_align.data.tasks import WordRulesTask
 from lit_align.data.tokenize import TruncationMode, tokenize_pair
 from lit_align.errors import SettingError
-from lit_align.runtime.atomic import atomic_torch_save, load_or_none
 from lit_align.settings import Count, NonNegativeInt, Range, Seed, check_arguments
+
+if TYPE_CHECKING:
+    import datasets
 
 log = logging.getLogger(__name__)
 BUILTIN = "builtin"
-# 3: pairs carry their optional `margin` column; 4: every example its source record number;
-# 5: chat replies end with the template's end of turn (no extra EOS), messages kept whole
-CACHE_VERSION = 5
+# 3: pairs carry `margin`; 4: every example its source record number; 5: Arrow files;
+# 6: chat replies end with the template's end of turn (no extra EOS), messages kept whole
+CACHE_VERSION = 6
+_READS = {"subset": ("hub",), "revision": ("hub",), "data_dir": ("hub", "builder"), "data_files": ("hub", "builder")}
+_KIND_WORDS = {
+    "builtin": "the built-in task",
+    "local": "a local file or folder",
+    "builder": "a datasets builder",
+    "hub": "a hub dataset",
+}
+_KIND_PLURALS = {"builder": "datasets builders (json, csv, ...)", "hub": "hub datasets"}
 
 
 def default_cache_dir() -> Path:
@@ -48,7 +84,9 @@ class AlignmentDataModule(LightningDataModule):
 
     Args:
         train: ``"builtin"`` (the built-in word-rules task) or a data source: a .jsonl/.jsonl.gz/
-            .json/.parquet file, a folder written by ``datasets.save_to_disk``, or a hub dataset name.
+            .json/.parquet file, a folder written by ``datasets.save_to_disk``, a hub dataset name,
+            or a ``datasets`` builder (``json``, ``csv``, ``parquet``, ``arrow``, ``text``) that
+            reads ``data_files``.
         val: held-out source; when unset, the built-in task's held-out split, or ``val_fraction``
             of ``train`` split off with ``seed``.
         split: split to read from a hub dataset or saved DatasetDict for training.
@@ -82,8 +120,20 @@ class AlignmentDataModule(LightningDataModule):
             else padding is used and the reason logged.
         num_workers: DataLoader worker processes.
         seed: seed for shuffling and for the ``val_fraction`` split.
-        cache_dir: where tokenized data is cached (default ``$LIT_ALIGN_CACHE`` or ~/.cache/lit-align).
-        use_cache: read/write the tokenized cache.
+        cache_dir: where tokenized data is cached (default ``$LIT_ALIGN_CACHE`` or ~/.cache/lit-align),
+            as Arrow files in ``tokenized/<key>/``.
+        use_cache: read/write the tokenized cache (without it the Arrow files are written to a
+            temporary folder, deleted when the data module is).
+        num_proc: processes that tokenize (``datasets.map``'s ``num_proc``); 1 tokenizes in this one.
+        subset: the configuration of a hub dataset (``datasets.load_dataset``'s ``name``; "Subset"
+            on the hub's page), e.g. ``main``.
+        data_dir: folder inside a hub dataset to read, or the folder a builder source reads.
+        data_files: files a hub dataset or a builder source (``train: json``) reads: a path or glob,
+            a list of them, or a mapping split -> path(s) (then ``split`` picks one).
+        revision: git revision (branch, tag or commit) of a hub dataset; part of the cache key.
+
+    ``subset``, ``data_dir``, ``data_files`` and ``revision`` apply to every hub (or builder)
+    source among ``train``, ``val`` and ``test``; set without any such source, they are an error.
     """
 
     def __init__(
@@ -112,10 +162,18 @@ class AlignmentDataModule(LightningDataModule):
         seed: Seed = 0,
         cache_dir: Optional[str] = None,
         use_cache: bool = True,
+        num_proc: Count = 1,
+        subset: Optional[str] = None,
+        data_dir: Optional[str] = None,
+        data_files: Optional[DataFiles] = None,
+        revision: Optional[str] = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         check_arguments(self, self.hparams)  # the settings of subclasses too
+        self.load_options = LoadOptions(subset, data_dir, data_files, revision)
+        """How hub and builder sources are read (``datasets.load_dataset``'s options)."""
+        self._check_load_options()
         if max_prompt_length is not None and max_prompt_length >= max_length:
             raise SettingError(
                 type(self).__name__,
@@ -153,7 +211,8 @@ class AlignmentDataModule(LightningDataModule):
         self.served: ServedData | None = None
         """The answer to it (see :meth:`serve`)."""
         self._built_as: str | None = None  # the cache key the tokenized splits were built under
-        self.datasets: dict[str, list[dict[str, Any]]] = {}
+        self.datasets: dict[str, ExampleTable] = {}
+        """Per split, its tokenized examples (Arrow, memory-mapped from the cache)."""
         self.sources: dict[str, str] = {}
         """Per split, the name of the source its examples were read from (a file, folder, hub name
         or ``builtin:<split>``); each example's ``record`` is its record number there."""
@@ -165,35 +224,67 @@ class AlignmentDataModule(LightningDataModule):
         :class:`lit_align.callbacks.StepwiseDPO`, which also makes the trainer reload the train
         loader every epoch; None serves every example every epoch."""
 
+    def _check_load_options(self) -> None:
+        """``subset``/``data_dir``/``data_files``/``revision`` set with no source that reads them,
+        or a builder source with no files to read, are errors."""
+        h, owner = self.hparams, type(self).__name__
+        kinds = {"train": "builtin" if h.train == BUILTIN else source_kind(h.train)}
+        kinds.update({name: source_kind(h[name]) for name in ("val", "test") if h[name] is not None})
+        for setting, readers in _READS.items():
+            value = h[setting]
+            if value is None or any(kind in readers for kind in kinds.values()):
+                continue
+            sources = ", ".join(f"{name}={h[name]!r} ({_KIND_WORDS[kind]})" for name, kind in kinds.items())
+            readers_text = " and ".join(_KIND_PLURALS[kind] for kind in readers)
+            raise SettingError(
+                owner,
+                setting,
+                f"is set ({value!r}) but no source reads it: it applies to {readers_text} only, and the sources "
+                f"are {sources}; unset it",
+            )
+        for name, kind in kinds.items():
+            if kind == "builder" and h.data_files is None and h.data_dir is None:
+                raise SettingError(
+                    owner,
+                    "data_files",
+                    f"must be set: {name}={h[name]!r} is a datasets builder, which reads the files data_files names "
+                    "(or the folder data_dir)",
+                )
+
+    def source_name(self, source: str) -> str:
+        """How errors, logs and :attr:`sources` name ``source`` (a builder with what it reads)."""
+        return describe_source(source, self.load_options)
+
     # ---- records -------------------------------------------------------------------------
-    def _raw_splits(self) -> dict[str, tuple[str, list[tuple[int, dict[str, Any]]]]]:
-        """Per split: (source name, [(record number in that source, record), ...])."""
+    def _raw_splits(self, store: RecordStore) -> dict[str, tuple[str, datasets.Dataset]]:
+        """Per split: (source name, its raw records, numbered as in that source: see :class:`RecordStore`)."""
         h = self.hparams
         if h.train == BUILTIN:
             splits = {
-                name: (f"builtin:{name}", list(enumerate(self.builtin_records(name)))) for name in ("train", "val")
+                name: (f"builtin:{name}", store.of(name, self.builtin_records(name))) for name in ("train", "val")
             }
             if h.val:
-                splits["val"] = (h.val, list(enumerate(read_records(h.val, h.val_split or h.split))))
+                splits["val"] = (self.source_name(h.val), store.read(h.val, h.val_split or h.split))
         else:
-            train_records = list(enumerate(read_records(h.train, h.split)))
+            train_records = store.read(h.train, h.split)
             if h.val:
                 splits = {
-                    "train": (h.train, train_records),
-                    "val": (h.val, list(enumerate(read_records(h.val, h.val_split or h.split)))),
+                    "train": (self.source_name(h.train), train_records),
+                    "val": (self.source_name(h.val), store.read(h.val, h.val_split or h.split)),
                 }
             else:
                 order = list(range(len(train_records)))
                 random.Random(h.seed).shuffle(order)
                 held = set(order[: max(1, round(len(order) * h.val_fraction))])
+                name = self.source_name(h.train)
                 splits = {
-                    "train": (h.train, [r for r in train_records if r[0] not in held]),
-                    "val": (h.train, [r for r in train_records if r[0] in held]),
+                    "train": (name, train_records.select([i for i in range(len(order)) if i not in held])),
+                    "val": (name, train_records.select([i for i in range(len(order)) if i in held])),
                 }
         if h.test:
-            splits["test"] = (h.test, list(enumerate(read_records(h.test, h.test_split or h.split))))
+            splits["test"] = (self.source_name(h.test), store.read(h.test, h.test_split or h.split))
         if h.max_records:
-            splits = {name: (src, recs[: h.max_records]) for name, (src, recs) in splits.items()}
+            splits = {name: (src, first_rows(recs, h.max_records)) for name, (src, recs) in splits.items()}
         return splits
 
     # ---- what a data regime defines ------------------------------------------------------------
@@ -203,6 +294,10 @@ class AlignmentDataModule(LightningDataModule):
     """Which responses of an example become policy rows, and in which order."""
     provides_ptx: bool = False
     """Whether training batches carry ``ptx`` demonstrations (PPO-ptx)."""
+    example_features: ClassVar[dict[str, str]] = {}
+    """The Arrow kind of each example field :meth:`tokenize_record` returns (``ids``: token ids,
+    ``ids_list``, ``int``, ``float``, ``floats``, ``bool``, ``str``); fields not named here are
+    stored pickled (see :mod:`lit_align.data.storage`)."""
 
     def builtin_records(self, split: str) -> list[dict[str, Any]]:
         """Raw records of the built-in task's ``split`` (``train`` or ``val``)."""
@@ -218,31 +313,45 @@ class AlignmentDataModule(LightningDataModule):
             None, "data.class_path", f"{type(self).__name__} has no desirable/undesirable labels to count"
         )
 
-    def finish_split(self, name: str, source: str, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Last touch on a tokenized split before it is cached (e.g. mismatched completions)."""
+    def finish_split(self, name: str, source: str, examples: ExampleTable) -> ExampleTable:
+        """Last touch on a tokenized split before it is cached (e.g. mismatched completions):
+        return ``examples`` or a new table (:meth:`ExampleTable.write` adds columns)."""
         return examples
 
     def _tokenize_split(
-        self, source: str, records: list[tuple[int, dict[str, Any]]]
-    ) -> tuple[list[dict[str, Any]], list[str]]:
-        examples, skipped = [], []
-        for index, record in records:
-            try:
-                try:
-                    tokenized = self.tokenize_record(record, source, index)
-                except DataError as error:  # named in the file's own field names (``columns``)
-                    raise error.in_file_columns(self.hparams.columns) from None
-            except DroppableRecord as error:
-                if self.hparams.invalid_records == "error":
-                    raise
-                skipped.append(str(error))
-                continue
-            for example in tokenized:
-                example["record"] = index  # its number in the source: per-record checks name it
-            examples.extend(tokenized)
-        if not examples:
-            raise DataError(source, f"no usable records ({len(skipped)} skipped; first: {skipped[:1]})")
-        return examples, skipped
+        self, name: str, source: str, raw: datasets.Dataset, workspace: Path, key: str
+    ) -> tuple[ExampleTable, list[str]]:
+        """``raw`` records tokenized into Arrow files in ``workspace`` (by ``num_proc`` processes);
+        the examples, and why each skipped record was skipped."""
+        processes = min(self.hparams.num_proc, len(raw))
+        log.info(
+            "tokenizing %d %s records of %s%s", len(raw), name, source, f" in {processes} processes" * (processes > 1)
+        )
+        schema = example_schema(self.example_features)
+        examples, reasons = tokenize_records(
+            raw,
+            _TokenizeBatch(self._worker_copy(), source, schema),
+            schema,
+            workspace / f"{name}.arrow",
+            f"{key}-{name}",
+            processes,
+            f"Tokenizing {name}",
+        )
+        if not len(examples):
+            raise DataError(source, f"no usable records ({len(reasons)} skipped; first: {reasons[:1]})")
+        return examples, reasons
+
+    def _worker_copy(self) -> AlignmentDataModule:
+        """This data module without what tokenizing does not need and workers cannot (or should
+        not) receive: the trainer, loaders, examples, the method's check."""
+        clone = copy.copy(self)
+        for name in ("trainer", "served", "_train_loader", "_ptx_batches", "_scratch"):
+            if name in clone.__dict__:
+                clone.__dict__[name] = None
+        clone.datasets = {}
+        if self.request is not None:
+            clone.request = dataclasses.replace(self.request, check_examples=None)
+        return clone
 
     @property
     def packing(self) -> bool:
@@ -254,11 +363,12 @@ class AlignmentDataModule(LightningDataModule):
     def cache_key(self) -> str:
         """Identity of the tokenized data: sources, settings and tokenizer."""
         h = dict(self.hparams)
-        for name in ("batch_size", "eval_batch_size", "packing", "num_workers", "cache_dir", "use_cache"):
+        for name in ("batch_size", "eval_batch_size", "packing", "num_workers", "cache_dir", "use_cache", "num_proc"):
             h.pop(name, None)
-        train_id = repr(self.task) if h["train"] == BUILTIN else source_fingerprint(h["train"])
-        val_id = source_fingerprint(h["val"]) if h["val"] else None
-        test_id = source_fingerprint(h["test"]) if h.get("test") else None
+        options = self.load_options
+        train_id = repr(self.task) if h["train"] == BUILTIN else source_fingerprint(h["train"], options)
+        val_id = source_fingerprint(h["val"], options) if h["val"] else None
+        test_id = source_fingerprint(h["test"], options) if h.get("test") else None
         identity = {
             "version": CACHE_VERSION,
             "regime": [type(self).__qualname__, *self.cache_identity()],
@@ -275,13 +385,72 @@ class AlignmentDataModule(LightningDataModule):
     def cache_root(self) -> Path:
         return Path(self.hparams.cache_dir or default_cache_dir())
 
-    def _load_cache(self, path: Path) -> dict[str, Any] | None:
-        if not self.hparams.use_cache:
+    def _load_cache(self, folder: Path) -> tuple[dict[str, ExampleTable], dict[str, Any]] | None:
+        """The cached splits in ``folder`` and its meta, or None (no cache; a damaged one is logged)."""
+        if not self.hparams.use_cache or not folder.exists():
             return None
-        payload = load_or_none(path)
-        if payload is None and path.is_file():  # a truncated or corrupt cache is rebuilt, not trusted
-            log.warning("tokenized cache %s is unreadable; rebuilding it", path)
-        return payload
+        meta = read_meta(folder)
+        try:
+            if meta is None:
+                raise ValueError(f"its {folder / 'meta.json'} is missing or does not match the files")
+            return open_tables(folder, meta), meta
+        except Exception as error:  # a truncated or corrupt cache is rebuilt, not trusted
+            log.warning("tokenized cache %s is unreadable; rebuilding it (%s)", folder, error)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+
+    def _build(self, key: str, folder: Path) -> tuple[dict[str, ExampleTable], dict[str, Any]]:
+        """Tokenize every split into the cache ``folder`` (built beside it, renamed into place when
+        complete); where the cache cannot be written, into a temporary folder instead."""
+        if self.hparams.use_cache:
+            try:
+                workspace = new_workspace(folder)
+            except OSError as error:
+                self._warn_unwritable(folder.parent, error)
+            else:
+                try:
+                    meta = finalize(workspace, self._tokenize_into(workspace, key))
+                    commit(workspace, folder)
+                except OSError as error:  # disk full midway: this run goes on without the cache
+                    shutil.rmtree(workspace, ignore_errors=True)
+                    self._warn_unwritable(folder.parent, error)
+                except BaseException:  # nothing half-written stays behind
+                    shutil.rmtree(workspace, ignore_errors=True)
+                    raise
+                else:
+                    meta = read_meta(folder) or meta  # another process may have committed it first
+                    return open_tables(folder, meta), meta
+        self._scratch = tempfile.TemporaryDirectory(prefix="lit-align-tokenized-")
+        workspace = Path(self._scratch.name)
+        meta = finalize(workspace, self._tokenize_into(workspace, key))
+        return open_tables(workspace, meta, keep_alive=self._scratch), meta
+
+    def _tokenize_into(self, workspace: Path, key: str) -> dict[str, dict[str, Any]]:
+        """Read and tokenize every split into Arrow files in ``workspace``; per split, what
+        :func:`lit_align.data.storage.finalize` records."""
+        splits = {}
+        for name, (source, raw) in self._raw_splits(RecordStore(workspace, self.load_options)).items():
+            examples, reasons = self._tokenize_split(name, source, raw, workspace, key)
+            examples = self.finish_split(name, source, examples)
+            if examples.rows is not None:  # a view: written compactly
+                examples = examples.write(workspace / f"{name}-examples.arrow")
+            splits[name] = {
+                "files": [item["filename"] for item in examples.dataset.cache_files],
+                "rows": len(examples),
+                "source": source,
+                "skipped": len(reasons),
+                "first_skipped": reasons[0] if reasons else None,
+            }
+        return splits
+
+    def _warn_unwritable(self, folder: Path, error: OSError) -> None:
+        # read-only or full: the run does not need the cache, only the next one would
+        log.warning(
+            "cannot write the tokenized-data cache in %s (%s); continuing without it. Set data.init_args.cache_dir "
+            "or $LIT_ALIGN_CACHE to a writable folder, or data.init_args.use_cache to false",
+            folder,
+            error.strerror or error,
+        )
 
     # ---- Lightning hooks -----------------------------------------------------------------
     def serve(self, request: DataRequest) -> ServedData:
@@ -339,8 +508,7 @@ class AlignmentDataModule(LightningDataModule):
         """Per split, each example's per-token reference log-probs (one tensor per response, in
         layout order), carried by the example into its batches (``model.reference: cached``)."""
         for split, examples in self.datasets.items():
-            for example, example_values in zip(examples, values[split], strict=True):
-                example[REFERENCE_FIELD] = example_values
+            examples.attach(REFERENCE_FIELD, values[split])
 
     def setup(self, stage: str | None = None) -> None:
         """Read and tokenize every split (or load them from the cache). Without a tokenizer
@@ -358,41 +526,24 @@ class AlignmentDataModule(LightningDataModule):
                 "padded; set tokenizer.pad_token",
             )
         key = self.cache_key()  # hashes the tokenizer: computed once per setup
-        path = self.cache_root() / "tokenized" / f"{key}.pt"
-        cached = self._load_cache(path)
-        if cached is None:
-            cached = {"splits": {}, "skipped": {}, "sources": {}}
-            for name, (source, records) in self._raw_splits().items():
-                examples, skipped = self._tokenize_split(source, records)
-                cached["splits"][name] = self.finish_split(name, source, examples)
-                cached["skipped"][name] = skipped
-                cached["sources"][name] = source
-            if self.hparams.use_cache:
-                try:
-                    atomic_torch_save(cached, path)
-                except OSError as error:  # read-only or full: the run does not need the cache, only the next one would
-                    log.warning(
-                        "cannot write the tokenized-data cache in %s (%s); continuing without it. Set "
-                        "data.init_args.cache_dir "
-                        "or $LIT_ALIGN_CACHE to a writable folder, or data.init_args.use_cache to false",
-                        path.parent,
-                        error.strerror or error,
-                    )
-        self.datasets = cached["splits"]
-        self.sources = cached["sources"]
+        folder = self.cache_root() / "tokenized" / key
+        loaded = self._load_cache(folder)
+        tables, meta = loaded if loaded is not None else self._build(key, folder)
+        self.datasets = tables
+        self.sources = {name: split["source"] for name, split in meta["splits"].items()}
         self._built_as = key
-        self.skipped = {name: len(reasons) for name, reasons in cached["skipped"].items()}
-        for name, reasons in cached["skipped"].items():
-            if reasons:
+        self.skipped = {name: split["skipped"] for name, split in meta["splits"].items()}
+        for name, split in meta["splits"].items():
+            if split["skipped"]:
                 log.warning(
                     "skipped %d of %d %s records that cannot train (invalid_records=skip); first: %s",
-                    len(reasons),
-                    len(reasons) + len(self.datasets[name]),
+                    split["skipped"],
+                    split["skipped"] + len(self.datasets[name]),
                     name,
-                    reasons[0],
+                    split["first_skipped"],
                 )
 
-    def _loader(self, name: str, shuffle: bool, examples: list[dict[str, Any]] | None = None) -> DataLoader:
+    def _loader(self, name: str, shuffle: bool, examples: ExampleTable | None = None) -> DataLoader:
         """Batches of ``batch_size`` per process; the global batches are the same for any number
         of processes and a resumed epoch continues where it stopped (see :mod:`lit_align.data.sampling`)."""
         if not self.datasets:
@@ -490,6 +641,14 @@ class PreferenceDataModule(AlignmentDataModule):
     """The record fields this data module reads: the keys ``columns`` may map."""
     layout: ClassVar[Layout] = PairLayout()
     """Which responses of an example become policy rows, and in which order."""
+    example_features: ClassVar[dict[str, str]] = {
+        "prompt": "ids",
+        "chosen": "ids",
+        "rejected": "ids",
+        "score_chosen": "float",
+        "score_rejected": "float",
+        "margin": "float",
+    }
 
     def tokenize_record(self, record: dict[str, Any], source: str, index: int) -> list[dict[str, Any]]:
         """Token-id examples of one raw record (a paired record gives one example)."""
@@ -519,3 +678,56 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
         str(tokenizer.all_special_tokens),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def first_rows(records: datasets.Dataset, count: int) -> datasets.Dataset:
+    """The first ``count`` records (all when there are fewer)."""
+    return records.select(range(min(count, len(records))))
+
+
+class RecordStore:
+    """The raw records a build reads, each source written once into the build's folder as Arrow
+    (record number + the pickled record: see :mod:`lit_align.data.storage`), streamed from the
+    source so no list of all records is held."""
+
+    def __init__(self, workspace: Path, options: LoadOptions):
+        self.workspace, self.options = workspace, options
+        self._read: dict[tuple[str, str], datasets.Dataset] = {}
+
+    def read(self, source: str, split: str) -> datasets.Dataset:
+        """The records of ``split`` of ``source`` (a file, folder, hub dataset or builder)."""
+        if (source, split) not in self._read:
+            path = self.workspace / f"raw-{len(self._read)}.arrow"
+            self._read[source, split] = write_records(path, enumerate(iter_records(source, split, self.options)))
+        return self._read[source, split]
+
+    def of(self, name: str, records: list[dict[str, Any]]) -> datasets.Dataset:
+        """Records given as a list (the built-in task's ``name`` split)."""
+        return write_records(self.workspace / f"raw-builtin-{name}.arrow", enumerate(records))
+
+
+class _TokenizeBatch:
+    """``datasets.map``'s function: a batch of raw records -> an Arrow table of their examples,
+    and a row naming each skipped record (``invalid_records: skip``) with why. Pickled to the
+    ``num_proc`` workers with a copy of the data module (:meth:`AlignmentDataModule._worker_copy`)."""
+
+    def __init__(self, module: AlignmentDataModule, source: str, schema):
+        self.module, self.source, self.schema = module, source, schema
+
+    def __call__(self, batch: dict[str, list]):
+        module, rows = self.module, []
+        for index, record in decode_records(batch):
+            try:
+                try:
+                    tokenized = module.tokenize_record(record, self.source, index)
+                except DataError as error:  # named in the file's own field names (``columns``)
+                    raise error.in_file_columns(module.hparams.columns) from None
+            except DroppableRecord as error:
+                if module.hparams.invalid_records == "error":
+                    raise
+                rows.append({RECORD: index, SKIPPED: str(error)})
+                continue
+            for example in tokenized:
+                example[RECORD] = index  # its number in the source: per-record checks name it
+                rows.append(example)
+        return encode_examples(rows, self.schema, type(module).__name__)

@@ -19,6 +19,11 @@ class DataError(LitAlignError, ValueError):
         super().__init__(f"{', '.join(where)}: {message}")
         self.source, self.record, self.field, self.message = source, record, field, message
 
+    def __reduce__(self):
+        """Pickled by its parts (as ``num_proc`` tokenizing workers send it back to the main
+        process): the default would call ``__init__`` with the formatted message alone."""
+        return type(self), (self.source, self.message, self.record, self.field), self.__dict__
+
     def in_file_columns(self, columns: Mapping[str, str] | None) -> DataError:
         """The same error with its field named as the file names it: ``columns`` maps lit-align's
         field names to the file's (``{"chosen": "response_j"}``), and an indexed field keeps its

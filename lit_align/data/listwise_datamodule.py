@@ -27,6 +27,7 @@ class ListwiseDataModule(AlignmentDataModule):
 
     layout = ListLayout()
     record_fields = ("prompt", "responses", "scores", "ranks")
+    example_features = {"prompt": "ids", "responses": "ids_list", "scores": "floats"}
 
     def __init__(
         self,

@@ -8,10 +8,9 @@ from typing import Any, Optional
 import torch
 
 from lit_align.data.collate import PromptCollator, PromptLayout
-from lit_align.data.datamodule import BUILTIN, AlignmentDataModule
+from lit_align.data.datamodule import BUILTIN, AlignmentDataModule, RecordStore, first_rows
 from lit_align.data.formats import read_field, read_prompt
 from lit_align.data.sft_datamodule import SFTDataModule
-from lit_align.data.sources import read_records
 from lit_align.data.tokenize import tokenize_prompt
 from lit_align.settings import Count
 
@@ -40,6 +39,7 @@ class PromptDataModule(AlignmentDataModule):
 
     layout = PromptLayout()
     record_fields = ("prompt",)
+    example_features = {"prompt": "ids"}  # ``text`` (a string or chat messages) is stored pickled
 
     def __init__(self, *args, ptx_train: Optional[str] = None, ptx_batch_size: Optional[Count] = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -60,6 +60,7 @@ class PromptDataModule(AlignmentDataModule):
                 seed=h.seed,
                 cache_dir=h.cache_dir,
                 use_cache=h.use_cache,
+                num_proc=h.num_proc,
             )
 
     @property
@@ -107,10 +108,10 @@ class PromptDataModule(AlignmentDataModule):
 class _TrainOnly(SFTDataModule):
     """PPO-ptx demonstrations: the training split only (no held-out fraction is split off)."""
 
-    def _raw_splits(self):
+    def _raw_splits(self, store: RecordStore):
         h = self.hparams
         if h.train == BUILTIN:
-            source, records = "builtin:train", list(enumerate(self.builtin_records("train")))
+            source, records = "builtin:train", store.of("train", self.builtin_records("train"))
         else:
-            source, records = h.train, list(enumerate(read_records(h.train, h.split)))
-        return {"train": (source, records[: h.max_records] if h.max_records else records)}
+            source, records = self.source_name(h.train), store.read(h.train, h.split)
+        return {"train": (source, first_rows(records, h.max_records) if h.max_records else records)}

@@ -42,6 +42,7 @@ class SFTDataModule(AlignmentDataModule):
 
     layout = CompletionLayout()
     record_fields = ("prompt", "completion", "messages", "text", *PAIR_FIELDS[1:])  # pairs with ``from_pairs``
+    example_features = {"prompt": "ids", "completion": "ids"}
 
     def __init__(self, *args, from_pairs: bool = False, **kwargs):
         super().__init__(*args, **kwargs)

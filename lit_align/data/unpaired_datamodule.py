@@ -8,6 +8,7 @@ from lit_align.data.collate import UnpairedLayout
 from lit_align.data.datamodule import AlignmentDataModule
 from lit_align.data.errors import DataError
 from lit_align.data.formats import PAIR_FIELDS, normalise_record
+from lit_align.data.storage import ExampleTable
 from lit_align.data.tokenize import tokenize_responses
 from lit_align.data.unpaired import (
     UNPAIRED_FIELDS,
@@ -38,6 +39,7 @@ class UnpairedDataModule(AlignmentDataModule):
 
     layout = UnpairedLayout()
     record_fields = UNPAIRED_FIELDS + PAIR_FIELDS[1:]  # pairs with ``from_pairs``
+    example_features = {"prompt": "ids", "completion": "ids", "label": "bool"}  # + kl_completion (finish_split)
 
     def __init__(self, *args, from_pairs: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -77,26 +79,39 @@ class UnpairedDataModule(AlignmentDataModule):
     def _wants_mismatched(self) -> bool:
         return self.mismatched_completions or (self.request is not None and self.request.mismatched_completions)
 
-    def finish_split(self, name: str, source: str, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def finish_split(self, name: str, source: str, examples: ExampleTable) -> ExampleTable:
+        """Each example's mismatched completion (``kl_completion``): the completion of the next
+        example (cyclically) whose prompt differs, cut to fit ``max_length`` after this prompt."""
         if not self._wants_mismatched():
             return examples
-        for position, example in enumerate(examples):
-            other = next(
-                (
-                    examples[(position + step) % len(examples)]
-                    for step in range(1, len(examples))
-                    if examples[(position + step) % len(examples)]["prompt"] != example["prompt"]
-                ),
-                None,
+        starts, first, previous = [], None, None  # where each run of equal consecutive prompts starts
+        for position, prompt in enumerate(examples.iter_column("prompt")):
+            if position == 0:
+                first = prompt
+            if position == 0 or prompt != previous:
+                starts.append(position)
+            previous = prompt
+        if len(starts) < 2:
+            raise DataError(
+                source, "every example has the same prompt, so no mismatched completions exist for the KL estimate"
             )
-            if other is None:
-                raise DataError(
-                    source, "every example has the same prompt, so no mismatched completions exist for the KL estimate"
-                )
-            room = self.hparams.max_length - len(example["prompt"])
-            example["kl_completion"] = other["completion"][:room]
-        return examples
+        # a run's examples take the next run's first completion (it differs from theirs, equal to
+        # theirs being what a run means); the last run wraps around to the first example, or to
+        # the second run when the first run has its prompt too
+        wrap = 0 if first != previous else starts[1]
+        other, bounds = [], starts + [len(examples)]
+        for run in range(len(starts)):
+            target = starts[run + 1] if run + 1 < len(starts) else wrap
+            other += [target] * (bounds[run + 1] - bounds[run])
+
+        def mismatched(positions: range) -> list[list[int]]:
+            prompts = examples.column("prompt", positions)
+            completions = examples.column("completion", [other[p] for p in positions])
+            return [c[: self.hparams.max_length - len(p)] for p, c in zip(prompts, completions, strict=True)]
+
+        path = examples.path.with_name(f"{name}-mismatched.arrow")
+        return examples.write(path, {"kl_completion": ("ids", mismatched)})
 
     def count_classes(self) -> dict[str, int]:
-        labels = [bool(example["label"]) for example in self.datasets["train"]]
+        labels = [bool(label) for label in self.datasets["train"].column("label")]
         return {"desirable": sum(labels), "undesirable": len(labels) - sum(labels)}

@@ -451,13 +451,13 @@ def test_all_sources_load_the_same_pairs(tokenizer, tmp_path, monkeypatch):
 # ---- 7. cache --------------------------------------------------------------------------------
 def _counting_tokenize(monkeypatch) -> list[int]:
     calls = []
-    original = datamodule_module.tokenize_pair
+    original = datamodule_module.tokenize_responses
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(datamodule_module, "tokenize_pair", counting)
+    monkeypatch.setattr(datamodule_module, "tokenize_responses", counting)
     return calls
 
 
@@ -473,9 +473,9 @@ def test_cache_is_reused(tokenizer, tmp_path, monkeypatch):
     assert len(_cache_files(tmp_path)) == 1
 
     def boom(*args, **kwargs):
-        raise AssertionError("tokenize_pair must not run: the cache should be used")
+        raise AssertionError("tokenizing must not run: the cache should be used")
 
-    monkeypatch.setattr(datamodule_module, "tokenize_pair", boom)
+    monkeypatch.setattr(datamodule_module, "tokenize_responses", boom)
     second = make_dm(tokenizer, train, val=str(train), max_length=64, batch_size=3)  # batch size is not part of the key
     second.setup("fit")
     assert second.datasets == first.datasets

@@ -85,7 +85,7 @@ def test_second_run_memory_maps_the_cache_without_tokenizing(tokenizer, tmp_path
     def boom(*args, **kwargs):
         raise AssertionError("the second run must not tokenize")
 
-    monkeypatch.setattr(datamodule_module, "tokenize_pair", boom)
+    monkeypatch.setattr(datamodule_module, "tokenize_responses", boom)
     second = prepared(tokenizer, train=str(train), cache_dir=str(tmp_path / "c"))
     assert as_lists(second) == as_lists(first)
     examples = second.datasets["train"]
@@ -140,15 +140,15 @@ def test_record_errors_come_back_whole_from_workers(tokenizer, tmp_path, num_pro
 def test_a_failure_midway_leaves_no_cache_a_later_run_trusts(tokenizer, tmp_path, monkeypatch):
     train = write_jsonl(tmp_path / "train.jsonl", pairs(12))
     val = write_jsonl(tmp_path / "val.jsonl", pairs(4, "v"))
-    calls, original, leftover_made = [], datamodule_module.tokenize_pair, []
+    calls, original, leftover_made = [], datamodule_module.tokenize_responses, []
 
-    def fails_in_val(pair, *args, **kwargs):
+    def fails_in_val(prompt, *args, **kwargs):
         calls.append(1)
         if len(calls) == 14 and not leftover_made:  # train done (12), two val pairs in
             raise RuntimeError("killed midway")
-        return original(pair, *args, **kwargs)
+        return original(prompt, *args, **kwargs)
 
-    monkeypatch.setattr(datamodule_module, "tokenize_pair", fails_in_val)
+    monkeypatch.setattr(datamodule_module, "tokenize_responses", fails_in_val)
     with pytest.raises(RuntimeError, match="killed midway"):
         prepared(tokenizer, train=str(train), val=str(val))
     cache = tmp_path / "lit-align-cache"

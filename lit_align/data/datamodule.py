@@ -50,7 +50,7 @@ from lit_align.data.storage import (
     write_records,
 )
 from lit_align.data.tasks import WordRulesTask
-from lit_align.data.tokenize import TruncationMode, tokenize_pair
+from lit_align.data.tokenize import TruncationMode, pair_example, tokenize_responses
 from lit_align.errors import SettingError
 from lit_align.settings import Count, NonNegativeInt, Range, Seed, check_arguments
 
@@ -306,6 +306,24 @@ class AlignmentDataModule(LightningDataModule):
     def tokenize_record(self, record: dict[str, Any], source: str, index: int) -> list[dict[str, Any]]:
         """Token-id examples of one raw record."""
         raise NotImplementedError
+
+    def tokenize_responses(
+        self, prompt, responses: dict[str, Any], source: str, index: int
+    ) -> tuple[list[int], dict[str, list[int]]]:
+        """(prompt ids, {field: response ids}) of one record, with this module's length limits,
+        truncation and chat-template variables (:func:`lit_align.data.tokenize.tokenize_responses`)."""
+        h = self.hparams
+        return tokenize_responses(
+            prompt,
+            responses,
+            self.tokenizer,
+            h.max_length,
+            self.max_prompt_length,
+            h.truncation,
+            source,
+            index,
+            template_kwargs=h.chat_template_kwargs,
+        )
 
     def count_classes(self) -> dict[str, int]:
         """Desirable and undesirable training examples (data with a ``label`` per example)."""
@@ -654,18 +672,10 @@ class PreferenceDataModule(AlignmentDataModule):
         """Token-id examples of one raw record (a paired record gives one example)."""
         h = self.hparams
         pair = normalise_record(record, source, index, h.format, h.columns, h.assistant_marker)
-        return [
-            tokenize_pair(
-                pair,
-                self.tokenizer,
-                h.max_length,
-                self.max_prompt_length,
-                h.truncation,
-                source,
-                index,
-                h.chat_template_kwargs,
-            )
-        ]
+        prompt, responses = self.tokenize_responses(
+            pair.prompt, {"chosen": pair.chosen, "rejected": pair.rejected}, source, index
+        )
+        return [pair_example(pair, prompt, responses, source, index)]
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -8,7 +8,6 @@ from lit_align.data.collate import ListLayout
 from lit_align.data.datamodule import AlignmentDataModule
 from lit_align.data.errors import DroppableRecord
 from lit_align.data.listwise import normalise_listwise
-from lit_align.data.tokenize import tokenize_responses
 from lit_align.settings import Range
 
 
@@ -46,17 +45,7 @@ class ListwiseDataModule(AlignmentDataModule):
         item = normalise_listwise(record, source, index, h.columns)
         order = sorted(range(len(item.responses)), key=lambda k: -item.scores[k])[: h.max_responses]
         texts = {f"responses[{k}]": item.responses[k] for k in order}
-        prompt, responses = tokenize_responses(
-            item.prompt,
-            texts,
-            self.tokenizer,
-            h.max_length,
-            self.max_prompt_length,
-            h.truncation,
-            source,
-            index,
-            template_kwargs=h.chat_template_kwargs,
-        )
+        prompt, responses = self.tokenize_responses(item.prompt, texts, source, index)
         ids = list(responses.values())
         if len({tuple(values) for values in ids}) < len(ids):
             raise DroppableRecord(

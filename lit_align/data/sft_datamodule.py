@@ -18,7 +18,6 @@ from lit_align.data.formats import (
     read_response,
     read_text,
 )
-from lit_align.data.tokenize import tokenize_responses
 
 
 class SFTDataModule(AlignmentDataModule):
@@ -48,20 +47,9 @@ class SFTDataModule(AlignmentDataModule):
         super().__init__(*args, **kwargs)
 
     def tokenize_record(self, record: dict[str, Any], source: str, index: int) -> list[dict[str, Any]]:
-        h = self.hparams
         prompt, completion = self._demonstration(record, source, index)
         try:
-            prompt_ids, responses = tokenize_responses(
-                prompt,
-                {"completion": completion},
-                self.tokenizer,
-                h.max_length,
-                self.max_prompt_length,
-                h.truncation,
-                source,
-                index,
-                template_kwargs=h.chat_template_kwargs,
-            )
+            prompt_ids, responses = self.tokenize_responses(prompt, {"completion": completion}, source, index)
         except DataError as error:  # a {messages} record: prompt and completion are both in `messages`
             messages = self._messages_field(record)
             raise error.in_file_columns({"prompt": messages, "completion": messages} if messages else None) from None

@@ -236,6 +236,13 @@ def tokenize_pair(
         index,
         template_kwargs=template_kwargs,
     )
+    return pair_example(pair, prompt_ids, responses, source, index)
+
+
+def pair_example(
+    pair: PreferencePair, prompt_ids: list[int], responses: dict[str, list[int]], source: str, index: int
+) -> dict[str, Any]:
+    """The example of a tokenized pair: its ids, plus its scores and margin when it has them."""
     if responses["chosen"] == responses["rejected"]:
         raise DroppableRecord(
             source, "chosen and rejected are identical after tokenization and truncation", index, "rejected"

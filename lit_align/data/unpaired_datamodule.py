@@ -9,7 +9,6 @@ from lit_align.data.datamodule import AlignmentDataModule
 from lit_align.data.errors import DataError
 from lit_align.data.formats import PAIR_FIELDS, normalise_record
 from lit_align.data.storage import ExampleTable
-from lit_align.data.tokenize import tokenize_responses
 from lit_align.data.unpaired import (
     UNPAIRED_FIELDS,
     normalise_unpaired,
@@ -59,18 +58,7 @@ class UnpairedDataModule(AlignmentDataModule):
         return [self._tokenize(item, source, index) for item in items]
 
     def _tokenize(self, item, source: str, index: int) -> dict[str, Any]:
-        h = self.hparams
-        prompt, responses = tokenize_responses(
-            item.prompt,
-            {"completion": item.completion},
-            self.tokenizer,
-            h.max_length,
-            self.max_prompt_length,
-            h.truncation,
-            source,
-            index,
-            template_kwargs=h.chat_template_kwargs,
-        )
+        prompt, responses = self.tokenize_responses(item.prompt, {"completion": item.completion}, source, index)
         return {"prompt": prompt, "completion": responses["completion"], "label": item.label}
 
     def cache_identity(self) -> list[Any]:

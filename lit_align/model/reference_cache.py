@@ -33,6 +33,7 @@ from lit_align.model.backbone import Backbone
 from lit_align.model.loading import resolve_model_path
 from lit_align.model.reference import CachedLogps
 from lit_align.runtime.atomic import atomic_torch_save, load_or_none
+from lit_align.runtime.progress import progress
 from lit_align.settings import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -73,20 +74,22 @@ def compute_reference_logps(
     was_training = backbone.training
     backbone.eval()
     results = []
-    try:
-        for start in range(0, len(examples), batch_size):
-            chunk = [
-                {k: v for k, v in ex.items() if k != REFERENCE_FIELD} for ex in examples[start : start + batch_size]
-            ]
-            batch = {k: v.to(device) for k, v in collate(chunk).items()}
-            with CachedLogps.source(backbone):
-                logps = backbone.logps(batch)
-            values = [[None] * len(layout.responses(ex)) for ex in chunk]
-            for row, (i, k) in enumerate(layout.rows(chunk)):
-                values[i][k] = logps.tokens[row][logps.mask[row]].float().cpu()
-            results.extend(values)
-    finally:
-        backbone.train(was_training)
+    with progress(len(examples), "reference log-probs", unit="examples") as bar:
+        try:
+            for start in range(0, len(examples), batch_size):
+                chunk = [
+                    {k: v for k, v in ex.items() if k != REFERENCE_FIELD} for ex in examples[start : start + batch_size]
+                ]
+                batch = {k: v.to(device) for k, v in collate(chunk).items()}
+                with CachedLogps.source(backbone):
+                    logps = backbone.logps(batch)
+                values = [[None] * len(layout.responses(ex)) for ex in chunk]
+                for row, (i, k) in enumerate(layout.rows(chunk)):
+                    values[i][k] = logps.tokens[row][logps.mask[row]].float().cpu()
+                results.extend(values)
+                bar.update(len(chunk))
+        finally:
+            backbone.train(was_training)
     return results
 
 

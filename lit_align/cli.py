@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     raises on purpose (:class:`lit_align.errors.LitAlignError`) ends the run with its message and a
     hint on stderr and exit status 1, no traceback (``LIT_ALIGN_DEBUG=1`` shows it)."""
     words = sys.argv[1:] if argv is None else argv
+    show_lit_align_logs()
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     command = next((word for word in words if word in ("fit", "validate", "test", "export", "convert-pairs")), "")
@@ -278,6 +279,17 @@ def main(argv: list[str] | None = None) -> None:
         if ours is None or debugging():
             raise
         raise SystemExit(error_text(command, ours)) from None
+
+
+def show_lit_align_logs() -> None:
+    """lit-align's INFO lines (reference precompute, skipped records, progress without a terminal)
+    on stderr, as Lightning shows its own: one handler on the ``lit_align`` logger, added once."""
+    logger = logging.getLogger("lit_align")
+    if not any(getattr(handler, "lit_align", False) for handler in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.lit_align = True
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def lightning_configuration_error(error: BaseException) -> LitAlignError | None:

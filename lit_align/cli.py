@@ -4,6 +4,7 @@ lit-align fit --config configs/dpo.yaml [--model.beta 0.2]
 lit-align validate|test --config configs/dpo.yaml [--ckpt_path ...]
 lit-align export --ckpt_path runs/.../last.ckpt --output_dir outputs/policy [--merge_lora true]
 lit-align convert-pairs --input pairs.jsonl --output unpaired.jsonl
+lit-align plot runs/lightning_logs/version_0 [runs/lightning_logs/version_1 ...] [--output curves.png]
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from jsonargparse import Namespace, set_parsing_settings  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
-from lit_align.callbacks import NonFiniteLoss, SaveOnSigterm  # noqa: E402
+from lit_align.callbacks import Curves, NonFiniteLoss, Samples, SaveOnSigterm  # noqa: E402
+from lit_align.commands.plot import plot_main  # noqa: E402
 from lit_align.data.datamodule import AlignmentDataModule  # noqa: E402
 from lit_align.data.unpaired import convert_pairs_file  # noqa: E402
 from lit_align.errors import (  # noqa: E402
@@ -33,6 +35,7 @@ from lit_align.errors import (  # noqa: E402
     find_lit_align_error,
 )
 from lit_align.methods.alignment import AlignmentModule  # noqa: E402
+from lit_align.report.model_card import record_from_checkpoint  # noqa: E402
 from lit_align.runtime.atomic import AtomicCheckpointIO, unwritable  # noqa: E402
 from lit_align.runtime.checkpoints import load_module_from_checkpoint, read_checkpoint  # noqa: E402
 from lit_align.settings import Range, check_values  # noqa: E402
@@ -64,6 +67,8 @@ NO_PREDICT.hint = (
 )
 LIGHTNING_CKPT_NAMES = ("best", "last", "hpc")  # --ckpt_path values Lightning resolves itself, not files
 DEFAULT_RUN_FOLDER = "runs"
+COMMAND_WORDS = ("fit", "validate", "test", "export", "convert-pairs", "plot")
+"""The commands an error message names (``lit-align <command>: ...``)."""
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": DEFAULT_RUN_FOLDER}},
@@ -79,11 +84,13 @@ TRAINER_DEFAULTS = {
 class LitAlignCLI(LightningCLI):
     """LightningCLI that validates once before ``fit`` and prints held-out accuracy before/after.
 
-    Every trainer it builds also gets the reliability callbacks
-    (:mod:`lit_align.callbacks.reliability`), after the configured ones: ``SaveOnSigterm`` (SIGTERM
-    saves ``last.ckpt`` in the checkpoint folder, then the process exits with status 143) and
-    ``NonFiniteLoss(action=<--nonfinite_loss>)``. A callback of either class listed under
-    ``trainer.callbacks`` replaces the default one. Checkpoints are written atomically in their
+    Every trainer it builds also gets, after the configured callbacks, the reliability callbacks
+    (:mod:`lit_align.callbacks.reliability`): ``SaveOnSigterm`` (SIGTERM saves ``last.ckpt`` in the
+    checkpoint folder, then the process exits with status 143) and
+    ``NonFiniteLoss(action=<--nonfinite_loss>)``; and what a person looks at:
+    ``Samples(count=<--samples>)`` (held-out completions at every validation) and ``Curves``
+    (``curves.png`` in the run folder, unless ``--curves false``). A callback of any of these
+    classes listed under ``trainer.callbacks`` replaces the default one. Checkpoints are written atomically in their
     own folder (:class:`lit_align.runtime.atomic.AtomicCheckpointIO`).
     """
 
@@ -99,6 +106,21 @@ class LitAlignCLI(LightningCLI):
             type=bool,
             default=True,
             help="Run the held-out set once before training so the log shows where accuracy starts.",
+        )
+        parser.add_argument(
+            "--samples",
+            type=Annotated[int, Range(0)],
+            default=8,
+            help="Held-out prompts the policy completes at every validation, written to <run folder>/samples/"
+            "step_<k>.jsonl and sent to the logger (0: none). A Samples callback under trainer.callbacks overrides "
+            "this.",
+        )
+        parser.add_argument(
+            "--curves",
+            type=bool,
+            default=True,
+            help="Draw the run's curves into <run folder>/curves.png at every validation and when fit ends "
+            "(values in curves.jsonl). A Curves callback under trainer.callbacks overrides this.",
         )
         parser.add_argument(
             "--nonfinite_loss",
@@ -117,6 +139,12 @@ class LitAlignCLI(LightningCLI):
         configured = kwargs.get("callbacks", (init.get("trainer") or {}).get("callbacks")) or []
         configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
         defaults = [SaveOnSigterm(), NonFiniteLoss(action=init.get("nonfinite_loss") or "stop")]
+        samples = init.get("samples", 8)
+        if samples:
+            defaults.append(Samples(count=samples))
+            defaults[-1].default = True
+        if init.get("curves", True):
+            defaults.append(Curves())
         kwargs["callbacks"] = configured + [
             cb for cb in defaults if not any(isinstance(c, type(cb)) for c in configured)
         ]
@@ -222,8 +250,9 @@ def export_main(argv: list[str]) -> None:
     )
     args = parser.parse_args(argv)
     module = load_module_from_checkpoint(args.ckpt_path)
+    run = record_from_checkpoint(read_checkpoint(args.ckpt_path, weights_only=True), module, args.ckpt_path)
     try:
-        path = module.export_hf(args.output_dir, merge_lora=args.merge_lora)
+        path = module.export_hf(args.output_dir, merge_lora=args.merge_lora, run=run)
     except OSError as error:  # disk full, permissions: the export is staged, so nothing was replaced
         raise SystemExit(
             f"lit-align export: writing {args.output_dir!r} failed ({error}); "
@@ -269,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     show_lit_align_logs()
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    command = next((word for word in words if word in ("fit", "validate", "test", "export", "convert-pairs")), "")
+    command = next((word for word in words if word in COMMAND_WORDS), "")
     if words[:1] == ["predict"]:  # Lightning's subcommand, removed: say why and what to do instead
         raise SystemExit(f"lit-align predict: {NO_PREDICT}\nhint: {NO_PREDICT.hint}")
     try:
@@ -305,7 +334,7 @@ def lightning_configuration_error(error: BaseException) -> LitAlignError | None:
 def run(words: list[str], from_command_line: bool = False) -> None:
     """Dispatch ``words`` (the arguments after ``lit-align``) to a command (``from_command_line``:
     they are ``sys.argv[1:]``, which LightningCLI reads itself)."""
-    commands = {"export": export_main, "convert-pairs": convert_pairs_main}
+    commands = {"export": export_main, "convert-pairs": convert_pairs_main, "plot": plot_main}
     if words[:1] and words[0] in commands:
         commands[words[0]](words[1:])
         return

@@ -27,6 +27,14 @@ from lit_align.model.backbone import Backbone
 from lit_align.model.export import export_policy
 from lit_align.model.logprobs import SequenceLogps
 from lit_align.model.reference_cache import attach_reference_logps
+from lit_align.report.model_card import (
+    METRICS_KEY,
+    RunRecord,
+    final_metrics,
+    record_from_trainer,
+    run_files,
+    settings_config,
+)
 from lit_align.runtime.rng import RNG_STATES_KEY, rng_state, set_rng_state
 from lit_align.runtime.trainer import distributed
 from lit_align.settings import (
@@ -36,7 +44,9 @@ from lit_align.settings import (
     check_arguments,
 )
 
-PROGRESS_BAR = {"loss", "rewards/accuracies", "rewards/margins"}
+PROGRESS_BAR = {"loss", "rewards/accuracies", "rewards/margins", "objective/scores"}
+"""Metrics shown in the progress bar (train and val): the loss, preference accuracy and margin, an
+on-policy method's mean reward."""
 log = logging.getLogger(__name__)
 
 
@@ -59,6 +69,10 @@ class AlignmentModule(LightningModule):
     hparams_ignore: ClassVar[tuple[str, ...]] = ()
     """Constructor arguments kept out of the checkpoint's hyper-parameters (e.g. reward functions
     holding a model: they are rebuilt from the config, not pickled)."""
+    generates_held_out: ClassVar[bool] = False
+    """Whether validation generates completions itself (on-policy methods): then it keeps the first
+    :attr:`held_out_sample_limit` of them in :attr:`held_out_samples` for
+    :class:`lit_align.callbacks.Samples` instead of the callback generating again."""
     exports_lora_adapter: ClassVar[bool] = True
     """Whether :meth:`export_hf` can write an adapter-only folder under LoRA (False: every export is
     a full model, so :class:`lit_align.callbacks.ExportHF` writes one folder)."""
@@ -80,6 +94,9 @@ class AlignmentModule(LightningModule):
         """The data module's answer to :meth:`data_request` (None with data that is not a lit-align data module)."""
         self._rng_to_restore: list[dict[str, Any]] | None = None  # from a checkpoint; applied in on_train_start
         self._train_metric_names: list[str] = []  # the same on every process (see _log_global_step_means)
+        self.held_out_samples: list[dict[str, Any]] | None = None
+        """Completions kept during a validation for :class:`lit_align.callbacks.Samples` (None: none wanted)."""
+        self.held_out_sample_limit = 0
 
     @property
     def tokenizer(self):
@@ -109,10 +126,26 @@ class AlignmentModule(LightningModule):
             return None
         return self.backbone.step_flops(self.current_batch, train=self.training)
 
-    def export_hf(self, output_dir: str | os.PathLike, merge_lora: bool = False) -> Path:
+    def export_hf(self, output_dir: str | os.PathLike, merge_lora: bool = False, run: RunRecord | None = None) -> Path:
         """Write the trained model and tokenizer to ``output_dir`` as a Hugging Face folder,
-        atomically; here the policy (see :func:`lit_align.model.export.export_policy`)."""
-        return export_policy(self.backbone, output_dir, merge_lora=merge_lora)
+        atomically; here the policy (see :func:`lit_align.model.export.export_policy`). The folder
+        also gets ``config.yaml`` and a model card (:mod:`lit_align.report.model_card`) of ``run``
+        (default: what the module knows of its run, :meth:`run_record`)."""
+        files = run_files(self, run or self.run_record(), merged_lora=merge_lora)
+        return export_policy(self.backbone, output_dir, merge_lora=merge_lora, extra_files=files)
+
+    def run_record(self) -> RunRecord:
+        """The configuration and final metrics of the run training this module: from its trainer
+        when it has one, else its own settings."""
+        trainer = self._trainer
+        if trainer is not None:
+            return record_from_trainer(trainer, self)
+        return RunRecord(settings_config(type(self), self.hparams, None))
+
+    def decode(self, batch: dict[str, torch.Tensor]) -> list[str]:
+        """The labelled tokens of each row of ``batch`` (its responses) as text, special tokens removed."""
+        labels = batch["labels"]
+        return [self.tokenizer.decode(row[row != -100].tolist(), skip_special_tokens=True) for row in labels]
 
     def log_metrics(self, stage: str, values: dict[str, torch.Tensor], batch_size: int) -> None:
         """Accumulate per-example ``values`` in torchmetrics means, logged as ``{stage}/{name}``
@@ -320,6 +353,8 @@ class AlignmentModule(LightningModule):
         (see :meth:`on_train_start`). Lightning calls this on every process when saving, so the
         states of all processes are gathered here."""
         checkpoint["lit_align_class"] = f"{type(self).__module__}:{type(self).__qualname__}"
+        if self._trainer is not None:  # for the model card of an export made from this checkpoint
+            checkpoint[METRICS_KEY] = final_metrics(self.trainer.callback_metrics)
         state = rng_state()
         if (
             torch.distributed.is_available()

@@ -111,6 +111,7 @@ class OnPolicyModule(AlignmentModule):
     data_layouts: ClassVar[tuple[type, ...]] = (PromptLayout,)
     data_module_name: ClassVar[str] = "lit_align.data.PromptDataModule"
     headline_metric: ClassVar[str] = "val/objective/scores"
+    generates_held_out: ClassVar[bool] = True
     hparams_ignore: ClassVar[tuple[str, ...]] = ("reward", "eval_reward")
     ptx_coef: float = 0.0
     """Weight of the NLL of ``ptx`` batches (demonstrations or pre-training text) in the loss;
@@ -273,10 +274,6 @@ class OnPolicyModule(AlignmentModule):
             rollout.take_sampling_pass(self.forward_rollout(tokens))
         return rollout
 
-    def decode(self, batch: dict[str, torch.Tensor]) -> list[str]:
-        labels = batch["labels"]
-        return [self.tokenizer.decode(row[row != -100].tolist(), skip_special_tokens=True) for row in labels]
-
     def token_kl(self, rollout: Rollout) -> torch.Tensor:
         """``[N, T]`` per-token KL estimate of the sampling policy to the reference (0 off the mask)."""
         if rollout.ref_logps is None:
@@ -423,6 +420,10 @@ class OnPolicyModule(AlignmentModule):
         if self.eval_reward is not None and self.reward is not None:
             values["objective/train_reward_scores"] = self.reward(batch["prompts"], completions).to(self.device)
         self.log_metrics(stage, values, batch_size=len(scores))
+        if self.held_out_samples is not None:  # the first ones, for the Samples callback
+            rows = zip(batch["prompts"], completions, scores.tolist(), strict=True)
+            room = max(0, self.held_out_sample_limit - len(self.held_out_samples))
+            self.held_out_samples += [{"prompt": p, "completion": c, "score": s} for p, c, s in rows][:room]
 
 
 class ActorCriticModule(OnPolicyModule):

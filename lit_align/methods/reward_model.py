@@ -25,9 +25,10 @@ from lit_align.losses.reward import (
     listwise_bradley_terry_loss,
 )
 from lit_align.methods.alignment import AlignmentModule
-from lit_align.model.export import staged_folder
+from lit_align.model.export import staged_folder, write_files
 from lit_align.model.flops import flops_per_token
 from lit_align.model.loading import DTYPES, trained_module_names
+from lit_align.report.model_card import RunRecord, run_files
 from lit_align.settings import ModelSettings, OptimizerSettings
 
 
@@ -137,13 +138,15 @@ class RewardModel(AlignmentModule):
             classifier.score.weight.copy_(self.head.weight)
         return classifier.eval()
 
-    def export_hf(self, output_dir: str | os.PathLike, merge_lora: bool = False) -> Path:
+    def export_hf(self, output_dir: str | os.PathLike, merge_lora: bool = False, run: RunRecord | None = None) -> Path:
         """Write the reward model as an ``AutoModelForSequenceClassification`` folder (with the
-        tokenizer), atomically; LoRA is always merged (``merge_lora`` is ignored). Load it with
-        :class:`RewardModelReward` or ``AutoModelForSequenceClassification.from_pretrained``."""
+        tokenizer, ``config.yaml`` and a model card), atomically; LoRA is always merged
+        (``merge_lora`` is ignored). Load it with :class:`RewardModelReward` or
+        ``AutoModelForSequenceClassification.from_pretrained``."""
         with staged_folder(output_dir) as staging:
             self.sequence_classifier().save_pretrained(staging)
             self.tokenizer.save_pretrained(staging)
+            write_files(staging, run_files(self, run or self.run_record(), merged_lora=True))
         return Path(output_dir)
 
 

@@ -10,7 +10,7 @@ import copy
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,8 +19,14 @@ from lit_align.model.backbone import Backbone
 from lit_align.model.reference import BASE_MOVING_INITS
 
 
-def export_policy(backbone: Backbone, output_dir: str | os.PathLike, merge_lora: bool = False) -> Path:
-    """Write the policy and tokenizer to ``output_dir``.
+def export_policy(
+    backbone: Backbone,
+    output_dir: str | os.PathLike,
+    merge_lora: bool = False,
+    extra_files: Mapping[str, str] | None = None,
+) -> Path:
+    """Write the policy and tokenizer to ``output_dir`` (and ``extra_files``: name -> text, e.g.
+    the model card).
 
     Without LoRA the full model is saved (``AutoModelForCausalLM.from_pretrained`` loads it).
     With LoRA, ``merge_lora=False`` saves only the adapter (``PeftModel.from_pretrained(base,
@@ -44,7 +50,14 @@ def export_policy(backbone: Backbone, output_dir: str | os.PathLike, merge_lora:
             model.peft_config["default"].base_model_name_or_path = backbone.settings.name_or_path
         model.save_pretrained(staging)
         backbone.tokenizer.save_pretrained(staging)
+        write_files(staging, extra_files)
     return Path(output_dir)
+
+
+def write_files(folder: Path, files: Mapping[str, str] | None) -> None:
+    """Write each ``name -> text`` of ``files`` into ``folder`` (UTF-8)."""
+    for name, text in (files or {}).items():
+        (folder / name).write_text(text, encoding="utf-8")
 
 
 @contextmanager

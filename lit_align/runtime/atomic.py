@@ -23,12 +23,26 @@ def atomic_torch_save(payload: Any, path: str | os.PathLike) -> None:
     The file gets the permissions a plain ``open(path, "wb")`` would (``0o666`` minus the umask),
     not the private ``0o600`` of a temporary file. On any error ``path`` is unchanged (absent, or
     its previous content) and the temporary file is removed."""
+    _atomic_write(path, lambda stream: torch.save(payload, stream))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """``text`` (UTF-8) to ``path`` with the same guarantees as :func:`atomic_torch_save`."""
+    _atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
+
+
+def atomic_write_bytes(payload: bytes, path: str | os.PathLike) -> None:
+    """``payload`` to ``path`` with the same guarantees as :func:`atomic_torch_save`."""
+    _atomic_write(path, lambda stream: stream.write(payload))
+
+
+def _atomic_write(path: str | os.PathLike, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = _create_temporary(path)
     try:
         with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, path)

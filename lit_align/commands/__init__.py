@@ -1,0 +1,1 @@
+"""The ``lit-align`` commands besides LightningCLI's ``fit``/``validate``/``test``, one module each."""

@@ -38,6 +38,24 @@ def atomic_torch_save(payload: Any, path: str | os.PathLike) -> None:
             os.remove(tmp)
 
 
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write ``text`` (UTF-8) to ``path`` as :func:`atomic_torch_save` writes a payload: a temporary
+    file in the same folder, ``fsync``, then a rename; on any error ``path`` is unchanged."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = _create_temporary(path)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO`` with local checkpoints written by :func:`atomic_torch_save`.
 

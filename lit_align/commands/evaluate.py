@@ -32,7 +32,13 @@ from typing import Any
 import torch
 
 from lit_align.commands import CommandError
-from lit_align.commands.generate import MODEL_HELP, add_generation_arguments, device, generation_settings
+from lit_align.commands.generate import (
+    MODEL_HELP,
+    add_generation_arguments,
+    device,
+    generation_settings,
+    load_model_option,
+)
 from lit_align.commands.models import (
     CONFIG_FILE,
     RunConfig,
@@ -41,7 +47,6 @@ from lit_align.commands.models import (
     instantiate,
     is_checkpoint,
     load_method,
-    load_policy,
 )
 from lit_align.commands.prompts import complete, read_prompt_file, tokenize_prompts
 from lit_align.data.collate import PromptLayout
@@ -161,7 +166,7 @@ def completion_scores(args, config: RunConfig | None) -> dict[str, float]:
     max_prompt_length = args.max_length
 
     def scores(source: str, name: str) -> torch.Tensor:
-        loaded = load_policy(source)
+        loaded = load_model_option(source)
         loaded.model.to(device())
         ids = tokenize_prompts(prompts, loaded.tokenizer, template_kwargs, max_prompt_length, args.data)
         completions = complete(loaded.model, loaded.tokenizer, ids, generation, args.batch_size, 0.0, name)

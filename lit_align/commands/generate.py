@@ -18,6 +18,7 @@ from lit_align.commands import CommandError
 from lit_align.commands.models import load_policy
 from lit_align.commands.prompts import complete, read_prompt_file, tokenize_prompts
 from lit_align.errors import SettingError
+from lit_align.model.loading import ModelLoadError
 from lit_align.online.rollout import GenerationSettings
 from lit_align.runtime.atomic import atomic_write_text
 from lit_align.settings import check_values
@@ -109,7 +110,7 @@ def main(argv: list[str]) -> None:
     if args.batch_size < 1:
         raise CommandError(f"--batch_size must be >= 1, got {args.batch_size}", hint="change --batch_size")
     generation = generation_settings(args.max_new_tokens, args.temperature, args.top_p)
-    loaded = load_policy(args.model)
+    loaded = load_model_option(args.model)
     loaded.model.to(device())
     ids = tokenize_prompts(prompts, loaded.tokenizer, args.chat_template_kwargs, source=source)
     lightning.seed_everything(args.seed, verbose=False)
@@ -121,6 +122,16 @@ def main(argv: list[str]) -> None:
     else:
         atomic_write_text(text, args.output)
         print(f"wrote {len(completions)} completions to {args.output}", file=sys.stderr)
+
+
+def load_model_option(source: str):
+    """:func:`load_policy` of a ``--model``/``--baseline`` value; a model that cannot be loaded
+    gets a hint listing what the option takes."""
+    try:
+        return load_policy(source)
+    except ModelLoadError as error:
+        error.hint = error.hint or f"--model takes {MODEL_HELP[0].lower()}{MODEL_HELP[1:]}"
+        raise
 
 
 def device():

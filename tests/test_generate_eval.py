@@ -204,3 +204,19 @@ def test_eval_errors_are_one_message(sft_policy, in_tmp):
         text = str(stop.value.code)
         assert re.match(r"lit-align eval: .*\n(hint: .*|\(LIT_ALIGN_DEBUG=1 shows the traceback\))$", text), text
         assert message in text, text
+
+
+def test_a_data_module_can_build_its_held_out_split_alone(in_tmp, tokenizer):
+    from lit_align.data import PreferenceDataModule
+
+    pairs = write_jsonl(in_tmp / "pairs.jsonl", WordRulesTask().split("val")[:4])
+    data = PreferenceDataModule(train="gone/train.jsonl", val=str(pairs), max_length=64)
+    data.held_out_only = True  # the training file is never read: it need not exist
+    data.tokenizer = tokenizer
+    data.setup()
+    assert list(data.datasets) == ["val"] and len(data.datasets["val"]) == 4
+    whole = PreferenceDataModule(train="builtin", val=str(pairs), max_length=64)
+    whole.tokenizer = tokenizer
+    alone = PreferenceDataModule(train="builtin", val=str(pairs), max_length=64)
+    alone.tokenizer, alone.held_out_only = tokenizer, True
+    assert whole.cache_key() != alone.cache_key()

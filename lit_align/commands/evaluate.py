@@ -159,7 +159,7 @@ def completion_scores(args, config: RunConfig | None) -> dict[str, float]:
     ``args.baseline``, the baseline's mean and the policy's win rate over it."""
     reward = build_reward(args.reward, config)
     prompts = read_prompt_file(args.data, args.split or "train")
-    data_args = (config.data or {}).get("init_args") or {} if config is not None else {}
+    data_args = ((config.data if config is not None else None) or {}).get("init_args") or {}
     template_kwargs = args.chat_template_kwargs or data_args.get("chat_template_kwargs")
     max_new_tokens = args.max_new_tokens or _configured_max_new_tokens(config)
     generation = generation_settings(max_new_tokens, 0.0, 1.0)

@@ -97,14 +97,14 @@ def held_out(run: Path, key: str) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train", type=int, default=512, help="training pairs")
-    parser.add_argument("--val", type=int, default=192, help="held-out pairs")
-    parser.add_argument("--max_length", type=int, default=160, help="tokens of prompt + response")
+    parser.add_argument("--train", type=int, default=384, help="training pairs")
+    parser.add_argument("--val", type=int, default=128, help="held-out pairs")
+    parser.add_argument("--max_length", type=int, default=128, help="tokens of prompt + response")
     parser.add_argument("--batch", type=int, default=8, help="pairs per step")
-    parser.add_argument("--dpo_steps", type=int, default=128)
+    parser.add_argument("--dpo_steps", type=int, default=96)
     parser.add_argument("--dpo_lr", type=float, default=1e-3)
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--sft_steps", type=int, default=48)
+    parser.add_argument("--sft_steps", type=int, default=32)
     parser.add_argument("--sft_lr", type=float, default=5e-4)
     parser.add_argument("--samples", type=int, default=5, help="held-out prompts answered before and after DPO")
     parser.add_argument("--seed", type=int, default=0)
@@ -136,7 +136,7 @@ def main() -> None:
             f"--model.init_args.beta={args.beta}",
             f"--model.init_args.optimizer.lr={args.dpo_lr}",
             f"--trainer.max_steps={args.dpo_steps}",
-            f"--trainer.val_check_interval={max(1, args.dpo_steps // 4)}",
+            f"--trainer.val_check_interval={max(1, args.dpo_steps // 2)}",
             f"--samples={args.samples}",
         ],
     )
@@ -148,9 +148,10 @@ def main() -> None:
             *common,
             "--trainer.callbacks=[]",
             "--data.init_args.task=null",
+            "--data.init_args.columns={completion: chosen}",
             f"--model.init_args.optimizer.lr={args.sft_lr}",
             f"--trainer.max_steps={args.sft_steps}",
-            f"--trainer.val_check_interval={max(1, args.sft_steps // 4)}",
+            f"--trainer.val_check_interval={max(1, args.sft_steps // 2)}",
             "--samples=0",
         ],
     )
@@ -186,7 +187,7 @@ def main() -> None:
     )
     write_samples(dpo_run, RESULTS / "real_model_samples.md")
     print()
-    print(f"| measure | before | after | minutes |\n|---|---|---|---|")
+    print("| measure | before | after | minutes |\n|---|---|---|---|")
     for name, before, after, minutes in rows:
         print(f"| {name} | {before:.3f} | {after:.3f} | {minutes:.1f} |")
     error = math.sqrt(0.25 / args.val)
@@ -208,9 +209,8 @@ def write_samples(run: Path, path: Path) -> None:
     ]
     for before, after in zip(first, last, strict=True):
         prompt = before["prompt"].rsplit("user", 1)[-1].split("assistant")[0]
-        lines.append(
-            f"| {cell(prompt)} | {cell(before['completion'])} | {cell(after['completion'])} | {cell(before['chosen'])} |"
-        )
+        answers = (cell(before["completion"]), cell(after["completion"]), cell(before["chosen"]))
+        lines.append(f"| {cell(prompt)} | " + " | ".join(answers) + " |")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -1,10 +1,13 @@
-"""``lit-align``: LightningCLI over the methods and data modules, plus an ``export`` step.
+"""``lit-align``: LightningCLI over the methods and data modules, plus ``export``, ``convert-pairs``,
+``generate`` and ``eval`` (:mod:`lit_align.commands`).
 
 lit-align fit --config configs/dpo.yaml [--model.beta 0.2]
 lit-align validate|test --config configs/dpo.yaml [--ckpt_path ...]
 lit-align export --ckpt_path runs/.../last.ckpt --output_dir outputs/policy [--merge_lora true]
 lit-align convert-pairs --input pairs.jsonl --output unpaired.jsonl
 lit-align plot runs/lightning_logs/version_0 [runs/lightning_logs/version_1 ...] [--output curves.png]
+lit-align generate --model runs/.../last.ckpt --prompt TEXT [--prompt TEXT ...] | --prompts FILE [--output out.jsonl]
+lit-align eval --model runs/.../last.ckpt|outputs/policy --data FILE [--reward CLASS|FOLDER] [--baseline MODEL]
 """
 
 from __future__ import annotations
@@ -57,18 +60,16 @@ TRAINER_RANGES = {
 """Ranges of Trainer settings that Lightning takes without checking and then fails on mid-run
 (0 for accumulate_grad_batches or val_check_interval divides by zero; a negative
 gradient_clip_val would flip the gradients): checked before anything is built."""
+COMMANDS = ("fit", "validate", "test", "export", "convert-pairs", "generate", "eval", "plot")
 NO_PREDICT = LitAlignError(
-    "no such command: lit-align methods have no predict_step (the commands are fit, validate, test, export and "
-    "convert-pairs)"
+    "no such command: lit-align methods have no predict_step (the commands are fit, validate, test, export, "
+    "convert-pairs, generate and eval)"
 )
 NO_PREDICT.hint = (
-    "to generate with a trained policy, export it (lit-align export --ckpt_path ... --output_dir ...) and load the "
-    "folder with transformers"
+    "to generate with a trained policy: lit-align generate --model runs/.../last.ckpt --prompt TEXT (or --prompts FILE)"
 )
 LIGHTNING_CKPT_NAMES = ("best", "last", "hpc")  # --ckpt_path values Lightning resolves itself, not files
 DEFAULT_RUN_FOLDER = "runs"
-COMMAND_WORDS = ("fit", "validate", "test", "export", "convert-pairs", "plot")
-"""The commands an error message names (``lit-align <command>: ...``)."""
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": DEFAULT_RUN_FOLDER}},
@@ -287,6 +288,20 @@ def convert_pairs_main(argv: list[str]) -> None:
     print(f"wrote {count} unpaired records to {args.output} ({skipped} pairs skipped: empty or identical responses)")
 
 
+def generate_main(argv: list[str]) -> None:
+    """``lit-align generate``: completions of prompts (:mod:`lit_align.commands.generate`)."""
+    from lit_align.commands import generate
+
+    generate.main(argv)
+
+
+def evaluate_main(argv: list[str]) -> None:
+    """``lit-align eval``: held-out metrics of a checkpoint or export (:mod:`lit_align.commands.evaluate`)."""
+    from lit_align.commands import evaluate
+
+    evaluate.main(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; ``argv`` defaults to the command line.
 
@@ -298,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     show_lit_align_logs()
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    command = next((word for word in words if word in COMMAND_WORDS), "")
+    command = next((word for word in words if word in COMMANDS), "")
     if words[:1] == ["predict"]:  # Lightning's subcommand, removed: say why and what to do instead
         raise SystemExit(f"lit-align predict: {NO_PREDICT}\nhint: {NO_PREDICT.hint}")
     try:
@@ -334,7 +349,13 @@ def lightning_configuration_error(error: BaseException) -> LitAlignError | None:
 def run(words: list[str], from_command_line: bool = False) -> None:
     """Dispatch ``words`` (the arguments after ``lit-align``) to a command (``from_command_line``:
     they are ``sys.argv[1:]``, which LightningCLI reads itself)."""
-    commands = {"export": export_main, "convert-pairs": convert_pairs_main, "plot": plot_main}
+    commands = {
+        "export": export_main,
+        "convert-pairs": convert_pairs_main,
+        "generate": generate_main,
+        "eval": evaluate_main,
+        "plot": plot_main,
+    }
     if words[:1] and words[0] in commands:
         commands[words[0]](words[1:])
         return

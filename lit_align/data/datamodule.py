@@ -259,7 +259,9 @@ class AlignmentDataModule(LightningDataModule):
     def _raw_splits(self, store: RecordStore) -> dict[str, tuple[str, datasets.Dataset]]:
         """Per split: (source name, its raw records, numbered as in that source: see :class:`RecordStore`)."""
         h = self.hparams
-        if h.train == BUILTIN:
+        if self.held_out_only:
+            splits = {"val": (self.source_name(h.val), store.read(h.val, h.val_split or h.split))}
+        elif h.train == BUILTIN:
             splits = {
                 name: (f"builtin:{name}", store.of(name, self.builtin_records(name))) for name in ("train", "val")
             }
@@ -281,11 +283,16 @@ class AlignmentDataModule(LightningDataModule):
                     "train": (name, train_records.select([i for i in range(len(order)) if i not in held])),
                     "val": (name, train_records.select([i for i in range(len(order)) if i in held])),
                 }
-        if h.test:
+        if h.test and not self.held_out_only:
             splits["test"] = (self.source_name(h.test), store.read(h.test, h.test_split or h.split))
         if h.max_records:
             splits = {name: (src, first_rows(recs, h.max_records)) for name, (src, recs) in splits.items()}
         return splits
+
+    held_out_only: bool = False
+    """Read and tokenize the ``val`` source alone (no training or test split): set, before the
+    method's request is served, by ``lit-align eval``, which validates on one file and has no use
+    for the training data. Not a setting of the config; it is part of the cache key."""
 
     # ---- what a data regime defines ------------------------------------------------------------
     record_fields: ClassVar[tuple[str, ...]] = ()
@@ -387,6 +394,8 @@ class AlignmentDataModule(LightningDataModule):
         train_id = repr(self.task) if h["train"] == BUILTIN else source_fingerprint(h["train"], options)
         val_id = source_fingerprint(h["val"], options) if h["val"] else None
         test_id = source_fingerprint(h["test"], options) if h.get("test") else None
+        if self.held_out_only:  # the training and test sources are not read (nor need to exist)
+            train_id, test_id = "held out only", None
         identity = {
             "version": CACHE_VERSION,
             "regime": [type(self).__qualname__, *self.cache_identity()],

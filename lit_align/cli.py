@@ -26,6 +26,7 @@ from jsonargparse import Namespace, set_parsing_settings  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from lit_align.callbacks import Curves, NonFiniteLoss, Samples, SaveOnSigterm  # noqa: E402
+from lit_align.commands import evaluate, generate  # noqa: E402
 from lit_align.commands.plot import plot_main  # noqa: E402
 from lit_align.data.datamodule import AlignmentDataModule  # noqa: E402
 from lit_align.data.unpaired import convert_pairs_file  # noqa: E402
@@ -63,7 +64,7 @@ gradient_clip_val would flip the gradients): checked before anything is built.""
 COMMANDS = ("fit", "validate", "test", "export", "convert-pairs", "generate", "eval", "plot")
 NO_PREDICT = LitAlignError(
     "no such command: lit-align methods have no predict_step (the commands are fit, validate, test, export, "
-    "convert-pairs, generate and eval)"
+    "convert-pairs, generate, eval and plot)"
 )
 NO_PREDICT.hint = (
     "to generate with a trained policy: lit-align generate --model runs/.../last.ckpt --prompt TEXT (or --prompts FILE)"
@@ -290,15 +291,11 @@ def convert_pairs_main(argv: list[str]) -> None:
 
 def generate_main(argv: list[str]) -> None:
     """``lit-align generate``: completions of prompts (:mod:`lit_align.commands.generate`)."""
-    from lit_align.commands import generate
-
     generate.main(argv)
 
 
 def evaluate_main(argv: list[str]) -> None:
     """``lit-align eval``: held-out metrics of a checkpoint or export (:mod:`lit_align.commands.evaluate`)."""
-    from lit_align.commands import evaluate
-
     evaluate.main(argv)
 
 

@@ -12,17 +12,21 @@ LAYERS = {
     "errors": 0,
     "settings": 1,
     "runtime": 1,
+    "report": 2,
     "losses": 1,
     "data": 2,
     "model": 3,
     "online": 4,
+    "rewards": 5,
     "methods": 5,
     "callbacks": 6,
-    "cli": 7,
+    "commands": 7,
+    "cli": 8,
 }
 """Each part of the package and its layer: a module may import its own part and parts of lower
-layers only (data <- model <- online <- methods <- callbacks <- cli; errors, settings, runtime and
-the pure losses beneath them all)."""
+layers only (data <- model <- online <- methods <- callbacks <- commands <- cli; errors, settings,
+runtime and the pure losses beneath them all; report, what a run leaves for a person to read,
+beside data; rewards, the shipped reward functions under one import path, beside methods)."""
 
 
 def module_name(path: Path) -> str:

@@ -313,7 +313,7 @@ def test_predict_is_not_listed_and_not_a_command(in_tmp, capsys):
         main(["predict", "--config", str(CONFIGS / "dpo.yaml")])
     assert str(stop.value.code) == (
         "lit-align predict: no such command: lit-align methods have no predict_step (the commands are fit, "
-        "validate, test, export, convert-pairs, generate and eval)\n"
+        "validate, test, export, convert-pairs, generate, eval and plot)\n"
         "hint: to generate with a trained policy: lit-align generate --model runs/.../last.ckpt --prompt TEXT "
         "(or --prompts FILE)"
     )

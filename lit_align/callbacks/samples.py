@@ -71,8 +71,8 @@ class Samples(Callback):
                 raise SettingError(
                     "Samples",
                     "count",
-                    "held-out samples cannot be generated under FSDP (every process holds a shard of the weights); "
-                    "remove the Samples callback, or set count: 0",
+                    "must be 0 under FSDP: held-out samples cannot be generated there (every process holds a shard "
+                    "of the weights); remove the Samples callback, or set count: 0",
                 )
             log.info("held-out samples are not generated under FSDP")
             self._active = False

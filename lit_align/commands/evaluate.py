@@ -50,6 +50,9 @@ from lit_align.commands.models import (
 )
 from lit_align.commands.prompts import complete, read_prompt_file, tokenize_prompts
 from lit_align.data.collate import PromptLayout
+from lit_align.data.datamodule import AlignmentDataModule
+from lit_align.online.reward_model import RewardModelReward
+from lit_align.online.rewards import RewardFunction
 from lit_align.runtime.atomic import atomic_write_text
 from lit_align.runtime.progress import shows_bars
 
@@ -127,8 +130,6 @@ def validation_metrics(args, config: RunConfig) -> dict[str, float]:
     ``args.data``: every ``val/...`` metric it logs."""
     import lightning
 
-    from lit_align.data.datamodule import AlignmentDataModule
-
     if config.data is None:
         raise CommandError(f"{config.source} has no data settings (data.class_path): cannot build the held-out data")
     module = load_method(args.model, config)
@@ -185,8 +186,6 @@ def build_reward(given: str | None, config: RunConfig | None):
     """The reward ``--reward`` names (an exported reward-model folder, or a class path built with
     no arguments), else the run's configured ``eval_reward``/``reward``, moved to the device."""
     if given is not None and Path(given).expanduser().is_dir():
-        from lit_align.online.reward_model import RewardModelReward
-
         reward = RewardModelReward(given)
     elif given is not None:
         reward = import_class(given, "--reward")()
@@ -205,8 +204,6 @@ def _configured_reward(spec: Any):
     """A reward as a config writes it: ``{class_path, init_args}`` or a class path."""
     if isinstance(spec, str):
         return import_class(spec, "reward")()
-    from lit_align.online.rewards import RewardFunction
-
     if issubclass(import_class(spec["class_path"], "reward.class_path"), RewardFunction):
         return instantiate(spec, RewardFunction)
     return import_class(spec["class_path"], "reward.class_path")(**(spec.get("init_args") or {}))

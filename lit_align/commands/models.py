@@ -31,10 +31,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_align.commands import CommandError
 from lit_align.errors import CheckpointError
+from lit_align.methods.alignment import AlignmentModule
 from lit_align.model.backbone import Backbone
 from lit_align.model.loading import ModelLoadError
 from lit_align.runtime.checkpoints import load_module_from_checkpoint, read_checkpoint
-from lit_align.settings import ModelSettings
+from lit_align.settings import ModelSettings, as_settings
 
 CONFIG_FILE = "config.yaml"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -110,8 +111,6 @@ def _merged_adapter(folder: str) -> LoadedPolicy:
 
 
 def _model_settings(values: dict[str, Any]) -> ModelSettings:
-    from lit_align.settings import as_settings
-
     return as_settings(values, ModelSettings)
 
 
@@ -205,8 +204,6 @@ def load_method(source: str, config: RunConfig):
     for name in getattr(cls, "hparams_ignore", ()):  # rewards: the commands score with their own
         args.pop(name, None)
     args["model"] = {**settings, **overrides}
-    from lit_align.methods.alignment import AlignmentModule
-
     module = instantiate(spec, AlignmentModule)
     if is_checkpoint(source):
         _load_checkpoint_policy(module, source)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from lit_align.errors import LitAlignError
+from lit_align.runtime.atomic import atomic_write_bytes
 
 HISTORY_FILE = "curves.jsonl"
 FIGURE_FILE = "curves.png"
@@ -96,8 +97,6 @@ def draw(runs: Mapping[str, Sequence[Record]], path: str | os.PathLike, title: s
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-
-    from lit_align.runtime.atomic import atomic_write_bytes
 
     panels = panels_of(runs)
     if not panels:

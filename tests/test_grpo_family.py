@@ -1,0 +1,156 @@
+"""The GRPO refinements' pure functions against values derived by hand from their papers' equations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lit_align.losses.grpo_family import (
+    LOSS_NORMALISATIONS,
+    TokenCounts,
+    cispo_surrogate,
+    clip_higher_surrogate,
+    high_entropy_mask,
+    masked_moments,
+    overlong_penalty,
+    reinforce_pp_returns,
+    scaled_group_advantages,
+    sequence_log_ratios,
+    whiten_with,
+    zero_spread_groups,
+)
+
+# two completions: 3 tokens and 1 token; per-token losses
+PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+MASK = torch.tensor([[True, True, True], [True, False, False]])
+COUNTS = TokenCounts(max_completion_length=5, global_tokens=8.0, world_size=2)
+
+
+@pytest.mark.parametrize(
+    "loss_type, expected",
+    [
+        ("grpo", (2.0 + 4.0) / 2),  # token means 2 and 4, then their mean
+        ("bnpo", 10.0 / 4),  # 10 over the 4 tokens of this minibatch
+        ("dr_grpo", 10.0 / (2 * 5)),  # 10 over rows x max length
+        ("dapo", 2 * 10.0 / 8),  # world x local sum over the global token count
+        ("cispo", 2 * 10.0 / 8),
+    ],
+)
+def test_loss_normalisations(loss_type, expected):
+    assert LOSS_NORMALISATIONS[loss_type](PER_TOKEN, MASK, COUNTS).item() == pytest.approx(expected)
+
+
+def test_dapo_over_two_processes_equals_one_process_on_the_whole_batch():
+    """Two processes with 3 and 1 tokens; DDP averages their gradients: (g_a + g_b) / 2 must be the
+    gradient of the token mean over all 5 tokens."""
+    weights = torch.ones(2, 3, requires_grad=True)
+    a, b = weights[0:1] * PER_TOKEN[0:1], weights[1:2] * PER_TOKEN[1:2]
+    counts = TokenCounts(5, global_tokens=4.0, world_size=2)
+    averaged = (
+        LOSS_NORMALISATIONS["dapo"](a, MASK[0:1], counts) + LOSS_NORMALISATIONS["dapo"](b, MASK[1:2], counts)
+    ) / 2
+    (grad_ddp,) = torch.autograd.grad(averaged, weights)
+    whole = (weights * PER_TOKEN * MASK).sum() / 4
+    (grad_whole,) = torch.autograd.grad(whole, weights)
+    assert torch.allclose(grad_ddp, grad_whole)
+
+
+def test_group_advantages_scaled_by_group_batch_or_not_at_all():
+    scores = torch.tensor([1.0, 0.0, 3.0, 3.0])  # groups (1, 0) and (3, 3)
+    std_group = math.sqrt(0.5)  # sample std of (1, 0)
+    group = scaled_group_advantages(scores, 2, "group", eps=0.0)
+    assert group[:2].tolist() == pytest.approx([0.5 / std_group, -0.5 / std_group])
+    assert torch.isnan(group[2:]).all() or (group[2:] == 0).all()  # a zero-spread group: 0/0 without eps
+    batch = scaled_group_advantages(scores, 2, "batch", eps=0.0)
+    std_batch = scores.std().item()  # sample std of all four scores
+    assert batch.tolist() == pytest.approx([0.5 / std_batch, -0.5 / std_batch, 0.0, 0.0])
+    assert scaled_group_advantages(scores, 2, "none").tolist() == [0.5, -0.5, 0.0, 0.0]
+    with pytest.raises(ValueError, match="scale_rewards must be group, batch or none"):
+        scaled_group_advantages(scores, 2, "global")
+
+
+def test_clip_higher_bounds_each_side_separately():
+    log_ratio = torch.tensor([math.log(1.5), math.log(1.5), math.log(0.5), math.log(0.5)])
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss, clipped = clip_higher_surrogate(log_ratio, advantages, epsilon_low=0.2, epsilon_high=0.28)
+    # r=1.5, A=+1: min(1.5, 1.28) = 1.28;  r=1.5, A=-1: min(-1.5, -1.28) = -1.5
+    # r=0.5, A=+1: min(0.5, 0.8) = 0.5;    r=0.5, A=-1: min(-0.5, -0.8) = -0.8
+    assert (-loss).tolist() == pytest.approx([1.28, -1.5, 0.5, -0.8])
+    assert clipped.tolist() == [True, False, False, True]
+
+
+def test_dual_clip_bounds_a_negative_advantage_token_with_a_huge_ratio():
+    log_ratio = torch.tensor([math.log(10.0), math.log(10.0)])
+    advantages = torch.tensor([-1.0, 1.0])
+    loss, clipped = clip_higher_surrogate(log_ratio, advantages, 0.2, 0.2, delta=3.0)
+    # A=-1: max(min(-10, -1.2), 3 * -1) = -3;  A=+1: min(10, 1.2) = 1.2 (dual clip only for A < 0)
+    assert (-loss).tolist() == pytest.approx([-3.0, 1.2])
+    assert clipped.tolist() == [True, True]
+
+
+def test_gspo_ratio_is_the_exp_of_the_mean_token_log_ratio_and_shares_one_gradient():
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -9.0, -9.0]], requires_grad=True)
+    old = torch.tensor([[-1.2, -1.4, -0.5], [-0.5, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    log_ratio = sequence_log_ratios(logps, old, mask)
+    expected_first = math.exp((0.2 - 0.6 + 0.0) / 3)
+    assert log_ratio.exp()[0].tolist() == pytest.approx([expected_first] * 3)
+    assert log_ratio.exp()[1, 0].item() == pytest.approx(math.exp(0.2))
+    (grad,) = torch.autograd.grad(log_ratio[0, 0].exp(), logps)  # d s_1 / d log pi = s_1 / |y_1| on its tokens
+    assert grad[0].tolist() == pytest.approx([expected_first / 3] * 3) and grad[1].abs().sum() == 0
+
+
+def test_cispo_keeps_the_gradient_of_a_clipped_token():
+    logps = torch.tensor([math.log(0.9), math.log(0.2)], requires_grad=True)
+    old = torch.tensor([math.log(0.3), math.log(0.2)])  # ratios 3.0 (clipped to 1.2) and 1.0
+    advantages = torch.tensor([1.0, 1.0])
+    loss, clipped = cispo_surrogate(logps, logps - old, advantages, epsilon_high=0.2, epsilon_low=None)
+    assert clipped.tolist() == [True, False]
+    (grad,) = torch.autograd.grad(loss.sum(), logps)
+    assert grad.tolist() == pytest.approx([-1.2, -1.0])  # -sg(w) * A: non-zero where clipped
+    # PPO's clip gives the clipped token no gradient at all
+    ppo, _ = clip_higher_surrogate(logps - old, advantages, 0.2, 0.2)
+    (ppo_grad,) = torch.autograd.grad(ppo.sum(), logps)
+    assert ppo_grad[0].item() == 0.0
+
+
+def test_reinforce_pp_returns_fold_the_kl_into_the_token_rewards():
+    scores = torch.tensor([1.0, 0.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    returns = reinforce_pp_returns(scores, kl, beta=0.5, mask=mask)
+    # G_t = score - beta * sum_{s >= t} KL_s: row 1: 1 - .5*.6, 1 - .5*.5, 1 - .5*.3; row 2: 0 - .5*.5
+    torch.testing.assert_close(returns, torch.tensor([[0.7, 0.75, 0.85], [-0.25, 0.0, 0.0]]))
+    centred = reinforce_pp_returns(scores, torch.zeros_like(kl), 0.5, mask, group_size=2)
+    torch.testing.assert_close(centred, torch.tensor([[0.5, 0.5, 0.5], [-0.5, 0.0, 0.0]]))
+
+
+def test_global_whitening_from_moments_summed_over_processes():
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    first, second = masked_moments(values[:1], mask[:1]), masked_moments(values[1:], mask[1:])
+    whitened = whiten_with(values, mask, first + second)
+    mean, std = 2.0, math.sqrt(((1 - 2) ** 2 + 0 + (3 - 2) ** 2) / 3)
+    torch.testing.assert_close(whitened, torch.tensor([[-1 / std, 0.0], [1 / std, 0.0]]))
+    assert mean == pytest.approx(float((first + second)[0] / (first + second)[2]))
+
+
+def test_overlong_penalty_is_linear_over_the_buffer():
+    lengths = torch.tensor([10, 12, 14, 16, 20])
+    # L_max 16, buffer 4: no penalty up to 12, then (12 - L) / 4, -1 at 16 and beyond
+    assert overlong_penalty(lengths, 16, 4, factor=1.0).tolist() == pytest.approx([0.0, 0.0, -0.5, -1.0, -1.0])
+
+
+def test_zero_spread_groups():
+    assert zero_spread_groups(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5]), 2).tolist() == [True, False, True]
+
+
+def test_high_entropy_mask_keeps_the_top_fraction_of_completion_tokens():
+    entropy = torch.tensor([[0.1, 0.9, 0.5, 7.0], [0.3, 0.8, 0.2, 0.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    kept = high_entropy_mask(entropy, mask, fraction=0.3)
+    # the 7 masked entropies sorted: 0, .1, .2, .3, .5, .8, .9; their 0.7 quantile (linear, position
+    # 0.7 * 6 = 4.2) is .5 + .2 * (.8 - .5) = .56: the two highest, .9 and .8, are kept (7.0 is off the mask)
+    assert kept.tolist() == [[False, True, False, False], [False, True, False, False]]

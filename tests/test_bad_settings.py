@@ -76,7 +76,10 @@ CONFIGS = ROOT / "configs"
         (lambda: PPO(kl=KLPenalty(target=0.0)), "PPO: kl.target must be > 0, got 0.0"),
         (lambda: PPO(kl={"factor": 1.0}), "PPO: kl.factor must be > 1, got 1.0"),
         (lambda: GRPO(samples_per_prompt=1), "GRPO: samples_per_prompt must be >= 2, got 1"),
-        (lambda: GRPO(loss_aggregation="batch"), "GRPO: loss_aggregation must be one of sequence, token, got 'batch'"),
+        (
+            lambda: GRPO(loss_type="batch"),
+            "GRPO: loss_type must be one of grpo, bnpo, dr_grpo, dapo, cispo, got 'batch'",
+        ),
         (lambda: TRPO(backtrack_factor=1.0), "TRPO: backtrack_factor must be in (0, 1), got 1.0"),
         (
             lambda: OnlineDPO(generation={"temperature": 0.0}),

@@ -154,3 +154,86 @@ def test_high_entropy_mask_keeps_the_top_fraction_of_completion_tokens():
     # the 7 masked entropies sorted: 0, .1, .2, .3, .5, .8, .9; their 0.7 quantile (linear, position
     # 0.7 * 6 = 4.2) is .5 + .2 * (.8 - .5) = .56: the two highest, .9 and .8, are kept (7.0 is off the mask)
     assert kept.tolist() == [[False, True, False, False], [False, True, False, False]]
+
+
+# ---- the options of the GRPO module --------------------------------------------------------------
+def _rollout(scores, mask, ended, old_logps, ref_logps=None):
+    from lit_align.online.rollout import Rollout
+
+    batch = {"input_ids": torch.zeros_like(mask, dtype=torch.long), "attention_mask": mask.long()}
+    rollout = Rollout(batch, [""] * len(scores), [""] * len(scores), ended, scores)
+    rollout.mask, rollout.old_logps, rollout.ref_logps = mask, old_logps, ref_logps
+    return rollout
+
+
+def _pass(logps, mask):
+    from lit_align.methods.on_policy import PolicyPass
+    from lit_align.model.logprobs import SequenceLogps
+
+    return PolicyPass(SequenceLogps(logps, mask), None, torch.zeros(0))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"loss_type": "cispo", "delta": 3.0}, "GRPO: delta must be unset with loss_type=cispo"),
+        ({"overlong_penalty": 0.5}, "GRPO: overlong_penalty is set, but overlong_buffer is not"),
+        (
+            {"overlong_buffer": 4, "generation": {"max_new_tokens": 4}},
+            "GRPO: overlong_buffer must be < generation.max_new_tokens=4, got 4",
+        ),
+        ({"delta": 1.0}, "GRPO: delta must be > 1, got 1.0"),
+        ({"scale_rewards": "global"}, "GRPO: scale_rewards must be one of group, batch, none, got 'global'"),
+    ],
+)
+def test_grpo_refuses_settings_that_change_nothing_or_are_out_of_range(settings, message):
+    from lit_align.errors import SettingError
+    from lit_align.methods import GRPO
+
+    with pytest.raises(SettingError, match=message):
+        GRPO(**settings)
+
+
+def test_grpo_prepare_shapes_overlong_scores_and_keeps_truncated_completions_out():
+    from lit_align.methods import GRPO
+
+    grpo = GRPO(
+        samples_per_prompt=2,
+        scale_rewards="none",
+        overlong_buffer=2,
+        mask_truncated_completions=True,
+        generation={"max_new_tokens": 4},
+    )
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])  # lengths 2 and 4
+    rollout = _rollout(torch.tensor([1.0, 1.0]), mask, torch.tensor([True, False]), torch.zeros(2, 4))
+    grpo.prepare(rollout)
+    # scores 1 + 0 and 1 - 1 (length 4 = the limit: the whole penalty), centred on their mean 0.5
+    assert rollout.advantages[:, 0].tolist() == pytest.approx([0.5, -0.5])
+    assert rollout.extra["in_loss"].tolist() == [True, False]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo"])
+def test_grpo_loss_is_its_normalisation_of_the_surrogate_plus_the_kl_term(loss_type):
+    from lit_align.methods import GRPO
+
+    grpo = GRPO(loss_type=loss_type, samples_per_prompt=2, epsilon_high=0.28, generation={"max_new_tokens": 3})
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    old = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, 0.0, 0.0]])
+    rollout = _rollout(torch.tensor([1.0, 0.0]), mask, torch.tensor([True, True]), old, ref)
+    grpo.prepare(rollout)
+    logps = torch.tensor([[-0.5, -1.2, -1.0], [-2.5, 0.0, 0.0]])
+    loss, metrics = grpo.loss(rollout, _pass(logps, mask))
+    surrogate, _ = SURROGATES_OF[loss_type](logps, logps - old, rollout.advantages)
+    log_ratio = ref - logps
+    kl = (log_ratio.exp() - 1 - log_ratio) * mask
+    counts = TokenCounts(3, global_tokens=4.0, world_size=1)
+    expected = LOSS_NORMALISATIONS[loss_type](surrogate + grpo.kl_controller.beta * kl, mask, counts)
+    assert loss.item() == pytest.approx(expected.item())
+
+
+SURROGATES_OF = {
+    name: (lambda lp, lr, adv: clip_higher_surrogate(lr, adv, 0.2, 0.28))
+    for name in ("grpo", "bnpo", "dr_grpo", "dapo")
+}
+SURROGATES_OF["cispo"] = lambda lp, lr, adv: cispo_surrogate(lp, lr, adv, 0.28, 0.2)

@@ -286,14 +286,16 @@ def test_reward_normalization_standardises_with_the_first_or_every_rollout(mode)
 def test_reward_normalization_is_refused_where_it_changes_nothing():
     with pytest.raises(SettingError, match=r"PPO: reward_normalization must be one of initial, running, got 'whiten'"):
         PPO(reward_normalization="whiten")
-    with pytest.raises(SettingError, match="GRPO: reward_normalization must be unset with scale_advantages") as refused:
+    with pytest.raises(SettingError, match="GRPO: reward_normalization must be unset with scale_rewards=group") as no:
         GRPO(reward_normalization="initial")
-    assert "scale_advantages false (Dr. GRPO)" in refused.value.hint
+    assert "set scale_rewards none (Dr. GRPO)" in no.value.hint
+    with pytest.raises(SettingError, match="GRPO: reward_normalization must be unset with scale_rewards=batch"):
+        GRPO(reward_normalization="initial", scale_rewards="batch")
     with pytest.raises(
         SettingError, match="OnlineDPO: reward_normalization must be unset: .* only the scores' order matters"
     ):
         OnlineDPO(reward_normalization="running")
-    assert GRPO(reward_normalization="running", scale_advantages=False).reward_normalization == "running"
+    assert GRPO(reward_normalization="running", scale_rewards="none").reward_normalization == "running"
 
 
 def test_training_logs_raw_scores_and_held_out_training_reward_next_to_eval_reward():

@@ -192,6 +192,20 @@ def cispo_surrogate(
     return -weight * advantages * logps, weight != ratio
 
 
+def _clipped_ratio(logps, log_ratio, advantages, epsilon_low, epsilon_high, delta):
+    return clip_higher_surrogate(log_ratio, advantages, epsilon_low, epsilon_high, delta)
+
+
+def _cispo(logps, log_ratio, advantages, epsilon_low, epsilon_high, delta):
+    return cispo_surrogate(logps, log_ratio, advantages, epsilon_high, epsilon_low)
+
+
+SURROGATES = {"grpo": _clipped_ratio, "bnpo": _clipped_ratio, "dr_grpo": _clipped_ratio, "dapo": _clipped_ratio}
+SURROGATES["cispo"] = _cispo
+"""``loss_type`` -> its per-token surrogate, called as (log-probs, log-ratios, advantages,
+epsilon_low, epsilon_high, delta) -> (loss, clipped)."""
+
+
 # ---- shaping of rewards and tokens ----------------------------------------------------------------------
 def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the score: 0 up to

@@ -18,12 +18,13 @@ from lit_align.methods.dpo_variants import (
     BetaDPO,
     SPPOHard,
 )
+from lit_align.methods.grpo import GRPO
 from lit_align.methods.listwise import ListwisePreferenceModule, ResponseLists
 from lit_align.methods.listwise_objectives import PRO, RRHF, LiPO
 from lit_align.methods.on_policy import ActorCriticModule, OnPolicyModule, PolicyPass
 from lit_align.methods.online_dpo import OnlineDPO
 from lit_align.methods.paired import PairedPreferenceModule
-from lit_align.methods.policy_gradient import GRPO, REINFORCE, RLOO
+from lit_align.methods.policy_gradient import REINFORCE, RLOO
 from lit_align.methods.reference_free import CPO, ORPO, SimPO
 from lit_align.methods.reward_model import RewardModel
 from lit_align.methods.sft import SFT

@@ -102,7 +102,7 @@ class OnPolicyModule(AlignmentModule):
             0 and PPO's ``value_clip`` are set for scores of order 1. Logged
             ``objective/scores`` stay raw; ``objective/rlhf_reward`` uses the standardised
             scores (what is optimised). An error for methods that only see the scores' order or
-            group-standardise them anyway (online DPO; GRPO with ``scale_advantages``).
+            group-standardise them anyway (online DPO; GRPO with ``scale_rewards`` group or batch).
         model: the causal LM, LoRA/QLoRA and reference source (``cached`` is not possible:
             completions are new every step).
         optimizer: AdamW and learning-rate schedule.

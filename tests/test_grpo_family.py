@@ -237,3 +237,20 @@ SURROGATES_OF = {
     for name in ("grpo", "bnpo", "dr_grpo", "dapo")
 }
 SURROGATES_OF["cispo"] = lambda lp, lr, adv: cispo_surrogate(lp, lr, adv, 0.28, 0.2)
+
+
+def test_grpo_high_entropy_fraction_trains_only_the_forking_tokens():
+    """With high_entropy_fraction, the policy-gradient term's gradient is zero on low-entropy tokens."""
+    from lit_align.methods import GRPO
+
+    grpo = GRPO(samples_per_prompt=2, high_entropy_fraction=0.5, kl={"beta": 0.0})
+    mask = torch.tensor([[True, True], [True, True]])
+    rollout = _rollout(torch.tensor([1.0, 0.0]), mask, torch.tensor([True, True]), torch.full((2, 2), -1.0))
+    grpo.prepare(rollout)
+    logps = torch.full((2, 2), -1.0, requires_grad=True)
+    entropy = torch.tensor([[0.1, 2.0], [3.0, 0.2]])
+    grpo.entropy = lambda current: entropy  # the policy's entropy at each token, as if computed from logits
+    loss, metrics = grpo.loss(rollout, _pass(logps, mask))
+    (grad,) = torch.autograd.grad(loss, logps)
+    assert (grad != 0).tolist() == [[False, True], [True, False]]
+    assert metrics["policy/entropy"].item() == pytest.approx(entropy.mean().item())

@@ -15,6 +15,7 @@ from lit_align.losses.grpo_family import (
     LOSS_NORMALISATIONS,
     SURROGATES,
     TokenCounts,
+    high_entropy_mask,
     overlong_penalty,
     scaled_group_advantages,
 )
@@ -23,7 +24,7 @@ from lit_align.methods.on_policy import OnPolicyModule, PolicyPass
 from lit_align.online.kl_control import KLPenalty
 from lit_align.online.rollout import GenerationSettings, Rollout
 from lit_align.runtime.trainer import distributed
-from lit_align.settings import ClipRange, Count, Positive, Range, as_settings
+from lit_align.settings import ClipRange, Count, NonNegative, Positive, Range, as_settings
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"]
 
@@ -62,6 +63,11 @@ class GRPO(OnPolicyModule):
             ``max_new_tokens - overlong_buffer`` tokens lose up to ``overlong_penalty`` of their
             score, linearly (Yu et al. 2025, eq. 13). Unset: off.
         overlong_penalty: the most the overlong punishment takes off; only with ``overlong_buffer``.
+        entropy_coef: weight of an entropy bonus (token mean of the policy's entropy, subtracted
+            from the loss; 0: none). The entropy is logged (``policy/entropy``) either way.
+        high_entropy_fraction: the policy-gradient term only on this fraction of the completion
+            tokens with the highest entropy (Wang et al. 2025, "Beyond the 80/20 rule": 0.2); the
+            KL term keeps every token. Unset: every token.
         (everything else: :class:`lit_align.methods.on_policy.OnPolicyModule`)
     """
 
@@ -78,6 +84,8 @@ class GRPO(OnPolicyModule):
         mask_truncated_completions: bool = False,
         overlong_buffer: Optional[Count] = None,
         overlong_penalty: Positive = 1.0,
+        entropy_coef: NonNegative = 0.0,
+        high_entropy_fraction: Optional[Annotated[float, Range(0, 1, low_open=True, high_open=True)]] = None,
         **kwargs,
     ):
         super().__init__(*args, samples_per_prompt=samples_per_prompt, **kwargs)
@@ -87,6 +95,7 @@ class GRPO(OnPolicyModule):
         self.delta, self.importance_sampling_level = delta, importance_sampling_level
         self.mask_truncated_completions = mask_truncated_completions
         self.overlong_buffer, self.overlong_penalty = overlong_buffer, overlong_penalty
+        self.entropy_coef, self.high_entropy_fraction = entropy_coef, high_entropy_fraction
 
     def check_settings(self) -> None:
         """Also refuse settings that would change nothing in this combination: ``reward_normalization``
@@ -170,10 +179,18 @@ class GRPO(OnPolicyModule):
         surrogate, clipped = SURROGATES[self.loss_type](
             logps, log_ratio, part.advantages, self.epsilon_low, self.epsilon_high, self.delta
         )
+        metrics = {}
+        if self.entropy_coef or self.high_entropy_fraction:
+            entropy = self.entropy(current) if self.entropy_coef else self.entropy(current).detach()
+            metrics["policy/entropy"] = masked_mean(entropy, mask).detach()
+        if self.high_entropy_fraction:
+            surrogate = surrogate * high_entropy_mask(entropy.detach(), mask, self.high_entropy_fraction)
         kl = kl_k3(logps, part.ref_logps) if part.ref_logps is not None else torch.zeros_like(surrogate)
         normalise, counts = LOSS_NORMALISATIONS[self.loss_type], self.token_counts(mask)
         loss = normalise(surrogate + self.kl_controller.beta * kl, mask, counts)
-        return loss, {
+        if self.entropy_coef:
+            loss = loss - self.entropy_coef * masked_mean(entropy, mask)
+        return loss, metrics | {
             "loss/policy": normalise(surrogate, mask, counts).detach(),
             "policy/kl": masked_mean(kl, mask).detach(),
             "policy/clipfrac": masked_mean(clipped.float(), mask),

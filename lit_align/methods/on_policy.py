@@ -184,10 +184,17 @@ class OnPolicyModule(AlignmentModule):
 
     def entropy(self, current: PolicyPass) -> torch.Tensor:
         """``[N, T]`` entropy of the policy's next-token distribution at each completion token
-        (logits only at completion positions; 0 elsewhere)."""
+        (logits only at completion positions, ``model.logp_chunk_size`` tokens at a time when no
+        gradient is needed; 0 elsewhere)."""
         mask = current.logps.mask
-        logits = self.backbone.lm_head(self.backbone.policy)(current.hidden[mask]).float()
-        values = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+        head = self.backbone.lm_head(self.backbone.policy)
+        hidden = current.hidden[mask]
+        step = hidden.shape[0] if torch.is_grad_enabled() else self.model_settings.logp_chunk_size or hidden.shape[0]
+        parts = []
+        for start in range(0, hidden.shape[0], max(1, step)):
+            logits = head(hidden[start : start + step]).float()
+            parts.append(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1))
+        values = torch.cat(parts) if parts else hidden.new_zeros(0)
         return at_positions(values, mask)
 
     @property
@@ -339,7 +346,11 @@ class OnPolicyModule(AlignmentModule):
         """One optimizer step on a minibatch of the rollout (``current``: the policy's pass over
         it with gradients, when the caller already ran it)."""
         optimizer = self.optimizers()
-        loss, metrics = self.loss(part, self.forward_rollout(part.batch) if current is None else current)
+        current = self.forward_rollout(part.batch) if current is None else current
+        loss, metrics = self.loss(part, current)
+        if "policy/entropy" not in metrics:  # logged for every method (token mean), no gradient
+            with torch.no_grad():
+                metrics["policy/entropy"] = masked_mean(self.entropy(current), current.logps.mask)
         if ptx is not None and self.ptx_coef:
             ptx_logps = self.backbone.logps(ptx)
             ptx_loss = completion_nll(ptx_logps.tokens, ptx_logps.mask)

@@ -254,3 +254,16 @@ def test_grpo_high_entropy_fraction_trains_only_the_forking_tokens():
     (grad,) = torch.autograd.grad(loss, logps)
     assert (grad != 0).tolist() == [[False, True], [True, False]]
     assert metrics["policy/entropy"].item() == pytest.approx(entropy.mean().item())
+
+
+def test_kl_free_on_policy_methods_build_no_reference():
+    from lit_align.errors import SettingError
+    from lit_align.methods import GRPO, PPO, OnlineDPO
+
+    assert type(GRPO(kl={"beta": 0.0}).backbone.reference_source).__name__ == "NoReference"
+    assert type(PPO(kl={"beta": 0.0}).backbone.reference_source).__name__ == "NoReference"
+    assert type(GRPO().backbone.reference_source).__name__ != "NoReference"  # the default beta uses one
+    assert type(GRPO(kl={"beta": 0.0, "target": 6.0}).backbone.reference_source).__name__ != "NoReference"
+    assert type(OnlineDPO().backbone.reference_source).__name__ != "NoReference"  # its loss needs the reference
+    with pytest.raises(SettingError, match="GRPO: model.reference is copy, but kl.beta is 0"):
+        GRPO(kl={"beta": 0.0}, model={"reference": "copy"})

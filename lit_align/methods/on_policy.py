@@ -112,6 +112,9 @@ class OnPolicyModule(AlignmentModule):
     data_module_name: ClassVar[str] = "lit_align.data.PromptDataModule"
     headline_metric: ClassVar[str] = "val/objective/scores"
     generates_held_out: ClassVar[bool] = True
+    reference_only_for_kl: ClassVar[bool] = True
+    """Whether the reference serves only the KL penalty: then ``kl.beta: 0`` (without ``kl.target``)
+    builds no reference at all (False where the objective itself needs it: online DPO)."""
     hparams_ignore: ClassVar[tuple[str, ...]] = ("reward", "eval_reward")
     ptx_coef: float = 0.0
     """Weight of the NLL of ``ptx`` batches (demonstrations or pre-training text) in the loss;
@@ -133,6 +136,16 @@ class OnPolicyModule(AlignmentModule):
         optimizer: OptimizerSettings = OptimizerSettings(),  # noqa: B008
     ):
         settings = as_settings(model, ModelSettings)
+        kl_settings = as_settings(kl, KLPenalty)
+        if self.reference_only_for_kl and kl_settings.beta == 0 and kl_settings.target is None:
+            if settings.reference not in ("auto", "none"):
+                raise SettingError(
+                    type(self).__name__,
+                    "model.reference",
+                    f"is {settings.reference}, but kl.beta is 0 (and no kl.target): the reference's log-probs would "
+                    "only feed a KL term weighted 0; leave model.reference auto (then no reference is built)",
+                )
+            self.needs_reference = False  # KL-free: no reference is built or run
         if resolve_reference(settings, self.needs_reference, type(self).__name__).precomputed:
             raise SettingError(
                 type(self).__name__,

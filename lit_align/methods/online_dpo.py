@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 
@@ -51,6 +51,8 @@ class OnlineDPO(OnPolicyModule):
         optimises; ``generation.temperature`` must be > 0, or the samples of a prompt are
         identical and never form a pair.)
     """
+
+    reference_only_for_kl: ClassVar[bool] = False  # DPO's loss needs the reference itself
 
     def __init__(self, *args, beta: Positive = 0.1, samples_per_prompt: Annotated[int, Range(2)] = 2, **kwargs):
         super().__init__(*args, samples_per_prompt=samples_per_prompt, **kwargs)

@@ -3,7 +3,7 @@ lit_align.rewards.WordRulesReward`` for ``lit-align eval`` or ``class_path:
 lit_align.rewards.WordRulesReward`` in a config (the same classes as in :mod:`lit_align.online`)."""
 
 from lit_align.online.reward_model import RewardModelReward
-from lit_align.online.rewards import RewardFunction, WordRulesReward
+from lit_align.online.rewards import RewardFunction, WeightedRewards, WordRulesReward
 from lit_align.online.self_judge import SelfJudge
 
-__all__ = ["RewardFunction", "RewardModelReward", "SelfJudge", "WordRulesReward"]
+__all__ = ["RewardFunction", "RewardModelReward", "SelfJudge", "WeightedRewards", "WordRulesReward"]

@@ -267,3 +267,55 @@ def test_kl_free_on_policy_methods_build_no_reference():
     assert type(OnlineDPO().backbone.reference_source).__name__ != "NoReference"  # its loss needs the reference
     with pytest.raises(SettingError, match="GRPO: model.reference is copy, but kl.beta is 0"):
         GRPO(kl={"beta": 0.0}, model={"reference": "copy"})
+
+
+# ---- several rewards with weights ------------------------------------------------------------------
+class _Length:
+    """Completion length in characters (a second reward for the tests)."""
+
+    def __call__(self, prompts, completions):
+        return torch.tensor([float(len(c)) for c in completions])
+
+
+def test_weighted_rewards_sum_their_parts_and_keep_each_by_name():
+    from lit_align.rewards import WeightedRewards, WordRulesReward
+
+    combined = WeightedRewards([WordRulesReward(graded=False), WordRulesReward(), _Length()], weights=[1.0, 0.5, 0.1])
+    prompts, completions = ["First letter of cab:\n", "First letter of dog:\n"], ["c", "xy"]
+    scores = combined(prompts, completions)
+    assert scores.tolist() == pytest.approx([1.0 + 0.5 * 1.0 + 0.1 * 1, 0.0 + 0.5 * 0.0 + 0.1 * 2])
+    assert list(combined.parts) == ["WordRulesReward_0", "WordRulesReward_1", "_Length"]
+    assert combined.parts["_Length"].tolist() == [1.0, 2.0]
+
+
+def test_weighted_rewards_need_one_weight_per_reward():
+    from lit_align.errors import SettingError
+    from lit_align.rewards import WeightedRewards, WordRulesReward
+
+    with pytest.raises(SettingError, match="WeightedRewards: weights needs one weight .* 2 rewards, 1 weights"):
+        WeightedRewards([WordRulesReward(), WordRulesReward()], weights=[1.0])
+
+
+@pytest.mark.slow
+def test_grpo_logs_each_weighted_reward_and_their_total(in_sft_workdir):
+    import csv
+    from pathlib import Path
+
+    from conftest import QUIET_FLAGS
+
+    from lit_align.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "grpo.yaml"
+    reward = (
+        "{class_path: lit_align.rewards.WeightedRewards, init_args: {rewards: [{class_path: "
+        "lit_align.rewards.WordRulesReward, init_args: {graded: false}}, {class_path: "
+        "lit_align.rewards.WordRulesReward}], weights: [1.0, 0.5], names: [exact, graded]}}"
+    )
+    flags = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1"]
+    main(["fit", "--config", str(config), f"--model.init_args.reward={reward}", *flags, *QUIET_FLAGS])
+    (path,) = Path("runs").rglob("metrics.csv")
+    rows = [row for row in csv.DictReader(open(path)) if row.get("train/objective/rewards/exact")]
+    for row in rows:  # the logged total is the weighted sum of the logged parts (batch means)
+        exact, graded = float(row["train/objective/rewards/exact"]), float(row["train/objective/rewards/graded"])
+        assert float(row["train/objective/scores"]) == pytest.approx(exact + 0.5 * graded, abs=1e-5)
+    assert rows and [row for row in csv.DictReader(open(path)) if row.get("val/objective/rewards/graded")]

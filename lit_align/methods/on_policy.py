@@ -39,7 +39,7 @@ from lit_align.methods.running import RunningMoments
 from lit_align.model.logprobs import SequenceLogps
 from lit_align.model.reference import resolve_reference
 from lit_align.online.kl_control import KLPenalty
-from lit_align.online.rewards import RewardFunction
+from lit_align.online.rewards import RewardFunction, reward_parts
 from lit_align.online.rollout import GenerationSettings, Rollout, sample_completions
 from lit_align.runtime.trainer import distributed
 from lit_align.settings import (
@@ -285,6 +285,7 @@ class OnPolicyModule(AlignmentModule):
         prompts = [prompt for prompt in batch["prompts"] for _ in range(samples)]
         completions = self.decode(tokens)
         scores = self.reward(prompts, completions).to(self.device)
+        self.log_reward_parts("train", self.reward)
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~ended).float()
         ref = self.reference_logps(tokens).tokens if self.needs_reference else None
@@ -293,6 +294,13 @@ class OnPolicyModule(AlignmentModule):
         if sampling_pass:
             rollout.take_sampling_pass(self.forward_rollout(tokens))
         return rollout
+
+    def log_reward_parts(self, stage: str, reward) -> None:
+        """Each named part of a combined reward's last scores (``objective/rewards/<name>``)."""
+        parts = reward_parts(reward)
+        if parts:
+            values = {f"objective/rewards/{name}": part.to(self.device) for name, part in parts.items()}
+            self.log_metrics(stage, values, batch_size=len(next(iter(parts.values()))))
 
     def token_kl(self, rollout: Rollout) -> torch.Tensor:
         """``[N, T]`` per-token KL estimate of the sampling policy to the reference (0 off the mask)."""
@@ -439,6 +447,7 @@ class OnPolicyModule(AlignmentModule):
         )
         completions = self.decode(tokens)
         scores = reward(batch["prompts"], completions).to(self.device)
+        self.log_reward_parts(stage, reward)
         mask = tokens["labels"] != -100
         values = {"objective/scores": scores, "response_length": mask.sum(-1).float(), "ended_with_eos": ended.float()}
         if self.eval_reward is not None and self.reward is not None:

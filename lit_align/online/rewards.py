@@ -23,6 +23,7 @@ import torch
 from lightning import LightningModule
 
 from lit_align.data.tasks import WordRulesTask
+from lit_align.errors import SettingError
 
 
 class RewardFunction:
@@ -66,3 +67,59 @@ class WordRulesReward(RewardFunction):
             float(WordRulesTask.is_correct(prompt, completion))
             for prompt, completion in zip(prompts, completions, strict=True)
         ]
+
+
+class WeightedRewards(RewardFunction):
+    """Several rewards in one: score = sum_k weight_k * reward_k(prompt, completion) (e.g. a
+    verifier of the answer plus a smaller format reward). The method logs each part under
+    ``objective/rewards/<name>`` beside the weighted total (``objective/scores``).
+
+    Args:
+        rewards: the rewards (each a ``class_path`` entry in YAML).
+        weights: one weight per reward (default: 1 each).
+        names: one name per reward in the logs (default: the class names, numbered when repeated).
+
+    In YAML::
+
+        reward:
+          class_path: lit_align.rewards.WeightedRewards
+          init_args:
+            rewards: [{class_path: lit_align.rewards.WordRulesReward}, {class_path: my_rewards.Brevity}]
+            weights: [1.0, 0.1]
+    """
+
+    def __init__(
+        self, rewards: list[RewardFunction], weights: list[float] | None = None, names: list[str] | None = None
+    ):
+        weights = [1.0] * len(rewards) if weights is None else list(weights)
+        if not rewards or len(weights) != len(rewards) or (names is not None and len(names) != len(rewards)):
+            raise SettingError(
+                "WeightedRewards",
+                "weights",
+                f"needs one weight (and name, if given) per reward: {len(rewards)} rewards, {len(weights)} weights"
+                + (f", {len(names)} names" if names is not None else ""),
+            )
+        if names is None:
+            classes = [type(reward).__name__ for reward in rewards]
+            names = [c if classes.count(c) == 1 else f"{c}_{classes[:i].count(c)}" for i, c in enumerate(classes)]
+        self.rewards, self.weights, self.names = list(rewards), weights, list(names)
+        self.parts: dict[str, torch.Tensor] = {}
+        """Each reward's scores of the last call, by name."""
+
+    def attach(self, module: LightningModule) -> None:
+        for reward in self.rewards:
+            if hasattr(reward, "attach"):
+                reward.attach(module)
+
+    def score(self, prompts: Sequence, completions: Sequence[str]) -> torch.Tensor:
+        self.parts = {name: reward(prompts, completions) for name, reward in zip(self.names, self.rewards, strict=True)}
+        return sum(weight * part for weight, part in zip(self.weights, self.parts.values(), strict=True))
+
+    def to(self, device: torch.device | str) -> "WeightedRewards":
+        self.rewards = [reward.to(device) if hasattr(reward, "to") else reward for reward in self.rewards]
+        return self
+
+
+def reward_parts(reward) -> dict[str, torch.Tensor]:
+    """The named parts of a reward's last scores (:class:`WeightedRewards`), else none."""
+    return dict(getattr(reward, "parts", None) or {})

@@ -138,6 +138,38 @@ def sft_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def dpo_run(tmp_path_factory):
+    """configs/dpo.yaml trained briefly once per test session (40 steps, validating before
+    training and every 20 steps, 16 held-out pairs, one checkpoint), in the folder returned: its
+    run folder is runs/lightning_logs/version_0 (samples, curves, config.yaml, checkpoints/), and
+    ``pairs.jsonl`` beside it holds the built-in task's first 32 held-out pairs."""
+    from lit_align.cli import main
+    from lit_align.data.tasks import WordRulesTask
+
+    folder = tmp_path_factory.mktemp("dpo")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setenv("LIT_ALIGN_CACHE", str(folder / "lit-align-cache"))
+        main(
+            [
+                "fit",
+                "--config",
+                str(Path(__file__).resolve().parents[1] / "configs" / "dpo.yaml"),
+                "--trainer.max_steps",
+                "40",
+                "--trainer.val_check_interval",
+                "20",
+                "--data.init_args.task.num_val",
+                "16",
+                *QUIET_FLAGS,
+            ]
+        )
+    records = WordRulesTask().split("val")[:32]
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def sft_policy(sft_run):
     """The export (outputs/sft) of :func:`sft_run`: the starting policy of every on-policy config."""
     return sft_run / "outputs" / "sft"

@@ -52,34 +52,6 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def dpo_run(tmp_path_factory):
-    """configs/dpo.yaml trained briefly (40 steps, one checkpoint) in the folder returned, with a
-    paired JSONL of the built-in task's held-out pairs (``pairs.jsonl``) beside it."""
-    folder = tmp_path_factory.mktemp("dpo")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        patch.setenv("LIT_ALIGN_CACHE", str(folder / "lit-align-cache"))
-        main(
-            [
-                "fit",
-                "--config",
-                str(CONFIGS / "dpo.yaml"),
-                "--trainer.max_steps",
-                "40",
-                "--trainer.val_check_interval",
-                "40",
-                "--data.init_args.task.num_val",
-                "16",
-                "--validate_before_fit",
-                "false",
-                *QUIET_FLAGS,
-            ]
-        )
-    write_jsonl(folder / "pairs.jsonl", WordRulesTask().split("val")[:HELD_OUT_PAIRS])
-    return folder
-
-
 # ---- generate ------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_generate_answers_held_out_prompts_from_a_checkpoint_and_its_export(sft_run, in_tmp, capsys):
@@ -192,11 +164,14 @@ def test_eval_scores_greedy_completions_with_a_reward_and_a_baseline(dpo_run, in
 @pytest.mark.slow
 def test_eval_errors_are_one_message(sft_policy, in_tmp):
     pairs = write_jsonl(in_tmp / "pairs.jsonl", WordRulesTask().split("val")[:2])
+    bare = in_tmp / "bare"  # an export without the config.yaml exports carry
+    shutil.copytree(sft_policy, bare)
+    (bare / "config.yaml").unlink()
     cases = [
-        (["--model", str(sft_policy)], f"{str(sft_policy)!r} has no config.yaml: the method and data settings"),
+        (["--model", str(bare)], f"{str(bare)!r} has no config.yaml: the method and data settings"),
         (["--model", "missing-run/last.ckpt"], "checkpoint 'missing-run/last.ckpt' does not exist"),
-        (["--model", str(sft_policy), "--reward", "no_such_module.Reward"], "--reward: 'no_such_module.Reward' cannot"),
-        (["--model", str(sft_policy), "--baseline", "tiny"], "--baseline compares generated completions"),
+        (["--model", str(bare), "--reward", "no_such_module.Reward"], "--reward: 'no_such_module.Reward' cannot"),
+        (["--model", str(bare), "--baseline", "tiny"], "--baseline compares generated completions"),
     ]
     for flags, message in cases:
         with pytest.raises(SystemExit) as stop:

@@ -30,27 +30,15 @@ def run_folder(root: Path = Path("runs")) -> Path:
 
 
 @pytest.fixture
-def dpo_run(in_tmp) -> Path:
-    """configs/dpo.yaml for 40 steps, validating every 20: run folder of the CLI's default logger."""
-    main(
-        [
-            "fit",
-            "--config",
-            str(CONFIGS / "dpo.yaml"),
-            "--trainer.max_steps",
-            "40",
-            "--trainer.val_check_interval",
-            "20",
-            *QUIET_FLAGS,
-        ]
-    )
-    return run_folder()
+def dpo_folder(dpo_run) -> Path:
+    """The run folder of the session's configs/dpo.yaml run (40 steps, validating every 20)."""
+    return run_folder(dpo_run / "runs")
 
 
 # ---- samples -------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_dpo_config_writes_samples_of_the_held_out_pairs_at_every_validation(dpo_run):
-    files = sorted((dpo_run / "samples").iterdir(), key=lambda path: int(path.stem.split("_")[1]))
+def test_dpo_config_writes_samples_of_the_held_out_pairs_at_every_validation(dpo_folder):
+    files = sorted((dpo_folder / "samples").iterdir(), key=lambda path: int(path.stem.split("_")[1]))
     assert [path.name for path in files] == ["step_0.jsonl", "step_20.jsonl", "step_40.jsonl"]
     held_out = WordRulesTask().split("val")
     for path in files:
@@ -150,14 +138,14 @@ def test_tensorboard_gets_the_samples_as_text(in_tmp):
 
 # ---- curves and lit-align plot ------------------------------------------------------------------------
 @pytest.mark.slow
-def test_dpo_config_draws_its_curves_and_keeps_their_values(dpo_run):
-    assert (dpo_run / "curves.png").read_bytes()[:8] == PNG_MAGIC
-    history = read_history(dpo_run)
+def test_dpo_config_draws_its_curves_and_keeps_their_values(dpo_folder):
+    assert (dpo_folder / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    history = read_history(dpo_folder)
     assert series(history, "val/rewards/accuracies")[0] == [0, 20, 40]
     assert series(history, "train/loss")[0] == [10, 20, 30, 40]  # every log_every_n_steps=10 steps
     steps, rates = series(history, "lr")
     assert rates[0] > rates[len(rates) // 2] > rates[-1]  # the cosine schedule, decaying
-    csv_losses = [float(row) for row in _csv_column(dpo_run, "val/loss")]
+    csv_losses = [float(row) for row in _csv_column(dpo_folder, "val/loss")]
     assert series(history, "val/loss")[1] == pytest.approx(csv_losses)  # the same values the logger wrote
     titles = [title for title, _ in panels_of({"run": history})]
     assert titles == ["loss", "preference accuracy", "reward", "margin", "learning rate"]
@@ -192,16 +180,17 @@ def test_read_history_takes_lightning_metrics_csv(tmp_path):
 
 
 @pytest.mark.slow
-def test_plot_draws_several_runs_on_one_figure(dpo_run, capsys):
-    second = Path("other") / dpo_run
-    shutil.copytree(dpo_run, second)
+def test_plot_draws_several_runs_on_one_figure(dpo_folder, in_tmp, capsys):
+    first, second = Path("one/version_0"), Path("two/version_0")
+    shutil.copytree(dpo_folder, first)
+    shutil.copytree(dpo_folder, second)
     (second / "curves.png").unlink()
-    main(["plot", str(dpo_run), str(second), "--output", "both.png", "--title", "two runs"])
+    main(["plot", str(first), str(second), "--output", "both.png", "--title", "two runs"])
     assert Path("both.png").read_bytes()[:8] == PNG_MAGIC
     assert "wrote both.png (2 runs)" in capsys.readouterr().out
     from lit_align.commands.plot import run_labels
 
-    assert run_labels([str(dpo_run), str(second)]) == [str(dpo_run), str(second)]  # same names: longer paths
+    assert run_labels([str(first), str(second)]) == [str(first), str(second)]  # same names: longer paths
     assert run_labels(["a/version_0", "b/version_1"]) == ["version_0", "version_1"]
 
 
@@ -219,17 +208,17 @@ def test_plot_of_a_folder_without_curves_names_it(in_tmp):
 
 # ---- the model card and config.yaml of an export -------------------------------------------------------
 @pytest.mark.slow
-def test_export_of_a_checkpoint_carries_its_card_and_run_config(dpo_run):
-    (checkpoint,) = dpo_run.rglob("*.ckpt")
+def test_export_of_a_checkpoint_carries_its_card_and_run_config(dpo_folder, in_tmp):
+    (checkpoint,) = dpo_folder.rglob("*.ckpt")
     main(["export", "--ckpt_path", str(checkpoint), "--output_dir", "exported"])
     card = Path("exported/README.md").read_text()
     config = yaml.safe_load(Path("exported/config.yaml").read_text())
-    assert config == yaml.safe_load((dpo_run / "config.yaml").read_text())  # the run's own file
+    assert config == yaml.safe_load((dpo_folder / "config.yaml").read_text())  # the run's own file
     assert card.startswith("---\nlibrary_name: transformers\n")
     assert "# DPO of tiny" in card
     assert "| method | `lit_align.methods.dpo.DPO`: Direct Preference Optimization (Rafailov et al. 2023)" in card
     assert "| training data | the built-in word-rules task |" in card and "| steps | 40 |" in card
-    accuracy = _csv_column(dpo_run, "val/rewards/accuracies")[-1]
+    accuracy = _csv_column(dpo_folder, "val/rewards/accuracies")[-1]
     assert f"| `val/rewards/accuracies` | {float(accuracy):.4g} |" in card  # the metric when it was saved
     import torch
     import transformers

@@ -59,6 +59,8 @@ TRAINED_ELSEWHERE = {  # config -> the test file whose slow CLI test trains it
     "reinforce": "test_on_policy.py",
     "rloo": "test_on_policy.py",
     "grpo": "test_on_policy.py",
+    "grpo_dapo": "test_on_policy.py",
+    "reinforce_pp": "test_on_policy.py",
     "ppo": "test_on_policy.py",
     "a2c": "test_on_policy.py",
     "trpo": "test_trpo.py",

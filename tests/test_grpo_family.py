@@ -319,3 +319,29 @@ def test_grpo_logs_each_weighted_reward_and_their_total(in_sft_workdir):
         exact, graded = float(row["train/objective/rewards/exact"]), float(row["train/objective/rewards/graded"])
         assert float(row["train/objective/scores"]) == pytest.approx(exact + 0.5 * graded, abs=1e-5)
     assert rows and [row for row in csv.DictReader(open(path)) if row.get("val/objective/rewards/graded")]
+
+
+# ---- REINFORCE++ -----------------------------------------------------------------------------------
+def test_reinforce_pp_advantages_are_kl_folded_returns_whitened_over_the_batch():
+    from lit_align.methods import REINFORCEPlusPlus
+
+    module = REINFORCEPlusPlus(kl={"beta": 0.5})
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    old = torch.tensor([[-1.0, -1.0, 0.0], [-1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.2, -1.0, 0.0], [-1.0, -1.4, -1.0]])  # k1 KL: .2, 0 | 0, .4, 0
+    rollout = _rollout(torch.tensor([1.0, 0.0]), mask, torch.tensor([True, True]), old, ref)
+    module.prepare(rollout)
+    # returns G_t = score - .5 * sum_{s >= t} KL_s: row 1: 1 - .1, 1 - 0; row 2: -.2, -.2, 0
+    returns = torch.tensor([0.9, 1.0, -0.2, -0.2, 0.0])
+    expected = (returns - returns.mean()) / returns.std(unbiased=False)
+    torch.testing.assert_close(rollout.advantages[mask], expected, atol=1e-5, rtol=1e-5)
+    assert rollout.advantages[0, 2] == 0
+
+
+def test_reinforce_pp_group_baseline_needs_groups():
+    from lit_align.errors import SettingError
+    from lit_align.methods import REINFORCEPlusPlus
+
+    with pytest.raises(SettingError, match="REINFORCEPlusPlus: group_baseline needs samples_per_prompt >= 2"):
+        REINFORCEPlusPlus(group_baseline=True)
+    assert REINFORCEPlusPlus(group_baseline=True, samples_per_prompt=4).group_baseline

@@ -26,6 +26,7 @@ from lit_align.methods.online_dpo import OnlineDPO
 from lit_align.methods.paired import PairedPreferenceModule
 from lit_align.methods.policy_gradient import REINFORCE, RLOO
 from lit_align.methods.reference_free import CPO, ORPO, SimPO
+from lit_align.methods.reinforce_pp import REINFORCEPlusPlus
 from lit_align.methods.reward_model import RewardModel
 from lit_align.methods.sft import SFT
 from lit_align.methods.tdpo import TDPO
@@ -42,6 +43,7 @@ __all__ = [
     "GRPO",
     "OnPolicyModule",
     "PPO",
+    "REINFORCEPlusPlus",
     "PolicyPass",
     "REINFORCE",
     "RLOO",

@@ -345,3 +345,43 @@ def test_reinforce_pp_group_baseline_needs_groups():
     with pytest.raises(SettingError, match="REINFORCEPlusPlus: group_baseline needs samples_per_prompt >= 2"):
         REINFORCEPlusPlus(group_baseline=True)
     assert REINFORCEPlusPlus(group_baseline=True, samples_per_prompt=4).group_baseline
+
+
+# ---- dynamic sampling --------------------------------------------------------------------------------
+def _round(scores: list[float], width: int) -> "Rollout":  # noqa: F821
+    """A rollout of len(scores) completions, each ``width`` tokens wide, its scores as given."""
+    mask = torch.ones(len(scores), width, dtype=torch.bool)
+    rollout = _rollout(torch.tensor(scores), mask, torch.ones(len(scores), dtype=torch.bool), None)
+    rollout.mask = rollout.old_logps = None
+    rollout.ref_logps = torch.full((len(scores), width), float(width))
+    rollout.completions = [f"{width}:{s}" for s in scores]
+    return rollout
+
+
+def test_dynamic_sampling_keeps_only_groups_with_spread_until_the_batch_is_full():
+    from lit_align.methods import GRPO
+
+    grpo = GRPO(samples_per_prompt=2, dynamic_sampling=True, max_sampling_rounds=3)
+    rounds = iter([_round([1, 1, 0, 1], 3), _round([0, 0, 1, 0], 5), _round([1, 0, 0, 1], 4)])
+    grpo.make_rollout = lambda batch, sampling_pass: next(rounds)
+    rollout = grpo.collect_rollout({"prompts": ["a", "b"]}, sampling_pass=False)
+    # round 1 keeps its 2nd group, round 2 its 2nd: two prompts' worth, so round 3 is never drawn
+    assert rollout.scores.tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert rollout.completions == ["3:0", "3:1", "5:1", "5:0"]
+    assert not zero_spread_groups(rollout.scores, 2).any()
+    assert rollout.batch["input_ids"].shape == rollout.ref_logps.shape == (4, 5)  # padded to the widest round
+    assert rollout.batch["attention_mask"][:2, 3:].sum() == 0 and (rollout.ref_logps[:2, 3:] == 0).all()
+    assert next(rounds).completions[0] == "4:1"
+
+
+def test_dynamic_sampling_stops_after_max_rounds_and_refuses_rounds_without_it():
+    from lit_align.errors import SettingError
+    from lit_align.methods import GRPO
+
+    grpo = GRPO(samples_per_prompt=2, dynamic_sampling=True, max_sampling_rounds=2)
+    rounds = iter([_round([1, 1, 0, 0], 3), _round([0, 1, 1, 1], 3)])
+    grpo.make_rollout = lambda batch, sampling_pass: next(rounds)
+    rollout = grpo.collect_rollout({"prompts": ["a", "b"]}, sampling_pass=False)
+    assert rollout.scores.tolist() == [0.0, 1.0]  # the one group with spread in two rounds
+    with pytest.raises(SettingError, match="GRPO: max_sampling_rounds is set, but dynamic_sampling is off"):
+        GRPO(max_sampling_rounds=5)

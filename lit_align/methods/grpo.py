@@ -5,7 +5,7 @@ sequence-level ratio, and DAPO's overlong shaping. Each option is a table of pur
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import torch
 
@@ -18,11 +18,12 @@ from lit_align.losses.grpo_family import (
     high_entropy_mask,
     overlong_penalty,
     scaled_group_advantages,
+    zero_spread_groups,
 )
 from lit_align.losses.policy_gradient import kl_k2, kl_k3, masked_mean
 from lit_align.methods.on_policy import OnPolicyModule, PolicyPass
 from lit_align.online.kl_control import KLPenalty
-from lit_align.online.rollout import GenerationSettings, Rollout
+from lit_align.online.rollout import GenerationSettings, Rollout, concat_rollouts
 from lit_align.runtime.trainer import distributed
 from lit_align.settings import ClipRange, Count, NonNegative, Positive, Range, as_settings
 
@@ -65,6 +66,12 @@ class GRPO(OnPolicyModule):
         overlong_penalty: the most the overlong punishment takes off; only with ``overlong_buffer``.
         entropy_coef: weight of an entropy bonus (token mean of the policy's entropy, subtracted
             from the loss; 0: none). The entropy is logged (``policy/entropy``) either way.
+        dynamic_sampling: DAPO's dynamic sampling (Yu et al. 2025, eq. 11): drop the groups whose
+            scores are all equal (they have no advantage, so no policy gradient) and sample the
+            batch's prompts again, up to ``max_sampling_rounds`` rounds in all, until as many groups
+            as prompts are kept; logs ``dynamic_sampling/rounds``, ``/dropped_groups``, ``/kept_groups``.
+            When no round gives a group with spread, the last round is used as it is.
+        max_sampling_rounds: the most sampling rounds of one step; only with ``dynamic_sampling``.
         high_entropy_fraction: the policy-gradient term only on this fraction of the completion
             tokens with the highest entropy (Wang et al. 2025, "Beyond the 80/20 rule": 0.2); the
             KL term keeps every token. Unset: every token.
@@ -86,6 +93,8 @@ class GRPO(OnPolicyModule):
         overlong_penalty: Positive = 1.0,
         entropy_coef: NonNegative = 0.0,
         high_entropy_fraction: Optional[Annotated[float, Range(0, 1, low_open=True, high_open=True)]] = None,
+        dynamic_sampling: bool = False,
+        max_sampling_rounds: Count = 3,
         **kwargs,
     ):
         super().__init__(*args, samples_per_prompt=samples_per_prompt, **kwargs)
@@ -96,6 +105,7 @@ class GRPO(OnPolicyModule):
         self.mask_truncated_completions = mask_truncated_completions
         self.overlong_buffer, self.overlong_penalty = overlong_buffer, overlong_penalty
         self.entropy_coef, self.high_entropy_fraction = entropy_coef, high_entropy_fraction
+        self.dynamic_sampling, self.max_sampling_rounds = dynamic_sampling, max_sampling_rounds
 
     def check_settings(self) -> None:
         """Also refuse settings that would change nothing in this combination: ``reward_normalization``
@@ -133,6 +143,12 @@ class GRPO(OnPolicyModule):
                 "overlong_penalty",
                 "is set, but overlong_buffer is not, so no completion is ever punished; set overlong_buffer too",
             )
+        if not h.get("dynamic_sampling") and h.get("max_sampling_rounds", 3) != 3:
+            raise SettingError(
+                "GRPO",
+                "max_sampling_rounds",
+                "is set, but dynamic_sampling is off, so the batch is sampled once; set dynamic_sampling true too",
+            )
         limit = as_settings(h.get("generation"), GenerationSettings).max_new_tokens
         if h.get("overlong_buffer") is not None and h["overlong_buffer"] >= limit:
             raise SettingError(
@@ -141,6 +157,39 @@ class GRPO(OnPolicyModule):
                 f"must be < generation.max_new_tokens={limit}, got {h['overlong_buffer']}: the punishment starts "
                 "max_new_tokens - overlong_buffer tokens in",
             )
+
+    def collect_rollout(self, batch: dict[str, Any], sampling_pass: bool) -> Rollout:
+        """With ``dynamic_sampling``: rounds of sampling the batch's prompts, keeping the groups
+        whose scores differ, until there are as many as prompts or the rounds run out."""
+        if not self.dynamic_sampling:
+            return super().collect_rollout(batch, sampling_pass)
+        wanted, k = len(batch["prompts"]), self.samples_per_prompt
+        kept: list[Rollout] = []
+        count, dropped, rounds, last = 0, 0, 0, None
+        while count < wanted and rounds < self.max_sampling_rounds:
+            rounds += 1
+            last = self.make_rollout(batch, sampling_pass=False)
+            spread = ~zero_spread_groups(last.scores, k)
+            dropped += int((~spread).sum())
+            groups = spread.nonzero().flatten()[: wanted - count]
+            if len(groups):
+                rows = (groups[:, None] * k + torch.arange(k, device=groups.device)).flatten()
+                kept.append(last.select(rows))
+                count += len(groups)
+        rollout = concat_rollouts(kept, self.tokenizer.pad_token_id) if kept else last
+        self.log_metrics(
+            "train",
+            {
+                "dynamic_sampling/rounds": torch.tensor([float(rounds)], device=self.device),
+                "dynamic_sampling/dropped_groups": torch.tensor([float(dropped)], device=self.device),
+                "dynamic_sampling/kept_groups": torch.tensor([float(count)], device=self.device),
+            },
+            batch_size=wanted,
+        )
+        self._rollout_counts = (rollout.size, int(rollout.batch["attention_mask"].sum()))
+        if sampling_pass:
+            rollout.take_sampling_pass(self.forward_rollout(rollout.batch))
+        return rollout
 
     def token_kl(self, rollout: Rollout) -> torch.Tensor:
         if rollout.ref_logps is None:

@@ -295,6 +295,11 @@ class OnPolicyModule(AlignmentModule):
             rollout.take_sampling_pass(self.forward_rollout(tokens))
         return rollout
 
+    def collect_rollout(self, batch: dict[str, Any], sampling_pass: bool) -> Rollout:
+        """The rollout a training step updates on: one :meth:`make_rollout` of the batch here;
+        methods that sample more (GRPO's dynamic sampling) extend it."""
+        return self.make_rollout(batch, sampling_pass=sampling_pass)
+
     def log_reward_parts(self, stage: str, reward) -> None:
         """Each named part of a combined reward's last scores (``objective/rewards/<name>``)."""
         parts = reward_parts(reward)
@@ -312,7 +317,7 @@ class OnPolicyModule(AlignmentModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._policy_is_initial = False
         one_update = self.updates_once(len(batch["prompts"]) * self.samples_per_prompt)
-        rollout = self.make_rollout(batch, sampling_pass=not one_update)
+        rollout = self.collect_rollout(batch, sampling_pass=not one_update)
         current = None
         if one_update:  # the update's own pass (with gradients) gives the sampling log-probs: no second forward
             current = self.forward_rollout(rollout.batch)

@@ -159,3 +159,31 @@ def completion_batch(
         "attention_mask": mask[:, :keep].long(),
         "labels": labels[:, :keep],
     }, ended
+
+
+def concat_rollouts(rollouts: Sequence[Rollout], pad_id: int) -> Rollout:
+    """One rollout of the rows of ``rollouts`` in order (e.g. several sampling rounds): per-token
+    tensors right-padded to the widest (``input_ids`` with ``pad_id``, ``labels`` with -100, the
+    rest with 0), lists and per-row tensors joined."""
+    if len(rollouts) == 1:
+        return rollouts[0]
+    fills = {"input_ids": pad_id, "labels": IGNORE_INDEX}
+
+    def join(tensors: list[torch.Tensor], fill: float = 0) -> torch.Tensor:
+        if tensors[0].dim() == 1:
+            return torch.cat(tensors)
+        width = max(t.shape[1] for t in tensors)
+        return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill) for t in tensors])
+
+    first = rollouts[0]
+    changes: dict[str, Any] = {
+        "batch": {key: join([r.batch[key] for r in rollouts], fills.get(key, 0)) for key in first.batch},
+        "prompts": [p for r in rollouts for p in r.prompts],
+        "completions": [c for r in rollouts for c in r.completions],
+        "extra": {key: join([r.extra[key] for r in rollouts]) for key in first.extra},
+    }
+    for item in fields(Rollout):
+        value = getattr(first, item.name)
+        if item.name not in changes and isinstance(value, torch.Tensor):
+            changes[item.name] = join([getattr(r, item.name) for r in rollouts])
+    return replace(first, **changes)

@@ -5,5 +5,14 @@ lit_align.rewards.WordRulesReward`` in a config (the same classes as in :mod:`li
 from lit_align.online.reward_model import RewardModelReward
 from lit_align.online.rewards import RewardFunction, WeightedRewards, WordRulesReward
 from lit_align.online.self_judge import SelfJudge
+from lit_align.online.verifiable import MathVerifyReward, ThinkFormatReward
 
-__all__ = ["RewardFunction", "RewardModelReward", "SelfJudge", "WeightedRewards", "WordRulesReward"]
+__all__ = [
+    "MathVerifyReward",
+    "RewardFunction",
+    "RewardModelReward",
+    "SelfJudge",
+    "ThinkFormatReward",
+    "WeightedRewards",
+    "WordRulesReward",
+]

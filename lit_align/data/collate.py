@@ -169,7 +169,10 @@ class PromptCollator:
             prompt = example["prompt"]
             ids[row, length - len(prompt) :] = torch.tensor(prompt)
             mask[row, length - len(prompt) :] = 1
-        return {"prompt_ids": ids, "prompt_mask": mask, "prompts": [example["text"] for example in examples]}
+        batch = {"prompt_ids": ids, "prompt_mask": mask, "prompts": [example["text"] for example in examples]}
+        if any(example.get("answer") is not None for example in examples):  # reference answers (verifiable rewards)
+            batch["answers"] = [example.get("answer") for example in examples]
+        return batch
 
 
 class Collator:

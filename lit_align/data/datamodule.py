@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 BUILTIN = "builtin"
 # 3: pairs carry `margin`; 4: every example its source record number; 5: Arrow files;
 # 6: chat replies end with the template's end of turn (no extra EOS), messages kept whole
-CACHE_VERSION = 6
+# 7: prompt examples keep their reference answer
+CACHE_VERSION = 7
 _READS = {"subset": ("hub",), "revision": ("hub",), "data_dir": ("hub", "builder"), "data_files": ("hub", "builder")}
 _KIND_WORDS = {
     "builtin": "the built-in task",

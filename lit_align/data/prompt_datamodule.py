@@ -21,10 +21,15 @@ class PromptDataModule(AlignmentDataModule):
     truncation, caching); ``max_length`` bounds the prompt alone here (the completion's length is
     the method's ``generation.max_new_tokens``).
 
-    Records: ``{"prompt": text | chat messages}``; any other fields (a preference pair's
-    responses, a reference answer) are ignored. The built-in task gives its prompts; the held-out
-    split holds prompts never seen in training. Batches: left-padded ``prompt_ids`` and
-    ``prompt_mask`` and the raw ``prompts`` (text or messages) for the reward function.
+    Records: ``{"prompt": text | chat messages}``, optionally with a reference ``answer`` for
+    verifiable rewards (:class:`lit_align.online.verifiable.MathVerifyReward`). Read without
+    configuration: the prompt from ``prompt``, else ``messages`` (a conversation to continue),
+    else ``question`` (GSM8K); the answer from ``answer``, else ``solution``; a GSM8K answer (a
+    worked solution ending in a ``#### 72`` line) gives the number after ``####``. ``columns``
+    maps other names (``{prompt: problem, answer: final}``). Other fields are ignored. The built-in
+    task gives its prompts; the held-out split holds prompts never seen in training. Batches:
+    left-padded ``prompt_ids`` and ``prompt_mask``, the raw ``prompts`` (text or messages) for the
+    reward function, and ``answers`` when the records have them.
 
     PPO-ptx (InstructGPT, Ouyang et al. 2022, eq. 2): with ``ptx_train`` set, every training
     batch also carries ``ptx``, a batch of demonstrations or pre-training text read like
@@ -38,8 +43,8 @@ class PromptDataModule(AlignmentDataModule):
     """
 
     layout = PromptLayout()
-    record_fields = ("prompt",)
-    example_features = {"prompt": "ids"}  # ``text`` (a string or chat messages) is stored pickled
+    record_fields = ("prompt", "answer")
+    example_features = {"prompt": "ids"}  # ``text`` (a string or chat messages) and ``answer`` are stored pickled
 
     def __init__(self, *args, ptx_train: Optional[str] = None, ptx_batch_size: Optional[Count] = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -89,20 +94,41 @@ class PromptDataModule(AlignmentDataModule):
 
     def tokenize_record(self, record: dict[str, Any], source: str, index: int) -> list[dict[str, Any]]:
         h = self.hparams
-        prompt = read_prompt(
-            read_field(record, (h.columns or {}).get("prompt", "prompt"), source, index, required=True),
-            "prompt",
-            source,
-            index,
-        )
+        field = first_present(record, (h.columns or {}).get("prompt"), PROMPT_FIELDS)
+        prompt = read_prompt(read_field(record, field, source, index, required=True), field, source, index)
         ids = tokenize_prompt(
             prompt, self.tokenizer, self.max_prompt_length, h.truncation, source, index, h.chat_template_kwargs
         )
-        return [{"prompt": ids, "text": prompt if isinstance(prompt, str) else [dict(m) for m in prompt]}]
+        example = {"prompt": ids, "text": prompt if isinstance(prompt, str) else [dict(m) for m in prompt]}
+        answer_field = first_present(record, (h.columns or {}).get("answer"), ANSWER_FIELDS)
+        if answer_field in record and record[answer_field] is not None:
+            example["answer"] = final_answer(record[answer_field])
+        return [example]
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         return PromptCollator(pad)(examples)
+
+
+PROMPT_FIELDS = ("prompt", "messages", "question")
+"""Where a prompt record's prompt is read from, the first present (unless ``columns`` names one)."""
+ANSWER_FIELDS = ("answer", "solution")
+"""Where its reference answer is read from, the first present (unless ``columns`` names one)."""
+
+
+def first_present(record: dict[str, Any], mapped: str | None, names: tuple[str, ...]) -> str:
+    """The field to read: the one ``columns`` maps, else the first of ``names`` in ``record``
+    (else the first name, so a missing prompt is reported under it)."""
+    if mapped is not None:
+        return mapped
+    return next((name for name in names if name in record), names[0])
+
+
+def final_answer(value: Any) -> str:
+    """A reference answer as text; a GSM8K worked solution (ending in ``#### <answer>``) gives
+    what follows the last ``####``."""
+    text = str(value)
+    return text.rpartition("####")[2].strip() if "####" in text else text.strip()
 
 
 class _TrainOnly(SFTDataModule):

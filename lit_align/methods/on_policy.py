@@ -39,7 +39,7 @@ from lit_align.methods.running import RunningMoments
 from lit_align.model.logprobs import SequenceLogps
 from lit_align.model.reference import resolve_reference
 from lit_align.online.kl_control import KLPenalty
-from lit_align.online.rewards import RewardFunction, reward_parts
+from lit_align.online.rewards import RewardFunction, reward_parts, score_completions
 from lit_align.online.rollout import GenerationSettings, Rollout, sample_completions
 from lit_align.runtime.trainer import distributed
 from lit_align.settings import (
@@ -283,8 +283,9 @@ class OnPolicyModule(AlignmentModule):
             temperature,
         )
         prompts = [prompt for prompt in batch["prompts"] for _ in range(samples)]
+        answers = [answer for answer in batch.get("answers") or [None] * len(batch["prompts"]) for _ in range(samples)]
         completions = self.decode(tokens)
-        scores = self.reward(prompts, completions).to(self.device)
+        scores = score_completions(self.reward, prompts, completions, answers).to(self.device)
         self.log_reward_parts("train", self.reward)
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~ended).float()
@@ -451,12 +452,15 @@ class OnPolicyModule(AlignmentModule):
             self.generation.eval_temperature,
         )
         completions = self.decode(tokens)
-        scores = reward(batch["prompts"], completions).to(self.device)
+        answers = batch.get("answers")
+        scores = score_completions(reward, batch["prompts"], completions, answers).to(self.device)
         self.log_reward_parts(stage, reward)
         mask = tokens["labels"] != -100
         values = {"objective/scores": scores, "response_length": mask.sum(-1).float(), "ended_with_eos": ended.float()}
         if self.eval_reward is not None and self.reward is not None:
-            values["objective/train_reward_scores"] = self.reward(batch["prompts"], completions).to(self.device)
+            values["objective/train_reward_scores"] = score_completions(
+                self.reward, batch["prompts"], completions, answers
+            ).to(self.device)
         self.log_metrics(stage, values, batch_size=len(scores))
         if self.held_out_samples is not None:  # the first ones, for the Samples callback
             rows = zip(batch["prompts"], completions, scores.tolist(), strict=True)

@@ -29,6 +29,10 @@ from lit_align.errors import SettingError
 class RewardFunction:
     """Scores completions of prompts; subclasses implement :meth:`score`."""
 
+    needs_answers: bool = False
+    """Whether :meth:`score` also takes each prompt's reference answer (``score(prompts,
+    completions, answers)``; verifiable rewards): the prompt data must then give an ``answer``."""
+
     def attach(self, module: LightningModule) -> None:
         """Called with the method at fit, validation and test start (a reward that uses the
         policy itself, e.g. :class:`lit_align.online.self_judge.SelfJudge`, keeps it); nothing here."""
@@ -37,10 +41,21 @@ class RewardFunction:
         """One reward per (prompt, completion)."""
         raise NotImplementedError
 
-    def __call__(self, prompts: Sequence, completions: Sequence[str]) -> torch.Tensor:
+    def __call__(self, prompts: Sequence, completions: Sequence[str], answers: Sequence | None = None) -> torch.Tensor:
         if len(prompts) != len(completions):
             raise ValueError(f"{type(self).__name__}: {len(prompts)} prompts but {len(completions)} completions")
-        return torch.as_tensor(self.score(prompts, completions), dtype=torch.float32).reshape(len(completions))
+        if not self.needs_answers:
+            scores = self.score(prompts, completions)
+        elif answers is None or any(answer is None for answer in answers):
+            raise SettingError(
+                type(self).__name__,
+                None,
+                "checks completions against reference answers, but the prompt data gives none: give each record "
+                "an 'answer' (or 'solution') field, or map yours with data.init_args.columns {answer: <field>}",
+            )
+        else:
+            scores = self.score(prompts, completions, answers)
+        return torch.as_tensor(scores, dtype=torch.float32).reshape(len(completions))
 
     def to(self, device: torch.device | str) -> "RewardFunction":
         """Move any model the reward holds to ``device`` (nothing to move by default)."""
@@ -111,13 +126,27 @@ class WeightedRewards(RewardFunction):
             if hasattr(reward, "attach"):
                 reward.attach(module)
 
-    def score(self, prompts: Sequence, completions: Sequence[str]) -> torch.Tensor:
-        self.parts = {name: reward(prompts, completions) for name, reward in zip(self.names, self.rewards, strict=True)}
+    @property
+    def needs_answers(self) -> bool:
+        return any(getattr(reward, "needs_answers", False) for reward in self.rewards)
+
+    def score(self, prompts: Sequence, completions: Sequence[str], answers: Sequence | None = None) -> torch.Tensor:
+        self.parts = {
+            name: score_completions(reward, prompts, completions, answers)
+            for name, reward in zip(self.names, self.rewards, strict=True)
+        }
         return sum(weight * part for weight, part in zip(self.weights, self.parts.values(), strict=True))
 
     def to(self, device: torch.device | str) -> "WeightedRewards":
         self.rewards = [reward.to(device) if hasattr(reward, "to") else reward for reward in self.rewards]
         return self
+
+
+def score_completions(reward, prompts: Sequence, completions: Sequence[str], answers: Sequence | None) -> torch.Tensor:
+    """``reward``'s scores, given the reference answers when it takes them (``needs_answers``)."""
+    if getattr(reward, "needs_answers", False):
+        return reward(prompts, completions, answers)
+    return reward(prompts, completions)
 
 
 def reward_parts(reward) -> dict[str, torch.Tensor]:

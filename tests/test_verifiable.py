@@ -1,0 +1,129 @@
+"""Verifiable rewards (math-verify answers, the think/answer format) and prompt data with
+reference answers in the shapes people keep them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lit_align.errors import SettingError
+from lit_align.rewards import MathVerifyReward, ThinkFormatReward, WeightedRewards, WordRulesReward
+
+
+def test_math_verify_checks_equivalence_of_the_final_answer():
+    reward = MathVerifyReward()
+    completions = [
+        "6 * 7 = 42, so the answer is \\boxed{42}.",
+        "Half of it: \\boxed{\\frac{1}{2}}",
+        "I think it is 41.",
+        "no answer here",
+    ]
+    scores = reward(["q"] * 4, completions, ["42", "0.5", "42", "3"])
+    assert scores.tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_math_verify_reads_a_tagged_answer_and_scores_an_untagged_one_zero():
+    reward = MathVerifyReward(answer_tag="answer")
+    completions = ["<think>2+2</think><answer>4</answer>", "<think>2+2</think> 4", "<answer>5</answer>"]
+    assert reward(["q"] * 3, completions, ["4", "4", "4"]).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_a_verifiable_reward_without_reference_answers_says_what_the_data_lacks():
+    with pytest.raises(SettingError, match="MathVerifyReward: checks completions against reference answers, but"):
+        MathVerifyReward()(["q"], ["\\boxed{1}"])
+
+
+def test_think_format_reward():
+    plain, tagged = ThinkFormatReward(), ThinkFormatReward(answer_tag="answer")
+    completions = ["<think>a\nb</think> 42", "<think>a</think><answer>42</answer>", "42", "<think></think>42"]
+    assert plain(["q"] * 4, completions).tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert tagged(["q"] * 4, completions).tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_weighted_rewards_pass_answers_only_to_the_rewards_that_take_them():
+    combined = WeightedRewards([MathVerifyReward(answer_tag="answer"), ThinkFormatReward()], weights=[1.0, 0.2])
+    assert combined.needs_answers
+    scores = combined(["q", "q"], ["<think>x</think><answer>7</answer>", "7"], ["7", "7"])
+    assert scores.tolist() == pytest.approx([1.2, 0.0])
+    assert not WeightedRewards([WordRulesReward()]).needs_answers
+
+
+@pytest.mark.parametrize(
+    "record, columns, prompt, answer",
+    [
+        ({"prompt": "What is 6*7?", "answer": "42"}, None, "What is 6*7?", "42"),
+        (
+            {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7 apples.\n#### 7"},
+            None,
+            "Tom has 3 apples and buys 4. How many?",
+            "7",
+        ),
+        ({"messages": [{"role": "user", "content": "1+1?"}], "solution": "2"}, None, "1+1?", "2"),
+        ({"problem": "2+3?", "final": "5"}, {"prompt": "problem", "answer": "final"}, "2+3?", "5"),
+    ],
+)
+def test_prompt_records_with_reference_answers_in_the_usual_shapes(
+    tmp_path, tokenizer, record, columns, prompt, answer
+):
+    from lit_align.data import PromptDataModule
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n")
+    data = PromptDataModule(train=str(path), val=str(path), columns=columns, max_length=256)
+    data.tokenizer = tokenizer
+    data.setup()
+    batch = next(iter(data.val_dataloader()))
+    text = batch["prompts"][0] if isinstance(batch["prompts"][0], str) else batch["prompts"][0][-1]["content"]
+    assert text == prompt and batch["answers"] == [answer, answer]
+
+
+def test_prompts_without_answers_give_no_answers(tmp_path, tokenizer):
+    from lit_align.data import PromptDataModule
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    data = PromptDataModule(train=str(path), val=str(path), max_length=64)
+    data.tokenizer = tokenizer
+    data.setup()
+    assert "answers" not in next(iter(data.val_dataloader()))
+
+
+@pytest.mark.slow
+def test_grpo_trains_on_prompt_answers_with_math_verify(in_tmp):
+    """Plumbing end to end: a GRPO run on {question, answer} (GSM8K-shaped) prompts scored by
+    MathVerifyReward logs its held-out score (the tiny model cannot do arithmetic; the score is
+    whatever it is, the point is that answers reach the reward)."""
+    from conftest import QUIET_FLAGS
+
+    from lit_align.cli import main
+
+    records = [
+        {"question": f"What is {a} + {b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
+        for a in range(4)
+        for b in range(4)
+    ]
+    path = in_tmp / "gsm.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    main(
+        [
+            "fit",
+            "--model=lit_align.methods.GRPO",
+            "--model.init_args.reward=lit_align.rewards.MathVerifyReward",
+            "--model.init_args.generation={max_new_tokens: 4}",
+            "--data=lit_align.data.PromptDataModule",
+            f"--data.init_args.train={path}",
+            "--data.init_args.batch_size=4",
+            "--data.init_args.max_length=64",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=1",
+            *QUIET_FLAGS,
+        ]
+    )
+    from conftest import metric_rows
+
+    scores = metric_rows("val/objective/scores")
+    assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
+    assert torch.isfinite(torch.tensor(metric_rows("train/loss"))).all()

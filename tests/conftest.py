@@ -106,6 +106,17 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LIT_ALIGN_CACHE", str(tmp_path / "lit-align-cache"))
 
 
+def fit_in_folder(folder: Path, config: str, *flags: str) -> None:
+    """``lit-align fit --config configs/<config>.yaml <flags>`` with ``folder`` as the working
+    directory and its own tokenized cache (for the session fixtures, whose runs later tests read)."""
+    from lit_align.cli import main
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setenv("LIT_ALIGN_CACHE", str(folder / "lit-align-cache"))
+        main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / f"{config}.yaml"), *flags])
+
+
 @pytest.fixture(scope="session")
 def sft_run(tmp_path_factory):
     """configs/sft.yaml run once per test session, in the folder returned: its export
@@ -114,25 +125,10 @@ def sft_run(tmp_path_factory):
     and ``eval`` read. Its held-out NLL per completion token must fall by more than 3 nats
     (measured 5.5 -> 0.80-1.16 over seeds 0-5). Seeded by ``LIT_ALIGN_TEST_SEED`` (the run and the
     tiny model's initialisation)."""
-    from lit_align.cli import main
-
     folder = tmp_path_factory.mktemp("sft")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        patch.setenv("LIT_ALIGN_CACHE", str(folder / "lit-align-cache"))
-        main(
-            [
-                "fit",
-                "--config",
-                str(Path(__file__).resolve().parents[1] / "configs" / "sft.yaml"),
-                *QUIET_FLAGS,
-                "--seed_everything",
-                str(LEARNING_SEED),
-                "--model.init_args.model.tiny.seed",
-                str(LEARNING_SEED),
-            ]
-        )
-        losses = metric_rows("val/loss")
+    seed = str(LEARNING_SEED)
+    fit_in_folder(folder, "sft", *QUIET_FLAGS, "--seed_everything", seed, "--model.init_args.model.tiny.seed", seed)
+    losses = metric_rows("val/loss", folder / "runs")
     assert losses[-1] < losses[0] - 3.0, losses
     return folder
 
@@ -143,27 +139,11 @@ def dpo_run(tmp_path_factory):
     training and every 20 steps, 16 held-out pairs, one checkpoint), in the folder returned: its
     run folder is runs/lightning_logs/version_0 (samples, curves, config.yaml, checkpoints/), and
     ``pairs.jsonl`` beside it holds the built-in task's first 32 held-out pairs."""
-    from lit_align.cli import main
     from lit_align.data.tasks import WordRulesTask
 
     folder = tmp_path_factory.mktemp("dpo")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        patch.setenv("LIT_ALIGN_CACHE", str(folder / "lit-align-cache"))
-        main(
-            [
-                "fit",
-                "--config",
-                str(Path(__file__).resolve().parents[1] / "configs" / "dpo.yaml"),
-                "--trainer.max_steps",
-                "40",
-                "--trainer.val_check_interval",
-                "20",
-                "--data.init_args.task.num_val",
-                "16",
-                *QUIET_FLAGS,
-            ]
-        )
+    steps = ["--trainer.max_steps", "40", "--trainer.val_check_interval", "20"]
+    fit_in_folder(folder, "dpo", *steps, "--data.init_args.task.num_val", "16", *QUIET_FLAGS)
     records = WordRulesTask().split("val")[:32]
     (folder / "pairs.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     return folder

@@ -31,6 +31,13 @@ class Curves(Callback):
     def __init__(self):
         self.history: list[Record] = []
         self._last_train_step = -1
+        self.folder = Path(".")
+        """The run folder (set in ``setup``)."""
+
+    def setup(self, trainer: Trainer, pl_module: AlignmentModule, stage: str) -> None:
+        # every process asks: Trainer.log_dir broadcasts process 0's folder (a collective), so it
+        # cannot be asked later by process 0 alone
+        self.folder = Path(trainer.log_dir or trainer.default_root_dir)
 
     @property
     def state_key(self) -> str:
@@ -77,7 +84,7 @@ class Curves(Callback):
         figure's path, if drawn."""
         if not self.history:
             return None
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder = self.folder
         atomic_write_text("".join(json.dumps(record) + "\n" for record in self.history), folder / HISTORY_FILE)
         return draw({folder.name: self.history}, folder / FIGURE_FILE, title=_title(trainer)) if figure else None
 

@@ -61,11 +61,15 @@ class Samples(Callback):
         self.written: list[Path] = []
         """The sample files written so far, in order."""
         self._active = True
+        self.folder = Path(".")
+        """The run folder (set in ``setup``)."""
 
     def setup(self, trainer: Trainer, pl_module: AlignmentModule, stage: str) -> None:
         from lightning.pytorch.strategies import FSDPStrategy
 
         self._active = self.count > 0 and isinstance(pl_module, AlignmentModule)
+        # every process asks: Trainer.log_dir broadcasts process 0's folder (a collective)
+        self.folder = Path(trainer.log_dir or trainer.default_root_dir)
         if self._active and isinstance(trainer.strategy, FSDPStrategy):
             if not self.default:
                 raise SettingError(
@@ -90,7 +94,7 @@ class Samples(Callback):
         rows = collected if collected is not None else self.generate(trainer, pl_module)
         if not trainer.is_global_zero or not rows:
             return
-        path = Path(trainer.log_dir or trainer.default_root_dir) / SAMPLES_FOLDER / f"step_{trainer.global_step}.jsonl"
+        path = self.folder / SAMPLES_FOLDER / f"step_{trainer.global_step}.jsonl"
         atomic_write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), path)
         self.written.append(path)
         for logger in trainer.loggers:

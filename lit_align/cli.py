@@ -252,7 +252,11 @@ def export_main(argv: list[str]) -> None:
     )
     args = parser.parse_args(argv)
     module = load_module_from_checkpoint(args.ckpt_path)
-    run = record_from_checkpoint(read_checkpoint(args.ckpt_path, weights_only=True), module, args.ckpt_path)
+    try:  # its metadata only; a checkpoint whose settings need full unpickling was already read that way above
+        stored = read_checkpoint(args.ckpt_path, weights_only=True)
+    except CheckpointError:
+        stored = read_checkpoint(args.ckpt_path, weights_only=False)
+    run = record_from_checkpoint(stored, module, args.ckpt_path)
     try:
         path = module.export_hf(args.output_dir, merge_lora=args.merge_lora, run=run)
     except OSError as error:  # disk full, permissions: the export is staged, so nothing was replaced

@@ -56,8 +56,9 @@ class Curves(Callback):
             return
         self._last_train_step = step
         record = {"step": step, **_scalars(trainer, "train/")}
-        if trainer.optimizers:
-            record["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
+        groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
+        if groups and "lr" in groups[0]:  # TRPO's placeholder optimizer has no parameter groups
+            record["lr"] = float(groups[0]["lr"])
         self.history.append(record)
 
     def on_validation_end(self, trainer: Trainer, pl_module: AlignmentModule) -> None:

@@ -62,7 +62,8 @@ def test_group_advantages_scaled_by_group_batch_or_not_at_all():
     std_group = math.sqrt(0.5)  # sample std of (1, 0)
     group = scaled_group_advantages(scores, 2, "group", eps=0.0)
     assert group[:2].tolist() == pytest.approx([0.5 / std_group, -0.5 / std_group])
-    assert torch.isnan(group[2:]).all() or (group[2:] == 0).all()  # a zero-spread group: 0/0 without eps
+    assert torch.isnan(group[2:]).all()  # a zero-spread group: 0/0 without eps
+    assert scaled_group_advantages(scores, 2, "group")[2:].tolist() == [0.0, 0.0]  # 0 with the default eps
     batch = scaled_group_advantages(scores, 2, "batch", eps=0.0)
     std_batch = scores.std().item()  # sample std of all four scores
     assert batch.tolist() == pytest.approx([0.5 / std_batch, -0.5 / std_batch, 0.0, 0.0])

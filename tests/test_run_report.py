@@ -217,7 +217,8 @@ def test_export_of_a_checkpoint_carries_its_card_and_run_config(dpo_folder, in_t
     assert card.startswith("---\nlibrary_name: transformers\n")
     assert "# DPO of tiny" in card
     assert "| method | `lit_align.methods.dpo.DPO`: Direct Preference Optimization (Rafailov et al. 2023)" in card
-    assert "| training data | the built-in word-rules task |" in card and "| steps | 40 |" in card
+    assert "| training data | the built-in word-rules task |" in card
+    assert "| held-out data | the built-in task's held-out split |" in card and "| steps | 40 |" in card
     accuracy = _csv_column(dpo_folder, "val/rewards/accuracies")[-1]
     assert f"| `val/rewards/accuracies` | {float(accuracy):.4g} |" in card  # the metric when it was saved
     import torch

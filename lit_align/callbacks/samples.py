@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from lightning import Callback, Trainer
 
-from lit_align.data.collate import REFERENCE_FIELD
+from lit_align.data.collate import REFERENCE_FIELD, PromptCollator
 from lit_align.errors import SettingError
 from lit_align.methods.alignment import AlignmentModule
 from lit_align.online.rollout import GenerationSettings, sample_completions
@@ -112,11 +112,9 @@ class Samples(Callback):
             return []
         examples = examples[: min(self.count, len(examples))]
         tokenizer = pl_module.tokenizer
-        prompts = [example["prompt"] for example in examples]
-        width = max(len(ids) for ids in prompts)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=pl_module.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=pl_module.device)
+        left_padded = PromptCollator(pad)([{"prompt": example["prompt"], "text": None} for example in examples])
+        ids, mask = left_padded["prompt_ids"].to(pl_module.device), left_padded["prompt_mask"].to(pl_module.device)
         settings = GenerationSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature)
         batch, _ = sample_completions(pl_module.backbone.policy, tokenizer, ids, mask, settings, 1, self.temperature)
         completions = pl_module.decode(batch)

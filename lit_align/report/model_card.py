@@ -154,7 +154,7 @@ def model_card(module, run: RunRecord, merged_lora: bool) -> str:
         ("base model", f"`{settings.name_or_path}`"),
         ("method", f"`{method.__module__}.{method.__qualname__}`: {summary}"),
         ("training data", _source(data.get("train"), data.get("split"))),
-        ("held-out data", _source(data.get("val"), data.get("val_split")) if data.get("val") else "split off train"),
+        ("held-out data", _held_out(data)),
         ("weights", weights),
         ("steps", str(run.step) if run.step is not None else "unknown"),
         ("exported", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
@@ -210,6 +210,15 @@ def _source(source: Any, split: Any) -> str:
     if source in (None, "builtin"):
         return "the built-in word-rules task" if source == "builtin" else "unknown"
     return f"`{source}`" + (f" (split `{split}`)" if split and split != "train" else "")
+
+
+def _held_out(data: dict) -> str:
+    if data.get("val"):
+        return _source(data["val"], data.get("val_split"))
+    if data.get("train") in (None, "builtin"):
+        return "the built-in task's held-out split" if data.get("train") == "builtin" else "unknown"
+    fraction, seed = data.get("val_fraction", 0.05), data.get("seed", 0)
+    return f"a {fraction:g} fraction of the training data, split off with seed {seed}"
 
 
 def _number(value: float) -> str:

@@ -155,6 +155,32 @@ def sft_policy(sft_run):
     return sft_run / "outputs" / "sft"
 
 
+@pytest.fixture(scope="session")
+def sft_arithmetic_policy(tmp_path_factory):
+    """configs/sft_arithmetic.yaml (650 steps on worked solutions of the reasoning task) run once
+    per test session; returns its export (outputs/sft_arithmetic), the starting policy of the
+    reasoning configs. Its held-out NLL per completion token must fall by more than 4 nats
+    (measured 5.59 -> 0.05 at seed 0). Seeded by ``LIT_ALIGN_TEST_SEED``."""
+    folder = tmp_path_factory.mktemp("sft_arithmetic")
+    seed = str(LEARNING_SEED)
+    fit_in_folder(
+        folder, "sft_arithmetic", *QUIET_FLAGS, "--seed_everything", seed, "--model.init_args.model.tiny.seed", seed
+    )
+    losses = metric_rows("val/loss", folder / "runs")
+    assert losses[-1] < losses[0] - 4.0, losses
+    return folder / "outputs" / "sft_arithmetic"
+
+
+@pytest.fixture
+def in_sft_arithmetic_workdir(sft_arithmetic_policy, tmp_path, monkeypatch):
+    """A fresh working directory whose outputs/sft_arithmetic is the arithmetic SFT policy, as the
+    reasoning configs (grpo_arithmetic, grpo_dapo, ...) expect."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "sft_arithmetic").symlink_to(sft_arithmetic_policy)
+    return tmp_path
+
+
 @pytest.fixture
 def in_sft_workdir(sft_policy, tmp_path, monkeypatch):
     """A fresh working directory whose outputs/sft is the SFT policy, as the on-policy configs expect."""

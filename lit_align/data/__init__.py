@@ -1,5 +1,6 @@
 """Preference data: formats, tokenization, collation, the data module and the built-in task."""
 
+from lit_align.data.arithmetic_task import ArithmeticTask
 from lit_align.data.contract import DataRequest, ServedData
 from lit_align.data.datamodule import AlignmentDataModule, PreferenceDataModule
 from lit_align.data.errors import DataError, DroppableRecord
@@ -13,6 +14,7 @@ from lit_align.data.unpaired_datamodule import UnpairedDataModule
 
 __all__ = [
     "AlignmentDataModule",
+    "ArithmeticTask",
     "DataRequest",
     "ServedData",
     "ListwiseDataModule",

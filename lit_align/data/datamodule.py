@@ -13,7 +13,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Optional, Union
 
 import torch
 from lightning import LightningDataModule
@@ -21,6 +21,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from lit_align.data.arithmetic_task import ArithmeticTask
 from lit_align.data.collate import REFERENCE_FIELD, Collator, Layout, PackedCollator, PairLayout
 from lit_align.data.contract import DataRequest, ServedData
 from lit_align.data.errors import DataError, DroppableRecord
@@ -84,7 +85,7 @@ class AlignmentDataModule(LightningDataModule):
     regime says which record fields it reads, its layout and how one record becomes examples.
 
     Args:
-        train: ``"builtin"`` (the built-in word-rules task) or a data source: a .jsonl/.jsonl.gz/
+        train: ``"builtin"`` (the built-in task ``task`` sets up) or a data source: a .jsonl/.jsonl.gz/
             .json/.parquet file, a folder written by ``datasets.save_to_disk``, a hub dataset name,
             or a ``datasets`` builder (``json``, ``csv``, ``parquet``, ``arrow``, ``text``) that
             reads ``data_files``.
@@ -105,7 +106,10 @@ class AlignmentDataModule(LightningDataModule):
         chat_template_kwargs: extra variables for the chat template when rendering conversations,
             e.g. ``{"enable_thinking": false}`` (Qwen3) or ``{"tools": [...]}``; prompts for
             generation are rendered with them too.
-        task: settings of the built-in task (used when ``train`` is ``"builtin"``).
+        task: the built-in task and its settings (used when ``train`` is ``"builtin"``): word
+            rules (:class:`lit_align.data.WordRulesTask`, the default, e.g. ``{rules: [first]}``)
+            or multi-step arithmetic with worked solutions (:class:`lit_align.data.ArithmeticTask`,
+            ``{kind: arithmetic, steps: 2}``).
         max_length: longest prompt + response in tokens.
         max_prompt_length: longest prompt in tokens (default: half of ``max_length``).
         truncation: ``keep_end`` (keep the prompt's end, cut responses on the right), ``drop``
@@ -150,7 +154,7 @@ class AlignmentDataModule(LightningDataModule):
         columns: Optional[dict[str, str]] = None,
         assistant_marker: str = "\n\nAssistant:",
         chat_template_kwargs: Optional[dict[str, Any]] = None,
-        task: Optional[WordRulesTask] = None,
+        task: Optional[Union[WordRulesTask, ArithmeticTask]] = None,
         max_length: Annotated[int, Range(2)] = 512,
         max_prompt_length: Optional[Count] = None,
         truncation: TruncationMode = "keep_end",

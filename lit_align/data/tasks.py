@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import string
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 from lit_align.errors import SettingError
 from lit_align.settings import Count, Range, Seed, check_fields
@@ -35,8 +35,57 @@ PROMPTS = {
 RULES = tuple(PROMPTS)
 
 
+class BuiltinTask:
+    """A built-in verifiable task generated from a seed: records of a ``train`` and a ``val`` split.
+
+    Subclasses are dataclasses with ``num_train``, ``num_val`` and ``seed`` fields and a
+    ``kind`` literal (what picks one in YAML: ``task: {kind: arithmetic}``); they implement
+    :meth:`_pair` (one record from a random stream), :meth:`ranked`, :meth:`score` and
+    :meth:`is_correct`.
+    """
+
+    num_train: int
+    num_val: int
+    seed: int
+
+    def split(self, name: str) -> list[dict]:
+        """Records ``{"prompt", "chosen", "rejected", ...}`` of split ``train`` or ``val``.
+
+        No ``val`` prompt occurs in ``train``: held-out prompts are drawn again until unseen.
+        """
+        count = {"train": self.num_train, "val": self.num_val}[name]
+        rng = random.Random(f"{self.seed}:{name}")
+        if name == "train":
+            return [self._pair(rng) for _ in range(count)]
+        seen = {record["prompt"] for record in self.split("train")}
+        records = []
+        for _ in range(100 * count + 100):
+            if len(records) == count:
+                break
+            record = self._pair(rng)
+            if record["prompt"] not in seen:
+                records.append(record)
+        if len(records) < count:
+            raise SettingError(
+                type(self).__name__,
+                "num_val",
+                f"is more than the unseen prompts left for the held-out split; {self._more_prompts_hint} or lower "
+                "num_val",
+            )
+        return records
+
+    _more_prompts_hint = "widen the task"
+
+    def _pair(self, rng: random.Random) -> dict:
+        raise NotImplementedError
+
+    def ranked(self, name: str, list_size: int = 4) -> list[dict]:
+        """Records ``{prompt, responses, scores}`` of a split (listwise methods)."""
+        raise NotImplementedError
+
+
 @dataclass
-class WordRulesTask:
+class WordRulesTask(BuiltinTask):
     """Settings of the built-in task.
 
     Attributes:
@@ -46,8 +95,10 @@ class WordRulesTask:
         min_word_length: shortest random word.
         max_word_length: longest random word.
         rules: which rules to mix (any of "upper", "lower", "reverse", "first").
+        kind: ``word_rules``, this task (the default built-in task).
     """
 
+    kind: Literal["word_rules"] = "word_rules"
     num_train: Count = 2000
     num_val: Count = 200
     seed: Seed = 0
@@ -70,30 +121,7 @@ class WordRulesTask:
                 f"must be <= max_word_length={self.max_word_length}, got {self.min_word_length}",
             )
 
-    def split(self, name: str) -> list[dict[str, str]]:
-        """Records ``{"prompt", "chosen", "rejected"}`` of split ``train`` or ``val``.
-
-        No ``val`` prompt occurs in ``train``: held-out prompts are drawn again until unseen.
-        """
-        count = {"train": self.num_train, "val": self.num_val}[name]
-        rng = random.Random(f"{self.seed}:{name}")
-        if name == "train":
-            return [self._pair(rng) for _ in range(count)]
-        seen = {record["prompt"] for record in self.split("train")}
-        records = []
-        for _ in range(100 * count + 100):
-            if len(records) == count:
-                break
-            record = self._pair(rng)
-            if record["prompt"] not in seen:
-                records.append(record)
-        if len(records) < count:
-            raise SettingError(
-                "WordRulesTask",
-                "num_val",
-                "is more than the unseen words left for the held-out split; raise max_word_length or lower num_val",
-            )
-        return records
+    _more_prompts_hint = "raise max_word_length"
 
     def _pair(self, rng: random.Random) -> dict[str, str]:
         rule = rng.choice(self.rules)

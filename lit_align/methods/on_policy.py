@@ -26,6 +26,7 @@ import torch
 
 from lit_align.data.collate import PromptLayout
 from lit_align.data.contract import DataRequest
+from lit_align.data.errors import DataError
 from lit_align.data.packing import at_positions
 from lit_align.errors import NonFiniteLossError, SettingError
 from lit_align.losses.policy_gradient import (
@@ -252,6 +253,25 @@ class OnPolicyModule(AlignmentModule):
             ptx_setting="ptx_coef" if "ptx_coef" in init_hints(type(self)) else None,
         )
 
+    def check_examples(self, split: str, source: str, examples: list[dict[str, Any]]) -> None:
+        """Also refuse prompts without a reference answer when the reward of the split checks
+        completions against one (``needs_answers``; ``reward`` on ``train``, ``eval_reward`` or
+        ``reward`` on held-out splits), before the first rollout rather than at it."""
+        super().check_examples(split, source, examples)
+        reward = self.reward if split == "train" else (self.eval_reward or self.reward)
+        if not getattr(reward, "needs_answers", False):
+            return
+        missing = [example for example in examples if example.get("answer") is None]
+        if missing:
+            raise DataError(
+                source,
+                f"has no reference answer, which {type(reward).__name__} checks completions against "
+                f"({len(missing)} of {len(examples)} {split} records have none): give each record an 'answer' "
+                "(or 'solution') field, or map yours with data.init_args.columns {answer: <field>}",
+                missing[0].get("record"),
+                "answer",
+            )
+
     def prepare_data_for_method(self) -> None:
         """Also ready the rewards (fit, validate and test start): move them to the policy's device
         and hand the module to rewards that use it (``attach``, e.g. a self-rewarding judge)."""
@@ -463,9 +483,13 @@ class OnPolicyModule(AlignmentModule):
             ).to(self.device)
         self.log_metrics(stage, values, batch_size=len(scores))
         if self.held_out_samples is not None:  # the first ones, for the Samples callback
-            rows = zip(batch["prompts"], completions, scores.tolist(), strict=True)
+            references = answers if answers is not None else [None] * len(completions)
+            rows = zip(batch["prompts"], completions, scores.tolist(), references, strict=True)
             room = max(0, self.held_out_sample_limit - len(self.held_out_samples))
-            self.held_out_samples += [{"prompt": p, "completion": c, "score": s} for p, c, s in rows][:room]
+            self.held_out_samples += [
+                {"prompt": p, "completion": c, "score": s, **({"answer": a} if a is not None else {})}
+                for p, c, s, a in rows
+            ][:room]
 
 
 class ActorCriticModule(OnPolicyModule):

@@ -7,7 +7,7 @@ to the policy's device. Rewards are never part of the module's state: they are n
 saved in checkpoints.
 
 Shipped:
-* :class:`WordRulesReward`: the built-in task's verifier (graded or exact).
+* :class:`WordRulesReward`, :class:`ArithmeticReward`: the built-in tasks' verifiers (graded or exact).
 * :class:`lit_align.online.reward_model.RewardModelReward`: a reward model exported by
   ``configs/reward.yaml`` (a Hugging Face sequence-classification folder).
 
@@ -18,11 +18,13 @@ A new reward is a subclass of :class:`RewardFunction` (or any callable class) wi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from lightning import LightningModule
 
-from lit_align.data.tasks import WordRulesTask
+from lit_align.data.arithmetic_task import ArithmeticTask
+from lit_align.data.tasks import BuiltinTask, WordRulesTask
 from lit_align.errors import SettingError
 
 
@@ -62,26 +64,41 @@ class RewardFunction:
         return self
 
 
-class WordRulesReward(RewardFunction):
-    """Verifiable reward of the built-in word-rules task (:class:`lit_align.data.WordRulesTask`).
+class BuiltinTaskReward(RewardFunction):
+    """The verifier of a built-in task (which parses its own prompts, so no reference answers are
+    needed): its graded score, or exact correctness.
 
     Args:
-        graded: reward the fraction of the correct answer's characters matched position by
-            position (1.0 exactly when correct); false: 1.0 when correct, else 0.0.
+        graded: reward the task's partial credit (1.0 exactly when correct); false: 1.0 when
+            correct, else 0.0.
     """
+
+    task: ClassVar[type[BuiltinTask]]
 
     def __init__(self, graded: bool = True):
         self.graded = graded
 
     def score(self, prompts: Sequence, completions: Sequence[str]) -> list[float]:
+        pairs = zip(prompts, completions, strict=True)
         if self.graded:
-            return [
-                WordRulesTask.score(prompt, completion) for prompt, completion in zip(prompts, completions, strict=True)
-            ]
-        return [
-            float(WordRulesTask.is_correct(prompt, completion))
-            for prompt, completion in zip(prompts, completions, strict=True)
-        ]
+            return [self.task.score(prompt, completion) for prompt, completion in pairs]
+        return [float(self.task.is_correct(prompt, completion)) for prompt, completion in pairs]
+
+
+class WordRulesReward(BuiltinTaskReward):
+    """Verifier of the built-in word-rules task (:class:`lit_align.data.WordRulesTask`); graded:
+    the fraction of the correct answer's characters matched position by position."""
+
+    task = WordRulesTask
+
+
+class ArithmeticReward(BuiltinTaskReward):
+    """Verifier of the built-in arithmetic task (:class:`lit_align.data.ArithmeticTask`); graded:
+    the fraction of the worked solution's lines right before the first wrong one (1.0 when the
+    final answer is right); exact (``graded: false``): the final answer, as ``ExactAnswerReward``
+    checks it against the reference."""
+
+    task = ArithmeticTask
 
 
 class WeightedRewards(RewardFunction):

@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import Optional
 
+from lit_align.data.arithmetic_task import ANSWER_MARKER, final_answer_of
 from lit_align.errors import SettingError
 from lit_align.online.rewards import RewardFunction
 
@@ -62,6 +63,38 @@ class MathVerifyReward(RewardFunction):
             guess = parse(given if not self.answer_tag or "$" in given or "\\boxed" in given else f"${given}$")
             scores.append(float(bool(gold) and bool(guess) and verify(gold, guess)))
         return scores
+
+
+class ExactAnswerReward(RewardFunction):
+    """1.0 when the completion's final answer, the text after its last ``marker`` up to the end of
+    that line, equals the reference answer exactly, else 0.0; no answer scores 0.0. Only what
+    surrounds the answer is forgiven: whitespace, Markdown bold (``**Answer:** 9``) and a final
+    full stop (``Answer: 9.``).
+    The verifier of the built-in arithmetic task (:class:`lit_align.data.ArithmeticTask`, whose
+    solutions end in ``Answer: 9``) and of any data whose answers are exact strings (GSM8K's
+    integers); ``MathVerifyReward`` is the tolerant choice for written mathematics.
+
+    Args:
+        marker: the text that introduces the final answer.
+    """
+
+    needs_answers = True
+
+    def __init__(self, marker: str = ANSWER_MARKER):
+        if not marker.strip():
+            raise SettingError("ExactAnswerReward", "marker", f"must be non-blank text, got {marker!r}")
+        self.marker = marker
+
+    def score(self, prompts: Sequence, completions: Sequence[str], answers: Sequence[str]) -> list[float]:
+        return [
+            float(_bare(final_answer_of(completion, self.marker)) == _bare(str(answer)))
+            for completion, answer in zip(completions, answers, strict=True)
+        ]
+
+
+def _bare(answer: str | None) -> str | None:
+    """An answer without the whitespace, Markdown bold and final full stop around it."""
+    return None if answer is None else answer.strip().strip("*").strip().removesuffix(".").strip()
 
 
 class ThinkFormatReward(RewardFunction):

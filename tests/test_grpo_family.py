@@ -183,13 +183,17 @@ def _pass(logps, mask):
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"loss_type": "cispo", "delta": 3.0}, "GRPO: delta must be unset with loss_type=cispo"),
+        ({"loss_type": "cispo", "delta": 3.0, "epochs": 2}, "GRPO: delta must be unset with loss_type=cispo"),
+        ({"importance_sampling_level": "sequence"}, "GRPO: importance_sampling_level changes nothing here"),
+        ({"epsilon_high": 0.28}, "GRPO: epsilon_high changes nothing here: with epochs 1 and minibatch_size unset"),
+        ({"delta": 3.0}, "GRPO: delta changes nothing here"),
+        ({"loss_type": "cispo"}, r"GRPO: loss_type changes nothing here \(cispo is then exactly dapo\)"),
         ({"overlong_penalty": 0.5}, "GRPO: overlong_penalty is set, but overlong_buffer is not"),
         (
             {"overlong_buffer": 4, "generation": {"max_new_tokens": 4}},
             "GRPO: overlong_buffer must be < generation.max_new_tokens=4, got 4",
         ),
-        ({"delta": 1.0}, "GRPO: delta must be > 1, got 1.0"),
+        ({"delta": 1.0, "epochs": 2}, "GRPO: delta must be > 1, got 1.0"),
         ({"scale_rewards": "global"}, "GRPO: scale_rewards must be one of group, batch, none, got 'global'"),
     ],
 )
@@ -223,7 +227,9 @@ def test_grpo_prepare_shapes_overlong_scores_and_keeps_truncated_completions_out
 def test_grpo_loss_is_its_normalisation_of_the_surrogate_plus_the_kl_term(loss_type):
     from lit_align.methods import GRPO
 
-    grpo = GRPO(loss_type=loss_type, samples_per_prompt=2, epsilon_high=0.28, generation={"max_new_tokens": 3})
+    grpo = GRPO(
+        loss_type=loss_type, samples_per_prompt=2, epsilon_high=0.28, minibatch_size=1, generation={"max_new_tokens": 3}
+    )
     mask = torch.tensor([[True, True, True], [True, False, False]])
     old = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, 0.0, 0.0]])
     ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, 0.0, 0.0]])

@@ -14,7 +14,7 @@ every family of methods:
 
 * SFT trains on the worked solutions (``chosen``).
 * On-policy methods (GRPO and its refinements, REINFORCE++, PPO) read the prompts and reference
-  answers; :class:`lit_align.online.rewards.ExactAnswerReward` (or ``MathVerifyReward``) checks
+  answers; :class:`lit_align.online.verifiable.ExactAnswerReward` (or ``MathVerifyReward``) checks
   the completions.
 * Preference methods (DPO and its variants) get ``chosen`` = the correct solution and ``rejected``
   = the same solution with one slip (a step's result off by 1 or 2, carried through the rest, so

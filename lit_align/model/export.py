@@ -48,10 +48,35 @@ def export_policy(
             model = copy.deepcopy(model).merge_and_unload()
         elif backbone.is_peft:
             model.peft_config["default"].base_model_name_or_path = backbone.settings.name_or_path
-        model.save_pretrained(staging)
+        with saved_as_floats(model):
+            model.save_pretrained(staging)
         backbone.tokenizer.save_pretrained(staging)
         write_files(staging, extra_files)
     return Path(output_dir)
+
+
+@contextmanager
+def saved_as_floats(model) -> Iterator[None]:
+    """Let ``save_pretrained`` write a model read from a GGUF file. Transformers dequantizes GGUF
+    weights to floats when it loads them but still marks the model as quantized ("gguf") and then
+    refuses to save it as "not serializable"; the weights are plain tensors, so for the save the
+    marks are lifted (and put back after, the model may keep training)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if str(getattr(method, "value", method)) != "gguf":
+        yield
+        return
+    marks = {"hf_quantizer": quantizer, "is_quantized": getattr(model, "is_quantized", False)}
+    config_mark = model.config.__dict__.pop("quantization_config", None)
+    for name in marks:
+        setattr(model, name, None if name == "hf_quantizer" else False)
+    try:
+        yield
+    finally:
+        for name, value in marks.items():
+            setattr(model, name, value)
+        if config_mark is not None:
+            model.config.quantization_config = config_mark
 
 
 def write_files(folder: Path, files: Mapping[str, str] | None) -> None:

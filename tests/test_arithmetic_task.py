@@ -176,34 +176,3 @@ def test_prompts_without_answers_are_refused_before_training(tmp_path, sft_polic
         "checks completions against (1 of 2 train records have none)" in result.stderr
     ), result.stderr
     assert not list(tmp_path.rglob("*.ckpt"))
-
-
-@pytest.mark.slow
-def test_dpo_learns_to_prefer_correct_solutions_to_slips(sft_arithmetic_policy, tmp_path, monkeypatch, measured):
-    """configs/dpo.yaml on the task's correct-vs-slip pairs, from the arithmetic SFT policy (also
-    the reference): held-out preference accuracy starts at chance (the implicit reward is 0 for
-    both) and ends high after 40 steps. Measured at seed 0: 0.00 -> ACC (accuracy counts strict
-    wins, so the untrained policy's ties count as losses)."""
-    from conftest import metric_rows
-
-    monkeypatch.chdir(tmp_path)
-    main(
-        [
-            "fit",
-            "--config",
-            str(CONFIGS / "dpo.yaml"),
-            "--model.init_args.model.name_or_path",
-            str(sft_arithmetic_policy),
-            "--data.init_args.task",
-            "{kind: arithmetic, num_val: 100}",
-            "--trainer.max_steps",
-            "40",
-            "--trainer.val_check_interval",
-            "40",
-            "--trainer.enable_checkpointing",
-            "false",
-            *QUIET_FLAGS,
-        ]
-    )
-    accuracies = measured("val/rewards/accuracies", metric_rows("val/rewards/accuracies"))
-    assert accuracies[0] <= 0.6 and accuracies[-1] >= 0.9, accuracies

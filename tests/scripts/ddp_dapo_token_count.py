@@ -9,6 +9,7 @@ count differed from the other rank's (else the check proves nothing), and prints
     python tests/scripts/ddp_dapo_token_count.py CACHE_DIR
 """
 
+import os
 import sys
 
 import lightning as L
@@ -43,7 +44,9 @@ if __name__ == "__main__":
         samples_per_prompt=2,
         loss_type="dapo",
         kl={"beta": 0.0},
-        generation=GenerationSettings(max_new_tokens=6, temperature=1.0),
+        # the untrained model never ends a completion, so every one is max_new_tokens long: a different
+        # limit per rank (4 and 6) makes the ranks' token counts differ, as real completions' lengths do
+        generation=GenerationSettings(max_new_tokens=4 + 2 * int(os.environ.get("LOCAL_RANK", "0")), temperature=1.0),
         optimizer=OptimizerSettings(lr=1e-3),
     )
     module.records = []

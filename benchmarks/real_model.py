@@ -198,11 +198,9 @@ def main() -> None:
 
 def write_samples(run: Path, path: Path) -> None:
     """The held-out prompts' completions at the first and the last validation, side by side."""
-    files = sorted((run / "samples").glob("step_*.jsonl"), key=lambda p: int(p.stem.split("_")[1]))
-    first, last = ([json.loads(line) for line in f.read_text().splitlines()] for f in (files[0], files[-1]))
-    cell = lambda text: " ".join(str(text).split()).replace("|", "\\|")[:400]  # noqa: E731
+    first, last, step = first_and_last_samples(run)
     lines = [
-        f"# Held-out HH prompts answered by SmolLM2-135M-Instruct before and after DPO ({files[-1].stem})",
+        f"# Held-out HH prompts answered by SmolLM2-135M-Instruct before and after DPO ({step})",
         "",
         "| prompt (last user turn) | before DPO | after DPO | chosen in the data |",
         "|---|---|---|---|",
@@ -212,6 +210,18 @@ def write_samples(run: Path, path: Path) -> None:
         answers = (cell(before["completion"]), cell(after["completion"]), cell(before["chosen"]))
         lines.append(f"| {cell(prompt)} | " + " | ".join(answers) + " |")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def first_and_last_samples(run: Path) -> tuple[list[dict], list[dict], str]:
+    """The held-out samples a run wrote at its first and its last validation, and the last's name."""
+    files = sorted((run / "samples").glob("step_*.jsonl"), key=lambda p: int(p.stem.split("_")[1]))
+    first, last = ([json.loads(line) for line in f.read_text().splitlines()] for f in (files[0], files[-1]))
+    return first, last, files[-1].stem
+
+
+def cell(text, limit: int = 400) -> str:
+    """``text`` on one line, fit for a Markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")[:limit]
 
 
 if __name__ == "__main__":

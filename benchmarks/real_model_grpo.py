@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from real_model import MODEL, RESULTS, ROOT, fit, held_out, write_jsonl
+from real_model import MODEL, RESULTS, ROOT, cell, first_and_last_samples, fit, held_out, write_jsonl
 
 from lit_align.data import ArithmeticTask
 
@@ -195,11 +195,9 @@ def run_stage(command: str, name: str, folder: Path, arguments: list[str]) -> tu
 
 def write_samples(run: Path, path: Path) -> None:
     """The held-out prompts' completions at the first and the last validation, side by side."""
-    files = sorted((run / "samples").glob("step_*.jsonl"), key=lambda p: int(p.stem.split("_")[1]))
-    first, last = ([json.loads(line) for line in f.read_text().splitlines()] for f in (files[0], files[-1]))
-    cell = lambda text: " ".join(str(text).split()).replace("|", "\\|")[:300]  # noqa: E731
+    first, last, step = first_and_last_samples(run)
     lines = [
-        f"# Held-out arithmetic prompts answered by SmolLM2-135M-Instruct before and after GRPO ({files[-1].stem})",
+        f"# Held-out arithmetic prompts answered by SmolLM2-135M-Instruct before and after GRPO ({step})",
         "",
         "| problem | answer | before (score) | after (score) |",
         "|---|---|---|---|",

@@ -3,6 +3,8 @@
 import csv
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test downloads; a hub lookup fails at once instead of timing out
@@ -104,6 +106,22 @@ def tokenizer():
 def _isolated_cache(tmp_path, monkeypatch):
     """Keep every test's tokenized cache in its own temporary folder, never ~/.cache."""
     monkeypatch.setenv("LIT_ALIGN_CACHE", str(tmp_path / "lit-align-cache"))
+
+
+def run_ddp_script(name: str, folder: Path) -> subprocess.CompletedProcess:
+    """``tests/scripts/<name>`` in a new process (it starts two DDP processes itself), one thread
+    each, the project importable, ``folder`` as its argument; its output captured."""
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    )
+    script = Path(__file__).parent / "scripts" / name
+    return subprocess.run(
+        [sys.executable, str(script), str(folder)], env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def fit_in_folder(folder: Path, config: str, *flags: str) -> None:

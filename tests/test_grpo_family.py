@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_ddp_script
 
 from lit_align.losses.grpo_family import (
     LOSS_NORMALISATIONS,
@@ -25,8 +22,6 @@ from lit_align.losses.grpo_family import (
     whiten_with,
     zero_spread_groups,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # two completions: 3 tokens and 1 token; per-token losses
 PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
@@ -405,15 +400,7 @@ def test_dapo_divides_by_the_token_count_of_both_processes_under_ddp(tmp_path):
     """Two gloo processes train GRPO with loss_type dapo: at every step the loss's denominator is
     the completion tokens of both ranks (the script asserts it, and that the ranks' counts differed
     at some step, so a local count would have failed)."""
-    script = Path(__file__).parent / "scripts" / "ddp_dapo_token_count.py"
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    )
-    run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "cache")], env=env, capture_output=True, text=True, timeout=600
-    )
+    run = run_ddp_script("ddp_dapo_token_count.py", tmp_path / "cache")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "OK 4 steps" in run.stdout, run.stdout
 

@@ -112,22 +112,9 @@ def test_missing_cache_for_a_trained_policy_is_a_clear_error():
 def test_two_process_ddp_shards_the_precompute_and_writes_the_same_cache(tmp_path):
     """Each rank computes its shard (30 train / 7 val pairs: uneven shards), the shards are
     all-gathered, rank 0 writes the file; it equals a single-process computation."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import run_ddp_script
 
-    script = Path(__file__).parent / "scripts" / "ddp_cached_reference.py"
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(
-            filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
-        ),
-    )
-    run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=600
-    )
+    run = run_ddp_script("ddp_cached_reference.py", tmp_path / "ddp")
     assert run.returncode == 0, run.stderr[-3000:]
     (ddp_file,) = (tmp_path / "ddp" / "reference").glob("*.pt")
 

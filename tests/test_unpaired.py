@@ -510,18 +510,8 @@ def test_each_unpaired_method_learns_the_builtin_task_through_the_cli(method, ca
 def test_kto_reference_point_is_the_mean_over_every_process(tmp_path):
     """2-process DDP (gloo): the z0 each rank's loss uses is the mean of both ranks' mismatched
     log-ratios (the script asserts it on every step, and that some step's local mean differs)."""
-    import os
-    import subprocess
-    import sys
+    from conftest import run_ddp_script
 
-    script = Path(__file__).parent / "scripts" / "ddp_kto_reference_point.py"
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    )
-    run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "cache")], env=env, capture_output=True, text=True, timeout=600
-    )
+    run = run_ddp_script("ddp_kto_reference_point.py", tmp_path / "cache")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "OK 4 steps" in run.stdout

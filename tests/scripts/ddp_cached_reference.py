@@ -6,6 +6,7 @@ python tests/scripts/ddp_cached_reference.py CACHE_DIR
 import sys
 
 import lightning as L
+from _ddp import two_process_trainer
 
 from lit_align.data import PreferenceDataModule, WordRulesTask
 from lit_align.methods import DPO
@@ -17,16 +18,5 @@ if __name__ == "__main__":
     data = PreferenceDataModule(
         batch_size=4, max_length=48, task=WordRulesTask(num_train=30, num_val=7), cache_dir=sys.argv[1]
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = two_process_trainer(max_steps=2)
     trainer.fit(module, data)

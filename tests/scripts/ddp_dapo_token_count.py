@@ -15,6 +15,7 @@ import sys
 import lightning as L
 import torch
 import torch.distributed as dist
+from _ddp import two_process_trainer
 
 from lit_align.data import PromptDataModule, WordRulesTask
 from lit_align.losses.grpo_family import LOSS_NORMALISATIONS
@@ -56,18 +57,7 @@ if __name__ == "__main__":
         task=WordRulesTask(num_train=16, num_val=4, rules=("reverse",)),
         cache_dir=sys.argv[1],
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = two_process_trainer(max_steps=4)
     trainer.fit(module, data)
     differed = 0
     for local, counts, ones_loss in module.records:

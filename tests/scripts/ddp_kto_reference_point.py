@@ -11,6 +11,7 @@ import sys
 import lightning as L
 import torch
 import torch.distributed as dist
+from _ddp import two_process_trainer
 
 from lit_align.data import UnpairedDataModule, WordRulesTask
 from lit_align.methods import KTO
@@ -40,18 +41,7 @@ if __name__ == "__main__":
     data = UnpairedDataModule(
         batch_size=3, max_length=48, task=WordRulesTask(num_train=24, num_val=4), cache_dir=sys.argv[1]
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = two_process_trainer(max_steps=4)
     trainer.fit(module, data)
     checked = 0
     for local, z0 in module.records:

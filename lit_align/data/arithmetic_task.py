@@ -109,13 +109,7 @@ class ArithmeticTask(BuiltinTask):
                 if len(responses) == list_size:
                     break
                 responses.append(worked_solution(expression, step, 1))
-            records.append(
-                {
-                    "prompt": pair["prompt"],
-                    "responses": responses,
-                    "scores": [self.score(pair["prompt"], response) for response in responses],
-                }
-            )
+            records.append(self._ranked_record(pair["prompt"], responses))
         return records
 
     @staticmethod

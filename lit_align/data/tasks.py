@@ -83,6 +83,10 @@ class BuiltinTask:
         """Records ``{prompt, responses, scores}`` of a split (listwise methods)."""
         raise NotImplementedError
 
+    def _ranked_record(self, prompt: str, responses: list[str]) -> dict:
+        """A listwise record: ``responses`` of ``prompt``, each scored by the task's verifier."""
+        return {"prompt": prompt, "responses": responses, "scores": [self.score(prompt, r) for r in responses]}
+
 
 @dataclass
 class WordRulesTask(BuiltinTask):
@@ -168,13 +172,7 @@ class WordRulesTask(BuiltinTask):
                 )
                 if candidate not in responses:
                     responses.append(candidate)
-            records.append(
-                {
-                    "prompt": pair["prompt"],
-                    "responses": responses,
-                    "scores": [self.score(pair["prompt"], r) for r in responses],
-                }
-            )
+            records.append(self._ranked_record(pair["prompt"], responses))
         return records
 
     @staticmethod

@@ -2,10 +2,13 @@
 
 ``training_step`` receives a batch of prompts (:class:`lit_align.data.PromptDataModule`) and
 
-1. samples completions with the current policy (``generate``, KV cache; :mod:`lit_align.online.rollout`),
+1. samples completions with the current policy on the generation backend (``hf``: ``generate`` with
+   the KV cache; ``vllm``: a vLLM engine given the policy's weights; :mod:`lit_align.online.rollout`),
 2. scores them with the configured reward (a Python reward function or a reward model, picked by
    ``class_path``; :mod:`lit_align.online.rewards`),
-3. computes log-probs under the sampling policy and the reference, and the per-token KL,
+3. computes log-probs under the sampling policy (recomputed by the trainer; the backend's own are
+   compared with them, ``rollout/mismatch_*``, and can correct the update, ``sampler_correction``)
+   and the reference, and the per-token KL,
 4. lets the method turn that into advantages (:meth:`OnPolicyModule.prepare`), then
 5. runs ``epochs`` passes of minibatch updates over the rollout with manual optimisation
    (:meth:`OnPolicyModule.loss` per minibatch; one optimizer step each).
@@ -34,14 +37,16 @@ from lit_align.losses.policy_gradient import (
     explained_variance,
     masked_mean,
 )
+from lit_align.losses.sampler_correction import SamplerCorrection, sampler_mismatch
 from lit_align.losses.sft import completion_nll
 from lit_align.methods.alignment import AlignmentModule
 from lit_align.methods.running import RunningMoments
 from lit_align.model.logprobs import SequenceLogps
 from lit_align.model.reference import resolve_reference
+from lit_align.online.generation_backends import GENERATION_BACKENDS
 from lit_align.online.kl_control import KLPenalty
 from lit_align.online.rewards import RewardFunction, reward_parts, score_completions
-from lit_align.online.rollout import GenerationSettings, Rollout, sample_completions
+from lit_align.online.rollout import GenerationSettings, Rollout
 from lit_align.runtime.trainer import distributed
 from lit_align.settings import (
     Count,
@@ -84,7 +89,8 @@ class OnPolicyModule(AlignmentModule):
             ``reward`` is reported on the same held-out completions too
             (``objective/train_reward_scores``): proxy against gold reward, the over-optimisation
             picture of Gao et al. 2022.
-        generation: sampling settings (max new tokens, temperature, top-p, top-k).
+        generation: sampling settings (max new tokens, temperature, top-p, top-k) and the
+            backend that samples (``hf`` or ``vllm``, with the engine's settings).
         samples_per_prompt: completions sampled per prompt (RLOO and GRPO need >= 2).
         kl: per-token KL penalty to the reference: estimator k1/k2/k3, fixed or adaptive beta.
         epochs: passes over each rollout (PPO's K epochs of minibatch reuse).
@@ -104,6 +110,10 @@ class OnPolicyModule(AlignmentModule):
             ``objective/scores`` stay raw; ``objective/rlhf_reward`` uses the standardised
             scores (what is optimised). An error for methods that only see the scores' order or
             group-standardise them anyway (online DPO; GRPO with ``scale_rewards`` group or batch).
+        sampler_correction: weight each token's policy-gradient term by the importance ratio of
+            the trainer's to the sampler's log-prob, truncated (``tis``) or masked (``mis``) at
+            ``cap`` (Yao et al. 2025; :mod:`lit_align.losses.sampler_correction`). Only with
+            ``generation.backend: vllm`` (with ``hf`` the sampler is the trainer's own model).
         model: the causal LM, LoRA/QLoRA and reference source (``cached`` is not possible:
             completions are new every step).
         optimizer: AdamW and learning-rate schedule.
@@ -133,6 +143,7 @@ class OnPolicyModule(AlignmentModule):
         max_grad_norm: Optional[Positive] = 1.0,
         missing_eos_penalty: Optional[Finite] = None,
         reward_normalization: Optional[Literal["initial", "running"]] = None,
+        sampler_correction: Optional[SamplerCorrection] = None,
         model: ModelSettings = ModelSettings(),  # noqa: B008
         optimizer: OptimizerSettings = OptimizerSettings(),  # noqa: B008
     ):
@@ -158,18 +169,28 @@ class OnPolicyModule(AlignmentModule):
         self.reward, self.eval_reward = reward, eval_reward
         self._rollout_counts = (0, 0)  # (completions, real tokens) of the last rollout, for Throughput
         self.generation = as_settings(generation, GenerationSettings)
+        self.sampler = GENERATION_BACKENDS[self.generation.backend](self.generation)
+        """Samples rollouts and held-out completions (built lazily: a vLLM engine on first use)."""
+        self.sampler_correction = sampler_correction and as_settings(sampler_correction, SamplerCorrection)
         self.samples_per_prompt, self.epochs, self.minibatch_size = samples_per_prompt, epochs, minibatch_size
         self.max_grad_norm, self.missing_eos_penalty = max_grad_norm, missing_eos_penalty
         self.kl_settings = as_settings(kl, KLPenalty)
         self.kl_controller = self.kl_settings.controller()
         self.kl_estimator = KL_ESTIMATORS[self.kl_settings.estimator]
         self.reward_normalization = reward_normalization
+        self.policy_version = 0
+        """Training steps finished: the policy's weights changed since version v - 1 (the vllm
+        backend pushes them to its engine when the version it holds is older)."""
         self.score_moments = RunningMoments() if reward_normalization else None
         """Mean and variance of the scores used by ``reward_normalization`` (checkpointed)."""
 
     def check_settings(self) -> None:
-        """Also refuse the adaptive KL controller's settings without ``kl.target``, which turns it on."""
+        """Also refuse the adaptive KL controller's settings without ``kl.target``, which turns it
+        on, and the generation backend's settings it would not read."""
         super().check_settings()
+        GENERATION_BACKENDS[as_settings(self.hparams.get("generation"), GenerationSettings).backend].check_settings(
+            type(self).__name__, self.hparams
+        )
         kl = as_settings(self.hparams.get("kl"), KLPenalty)
         unread = kl.set_away_from_default(ADAPTIVE_KL_FIELDS) if kl.target is None else []
         if unread:
@@ -293,15 +314,7 @@ class OnPolicyModule(AlignmentModule):
         """Sample, decode, score and compute the reference's and (``sampling_pass``) the sampling
         policy's log-probs; without it the caller fills them with :meth:`Rollout.take_sampling_pass`."""
         samples = self.samples_per_prompt if samples is None else samples
-        tokens, ended = sample_completions(
-            self.backbone.policy,
-            self.tokenizer,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            self.generation,
-            samples,
-            temperature,
-        )
+        tokens, ended, sampler_logps = self.sample(batch, samples, temperature)
         prompts = [prompt for prompt in batch["prompts"] for _ in range(samples)]
         answers = [answer for answer in batch.get("answers") or [None] * len(batch["prompts"]) for _ in range(samples)]
         completions = self.decode(tokens)
@@ -310,11 +323,17 @@ class OnPolicyModule(AlignmentModule):
         if self.missing_eos_penalty is not None:
             scores = scores - self.missing_eos_penalty * (~ended).float()
         ref = self.reference_logps(tokens).tokens if self.needs_reference else None
-        rollout = Rollout(tokens, prompts, completions, ended, scores, ref_logps=ref)
+        rollout = Rollout(tokens, prompts, completions, ended, scores, ref_logps=ref, sampler_logps=sampler_logps)
         self._rollout_counts = (rollout.size, int(tokens["attention_mask"].sum()))
         if sampling_pass:
             rollout.take_sampling_pass(self.forward_rollout(tokens))
         return rollout
+
+    def sample(self, batch: dict[str, Any], samples: int, temperature: float | None = None):
+        """``samples`` completions of each of the batch's prompts from the generation backend, with
+        the policy as it is now (:class:`lit_align.online.rollout.Sampled`)."""
+        temperature = self.generation.temperature if temperature is None else temperature
+        return self.sampler.sample(self, batch["prompt_ids"], batch["prompt_mask"], samples, temperature)
 
     def collect_rollout(self, batch: dict[str, Any], sampling_pass: bool) -> Rollout:
         """The rollout a training step updates on: one :meth:`make_rollout` of the batch here;
@@ -348,6 +367,7 @@ class OnPolicyModule(AlignmentModule):
         raw_scores = rollout.scores
         rollout.scores = self.normalise_scores(raw_scores)
         self.prepare(rollout)
+        self.correct_for_sampler(rollout)
         self.log_rollout("train", rollout, kl, beta, raw_scores)
         self.kl_controller.update(float(kl.mean()))
         if one_update:
@@ -356,6 +376,31 @@ class OnPolicyModule(AlignmentModule):
         for _ in range(self.epochs):
             for rows in self.minibatches(rollout.size):
                 self.optimise(rollout.select(rows), batch.get("ptx"))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        self.policy_version += 1
+
+    @torch.no_grad()
+    def correct_for_sampler(self, rollout: Rollout) -> None:
+        """With ``sampler_correction``: the advantages times the TIS/MIS weights of the trainer's
+        to the sampler's log-probs (each token's surrogate term is linear in its advantage, so this
+        weights the term; :mod:`lit_align.losses.sampler_correction`), and the weights logged."""
+        if self.sampler_correction is None:
+            return
+        weights = self.sampler_correction.weights(rollout.old_logps, rollout.sampler_logps, rollout.mask)
+        rollout.advantages = rollout.advantages * weights
+        mask = rollout.mask
+        self.log_metrics(
+            "train",
+            {
+                "sampler_correction/weight": masked_mean(weights, mask)[None],
+                "sampler_correction/bounded_fraction": masked_mean(
+                    (torch.exp(rollout.old_logps - rollout.sampler_logps) > self.sampler_correction.cap).float(), mask
+                )[None],
+            },
+            batch_size=rollout.size,
+        )
 
     @torch.no_grad()
     def normalise_scores(self, scores: torch.Tensor) -> torch.Tensor:
@@ -418,9 +463,18 @@ class OnPolicyModule(AlignmentModule):
         self, stage: str, rollout: Rollout, kl: torch.Tensor, beta: float, raw_scores: torch.Tensor | None = None
     ) -> None:
         """Rollout metrics: scores (``raw_scores``, before ``reward_normalization``, when given),
-        KL, RLHF reward (the rollout's score - beta KL), length, EOS rate, beta; and the
-        normalisation's mean and std when it is on."""
+        KL, RLHF reward (the rollout's score - beta KL), length, EOS rate, beta; the
+        normalisation's mean and std when it is on; and how far the sampler's log-probs are from
+        the trainer's (``rollout/mismatch_kl``, ``_k3``, ``_max_ratio``, ``_min_ratio``:
+        :func:`lit_align.losses.sampler_correction.sampler_mismatch`; ~0 and 1 with ``hf``)."""
         lengths = rollout.mask.sum(-1).float()
+        if rollout.sampler_logps is not None and rollout.old_logps is not None:
+            mismatch = sampler_mismatch(rollout.old_logps, rollout.sampler_logps, rollout.mask)
+            self.log_metrics(
+                stage,
+                {f"rollout/mismatch_{name}": value.float()[None] for name, value in mismatch.items()},
+                batch_size=rollout.size,
+            )
         if self.score_moments is not None:
             self.log_metrics(
                 stage,
@@ -462,15 +516,7 @@ class OnPolicyModule(AlignmentModule):
                 "reward",
                 f"{type(self).__name__} needs a reward to evaluate: set model.init_args.reward (or eval_reward)",
             )
-        tokens, ended = sample_completions(
-            self.backbone.policy,
-            self.tokenizer,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            self.generation,
-            1,
-            self.generation.eval_temperature,
-        )
+        tokens, ended, _ = self.sample(batch, 1, self.generation.eval_temperature)
         completions = self.decode(tokens)
         answers = batch.get("answers")
         scores = score_completions(reward, batch["prompts"], completions, answers).to(self.device)

@@ -78,6 +78,13 @@ class OnlineDPO(OnPolicyModule):
                 f"must be unset, got {value!r}: OnlineDPO has no KL penalty, DPO's beta is its KL "
                 "control (set beta instead)",
             )
+        if h.get("sampler_correction") is not None:
+            raise SettingError(
+                "OnlineDPO",
+                "sampler_correction",
+                "must be unset: it weights each token's policy-gradient term, and OnlineDPO's loss is DPO on the "
+                "best and worst sample of each prompt, with no such term",
+            )
         if h.get("reward_normalization"):
             raise SettingError(
                 "OnlineDPO",

@@ -1,4 +1,9 @@
-"""Rollouts of on-policy methods: sample completions with ``generate`` and lay them out for training.
+"""Rollouts of on-policy methods: sample completions and lay them out for training.
+
+Sampling runs on a generation backend (``generation.backend``): ``hf``, transformers ``generate``
+with the KV cache (here), or ``vllm``, a vLLM engine in the training process
+(:mod:`lit_align.online.vllm_engine`); both give the same layout and the log-prob each sampled
+token had under the sampler (``Sampled.sampler_logps``), which the trainer compares with its own.
 
 ``generate`` works on left-padded prompts; training batches in lit-align are right-padded
 (``input_ids``, ``attention_mask``, ``labels`` with -100 off the response), so every row is
@@ -12,19 +17,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, NamedTuple, Optional
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from lit_align.data.labels import IGNORE_INDEX
+from lit_align.data.labels import IGNORE_INDEX, shift_labels
+from lit_align.data.packing import at_positions
 from lit_align.data.tokenize import end_of_turn_ids
+from lit_align.online.vllm_engine import VLLMSettings
 from lit_align.settings import Count, NonNegative, NonNegativeInt, Range
 
 
 @dataclass
 class GenerationSettings:
-    """Sampling of completions (transformers ``generate`` with the KV cache)."""
+    """Sampling of completions: which engine samples, and how."""
 
     max_new_tokens: Count = 16
     """Longest completion in tokens."""
@@ -36,6 +43,12 @@ class GenerationSettings:
     """Keep only the k most likely tokens (0 = off)."""
     eval_temperature: NonNegative = 0.0
     """Temperature for held-out evaluation (0 = greedy, deterministic)."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """What samples the rollouts and held-out completions: ``hf`` (transformers ``generate`` on
+    the policy itself) or ``vllm`` (a vLLM engine in each training process, the policy's weights
+    pushed to it before each rollout; ``pip install lit-align[vllm]``)."""
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
+    """The vLLM engine's settings (only with ``backend: vllm``)."""
 
     def config(self, tokenizer, samples: int, temperature: float) -> GenerationConfig:
         sampling = temperature > 0
@@ -49,6 +62,18 @@ class GenerationSettings:
             use_cache=True,
             **options,
         )
+
+
+class Sampled(NamedTuple):
+    """Completions from a generation backend."""
+
+    batch: dict[str, torch.Tensor]
+    """Right-padded prompt + completion rows: ``input_ids``, ``attention_mask``, ``labels``."""
+    ended: torch.Tensor
+    """``[N]`` True where the completion ended with an end-of-turn token."""
+    sampler_logps: torch.Tensor
+    """``[N, T]`` log-prob of each completion token under the sampler's own (unprocessed, i.e.
+    temperature 1) distribution, in the shifted label layout (0 off the completion)."""
 
 
 @dataclass
@@ -70,7 +95,10 @@ class Rollout:
     mask: Optional[torch.Tensor] = None
     """``[N, T]`` True on completion tokens (set with the sampling pass)."""
     old_logps: Optional[torch.Tensor] = None
-    """Per-token log-probs under the policy that sampled (frozen during the update)."""
+    """Per-token log-probs under the policy that sampled, as the trainer computes them (frozen
+    during the update)."""
+    sampler_logps: Optional[torch.Tensor] = None
+    """Per-token log-probs the generation backend reported for its samples (``Sampled``)."""
     ref_logps: Optional[torch.Tensor] = None
     values: Optional[torch.Tensor] = None
     """Critic values at sampling time (actor-critic methods)."""
@@ -116,9 +144,26 @@ def sample_completions(
     samples: int = 1,
     temperature: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Generate ``samples`` completions per prompt (in eval mode, KV cache on) and return
-    (right-padded training batch, ended ``[N]``), rows ordered prompt by prompt."""
+    """Generate ``samples`` completions per prompt with transformers (in eval mode, KV cache on)
+    and return (right-padded training batch, ended ``[N]``), rows ordered prompt by prompt."""
+    sampled = sample_with_logps(policy, tokenizer, prompt_ids, prompt_mask, generation, samples, temperature)
+    return sampled.batch, sampled.ended
+
+
+@torch.no_grad()
+def sample_with_logps(
+    policy,
+    tokenizer,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    generation: GenerationSettings,
+    samples: int = 1,
+    temperature: float | None = None,
+) -> Sampled:
+    """:func:`sample_completions` that also keeps each sampled token's log-prob under the logits
+    ``generate`` computed for it (the ``hf`` backend's sampler log-probs)."""
     temperature = generation.temperature if temperature is None else temperature
+    recorder = SampledTokenLogps()
     was_training = policy.training
     policy.eval()
     try:
@@ -126,11 +171,61 @@ def sample_completions(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
             generation_config=generation.config(tokenizer, samples, temperature),
+            logits_processor=LogitsProcessorList([recorder]),
         )
     finally:
         policy.train(was_training)
     prompt_mask = prompt_mask.repeat_interleave(samples, dim=0)
-    return completion_batch(sequences, prompt_mask, end_of_turn_ids(tokenizer), tokenizer.pad_token_id)
+    stops = end_of_turn_ids(tokenizer)
+    batch, ended = completion_batch(sequences, prompt_mask, stops, tokenizer.pad_token_id)
+    step_logps = recorder.finish(sequences)
+    return Sampled(batch, ended, place_completion_values(step_logps, sequences, prompt_mask, stops, batch))
+
+
+class SampledTokenLogps(LogitsProcessor):
+    """Records log softmax(logits)[sampled token] at each step of ``generate`` without keeping
+    the ``[N, V]`` scores of every step (``output_logits`` would hold N x steps x V floats: 6 GB
+    for 128 completions of 256 tokens at SmolLM2's vocabulary). A step's sampled token is only
+    known at the next call (the last column of ``input_ids``), so each call keeps one step's log
+    softmax and gathers the previous one; :meth:`finish` gathers the last. Custom processors run
+    before ``generate``'s temperature/top-k/top-p warpers: these are the unprocessed log-probs."""
+
+    def __init__(self) -> None:
+        self.previous: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, input_ids[:, -1:])[:, 0])
+        self.previous = scores.float().log_softmax(-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """``[N, steps]`` log-probs of the generated columns of ``sequences``."""
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, sequences[:, -1:])[:, 0])
+            self.previous = None
+        if not self.steps:
+            return sequences.new_zeros((sequences.shape[0], 0), dtype=torch.float32)
+        return torch.stack(self.steps, 1)
+
+
+def place_completion_values(
+    step_values: torch.Tensor,
+    sequences: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    eos_id: int | Sequence[int] | None,
+    batch: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """Per-generated-step values ``[N, steps]`` (one per column of ``sequences`` after the
+    prompt) moved to the completion tokens of :func:`completion_batch`'s rows, in the shifted
+    label layout (position t holds the value of token t + 1; 0 elsewhere)."""
+    response = sequences[:, prompt_mask.shape[1] :]
+    stops = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    is_eos = torch.isin(response, torch.tensor(stops, dtype=response.dtype, device=response.device))
+    kept = (is_eos.long().cumsum(1) - is_eos.long()) == 0
+    target = shift_labels(batch["labels"]) != IGNORE_INDEX
+    return at_positions(step_values[:, : kept.shape[1]][kept].to(torch.float32), target)
 
 
 def completion_batch(

@@ -116,7 +116,7 @@ class Samples(Callback):
         left_padded = PromptCollator(pad)([{"prompt": example["prompt"], "text": None} for example in examples])
         ids, mask = left_padded["prompt_ids"].to(pl_module.device), left_padded["prompt_mask"].to(pl_module.device)
         settings = GenerationSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature)
-        batch, _ = sample_completions(pl_module.backbone.policy, tokenizer, ids, mask, settings, 1, self.temperature)
+        batch = sample_completions(pl_module.backbone.policy, tokenizer, ids, mask, settings, 1, self.temperature).batch
         completions = pl_module.decode(batch)
         return [
             {"record": example.get("record"), **describe_example(example, tokenizer), "completion": completion}

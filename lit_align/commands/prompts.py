@@ -114,7 +114,7 @@ def complete(
         for start in range(0, len(prompt_ids), batch_size):
             chunk = prompt_ids[start : start + batch_size]
             batch = collate([{"prompt": ids, "text": None} for ids in chunk])
-            tokens, _ = sample_completions(
+            tokens = sample_completions(
                 policy,
                 tokenizer,
                 batch["prompt_ids"].to(device),
@@ -122,7 +122,7 @@ def complete(
                 generation,
                 1,
                 temperature,
-            )
+            ).batch
             completions.extend(decode_completions(tokenizer, tokens["labels"]))
             bar.update(len(chunk))
     return completions

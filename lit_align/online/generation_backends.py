@@ -14,16 +14,34 @@ import torch
 
 from lit_align.data.tokenize import end_of_turn_ids
 from lit_align.errors import SettingError
-from lit_align.online.rollout import GenerationSettings, Sampled, sample_with_logps
+from lit_align.online.rollout import GenerationSettings, Sampled, sample_completions
 from lit_align.online.vllm_engine import VLLMEngine, VLLMSettings
 from lit_align.settings import as_settings
 
 
-class HFGeneration:
-    """``hf``: transformers ``generate`` on the policy itself (KV cache), nothing to keep in sync."""
+class GenerationBackend:
+    """What every backend does: sample for a module (:meth:`generate` with its policy and tokenizer)."""
 
     def __init__(self, settings: GenerationSettings) -> None:
         self.settings = settings
+
+    @classmethod
+    def check_settings(cls, owner: str, hparams: Mapping[str, Any]) -> None:
+        """Refuse the module's settings this backend would not read (``owner``: the module's class)."""
+
+    def sample(
+        self, module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, samples: int, temperature: float
+    ) -> Sampled:
+        """``samples`` completions of each left-padded prompt with ``module``'s policy as it is now."""
+        policy, tokenizer = module.backbone.policy, module.tokenizer
+        return self.generate(module, policy, tokenizer, prompt_ids, prompt_mask, samples, temperature)
+
+    def generate(self, module, policy, tokenizer, prompt_ids, prompt_mask, samples: int, temperature: float) -> Sampled:
+        raise NotImplementedError
+
+
+class HFGeneration(GenerationBackend):
+    """``hf``: transformers ``generate`` on the policy itself (KV cache), nothing to keep in sync."""
 
     @classmethod
     def check_settings(cls, owner: str, hparams: Mapping[str, Any]) -> None:
@@ -51,20 +69,17 @@ class HFGeneration:
                 "generation.backend: vllm, or remove it",
             )
 
-    def sample(
-        self, module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, samples: int, temperature: float
-    ) -> Sampled:
-        policy, tokenizer = module.backbone.policy, module.tokenizer
-        return sample_with_logps(policy, tokenizer, prompt_ids, prompt_mask, self.settings, samples, temperature)
+    def generate(self, module, policy, tokenizer, prompt_ids, prompt_mask, samples: int, temperature: float) -> Sampled:
+        return sample_completions(policy, tokenizer, prompt_ids, prompt_mask, self.settings, samples, temperature)
 
 
-class VLLMGeneration:
+class VLLMGeneration(GenerationBackend):
     """``vllm``: a vLLM engine in this process (:class:`lit_align.online.vllm_engine.VLLMEngine`),
     built on first use and given the policy's weights whenever they changed since the last push
     (``module.policy_version``)."""
 
     def __init__(self, settings: GenerationSettings) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.engine: VLLMEngine | None = None
 
     @classmethod
@@ -80,10 +95,7 @@ class VLLMGeneration:
                 "base 4-bit (QLoRA): use generation.backend: hf, or train without quantization",
             )
 
-    def sample(
-        self, module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, samples: int, temperature: float
-    ) -> Sampled:
-        policy, tokenizer = module.backbone.policy, module.tokenizer
+    def generate(self, module, policy, tokenizer, prompt_ids, prompt_mask, samples: int, temperature: float) -> Sampled:
         if self.engine is None:
             seed = (torch.initial_seed() + module.global_rank) % 2**31
             self.engine = VLLMEngine(self.settings.vllm, policy, tokenizer, seed)
@@ -97,5 +109,5 @@ class VLLMGeneration:
         return sampled
 
 
-GENERATION_BACKENDS: dict[str, type] = {"hf": HFGeneration, "vllm": VLLMGeneration}
+GENERATION_BACKENDS: dict[str, type[GenerationBackend]] = {"hf": HFGeneration, "vllm": VLLMGeneration}
 """``generation.backend`` -> the class that samples."""

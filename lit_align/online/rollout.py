@@ -143,25 +143,10 @@ def sample_completions(
     generation: GenerationSettings,
     samples: int = 1,
     temperature: float | None = None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Generate ``samples`` completions per prompt with transformers (in eval mode, KV cache on)
-    and return (right-padded training batch, ended ``[N]``), rows ordered prompt by prompt."""
-    sampled = sample_with_logps(policy, tokenizer, prompt_ids, prompt_mask, generation, samples, temperature)
-    return sampled.batch, sampled.ended
-
-
-@torch.no_grad()
-def sample_with_logps(
-    policy,
-    tokenizer,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    generation: GenerationSettings,
-    samples: int = 1,
-    temperature: float | None = None,
 ) -> Sampled:
-    """:func:`sample_completions` that also keeps each sampled token's log-prob under the logits
-    ``generate`` computed for it (the ``hf`` backend's sampler log-probs)."""
+    """Generate ``samples`` completions per prompt with transformers (in eval mode, KV cache on):
+    right-padded training rows (prompt by prompt), whether each ended, and each sampled token's
+    log-prob under the logits ``generate`` computed for it (the ``hf`` backend's sampler log-probs)."""
     temperature = generation.temperature if temperature is None else temperature
     recorder = SampledTokenLogps()
     was_training = policy.training

@@ -43,7 +43,8 @@ class VLLMSettings:
 
     gpu_memory_utilization: Annotated[float, Range(0, 1, low_open=True)] = 0.3
     """Fraction of the GPU's memory the engine may take (weights + KV cache); the rest stays with
-    training. On CPU the KV cache is sized by ``kv_cache_gib`` (or vLLM's own choice)."""
+    training. On CPU vLLM reads it as the fraction of the machine's memory to reserve (and refuses
+    to start when that much is not free); the KV cache is sized by ``kv_cache_gib``."""
     kv_cache_gib: Optional[Positive] = None
     """KV-cache space in GiB (on CPU: ``VLLM_CPU_KVCACHE_SPACE``; on a GPU it overrides
     ``gpu_memory_utilization`` for the cache). Null: vLLM's choice."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning
 import pytest
 import torch
-from conftest import QUIET_FLAGS, quiet_trainer
+from conftest import QUIET_FLAGS, quiet_trainer, run_ddp_script
 
 pytest.importorskip("vllm", reason="the vllm backend's tests run in CI's vLLM environment (.ci/run)")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -147,3 +147,11 @@ def test_on_policy_configs_run_on_the_vllm_backend(config, tmp_path, monkeypatch
     (metrics,) = tmp_path.rglob("metrics.csv")
     text = metrics.read_text()
     assert "rollout/mismatch_kl" in text and "val/objective/scores" in text
+
+
+@pytest.mark.slow
+def test_each_ddp_process_drives_its_own_engine(tmp_path):
+    """Two DDP processes, one engine each (``external_launcher``): both sample with the averaged
+    weights after every update (see ``tests/scripts/ddp_vllm_backend.py``)."""
+    result = run_ddp_script("ddp_vllm_backend.py", tmp_path)
+    assert result.returncode == 0 and "OK 3 rollouts" in result.stdout, result.stderr[-3000:]

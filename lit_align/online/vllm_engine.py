@@ -91,6 +91,10 @@ class VLLMEngine:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_world_size() > 1:
                 options["distributed_executor_backend"] = "external_launcher"  # each rank drives its own engine
+                # it reads torchrun's variables; Lightning's own launcher sets only some of them
+                os.environ.setdefault("RANK", str(torch.distributed.get_rank()))
+                os.environ.setdefault("WORLD_SIZE", str(torch.distributed.get_world_size()))
+                os.environ.setdefault("LOCAL_RANK", str(torch.distributed.get_rank()))
         self.folder = tempfile.TemporaryDirectory(prefix="lit-align-vllm-")
         write_model_folder(policy, tokenizer, Path(self.folder.name))
         self.llm = LLM(

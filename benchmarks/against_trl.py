@@ -64,6 +64,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{name}", type=int, default=default, help=text)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--beta", type=float, default=0.1)
+    add_run_args(p, quick="smoke run: small model, few steps, 1 repeat")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.hidden, args.layers, args.intermediate, args.vocab, args.seq = 64, 2, 128, 4096, 64
+        args.warmup, args.steps, args.repeats = 1, 3, 1
+    return args
+
+
+def add_run_args(p: argparse.ArgumentParser, quick: str) -> None:
+    """The options every against-TRL benchmark takes: how quiet the machine must be, where results
+    go, ``--quick`` (``quick``: what it does), and the hidden ones of its worker processes."""
     p.add_argument(
         "--max-other-load",
         type=float,
@@ -71,14 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="wait for, and repeat a run (twice at most) if other processes use more CPU cores than this",
     )
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
-    p.add_argument("--quick", action="store_true", help="smoke run: small model, few steps, 1 repeat")
+    p.add_argument("--quick", action="store_true", help=quick)
     p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.hidden, args.layers, args.intermediate, args.vocab, args.seq = 64, 2, 128, 4096, 64
-        args.warmup, args.steps, args.repeats = 1, 3, 1
-    return args
 
 
 def status_bytes(field: str) -> int:
@@ -289,18 +295,27 @@ def parity(args, workdir: Path, module) -> dict:
         "grad_max": max(float(b.abs().max()) for _, b in grads),
     }
     # fp32, each difference against the scale of the values compared (at least 1): per-token
-    # log-probs (|x| ~ ln V), the loss, the gradients (the largest |grad|: a model with 30 layers
-    # has gradients of 10 and more, where one fp32 ulp is ~1e-6) and the sums of seq/2 tokens
-    # (|x| ~ 1e3, one ulp ~1e-4). Within 1e-5 of the scale is parity.
+    # log-probs (|x| ~ ln V), the gradients (the largest |grad|: a model with 30 layers has
+    # gradients of 10 and more, where one fp32 ulp is ~1e-6) and the sums of seq/2 tokens (|x| ~
+    # 1e3, one ulp ~1e-4). The loss is -log sigmoid(beta x margin) of those sums, so its rounding
+    # is the sums' times beta (its slope is at most beta): its scale is beta x the largest sum
+    # (measured at SmolLM2's shape, 256 response tokens: 2.3e-5 of a loss of 0.69, while the sums
+    # agree to 1e-6 of their size). Within 1e-5 of the scale is parity.
     scales = {
         "token_abs": max(1.0, float(trl_tokens.abs().max())),
-        "loss_abs": max(1.0, abs(result["loss"])),
+        "loss_abs": max(1.0, abs(result["loss"]), args.beta * result["sum_magnitude"]),
         "grad_abs": max(1.0, result["grad_max"]),
     }
     for key, scale in scales.items():
         result[key.replace("_abs", "_rel")] = result[key] / scale
+    # the gradient is sigmoid(-beta x margin) x beta x grad(margin): the sigmoid's relative rounding
+    # is that of beta x margin, up to 4 sums' rounding (4 x beta x |sum| x fp32 eps: 6.7e-5 at
+    # SmolLM2's shape, measured 1.2e-5), on top of the matmuls' 1e-5
+    slope = 4 * args.beta * result["sum_magnitude"] * torch.finfo(torch.float32).eps
+    limits = {"grad_rel": 1e-5 + slope}
     for key in ("token_rel", "loss_rel", "grad_rel", "policy_sum_rel", "ref_sum_rel"):
-        assert result[key] <= 1e-5, f"parity failed: {key}={result[key]:.3g}"
+        limit = limits.get(key, 1e-5)
+        assert result[key] <= limit, f"parity failed: {key}={result[key]:.3g} (limit {limit:.3g})"
     return result
 
 
@@ -334,42 +349,54 @@ def worker(args) -> None:
             train=pairs, val=pairs, format="explicit", max_length=args.seq, batch_size=args.batch, use_cache=False
         )
         timing = type("Timing", (L.Callback,), {"on_train_batch_start": timer.begin, "on_train_batch_end": timer.end})()
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            precision="32-true",
-            max_steps=total,
-            gradient_clip_val=1.0,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[timing],
-        )
+        trainer = timed_trainer(total, timing, gradient_clip_val=1.0)
         trainer.fit(lit_module(args, str(args.workdir / "model")), data)
     else:
         from transformers import TrainerCallback
 
         timing = type("Timing", (TrainerCallback,), {"on_step_begin": timer.begin, "on_step_end": timer.end})()
         trl_trainer(args, args.workdir, max_steps=total, n_records=total * args.batch, callbacks=[timing]).train()
+    report_worker(args, timer, total)
+
+
+def timed_trainer(total: int, timing, **settings):
+    """The Lightning trainer a lit-align worker times: ``total`` steps on one CPU process, fp32,
+    nothing logged, validated or saved; ``timing`` the callback that times each step."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=total,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timing],
+        **settings,
+    )
+
+
+def report_worker(args, timer: "StepTimer", total: int, **extra) -> None:
+    """Print a worker's result as one JSON line: the timed steps (after ``args.warmup``), the load
+    other processes put on the machine meanwhile, and peak memory (``extra`` added)."""
     assert len(timer.wall) == total, timer.wall
     train_peak, timed = status_bytes("VmHWM"), slice(args.warmup, None)
     other_cores = (sum(timer.busy[timed]) - sum(timer.cpu[timed])) / sum(timer.wall[timed])  # load from other processes
-    print(
-        json.dumps(
-            {
-                "framework": args.worker,
-                "wall": timer.wall[timed],
-                "cpu": timer.cpu[timed],
-                "other_cores": max(0.0, other_cores),
-                "peak_rss": max(timer.setup_peak, train_peak),
-                "setup_rss": timer.setup_rss,
-                "train_peak": train_peak,
-            }
-        )
-    )
+    result = {
+        "framework": args.worker,
+        "wall": timer.wall[timed],
+        "cpu": timer.cpu[timed],
+        "other_cores": max(0.0, other_cores),
+        "peak_rss": max(timer.setup_peak, train_peak),
+        "setup_rss": timer.setup_rss,
+        "train_peak": train_peak,
+        **extra,
+    }
+    print(json.dumps(result))
 
 
 def wait_for_quiet(max_cores: float, timeout: float = 300.0) -> None:

@@ -54,7 +54,7 @@ from pathlib import Path
 
 from _common import MIB, run_worker
 from _report import report
-from against_trl import QUIET, StepTimer, status_bytes, wait_for_quiet
+from against_trl import QUIET, StepTimer, add_run_args, report_worker, timed_trainer, wait_for_quiet
 
 HERE = Path(__file__).resolve().parent
 FRAMEWORKS = ("lit-align", "trl")
@@ -92,16 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loss-type", choices=LOSS_TYPES, default="dapo", help="loss type of the timed runs")
     p.add_argument("--parity-beta", type=float, default=0.04, help="the KL coefficient parity also checks")
     p.add_argument("--parity-noise", type=float, default=0.02, help="std of the policies' parity perturbation")
-    p.add_argument(
-        "--max-other-load",
-        type=float,
-        default=0.2,
-        help="wait for, and repeat a run (twice at most) if other processes use more CPU cores than this",
-    )
-    p.add_argument("--out-dir", type=Path, default=HERE / "results")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny shape, 2 timed steps, 1 repeat")
-    p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
-    p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    add_run_args(p, quick="smoke run: tiny shape, 2 timed steps, 1 repeat")
     args = p.parse_args(argv)
     if args.quick:
         args.hidden, args.layers, args.intermediate, args.vocab = 64, 2, 128, 4096
@@ -473,19 +464,7 @@ def worker(args) -> None:
         )
         hooks = {"on_train_batch_start": timer.begin, "on_train_batch_end": staticmethod(step_end)}
         timing = type("Timing", (L.Callback,), hooks)()
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            precision="32-true",
-            max_steps=total,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[timing],
-        )
+        trainer = timed_trainer(total, timing)
         trainer.fit(lit_module(args, str(args.workdir / "model")), data)
     else:
         from transformers import TrainerCallback
@@ -501,24 +480,8 @@ def worker(args) -> None:
             args, args.workdir, total, prompts, args.prompts, args.samples, args.beta, [timing]
         )
         held["trainer"].train()
-    assert len(timer.wall) == total, timer.wall
     assert all(n == args.max_new_tokens for n in completion_tokens), completion_tokens
-    train_peak, timed = status_bytes("VmHWM"), slice(args.warmup, None)
-    other_cores = (sum(timer.busy[timed]) - sum(timer.cpu[timed])) / sum(timer.wall[timed])  # load from other processes
-    print(
-        json.dumps(
-            {
-                "framework": args.worker,
-                "wall": timer.wall[timed],
-                "cpu": timer.cpu[timed],
-                "other_cores": max(0.0, other_cores),
-                "peak_rss": max(timer.setup_peak, train_peak),
-                "setup_rss": timer.setup_rss,
-                "train_peak": train_peak,
-                "completion_tokens": statistics.mean(completion_tokens),
-            }
-        )
-    )
+    report_worker(args, timer, total, completion_tokens=statistics.mean(completion_tokens))
 
 
 # ---------------------------------------------------------------------------- 3. report

@@ -1,14 +1,17 @@
 """The trainer every two-process test script runs: DDP over gloo on CPU, no logging, no validation."""
 
+from typing import Any
+
 import lightning as L
 
 
-def two_process_trainer(max_steps: int) -> L.Trainer:
-    """Two CPU processes under DDP (gloo), ``max_steps`` optimizer steps, nothing written."""
+def two_process_trainer(max_steps: int, devices: int = 2, strategy: Any = "ddp") -> L.Trainer:
+    """Two CPU processes under DDP (gloo; or ``devices`` processes under ``strategy``),
+    ``max_steps`` optimizer steps, nothing written."""
     return L.Trainer(
         accelerator="cpu",
-        devices=2,
-        strategy="ddp",
+        devices=devices,
+        strategy=strategy,
         max_steps=max_steps,
         logger=False,
         enable_checkpointing=False,

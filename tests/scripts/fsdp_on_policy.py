@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from _ddp import two_process_trainer
 
 from lit_align.data import PromptDataModule, WordRulesTask
 from lit_align.data.tokenize import end_of_turn_ids
@@ -73,35 +74,19 @@ class FixedA2C(FixedCompletions, A2C):
     pass
 
 
+SHARED = {
+    "reward": LengthReward(),
+    "epochs": 2,
+    "generation": {"max_new_tokens": 6, "temperature": 1.0},
+    "optimizer": {"lr": 1e-2, "warmup_ratio": 0.0},
+}
 METHODS = {
-    # 4 samples per prompt, 2 epochs per rollout, a frozen reference copy for the KL term
-    "grpo": lambda: FixedGRPO(
-        reward=LengthReward(),
-        samples_per_prompt=4,
-        epochs=2,
-        kl={"beta": 0.04},
-        model={"reference": "copy"},
-        generation={"max_new_tokens": 6, "temperature": 1.0},
-        optimizer={"lr": 1e-2, "warmup_ratio": 0.0},
-    ),
+    # 4 samples per prompt, a frozen reference copy for the KL term
+    "grpo": lambda: FixedGRPO(samples_per_prompt=4, kl={"beta": 0.04}, model={"reference": "copy"}, **SHARED),
     # LoRA (frozen base and trainable adapters in one unit), the reference = adapters off
-    "grpo_lora": lambda: FixedGRPO(
-        reward=LengthReward(),
-        samples_per_prompt=4,
-        epochs=2,
-        kl={"beta": 0.04},
-        model={"lora": {"r": 4}},
-        generation={"max_new_tokens": 6, "temperature": 1.0},
-        optimizer={"lr": 1e-2, "warmup_ratio": 0.0},
-    ),
+    "grpo_lora": lambda: FixedGRPO(samples_per_prompt=4, kl={"beta": 0.04}, model={"lora": {"r": 4}}, **SHARED),
     # a value head (its own unit), two samples per prompt
-    "a2c": lambda: FixedA2C(
-        reward=LengthReward(),
-        samples_per_prompt=2,
-        epochs=2,
-        generation={"max_new_tokens": 6, "temperature": 1.0},
-        optimizer={"lr": 1e-2, "warmup_ratio": 0.0},
-    ),
+    "a2c": lambda: FixedA2C(samples_per_prompt=2, **SHARED),
 }
 
 
@@ -117,18 +102,8 @@ if __name__ == "__main__":
         task=WordRulesTask(num_train=24, num_val=8, rules=("first",)),
         cache_dir=str(folder / "cache"),
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=processes,
-        strategy={"single": "auto", "ddp": "ddp", "fsdp": FSDP2Strategy()}[mode],
-        max_steps=6,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    strategy = {"single": "auto", "ddp": "ddp", "fsdp": FSDP2Strategy()}[mode]
+    trainer = two_process_trainer(max_steps=6, devices=processes, strategy=strategy)
     trainer.fit(module, data)
     module.held_out_samples = []
     trainer.limit_val_batches = 1.0

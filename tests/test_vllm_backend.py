@@ -116,6 +116,16 @@ def test_greedy_held_out_evaluation_matches_hf():
     assert scores["hf"] == scores["vllm"]
 
 
+def test_heads_too_small_for_vllms_cpu_attention_are_refused_with_the_fix():
+    """The default tiny model's heads have 16 dimensions: one message naming the setting and the fix."""
+    from lit_align.errors import SettingError
+
+    module = GRPO(reward=LengthReward(), samples_per_prompt=2, generation={"backend": "vllm", "max_new_tokens": 2})
+    data = PromptDataModule(task=WordRulesTask(num_train=2, num_val=2), batch_size=2, max_length=32, use_cache=False)
+    with pytest.raises(SettingError, match=r"at least 32 dimensions.*have 16.*hidden_size: 128, num_heads: 4"):
+        quiet_trainer(max_steps=1, limit_val_batches=0).fit(module, datamodule=data)
+
+
 ON_POLICY_CONFIGS = [
     *("reinforce", "rloo", "grpo", "ppo", "a2c", "trpo", "online_dpo"),
     *("grpo_arithmetic", "grpo_dapo", "grpo_dr", "grpo_gspo", "grpo_cispo", "reinforce_pp"),

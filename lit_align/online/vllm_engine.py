@@ -81,6 +81,7 @@ class VLLMEngine:
                 "generation.vllm.sleep",
                 f"generation.vllm.sleep needs a CUDA device (the policy is on {device.type}); set it false",
             )
+        check_head_dim(policy, device)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: weights by reference
         options: dict[str, Any] = {}
         if settings.kv_cache_gib is not None:
@@ -192,6 +193,22 @@ def token_logps(completion: Any) -> list[float]:
         entry[token].logprob if token in entry else next(iter(entry.values())).logprob
         for token, entry in zip(completion.token_ids, completion.logprobs or [], strict=False)
     ]
+
+
+def check_head_dim(policy: torch.nn.Module, device: torch.device) -> None:
+    """vLLM's CPU attention takes heads of 32 dimensions and more: a smaller one is refused here,
+    with the fix, rather than deep inside the engine's kernels."""
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    config = base.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if device.type == "cpu" and head_dim < 32:
+        raise SettingError(
+            None,
+            "generation.backend",
+            f"generation.backend vllm on CPU needs attention heads of at least 32 dimensions, and the policy's have "
+            f"{head_dim} (hidden_size {config.hidden_size} / {config.num_attention_heads} heads); for the built-in "
+            "tiny model set model.tiny: {hidden_size: 128, num_heads: 4}, or use generation.backend hf",
+        )
 
 
 def write_model_folder(policy: torch.nn.Module, tokenizer, folder: Path) -> None:

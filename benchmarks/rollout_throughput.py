@@ -31,8 +31,8 @@ from transformers import GenerationConfig, LogitsProcessorList  # noqa: E402
 
 from lit_align.data import ArithmeticTask  # noqa: E402
 from lit_align.model.loading import load_causal_lm, load_tokenizer  # noqa: E402
-from lit_align.online.rollout import SampledTokenLogps  # noqa: E402
-from lit_align.online.vllm_engine import VLLMEngine, VLLMSettings  # noqa: E402
+from lit_align.online.rollout import SampledTokenLogps, VLLMSettings  # noqa: E402
+from lit_align.online.vllm_engine import VLLMEngine  # noqa: E402
 from lit_align.settings import ModelSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,14 +14,13 @@ from conftest import quiet_trainer
 from lit_align.data import PromptDataModule, WordRulesTask
 from lit_align.errors import SettingError
 from lit_align.losses.sampler_correction import (
-    SamplerCorrection,
     masked_importance_weights,
     sampler_mismatch,
     truncated_importance_weights,
 )
 from lit_align.methods import GRPO, PPO, OnlineDPO
 from lit_align.online.rewards import RewardFunction
-from lit_align.online.rollout import SampledTokenLogps, place_completion_values
+from lit_align.online.rollout import SampledTokenLogps, SamplerCorrection, place_completion_values
 
 # Three tokens, the last off the mask: trainer log-probs (-1, -2, -3), sampler (-1.5, -1.9, -9).
 TRAINER = torch.tensor([[-1.0, -2.0, -3.0]])
@@ -181,16 +180,25 @@ def test_vllm_backend_without_vllm_says_how_to_install(monkeypatch):
         trainer.fit(module, datamodule=prompts(2))
 
 
-def test_vllm_backend_under_fsdp2_is_refused_before_training():
+def test_vllm_backend_under_fsdp2_is_refused_before_training(monkeypatch):
     """FSDP2 shards the weights the engine would need whole at every rollout: refused at fit start
-    with the alternatives (checked with one process; nothing is sampled)."""
+    with the alternatives (checked with one process; nothing is sampled). The one-process group it
+    starts is torn down and the rendezvous variables Lightning sets are put back, or the two-process
+    tests run after it would inherit this process's port and fail to bind it."""
     from lightning import Trainer
 
     from lit_align.runtime.strategies import FSDP2Strategy
 
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.setenv(name, "0")  # recorded as they were, restored after the test
+        monkeypatch.delenv(name)
     module = GRPO(reward=LengthReward(), samples_per_prompt=2, generation={"backend": "vllm", "max_new_tokens": 2})
     trainer = Trainer(
         accelerator="cpu", devices=1, strategy=FSDP2Strategy(), max_steps=1, logger=False, enable_progress_bar=False
     )
-    with pytest.raises(SettingError, match=r"generation.backend vllm is not wired to FSDP2.*backend hf.*DDP"):
-        trainer.fit(module, datamodule=prompts(2))
+    try:
+        with pytest.raises(SettingError, match=r"generation.backend vllm is not wired to FSDP2.*backend hf.*DDP"):
+            trainer.fit(module, datamodule=prompts(2))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -18,13 +18,11 @@ min(r A, clip(r) A), and w >= 0, so weighting the term equals weighting the toke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Callable, Literal
+from typing import Callable
 
 import torch
 
 from lit_align.losses.policy_gradient import masked_mean
-from lit_align.settings import Range
 
 
 def importance_ratio(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor) -> torch.Tensor:
@@ -86,17 +84,3 @@ def sampler_mismatch(
         "max_ratio": ratio[mask].max(),
         "min_ratio": ratio[mask].min(),
     }
-
-
-@dataclass
-class SamplerCorrection:
-    """Importance weights for the sampler/trainer mismatch (Yao et al. 2025), per token."""
-
-    kind: Literal["tis", "mis"] = "tis"
-    """``tis``: truncated IS, min(rho, cap); ``mis``: masked IS, rho where rho <= cap, else 0."""
-    cap: Annotated[float, Range(1)] = 2.0
-    """C, the largest ratio kept (Yao et al. use 2)."""
-
-    def weights(self, trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``[N, T]`` weights w_t of :data:`SAMPLER_CORRECTIONS` ``[kind]``."""
-        return SAMPLER_CORRECTIONS[self.kind](trainer_logps, sampler_logps, mask, self.cap)

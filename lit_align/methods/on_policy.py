@@ -37,16 +37,18 @@ from lit_align.losses.policy_gradient import (
     explained_variance,
     masked_mean,
 )
-from lit_align.losses.sampler_correction import SamplerCorrection, sampler_mismatch
+from lit_align.losses.sampler_correction import sampler_mismatch
 from lit_align.losses.sft import completion_nll
 from lit_align.methods.alignment import AlignmentModule
 from lit_align.methods.running import RunningMoments
 from lit_align.model.logprobs import SequenceLogps
 from lit_align.model.reference import resolve_reference
+from lit_align.model.sharding import fully_shard_on_policy
 from lit_align.online.generation_backends import GENERATION_BACKENDS
 from lit_align.online.kl_control import KLPenalty
 from lit_align.online.rewards import RewardFunction, reward_parts, score_completions
-from lit_align.online.rollout import GenerationSettings, Rollout
+from lit_align.online.rollout import GenerationSettings, Rollout, SamplerCorrection
+from lit_align.runtime.strategies import FSDP2Strategy
 from lit_align.runtime.trainer import distributed
 from lit_align.settings import (
     Count,
@@ -240,11 +242,9 @@ class OnPolicyModule(AlignmentModule):
     # ---- rollout -----------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Under :class:`lit_align.runtime.strategies.FSDP2Strategy` (which sets the device mesh),
-        shard with FSDP2 (:func:`lit_align.runtime.strategies.fully_shard_on_policy`)."""
+        shard with FSDP2 (:func:`lit_align.model.sharding.fully_shard_on_policy`)."""
         mesh = getattr(self, "_device_mesh", None)
         if mesh is not None:
-            from lit_align.runtime.strategies import fully_shard_on_policy
-
             fully_shard_on_policy(self, mesh["data_parallel"])
 
     def on_fit_start(self) -> None:
@@ -260,8 +260,6 @@ class OnPolicyModule(AlignmentModule):
                 "backward passes there); use lit_align.runtime.strategies.FSDP2Strategy "
                 "(configs/strategies/fsdp2.yaml), DDP (configs/strategies/ddp.yaml) or one device",
             )
-        from lit_align.runtime.strategies import FSDP2Strategy
-
         if isinstance(self.trainer.strategy, FSDP2Strategy) and self.generation.backend != "hf":
             raise SettingError(
                 None,

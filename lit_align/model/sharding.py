@@ -9,6 +9,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from lit_align.errors import SettingError
+from lit_align.model.logprobs import chunked_label_logps
+from lit_align.runtime.strategies import decoder_layer_classes
+
 
 def decoder_of(model: nn.Module) -> nn.Module:
     """The decoder stack (embeddings, layers, final norm) of a plain or peft-wrapped causal LM,
@@ -52,3 +56,46 @@ def head_parameters(module: nn.Module, dtype: torch.dtype | None = None) -> tupl
         if bias is not None:
             bias = bias.detach().to(dtype, copy=True) if dtype is not None else bias.detach().clone()
         return weight, bias
+
+
+def fully_shard_on_policy(module: nn.Module, mesh) -> None:
+    """Shard an on-policy module with FSDP2 over ``mesh``. Each model (the policy, a reference
+    copy) gets a unit per decoder layer inside a unit for its decoder stack (embeddings, final
+    norm), and a unit for its LM head; any other trainable module (a value head) is a unit of its
+    own. Each of those is called as a module (its forward gathers and frees its shards; backward
+    reduce-scatters its gradients), but the chunked log-probs read the LM head's weight directly:
+    they run as the head's registered forward method ``fsdp_label_logps`` (so the same hooks run).
+    A head tied to its embeddings would sit in two units: refused."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    if any(isinstance(m, FSDPModule) for m in module.modules()):
+        return  # Lightning calls configure_model again for each later stage (validate after fit)
+
+    def label_logps(head, hidden, labels, chunk_size):
+        return chunked_label_logps(hidden, head.weight, labels, head.bias, chunk_size=chunk_size)
+
+    backbone = module.backbone
+    models = [backbone.policy] + ([backbone.reference] if getattr(backbone, "reference", None) is not None else [])
+    covered: set[int] = set()
+    for model in models:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = base.get_output_embeddings()
+        if head.weight is base.get_input_embeddings().weight:
+            raise SettingError(
+                None,
+                "trainer.strategy",
+                f"FSDP2Strategy: {type(base).__name__} ties its LM head to its input embeddings (one weight in two "
+                "units); not supported yet: use DDP (configs/strategies/ddp.yaml)",
+            )
+        layers = decoder_layer_classes(model)
+        for layer in [m for m in model.modules() if isinstance(m, layers)]:
+            fully_shard(layer, mesh=mesh)
+        decoder = decoder_of(model)
+        fully_shard(decoder, mesh=mesh)
+        fully_shard(head, mesh=mesh)
+        head.fsdp_label_logps = label_logps.__get__(head)
+        register_fsdp_forward_method(head, "fsdp_label_logps")
+        covered.update(id(p) for p in model.parameters())
+    for child in module.children():
+        if child is not backbone and any(p.requires_grad and id(p) not in covered for p in child.parameters()):
+            fully_shard(child, mesh=mesh)

@@ -14,8 +14,8 @@ import torch
 
 from lit_align.data.tokenize import end_of_turn_ids
 from lit_align.errors import SettingError
-from lit_align.online.rollout import GenerationSettings, Sampled, sample_completions
-from lit_align.online.vllm_engine import VLLMEngine, VLLMSettings
+from lit_align.online.rollout import GenerationSettings, Sampled, VLLMSettings, sample_completions
+from lit_align.online.vllm_engine import VLLMEngine
 from lit_align.settings import as_settings
 
 

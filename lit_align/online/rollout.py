@@ -25,8 +25,42 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from lit_align.data.labels import IGNORE_INDEX, shift_labels
 from lit_align.data.packing import at_positions
 from lit_align.data.tokenize import end_of_turn_ids
-from lit_align.online.vllm_engine import VLLMSettings
-from lit_align.settings import Count, NonNegative, NonNegativeInt, Range
+from lit_align.losses.sampler_correction import SAMPLER_CORRECTIONS
+from lit_align.settings import Count, NonNegative, NonNegativeInt, Positive, Range
+
+
+@dataclass
+class VLLMSettings:
+    """The vLLM engine of ``generation.backend: vllm``."""
+
+    gpu_memory_utilization: Annotated[float, Range(0, 1, low_open=True)] = 0.3
+    """Fraction of the GPU's memory the engine may take (weights + KV cache); the rest stays with
+    training. On CPU vLLM reads it as the fraction of the machine's memory to reserve (and refuses
+    to start when that much is not free); the KV cache is sized by ``kv_cache_gib``."""
+    kv_cache_gib: Optional[Positive] = None
+    """KV-cache space in GiB (on CPU: ``VLLM_CPU_KVCACHE_SPACE``; on a GPU it overrides
+    ``gpu_memory_utilization`` for the cache). Null: vLLM's choice."""
+    max_model_len: Optional[Count] = None
+    """Longest prompt + completion the engine accepts (null: the model's context length)."""
+    enforce_eager: bool = True
+    """Run without CUDA graphs / compilation (needed on CPU; false on a GPU for speed)."""
+    sleep: bool = False
+    """Put the engine to sleep between rollouts (level 1: weights offloaded, KV cache freed) so the
+    update has the GPU's memory, and wake it for the next rollout. CUDA only."""
+
+
+@dataclass
+class SamplerCorrection:
+    """Importance weights for the sampler/trainer mismatch (Yao et al. 2025), per token."""
+
+    kind: Literal["tis", "mis"] = "tis"
+    """``tis``: truncated IS, min(rho, cap); ``mis``: masked IS, rho where rho <= cap, else 0."""
+    cap: Annotated[float, Range(1)] = 2.0
+    """C, the largest ratio kept (Yao et al. use 2)."""
+
+    def weights(self, trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[N, T]`` weights w_t of :data:`SAMPLER_CORRECTIONS` ``[kind]``."""
+        return SAMPLER_CORRECTIONS[self.kind](trainer_logps, sampler_logps, mask, self.cap)
 
 
 @dataclass

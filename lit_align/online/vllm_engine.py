@@ -24,37 +24,19 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import Any
 
 import torch
 
 from lit_align.errors import SettingError
-from lit_align.settings import Count, Positive, Range
-
-if TYPE_CHECKING:
-    from lit_align.online.rollout import GenerationSettings, Sampled
-
-
-@dataclass
-class VLLMSettings:
-    """The vLLM engine of ``generation.backend: vllm``."""
-
-    gpu_memory_utilization: Annotated[float, Range(0, 1, low_open=True)] = 0.3
-    """Fraction of the GPU's memory the engine may take (weights + KV cache); the rest stays with
-    training. On CPU vLLM reads it as the fraction of the machine's memory to reserve (and refuses
-    to start when that much is not free); the KV cache is sized by ``kv_cache_gib``."""
-    kv_cache_gib: Optional[Positive] = None
-    """KV-cache space in GiB (on CPU: ``VLLM_CPU_KVCACHE_SPACE``; on a GPU it overrides
-    ``gpu_memory_utilization`` for the cache). Null: vLLM's choice."""
-    max_model_len: Optional[Count] = None
-    """Longest prompt + completion the engine accepts (null: the model's context length)."""
-    enforce_eager: bool = True
-    """Run without CUDA graphs / compilation (needed on CPU; false on a GPU for speed)."""
-    sleep: bool = False
-    """Put the engine to sleep between rollouts (level 1: weights offloaded, KV cache freed) so the
-    update has the GPU's memory, and wake it for the next rollout. CUDA only."""
+from lit_align.online.rollout import (
+    GenerationSettings,
+    Sampled,
+    VLLMSettings,
+    completion_batch,
+    place_completion_values,
+)
 
 
 class VLLMEngine:
@@ -145,17 +127,15 @@ class VLLMEngine:
         self,
         prompt_ids: torch.Tensor,
         prompt_mask: torch.Tensor,
-        generation: "GenerationSettings",
+        generation: GenerationSettings,
         samples: int,
         temperature: float,
         stops: list[int],
         pad_id: int,
-    ) -> "Sampled":
+    ) -> Sampled:
         """``samples`` completions per left-padded prompt, laid out as the ``hf`` backend lays them
         (:func:`lit_align.online.rollout.completion_batch`), with the engine's log-probs."""
         from vllm import SamplingParams
-
-        from lit_align.online.rollout import Sampled, completion_batch, place_completion_values
 
         self.wake()
         sampling = temperature > 0

@@ -233,8 +233,9 @@ class FSDP2Strategy(ModelParallelStrategy):
     own and runs hooks per module, so any number of forward/backward pairs inside a step work, a
     unit may mix frozen and trainable parameters (LoRA), and nothing is flattened.
 
-    The module shards itself in ``configure_model`` (:func:`fully_shard_on_policy`). Runs on CPU
-    with gloo (tests) as on GPUs. Checkpoints are Lightning's distributed checkpoint folders.
+    The module shards itself in ``configure_model``
+    (:func:`lit_align.model.sharding.fully_shard_on_policy`). Runs on CPU with gloo (tests) as on
+    GPUs. Checkpoints are Lightning's distributed checkpoint folders.
     """
 
     strategy_name = "lit_align_fsdp2"
@@ -257,49 +258,3 @@ class FSDP2Strategy(ModelParallelStrategy):
                 "lit_align.runtime.strategies.FSDPStrategy (configs/strategies/fsdp.yaml)",
             )
         super().setup(trainer)
-
-
-def fully_shard_on_policy(module: nn.Module, mesh) -> None:
-    """Shard an on-policy module with FSDP2 over ``mesh``. Each model (the policy, a reference
-    copy) gets a unit per decoder layer inside a unit for its decoder stack (embeddings, final
-    norm), and a unit for its LM head; any other trainable module (a value head) is a unit of its
-    own. Each of those is called as a module (its forward gathers and frees its shards; backward
-    reduce-scatters its gradients), but the chunked log-probs read the LM head's weight directly:
-    they run as the head's registered forward method ``fsdp_label_logps`` (so the same hooks run).
-    A head tied to its embeddings would sit in two units: refused."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-
-    if any(isinstance(m, FSDPModule) for m in module.modules()):
-        return  # Lightning calls configure_model again for each later stage (validate after fit)
-
-    from lit_align.model.logprobs import chunked_label_logps
-    from lit_align.model.sharding import decoder_of
-
-    def label_logps(head, hidden, labels, chunk_size):
-        return chunked_label_logps(hidden, head.weight, labels, head.bias, chunk_size=chunk_size)
-
-    backbone = module.backbone
-    models = [backbone.policy] + ([backbone.reference] if getattr(backbone, "reference", None) is not None else [])
-    covered: set[int] = set()
-    for model in models:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        head = base.get_output_embeddings()
-        if head.weight is base.get_input_embeddings().weight:
-            raise SettingError(
-                None,
-                "trainer.strategy",
-                f"FSDP2Strategy: {type(base).__name__} ties its LM head to its input embeddings (one weight in two "
-                "units); not supported yet: use DDP (configs/strategies/ddp.yaml)",
-            )
-        layers = decoder_layer_classes(model)
-        for layer in [m for m in model.modules() if isinstance(m, layers)]:
-            fully_shard(layer, mesh=mesh)
-        decoder = decoder_of(model)
-        fully_shard(decoder, mesh=mesh)
-        fully_shard(head, mesh=mesh)
-        head.fsdp_label_logps = label_logps.__get__(head)
-        register_fsdp_forward_method(head, "fsdp_label_logps")
-        covered.update(id(p) for p in model.parameters())
-    for child in module.children():
-        if child is not backbone and any(p.requires_grad and id(p) not in covered for p in child.parameters()):
-            fully_shard(child, mesh=mesh)

@@ -425,7 +425,9 @@ def run_worker(args, framework: str, workdir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------- 3. report
-def report(args, runs: list[dict]) -> None:
+def framework_medians(runs: list[dict]) -> list[dict]:
+    """Per framework (lit-align, then TRL), the medians of its workers' results (``report_worker``
+    lines): step time, peak RSS, training peak above the first step, CPU time, and per-run values."""
     med, rows = statistics.median, []
     for fw in FRAMEWORKS:
         mine = [r for r in runs if r["framework"] == fw]
@@ -442,6 +444,11 @@ def report(args, runs: list[dict]) -> None:
                 "per_run_other_cores": " ".join(f"{r['other_cores']:.2f}" for r in mine),
             }
         )
+    return rows
+
+
+def report(args, runs: list[dict]) -> None:
+    rows = framework_medians(runs)
     for row, key in (
         (row, key)
         for row in rows

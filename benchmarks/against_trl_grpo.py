@@ -54,7 +54,15 @@ from pathlib import Path
 
 from _common import MIB, run_worker
 from _report import report
-from against_trl import QUIET, StepTimer, add_run_args, report_worker, timed_trainer, wait_for_quiet
+from against_trl import (
+    QUIET,
+    StepTimer,
+    add_run_args,
+    framework_medians,
+    report_worker,
+    timed_trainer,
+    wait_for_quiet,
+)
 
 HERE = Path(__file__).resolve().parent
 FRAMEWORKS = ("lit-align", "trl")
@@ -486,21 +494,21 @@ def worker(args) -> None:
 
 # ---------------------------------------------------------------------------- 3. report
 def summarise(args, runs: list[dict]) -> list[dict]:
-    med, out = statistics.median, []
-    for fw in FRAMEWORKS:
-        mine = [r for r in runs if r["framework"] == fw]
+    out = []
+    for row in framework_medians(runs):
+        mine = [r for r in runs if r["framework"] == row["framework"]]
         out.append(
             {
-                "framework": fw,
-                "step": med([s for r in mine for s in r["wall"]]),
-                "peak": med([r["peak_rss"] for r in mine]) / MIB,
-                "train_peak": med([r["train_peak"] - r["setup_rss"] for r in mine]) / MIB,
-                "cpu": med([s for r in mine for s in r["cpu"]]),
-                "first_rss": med([r["setup_rss"] for r in mine]) / MIB,
-                "tokens": med([r["completion_tokens"] for r in mine]),
-                "runs_step": " ".join(f"{med(r['wall']):.3f}" for r in mine),
-                "runs_peak": " ".join(f"{r['peak_rss'] / MIB:.0f}" for r in mine),
-                "runs_other": " ".join(f"{r['other_cores']:.2f}" for r in mine),
+                "framework": row["framework"],
+                "step": row["median_step_s"],
+                "peak": row["peak_rss_mib"],
+                "train_peak": row["train_peak_above_first_step_mib"],
+                "cpu": row["median_step_cpu_s"],
+                "first_rss": row["rss_at_first_step_mib"],
+                "tokens": statistics.median([r["completion_tokens"] for r in mine]),
+                "runs_step": row["per_run_median_step_s"],
+                "runs_peak": row["per_run_peak_rss_mib"],
+                "runs_other": row["per_run_other_cores"],
             }
         )
     for row in out:

@@ -37,7 +37,7 @@ from lit_align.losses.policy_gradient import (
     explained_variance,
     masked_mean,
 )
-from lit_align.losses.sampler_correction import sampler_mismatch
+from lit_align.losses.sampler_correction import importance_ratio, sampler_mismatch
 from lit_align.losses.sft import completion_nll
 from lit_align.methods.alignment import AlignmentModule
 from lit_align.methods.running import RunningMoments
@@ -410,13 +410,12 @@ class OnPolicyModule(AlignmentModule):
         weights = self.sampler_correction.weights(rollout.old_logps, rollout.sampler_logps, rollout.mask)
         rollout.advantages = rollout.advantages * weights
         mask = rollout.mask
+        bounded = (importance_ratio(rollout.old_logps, rollout.sampler_logps) > self.sampler_correction.cap).float()
         self.log_metrics(
             "train",
             {
                 "sampler_correction/weight": masked_mean(weights, mask)[None],
-                "sampler_correction/bounded_fraction": masked_mean(
-                    (torch.exp(rollout.old_logps - rollout.sampler_logps) > self.sampler_correction.cap).float(), mask
-                )[None],
+                "sampler_correction/bounded_fraction": masked_mean(bounded, mask)[None],
             },
             batch_size=rollout.size,
         )

@@ -46,22 +46,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    for name, default, text in (
-        ("hidden", 256, "hidden size"),
-        ("layers", 4, "decoder layers"),
-        ("heads", 4, "attention heads"),
-        ("intermediate", 1024, "MLP width"),
-        ("vocab", 32000, "padded vocabulary (TinyModel.vocab_size)"),
-        ("seq", 256, "tokens per row: seq/2 prompt + seq/2 response incl. EOS"),
-        ("batch", 4, "pairs per step (2x rows)"),
-        ("parity-pairs", 8, "pairs in the parity batch"),
-        ("warmup", 2, "steps dropped before timing"),
-        ("steps", 10, "timed steps per worker"),
-        ("repeats", 2, "fresh processes per framework, alternating"),
-        ("chunk", 1024, "lit-align logp_chunk_size (its default)"),
-        ("threads", 2, "OMP_NUM_THREADS of the workers"),
-    ):
-        p.add_argument(f"--{name}", type=int, default=default, help=text)
+    add_int_args(
+        p,
+        (
+            *MODEL_SHAPE_ARGS,
+            ("seq", 256, "tokens per row: seq/2 prompt + seq/2 response incl. EOS"),
+            ("batch", 4, "pairs per step (2x rows)"),
+            ("parity-pairs", 8, "pairs in the parity batch"),
+            *timing_args(warmup=2, steps=10),
+        ),
+    )
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--beta", type=float, default=0.1)
     add_run_args(p, quick="smoke run: small model, few steps, 1 repeat")
@@ -70,6 +64,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.hidden, args.layers, args.intermediate, args.vocab, args.seq = 64, 2, 128, 4096, 64
         args.warmup, args.steps, args.repeats = 1, 3, 1
     return args
+
+
+MODEL_SHAPE_ARGS = (
+    ("hidden", 256, "hidden size"),
+    ("layers", 4, "decoder layers"),
+    ("heads", 4, "attention heads"),
+    ("intermediate", 1024, "MLP width"),
+    ("vocab", 32000, "padded vocabulary (TinyModel.vocab_size)"),
+)
+"""(option, default, help) of the model's shape, the same in every against-TRL benchmark."""
+
+
+def timing_args(warmup: int, steps: int) -> tuple[tuple[str, int, str], ...]:
+    """(option, default, help) of how a worker is timed and run, with this benchmark's defaults."""
+    return (
+        ("warmup", warmup, "steps dropped before timing"),
+        ("steps", steps, "timed steps per worker"),
+        ("repeats", 2, "fresh processes per framework, alternating"),
+        ("chunk", 1024, "lit-align logp_chunk_size (its default)"),
+        ("threads", 2, "OMP_NUM_THREADS of the workers"),
+    )
+
+
+def add_int_args(p: argparse.ArgumentParser, rows) -> None:
+    """One integer option per (name, default, help) row."""
+    for name, default, text in rows:
+        p.add_argument(f"--{name}", type=int, default=default, help=text)
 
 
 def add_run_args(p: argparse.ArgumentParser, quick: str) -> None:

@@ -55,12 +55,15 @@ from pathlib import Path
 from _common import MIB, run_worker
 from _report import report
 from against_trl import (
+    MODEL_SHAPE_ARGS,
     QUIET,
     StepTimer,
+    add_int_args,
     add_run_args,
     framework_medians,
     report_worker,
     timed_trainer,
+    timing_args,
     wait_for_quiet,
 )
 
@@ -76,24 +79,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    for name, default, text in (
-        ("hidden", 256, "hidden size"),
-        ("layers", 4, "decoder layers"),
-        ("heads", 4, "attention heads"),
-        ("intermediate", 1024, "MLP width"),
-        ("vocab", 32000, "padded vocabulary (TinyModel.vocab_size)"),
-        ("prompts", 4, "prompts per step"),
-        ("samples", 8, "completions per prompt (group size)"),
-        ("max-new-tokens", 64, "completion length (every completion is exactly this long)"),
-        ("parity-prompts", 3, "prompts of the parity rollout"),
-        ("parity-samples", 4, "completions per prompt of the parity rollout"),
-        ("warmup", 1, "steps dropped before timing"),
-        ("steps", 5, "timed steps per worker"),
-        ("repeats", 2, "fresh processes per framework, alternating"),
-        ("chunk", 1024, "lit-align logp_chunk_size (its default)"),
-        ("threads", 2, "OMP_NUM_THREADS of the workers"),
-    ):
-        p.add_argument(f"--{name}", type=int, default=default, help=text)
+    add_int_args(
+        p,
+        (
+            *MODEL_SHAPE_ARGS,
+            ("prompts", 4, "prompts per step"),
+            ("samples", 8, "completions per prompt (group size)"),
+            ("max-new-tokens", 64, "completion length (every completion is exactly this long)"),
+            ("parity-prompts", 3, "prompts of the parity rollout"),
+            ("parity-samples", 4, "completions per prompt of the parity rollout"),
+            *timing_args(warmup=1, steps=5),
+        ),
+    )
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient of the timed runs (0: no reference)")
     p.add_argument("--epsilon", type=float, default=0.2, help="clip range of the ratio (both sides)")

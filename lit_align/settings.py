@@ -86,6 +86,9 @@ class TinyModel:
     embedding (used by the memory benchmarks to mimic 32k/128k vocabularies)."""
     seed: Seed = 0
     """Seed of the random initialisation (the same seed gives the same weights)."""
+    tie_word_embeddings: bool = False
+    """One matrix for the input embeddings and the LM head, as SmolLM2 and Qwen2.5's small models
+    have (the code paths that treat a tied head differently: FSDP2 units, reward-model heads)."""
 
     def __post_init__(self) -> None:
         if (

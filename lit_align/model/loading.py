@@ -164,6 +164,7 @@ def _build_tiny(settings: ModelSettings, tokenizer: PreTrainedTokenizerBase, dty
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tiny.tie_word_embeddings,
     )
     config._attn_implementation = settings.attn_implementation or "sdpa"
     with torch.random.fork_rng(devices=[]):

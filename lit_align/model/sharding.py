@@ -9,7 +9,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from lit_align.errors import SettingError
 from lit_align.model.logprobs import chunked_label_logps
 from lit_align.runtime.strategies import decoder_layer_classes
 
@@ -65,37 +64,92 @@ def fully_shard_on_policy(module: nn.Module, mesh) -> None:
     own. Each of those is called as a module (its forward gathers and frees its shards; backward
     reduce-scatters its gradients), but the chunked log-probs read the LM head's weight directly:
     they run as the head's registered forward method ``fsdp_label_logps`` (so the same hooks run).
-    A head tied to its embeddings would sit in two units: refused."""
+
+    A head tied to its input embeddings (SmolLM2, Qwen2.5's small models) is one weight that two
+    units would each shard: there the whole causal LM is the unit around the layers' units
+    (embeddings = head, final norm), and the decoder stack, the log-probs and the head's logits run
+    as its registered forward methods ``fsdp_hidden_states``, ``fsdp_label_logps`` and
+    ``fsdp_head_logits`` (:func:`hidden_states_of`, :func:`sharded_label_logps`,
+    :func:`head_logits_of`); ``generate`` calls the causal LM itself, whose forward gathers it."""
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     if any(isinstance(m, FSDPModule) for m in module.modules()):
         return  # Lightning calls configure_model again for each later stage (validate after fit)
 
-    def label_logps(head, hidden, labels, chunk_size):
+    def label_logps(unit, hidden, labels, chunk_size):
+        head = head_of(unit)
         return chunked_label_logps(hidden, head.weight, labels, head.bias, chunk_size=chunk_size)
+
+    def decoder_hidden_states(unit, **inputs):
+        return unit.get_decoder()(**inputs).last_hidden_state
+
+    def head_logits(unit, hidden):
+        return head_of(unit)(hidden)
 
     backbone = module.backbone
     models = [backbone.policy] + ([backbone.reference] if getattr(backbone, "reference", None) is not None else [])
     covered: set[int] = set()
     for model in models:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        head = base.get_output_embeddings()
-        if head.weight is base.get_input_embeddings().weight:
-            raise SettingError(
-                None,
-                "trainer.strategy",
-                f"FSDP2Strategy: {type(base).__name__} ties its LM head to its input embeddings (one weight in two "
-                "units); not supported yet: use DDP (configs/strategies/ddp.yaml)",
-            )
+        head = head_of(base)
         layers = decoder_layer_classes(model)
         for layer in [m for m in model.modules() if isinstance(m, layers)]:
             fully_shard(layer, mesh=mesh)
-        decoder = decoder_of(model)
-        fully_shard(decoder, mesh=mesh)
-        fully_shard(head, mesh=mesh)
-        head.fsdp_label_logps = label_logps.__get__(head)
-        register_fsdp_forward_method(head, "fsdp_label_logps")
+        if head.weight is base.get_input_embeddings().weight:
+            fully_shard(base, mesh=mesh)
+            base.fsdp_hidden_states = decoder_hidden_states.__get__(base)
+            base.fsdp_head_logits = head_logits.__get__(base)
+            register_fsdp_forward_method(base, "fsdp_hidden_states")
+            register_fsdp_forward_method(base, "fsdp_head_logits")
+            logps_unit = base
+        else:
+            fully_shard(decoder_of(model), mesh=mesh)
+            fully_shard(head, mesh=mesh)
+            logps_unit = head
+        logps_unit.fsdp_label_logps = label_logps.__get__(logps_unit)
+        register_fsdp_forward_method(logps_unit, "fsdp_label_logps")
         covered.update(id(p) for p in model.parameters())
     for child in module.children():
         if child is not backbone and any(p.requires_grad and id(p) not in covered for p in child.parameters()):
             fully_shard(child, mesh=mesh)
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    """The output embedding (LM head) of a plain or peft-wrapped causal LM, or the module itself
+    when it has none (it is a head)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else base
+
+
+def _logps_unit(model: nn.Module) -> nn.Module | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for unit in (base, head_of(base)):
+        if hasattr(unit, "fsdp_label_logps"):
+            return unit
+    return None
+
+
+def sharded_label_logps(model: nn.Module):
+    """``(hidden, labels, chunk_size) -> log-probs`` through the FSDP2 unit that holds ``model``'s LM
+    head (its own, or the causal LM's when the head is tied), so the unit's hooks gather the
+    weight; None when FSDP2 does not shard ``model`` (read the head's weights directly)."""
+    unit = _logps_unit(model)
+    return None if unit is None else unit.fsdp_label_logps
+
+
+def hidden_states_of(model: nn.Module, inputs: dict) -> torch.Tensor:
+    """The last hidden states of the decoder stack of ``model`` (plain or peft-wrapped) for the
+    forward ``inputs``: through the causal LM's registered forward method when FSDP2 shards it
+    as one unit (tied head), else by calling the stack (its own unit, if any, gathers it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "fsdp_hidden_states"):
+        return base.fsdp_hidden_states(**inputs)
+    return decoder_of(model)(**inputs).last_hidden_state
+
+
+def head_logits_of(model: nn.Module):
+    """``hidden -> logits`` of ``model``'s LM head (plain or peft-wrapped): the head called as a
+    module (an FSDP2 unit of its own gathers itself), or through the causal LM's registered forward
+    method when FSDP2 shards the causal LM as one unit (tied head)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.fsdp_head_logits if hasattr(base, "fsdp_head_logits") else head_of(base)

@@ -52,6 +52,7 @@ def tiny_llama_config(
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    tie_word_embeddings: bool = False,
 ) -> LlamaConfig:
     """A small Llama configuration for tests and the default run (about 0.1M parameters)."""
     return LlamaConfig(
@@ -65,5 +66,5 @@ def tiny_llama_config(
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )

@@ -1,7 +1,7 @@
 """On-policy training under FSDP2 against one process or DDP; used by tests/test_distributed.py.
 
-An on-policy method (``METHODS``: GRPO with a frozen reference copy, GRPO with LoRA, A2C with its
-value head; 2 epochs over each rollout, so two backward passes per training step) on 8 prompts per
+An on-policy method (``METHODS``: GRPO with a frozen reference copy, the same with an LM head tied
+to the embeddings, GRPO with LoRA, A2C with its value head; 2 epochs over each rollout, so two backward passes per training step) on 8 prompts per
 step: one process x 8 (``single``), or two processes (gloo, CPU) x 4 under DDP (``ddp``) or
 :class:`lit_align.runtime.strategies.FSDP2Strategy` (``fsdp``). Training completions are fixed: a
 function of the prompt, the sample's index and the policy's version, drawn the same on any
@@ -10,7 +10,7 @@ evaluation generates greedily with the (sharded) policy itself. Rank 0 writes
 ``<method>_<mode>.json`` into FOLDER: the per-step training losses (averaged over processes) and
 the held-out score.
 
-    python tests/scripts/fsdp_on_policy.py FOLDER single|ddp|fsdp grpo|grpo_lora|a2c
+    python tests/scripts/fsdp_on_policy.py FOLDER single|ddp|fsdp grpo|grpo_tied|grpo_lora|a2c
 """
 
 import json
@@ -83,6 +83,13 @@ SHARED = {
 METHODS = {
     # 4 samples per prompt, a frozen reference copy for the KL term
     "grpo": lambda: FixedGRPO(samples_per_prompt=4, kl={"beta": 0.04}, model={"reference": "copy"}, **SHARED),
+    # an LM head tied to the embeddings (as SmolLM2's): the causal LM is the unit around the layers
+    "grpo_tied": lambda: FixedGRPO(
+        samples_per_prompt=4,
+        kl={"beta": 0.04},
+        model={"reference": "copy", "tiny": {"tie_word_embeddings": True}},
+        **SHARED,
+    ),
     # LoRA (frozen base and trainable adapters in one unit), the reference = adapters off
     "grpo_lora": lambda: FixedGRPO(samples_per_prompt=4, kl={"beta": 0.04}, model={"lora": {"r": 4}}, **SHARED),
     # a value head (its own unit), two samples per prompt

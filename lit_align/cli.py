@@ -108,7 +108,8 @@ class LitAlignCLI(LightningCLI):
             "--validate_before_fit",
             type=bool,
             default=True,
-            help="Run the held-out set once before training so the log shows where accuracy starts.",
+            help="Run the held-out set once before training so the log shows where accuracy starts (not when"
+            " resuming from --ckpt_path: the run that wrote the checkpoint logged its score).",
         )
         parser.add_argument(
             "--samples",
@@ -224,6 +225,11 @@ class LitAlignCLI(LightningCLI):
                 # FSDP flattens the module's parameters in place: a wrapper built for validate
                 # leaves them sharded for the one fit builds; the first validation of fit shows the start
                 print("validate_before_fit skipped under FSDP", flush=True)
+                return
+            if self.config[self.subcommand].get("ckpt_path"):
+                # the model here is the freshly built one, not the checkpoint's: its score would be
+                # the start of the first run, not of this one (which that run already logged)
+                print("validate_before_fit skipped when resuming from --ckpt_path", flush=True)
                 return
             results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
             self._before = results[0] if results else None

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
-from conftest import QUIET_FLAGS, metric_rows, seed_flags, short_run_flags
+from conftest import QUIET_FLAGS, metric_rows, metrics_table, seed_flags, short_run_flags
 
 from lit_align.cli import main
 
@@ -57,6 +58,7 @@ TRAINED_ELSEWHERE = {  # config -> the test file whose slow CLI test trains it
     "reward": "test_reward_model.py",
     "sft": "conftest.py",
     "sft_arithmetic": "conftest.py",
+    "dpop_arithmetic": "test_arithmetic_task.py",
     "reinforce": "test_on_policy.py",
     "rloo": "test_on_policy.py",
     "grpo": "test_on_policy.py",
@@ -152,6 +154,26 @@ def test_validate_and_test_subcommands_from_a_checkpoint(capsys):
     assert "val/rewards/accuracies" in capsys.readouterr().out
     main(["test", "--config", str(CONFIGS / "simpo.yaml"), "--ckpt_path", str(checkpoint), *QUIET_FLAGS])
     assert "test/rewards/accuracies" in capsys.readouterr().out
+
+
+def test_resuming_fit_does_not_report_the_fresh_models_score_as_its_start(capsys):
+    """validate_before_fit would score the freshly built model, not the checkpoint's: when resuming
+    it is skipped with a line saying so, and the end is printed alone (no misleading "before ->")."""
+    flags = ["--config", str(CONFIGS / "simpo.yaml"), "--trainer.val_check_interval", "2", *QUIET_FLAGS]
+    main(["fit", *flags, "--trainer.max_steps", "2"])
+    first = capsys.readouterr().out
+    assert re.search(r"held-out val/rewards/accuracies: 0\.\d+ -> \d\.\d+", first), first
+    (checkpoint,) = Path("runs").rglob("*.ckpt")
+    main(["fit", *flags, "--trainer.max_steps", "4", "--ckpt_path", str(checkpoint)])
+    resumed = capsys.readouterr().out
+    assert "validate_before_fit skipped when resuming from --ckpt_path" in resumed, resumed
+    assert re.search(r"held-out val/rewards/accuracies: \d\.\d+\n", resumed), resumed
+    resumed_steps = [
+        int(row["step"])
+        for row in metrics_table(sorted(Path("runs").rglob("version_1"))[0])
+        if row.get("val/rewards/accuracies")
+    ]
+    assert resumed_steps == [3], resumed_steps
 
 
 @pytest.mark.skipif(not HH.exists(), reason="../shared/data is not next to the checkout")

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import lightning
 import pytest
 import torch
-from conftest import LEARNING_SEED, QUIET_FLAGS, metric_rows, quiet_trainer
+from conftest import LEARNING_SEED, QUIET_FLAGS, metric_rows, metrics_table, quiet_trainer
 
 from lit_align.cli import main
 from lit_align.data import DataError, PromptDataModule, SFTDataModule, WordRulesTask
@@ -397,3 +398,58 @@ def test_one_update_per_rollout_reuses_the_sampling_pass_with_the_same_result(me
     update, difference = (weights[False] - initial).abs(), (weights[True] - weights[False]).abs()
     assert update.mean() > 5e-4  # the step did move the weights (Adam's first step: about lr each)
     assert difference.max() < 1e-5, difference.max()
+
+
+def _grpo_training(folder: Path, policy: Path, *flags: str) -> list[tuple[float, float]]:
+    """(train/loss, train/objective/scores) per step of a 4-step GRPO run from ``policy``, run in ``folder``."""
+    folder.mkdir()
+    os.chdir(folder)  # the test's monkeypatch.chdir puts the working directory back
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "grpo.yaml"),
+            "--model.init_args.model.name_or_path",
+            str(policy),
+            "--trainer.max_steps",
+            "4",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--data.init_args.batch_size",
+            "4",
+            "--validate_before_fit",
+            "false",
+            *QUIET_FLAGS,
+            *flags,
+        ]
+    )
+    rows = [row for row in metrics_table() if row.get("train/loss")]
+    return [(float(row["train/loss"]), float(row["train/objective/scores"])) for row in rows]
+
+
+def test_validation_and_resuming_leave_the_training_samples_as_they_were(tmp_path, monkeypatch, sft_policy):
+    """On-policy validation samples from the same random generators as training: validating every
+    step or every second one gives the same training rollouts (losses and scores, exactly), and a
+    run resumed from the step-2 checkpoint (saved by the validation there) repeats steps 3-4."""
+    monkeypatch.chdir(tmp_path)
+    every_2 = _grpo_training(
+        tmp_path / "every_2",
+        sft_policy,
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.save_top_k",
+        "-1",
+        "--trainer.callbacks.dirpath",
+        "checkpoints",
+    )
+    every_1 = _grpo_training(
+        tmp_path / "every_1", sft_policy, "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1"
+    )
+    assert len(every_2) == 4 and len({score for _, score in every_2}) > 1
+    assert every_1 == every_2
+    checkpoint = tmp_path / "every_2" / "checkpoints" / "epoch=0-step=2.ckpt"
+    resumed = _grpo_training(
+        tmp_path / "resumed", sft_policy, "--trainer.val_check_interval", "2", "--ckpt_path", str(checkpoint)
+    )
+    assert resumed == every_2[2:]

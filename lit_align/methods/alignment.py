@@ -92,7 +92,9 @@ class AlignmentModule(LightningModule):
         self._reference_attached = False
         self.served_data: ServedData | None = None
         """The data module's answer to :meth:`data_request` (None with data that is not a lit-align data module)."""
-        self._rng_to_restore: list[dict[str, Any]] | None = None  # from a checkpoint; applied in on_train_start
+        self._rng_to_restore: list[dict[str, Any]] | None = None  # from a checkpoint; see on_train_start
+        self._rng_epoch_ended = False  # whether that checkpoint had ended its epoch
+        self._training_rng: dict[str, Any] | None = None  # as the last training step left it; see on_validation_end
         self._train_metric_names: list[str] = []  # the same on every process (see _log_global_step_means)
         self.held_out_samples: list[dict[str, Any]] | None = None
         """Completions kept during a validation for :class:`lit_align.callbacks.Samples` (None: none wanted)."""
@@ -313,21 +315,29 @@ class AlignmentModule(LightningModule):
         self._rng_to_restore = checkpoint.get(RNG_STATES_KEY)
 
     def on_train_start(self) -> None:
-        """When ``fit`` resumes from a checkpoint, put back the random-number generators as they were
-        when it was saved (torch CPU and CUDA, Python ``random``, NumPy; one state per process).
+        """When ``fit`` resumes from a checkpoint, the random-number generators are put back as they
+        were when it was saved (torch CPU and CUDA, Python ``random``, NumPy; one state per process)
+        just before the first resumed batch (:meth:`on_train_batch_start`).
 
         Lightning restores weights, optimizer, schedulers and loop counters but not RNG states. They
-        are restored here, as late as possible before the first resumed batch: after the train
-        loader's iterator was created (``DataLoader.__iter__`` draws a seed from the torch RNG), so a
-        sampling method (dropout, on-policy generation) draws what an uninterrupted run would.
-        When the checkpoint ended an epoch, the uninterrupted run would create the next epoch's
-        iterator (one such draw) before its next batch, while the resumed run keeps the iterator it
-        already made: that one draw is repeated here."""
+        are restored as late as possible: after the train loader's iterator was created
+        (``DataLoader.__iter__`` draws a seed from the torch RNG; a fit resumed mid-epoch creates it
+        after this hook), so a sampling method (dropout, on-policy generation) draws what an
+        uninterrupted run would. When the checkpoint ended an epoch, the uninterrupted run would
+        create the next epoch's iterator (one such draw) before its next batch: that one draw is
+        repeated after the states. Whether it had ended one is read here, as restored."""
+        if not self._rng_to_restore or not self.trainer.ckpt_path:
+            self._rng_to_restore = None
+            return
+        self._rng_epoch_ended = self.trainer.is_last_batch
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """The first batch of a resumed fit: the checkpoint's RNG states (:meth:`on_train_start`)."""
         states, self._rng_to_restore = self._rng_to_restore, None
-        if not states or not self.trainer.ckpt_path:
+        if not states:
             return
         set_rng_state(states[self.global_rank % len(states)])
-        if self.trainer.is_last_batch:  # as restored: the checkpoint had ended its epoch
+        if self._rng_epoch_ended:
             torch.empty((), dtype=torch.int64).random_()  # as DataLoader.__iter__ does (loader.generator is None)
 
     def _attach_cached_reference(self) -> None:
@@ -347,6 +357,20 @@ class AlignmentModule(LightningModule):
         )
         self._reference_attached = True
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Remember the random-number generators as this step left them (:meth:`on_validation_end`)."""
+        self._training_rng = rng_state()
+
+    def on_validation_end(self) -> None:
+        """During fit, put the random-number generators back as the last training step left them:
+        a validation draws from them (its loader's seed, on-policy sampling), and without this how
+        often it runs would change what training samples next, and a run resumed from a checkpoint
+        (which stores the training state, :meth:`on_save_checkpoint`) would not repeat the
+        uninterrupted one."""
+        if self._training_rng is not None and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            set_rng_state(self._training_rng)
+            self._training_rng = None
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the class so ``lit-align export`` can rebuild the module from the file alone, and
         every process's RNG states so a resumed run samples as an uninterrupted one
@@ -355,7 +379,10 @@ class AlignmentModule(LightningModule):
         checkpoint["lit_align_class"] = f"{type(self).__module__}:{type(self).__qualname__}"
         if self._trainer is not None:  # for the model card of an export made from this checkpoint
             checkpoint[METRICS_KEY] = final_metrics(self.trainer.callback_metrics)
-        state = rng_state()
+        # saved by a validation during fit (the default ModelCheckpoint's moment): the states
+        # training goes on with (:meth:`on_validation_end`), not the ones validation left
+        during_validation = self._trainer is not None and self.trainer.validating and self._training_rng is not None
+        state = self._training_rng if during_validation else rng_state()
         if (
             torch.distributed.is_available()
             and torch.distributed.is_initialized()

@@ -273,6 +273,57 @@ def test_on_policy_methods_run_under_ddp_and_fsdp2_and_refuse_fsdp1(tmp_path, sf
 
 
 @pytest.mark.slow
+def test_fsdp2_checkpoints_resume_exactly_and_export_one_consolidated_folder(tmp_path, sft_policy):
+    """GRPO on 2 FSDP2 processes (sampling as usual, each process its own RNG) with checkpoints
+    every 3 steps (distributed checkpoint folders): the ExportHF callback writes one folder
+    (gathered shards) whose weights ``lit-align export`` of the last folder reproduces exactly and
+    which differ from the starting policy; resuming from the step-3 folder reproduces the losses of
+    steps 4-6 (the per-process RNG states come back with it)."""
+    from safetensors.torch import load_file
+
+    from lit_align.cli import main
+    from lit_align.runtime.checkpoints import read_checkpoint
+
+    every_3 = [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps",
+        "3",
+        "--trainer.callbacks.save_top_k",
+        "-1",
+        "--trainer.callbacks.dirpath",
+        "checkpoints",
+    ]
+    fsdp2 = [
+        "--config",
+        str(CONFIGS / "strategies" / "fsdp2_cpu.yaml"),
+        "--model.init_args.model.name_or_path",
+        str(sft_policy),
+        "--data.init_args.batch_size",
+        "8",
+    ]
+    export = ["--trainer.callbacks+=lit_align.callbacks.ExportHF", "--trainer.callbacks.output_dir", "exported"]
+    whole = _run(tmp_path, "fsdp2", "grpo.yaml", *fsdp2, *export, *every_3, checkpoints=True)
+    assert len(whole["train/loss"]) == 6 and len({round(v, 5) for v in whole["train/loss"]}) > 3
+    folders = sorted((tmp_path / "fsdp2" / "checkpoints").iterdir())
+    assert [f.name for f in folders] == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt"] and all(
+        f.is_dir() for f in folders
+    )
+    exported = load_file(tmp_path / "fsdp2" / "exported" / "model.safetensors")
+    main(["export", "--ckpt_path", str(folders[-1]), "--output_dir", str(tmp_path / "from_shards")])
+    consolidated = load_file(tmp_path / "from_shards" / "model.safetensors")
+    start = load_file(sft_policy / "model.safetensors")
+    assert exported.keys() == consolidated.keys() == start.keys()
+    assert all(torch.equal(consolidated[key], value) for key, value in exported.items())
+    assert max(float((exported[key] - start[key]).abs().max()) for key in start) > 1e-4
+    checkpoint = read_checkpoint(str(folders[-1]), weights_only=False)  # consolidated in memory
+    assert checkpoint["global_step"] == 6 and checkpoint["lit_align_class"] == "lit_align.methods.grpo:GRPO"
+    resumed = _run(tmp_path, "fsdp2", "grpo.yaml", *fsdp2, "--ckpt_path", str(folders[0]))
+    torch.testing.assert_close(
+        torch.tensor(resumed["train/loss"]), torch.tensor(whole["train/loss"][3:]), rtol=0, atol=1e-6
+    )
+
+
+@pytest.mark.slow
 def test_fsdp_bf16_mixed_precision_tracks_fp32(tmp_path):
     """trainer.precision bf16-mixed under FSDP (FSDP's MixedPrecision: bf16 compute and
     communication, fp32 master weights): the loss curve stays within 5e-3 of fp32 on one process

@@ -106,11 +106,48 @@ CONSOLIDATE_COMMAND = ("-m", "lightning.pytorch.utilities.consolidate_checkpoint
 
 def consolidate_sharded_checkpoint(ckpt_path: str, output_file: str) -> None:
     """Write the sharded checkpoint folder ``ckpt_path`` as one ordinary Lightning checkpoint file,
-    with Lightning's own converter (run as a command: its functions are private), or raise
-    :class:`CheckpointError` with the converter's last message."""
+    or raise :class:`CheckpointError` with the reason. A folder of Lightning's FSDP strategy goes
+    through Lightning's own converter (run as a command: its functions are private); one of its
+    ModelParallelStrategy (FSDP2, on-policy methods) through :func:`_consolidate_model_parallel`."""
+    if _written_by_model_parallel(ckpt_path):
+        _consolidate_model_parallel(ckpt_path, output_file)
+        return
     command = [sys.executable, *CONSOLIDATE_COMMAND, str(ckpt_path), "--output_file", str(output_file)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0 or not os.path.isfile(output_file):
         lines = [line.strip() for line in (done.stderr or done.stdout or "").splitlines() if line.strip()]
         reason = lines[-1] if lines else f"the converter exited with status {done.returncode}"
         raise CheckpointError(f"sharded checkpoint {ckpt_path!r} cannot be read ({reason})")
+
+
+def _written_by_model_parallel(ckpt_path: str) -> bool:
+    """Whether a sharded folder has ModelParallelStrategy's layout (the module's tensors under
+    ``state_dict.``; Lightning's FSDP strategy writes them under ``model.``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        keys = FileSystemReader(ckpt_path).read_metadata().state_dict_metadata
+    except Exception:  # an unreadable folder: Lightning's converter names the problem
+        return False
+    return any(key.startswith("state_dict.") for key in keys)
+
+
+def _consolidate_model_parallel(ckpt_path: str, output_file: str) -> None:
+    """A ModelParallelStrategy folder as one Lightning checkpoint file: ``meta.pt`` (loops, hyper-
+    parameters, lit-align's records) plus the module's full tensors as ``state_dict``, read with
+    torch's ``dcp_to_torch_save``. The optimizer states stay out: the folder holds them keyed by
+    parameter name, not in the layout a checkpoint file resumes from (resume from the folder)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as folder:
+        tensors = os.path.join(folder, "tensors.pt")
+        try:
+            dcp_to_torch_save(ckpt_path, tensors)
+            saved = torch.load(tensors, map_location="cpu", weights_only=False)
+            checkpoint = torch.load(Path(ckpt_path) / "meta.pt", map_location="cpu", weights_only=False)
+        except Exception as error:  # torch.distributed.checkpoint raises many types; the folder is what matters
+            reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+            raise CheckpointError(f"sharded checkpoint {ckpt_path!r} cannot be read ({reason})") from None
+    checkpoint["state_dict"] = saved["state_dict"]
+    torch.save(checkpoint, output_file)

@@ -16,6 +16,7 @@ Writes ``benchmarks/results/learning_spread.csv``.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -30,6 +31,7 @@ LEARNING_TESTS = [
     "tests/test_record_shapes.py::test_dpo_trains_end_to_end_through_the_cli",
     "tests/test_listwise.py::test_each_listwise_config_learns_the_builtin_task_through_the_cli",
     "tests/test_unpaired.py::test_each_unpaired_method_learns_the_builtin_task_through_the_cli",
+    "tests/test_arithmetic_task.py::test_dpop_on_correct_versus_slip_pairs_learns_the_held_out_preference_and_keeps_the_answers",
     "tests/test_reward_model.py::test_reward_config_learns_the_builtin_task_and_exports",
     "tests/test_reward_model.py::test_reward_model_learns_ranked_lists_through_the_cli",
     "tests/test_reference_sync.py::test_tr_dpo_config_learns_the_builtin_task",
@@ -38,6 +40,7 @@ LEARNING_TESTS = [
     "tests/test_subclassing_guide.py::test_each_worked_example_learns_through_the_cli",
     "tests/test_readme_example.py::test_example_trains_through_the_cli_as_the_readme_says",
     "tests/test_on_policy.py::test_each_on_policy_method_raises_held_out_reward",
+    "tests/test_on_policy.py::test_each_grpo_refinement_raises_held_out_exact_match_on_the_reasoning_task",
     "tests/test_on_policy.py::test_ppo_ptx_term_lowers_nll_of_held_out_demonstrations",
     "tests/test_on_policy.py::test_sft_reward_model_ppo_pipeline_through_the_cli",
     "tests/test_trpo.py::test_trpo_config_raises_held_out_reward_inside_the_trust_region",
@@ -71,7 +74,11 @@ def run_seed(seed: int, tests: list[str], report: Path) -> Path:
 
 
 def update_report(report: Path, update: Path) -> None:
-    """Replace (or add) the test cases of ``update`` in the junit file ``report``."""
+    """Replace (or add) the test cases of ``update`` in the junit file ``report`` (``update`` becomes
+    ``report`` where there is no earlier run here: the junit files are not committed, the CSV is)."""
+    if not report.exists():
+        update.replace(report)
+        return
     tree = ElementTree.parse(report)
     suite = next(tree.getroot().iter("testsuite"))
     fresh = list(ElementTree.parse(update).getroot().iter("testcase"))
@@ -95,6 +102,18 @@ def read_report(path: Path) -> dict[str, dict]:
     return results
 
 
+def merge_earlier_rows(path: Path, header: list[str], rows: list[list]) -> list[list]:
+    """``rows`` plus the rows of the committed CSV ``path`` whose tests were not rerun (same seeds only)."""
+    if not path.exists():
+        return rows
+    with open(path, newline="") as handle:
+        earlier_header, *earlier = list(csv.reader(handle))
+    if earlier_header != header:
+        raise SystemExit(f"{path} has columns {earlier_header}, this run {header}: rerun with the same --seeds")
+    rerun = {row[0] for row in rows}
+    return sorted([*[row for row in earlier if row[0] not in rerun], *rows], key=lambda row: (row[0], row[1]))
+
+
 def describe(values) -> str:
     """'first -> last' of a metric's logged values (dicts of named series: each named)."""
     if isinstance(values, dict):
@@ -114,7 +133,8 @@ def main() -> None:
     parser.add_argument(
         "--update",
         action="store_true",
-        help="run only --tests and replace their results in the junit files of an earlier run (after retuning a few)",
+        help="run only --tests and replace their results in the junit files of an earlier run and in"
+        " learning_spread.csv (after retuning a few)",
     )
     args = parser.parse_args()
     by_seed = {}
@@ -136,6 +156,8 @@ def main() -> None:
         for metric in metrics:
             cells = [describe(by_seed[seed].get(test, {}).get("metrics", {}).get(metric, "n/a")) for seed in args.seeds]
             rows.append([test, metric, *cells, f"{passed}/{len(args.seeds)}"])
+    if args.update:
+        rows = merge_earlier_rows(OUT / "learning_spread.csv", header, rows)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _common import machine_summary, markdown_table
     from _report import write_csv

@@ -160,8 +160,11 @@ def test_on_policy_configs_run_on_the_vllm_backend(config, tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_each_ddp_process_drives_its_own_engine(tmp_path):
-    """Two DDP processes, one engine each (``external_launcher``): both sample with the averaged
-    weights after every update (see ``tests/scripts/ddp_vllm_backend.py``)."""
-    result = run_ddp_script("ddp_vllm_backend.py", tmp_path)
+@pytest.mark.parametrize(("strategy", "weights"), [("ddp", "full"), ("fsdp2", "full"), ("fsdp2", "lora")])
+def test_each_process_drives_its_own_engine_under_ddp_and_fsdp2(tmp_path, strategy, weights):
+    """Two processes, one engine each (``external_launcher``): under DDP both sample with the
+    averaged weights after every update; under FSDP2 with the shards of every process gathered for
+    each push (full fine-tuning, and LoRA merged on the gathered copies): see
+    ``tests/scripts/ddp_vllm_backend.py``."""
+    result = run_ddp_script("ddp_vllm_backend.py", tmp_path, strategy, weights)
     assert result.returncode == 0 and "OK 3 rollouts" in result.stdout, result.stderr[-3000:]

@@ -48,7 +48,6 @@ from lit_align.online.generation_backends import GENERATION_BACKENDS
 from lit_align.online.kl_control import KLPenalty
 from lit_align.online.rewards import RewardFunction, reward_parts, score_completions
 from lit_align.online.rollout import GenerationSettings, Rollout, SamplerCorrection
-from lit_align.runtime.strategies import FSDP2Strategy
 from lit_align.runtime.trainer import distributed
 from lit_align.settings import (
     Count,
@@ -259,14 +258,6 @@ class OnPolicyModule(AlignmentModule):
                 "FSDPStrategy runs training_step inside the sharded root's forward, and an on-policy step takes its "
                 "backward passes there); use lit_align.runtime.strategies.FSDP2Strategy "
                 "(configs/strategies/fsdp2.yaml), DDP (configs/strategies/ddp.yaml) or one device",
-            )
-        if isinstance(self.trainer.strategy, FSDP2Strategy) and self.generation.backend != "hf":
-            raise SettingError(
-                None,
-                "generation.backend",
-                f"{type(self).__name__}: generation.backend {self.generation.backend} is not wired to FSDP2 yet (the "
-                "engine needs each rollout's full weights gathered from the shards); use generation.backend hf "
-                "under FSDP2Strategy, or DDP (configs/strategies/ddp.yaml) with vllm",
             )
         if self.reward is None:
             raise SettingError(

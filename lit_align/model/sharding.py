@@ -26,6 +26,25 @@ def decoder_of(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
+def unsharded(model: nn.Module) -> Iterator[None]:
+    """Inside the block, every FSDP2 unit of ``model`` holds its full parameters (all-gathered: a
+    collective every process enters, in the same order), so code that reads or edits them as plain
+    tensors, a LoRA merge included, sees the whole weights; after it each unit is sharded again.
+    Edits are not written back to the shards (the gathered tensors are freed). No-op for a model
+    FSDP2 does not shard."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+@contextlib.contextmanager
 def gathered(module: nn.Module) -> Iterator[None]:
     """Inside the block, a module that FSDP wraps as a unit of its own (a frozen reference's LM
     head, see :mod:`lit_align.runtime.strategies`) has its full weights, for code that reads them directly

@@ -9,7 +9,10 @@ prompt states of the old weights are not reused:
 
 - full fine-tuning: the tensors that train (``requires_grad``); frozen ones never change;
 - LoRA: the adapters are merged into their base layers (peft ``merge_adapter``), those layers'
-  weights pushed under their plain names, then unmerged. One push of the layers LoRA wraps costs a
+  weights pushed under their plain names, then unmerged.
+- under FSDP2 every process gathers the policy's shards for the push (each drives an engine of
+  its own with the full weights) and shards them again after; a LoRA merge then happens on the
+  gathered copies, never on the shards. One push of the layers LoRA wraps costs a
   copy of them, and vLLM samples with plain matmuls; vLLM's own LoRA support would need an adapter
   written to disk per rollout and its LoRA kernels, slower for the small models this runs on CPU.
 
@@ -30,6 +33,7 @@ from typing import Any
 import torch
 
 from lit_align.errors import SettingError
+from lit_align.model.sharding import unsharded
 from lit_align.online.rollout import (
     GenerationSettings,
     Sampled,
@@ -103,7 +107,7 @@ class VLLMEngine:
             return 0
         self.wake()
         everything = self.pushed_version is None
-        with merged_adapters(policy):
+        with unsharded(policy), merged_adapters(policy):  # under FSDP2, every process gathers the shards
             weights = list(engine_weights(policy, everything))
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.reset_prefix_cache()

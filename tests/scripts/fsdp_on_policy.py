@@ -1,14 +1,14 @@
 """On-policy training under FSDP2 against one process or DDP; used by tests/test_distributed.py.
 
 An on-policy method (``METHODS``: GRPO with a frozen reference copy, the same with an LM head tied
-to the embeddings, GRPO with LoRA, A2C with its value head; 2 epochs over each rollout, so two backward passes per training step) on 8 prompts per
-step: one process x 8 (``single``), or two processes (gloo, CPU) x 4 under DDP (``ddp``) or
+to the embeddings, GRPO with LoRA, A2C with its value head; 2 epochs over each rollout, so two
+backward passes per training step) on 8 prompts per step: one process x 8 (``single``), or two
+processes (gloo, CPU) x 4 under DDP (``ddp``) or
 :class:`lit_align.runtime.strategies.FSDP2Strategy` (``fsdp``). Training completions are fixed: a
-function of the prompt, the sample's index and the policy's version, drawn the same on any
-process, so the runs see the same rollouts and their losses compare step by step; held-out
-evaluation generates greedily with the (sharded) policy itself. Rank 0 writes
-``<method>_<mode>.json`` into FOLDER: the per-step training losses (averaged over processes) and
-the held-out score.
+function of the prompt, the sample's index and the policy's version, drawn the same on any process,
+so the runs see the same rollouts and their losses compare step by step; held-out evaluation
+generates greedily with the (sharded) policy itself. Rank 0 writes ``<method>_<mode>.json`` into
+FOLDER: the per-step training losses (averaged over processes) and the held-out score.
 
     python tests/scripts/fsdp_on_policy.py FOLDER single|ddp|fsdp grpo|grpo_tied|grpo_lora|a2c
 """

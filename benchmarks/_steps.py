@@ -4,8 +4,11 @@ Run by anatomy.py and padding_free.py in a fresh process per variant:
 
     python benchmarks/_steps.py '{"method": "DPO", "reference": "copy", ...}'
 
-prints one JSON line: median step time, tokens/s, peak RSS of the steps, analytic FLOPs per
-pair, and (with "count_flops") FLOPs counted by torch's FlopCounterMode under eager attention.
+prints one JSON line: median step time, tokens/s, peak memory of the steps (RSS on CPU, allocated
+device memory on CUDA), analytic FLOPs per pair and per second (with "peak_tflops": the model FLOPs
+utilisation, MFU), and (with "count_flops") FLOPs counted by torch's FlopCounterMode under eager
+attention. "device" (cpu | cuda) and "dtype" (float32 | bfloat16) say where and in what the model
+runs (default cpu, float32).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def build(spec: dict, attn: str = "sdpa"):
     )
     settings = ModelSettings(
         tiny=tiny,
+        dtype=spec.get("dtype", "float32"),
         reference=spec["reference"],
         attn_implementation=attn,
         lora=LoRA(r=16, alpha=32) if spec.get("lora") else None,
@@ -64,12 +68,34 @@ def batches(module, spec: dict, cache_dir: str) -> list[dict]:
     data.tokenizer = module.tokenizer
     data.setup("fit")
     if module.backbone.reference_source.precomputed:
-        attach_reference_logps(module.backbone, data, policy_is_initial=True, device=torch.device("cpu"))
+        attach_reference_logps(module.backbone, data, policy_is_initial=True, device=device_of(spec))
     examples = data.datasets["train"]
     return [
         data.collate(examples[i : i + spec["batch"]])
         for i in range(0, len(examples) - spec["batch"] + 1, spec["batch"])
     ]
+
+
+def device_of(spec: dict) -> torch.device:
+    return torch.device(spec.get("device", "cpu"))
+
+
+def on_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
+class PeakDeviceMemory:
+    """Context manager: ``.delta`` = peak allocated CUDA memory inside the block minus that on entry."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.start = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.synchronize()
+        self.delta = torch.cuda.max_memory_allocated() - self.start
 
 
 def count_flops(spec: dict, batch: dict) -> tuple[int, int]:
@@ -78,7 +104,7 @@ def count_flops(spec: dict, batch: dict) -> tuple[int, int]:
     recompute of the LM head would be counted too, though it is not model FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    module = build(spec, attn="eager")
+    module = build(spec, attn="eager").to(batch["input_ids"].device)
     module.backbone.settings.logp_chunk_size = None
     with FlopCounterMode(display=False) as counter:
         module.forward_pair(batch).losses.mean().backward()
@@ -87,11 +113,13 @@ def count_flops(spec: dict, batch: dict) -> tuple[int, int]:
 
 def main(spec: dict) -> dict:
     torch.manual_seed(0)
-    module = build(spec)
+    device = device_of(spec)
+    module = build(spec).to(device)
     with tempfile.TemporaryDirectory() as cache_dir:
-        data = batches(module, spec, cache_dir)
+        data = [on_device(batch, device) for batch in batches(module, spec, cache_dir)]
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5)
     module.train()
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(batch):
         optimizer.zero_grad(set_to_none=True)
@@ -101,22 +129,28 @@ def main(spec: dict) -> dict:
     for batch in data[: spec["warmup"]]:
         step(batch)
     times, tokens = [], 0
-    with PeakRSS() as peak:
+    with PeakDeviceMemory() if device.type == "cuda" else PeakRSS() as peak:
         for batch in data[spec["warmup"] :]:
+            synchronize()
             start = time.perf_counter()
             step(batch)
+            synchronize()
             times.append(time.perf_counter() - start)
             tokens += int(batch["seq_lens"].sum()) if "seq_lens" in batch else int(batch["attention_mask"].sum())
     pairs = spec["batch"]
+    flops_per_step = module.backbone.step_flops(data[0], train=True)
     result = {
         **spec,
         "step_s": median(times),
         "tokens_per_s": tokens / sum(times),
         "peak_step_mib": peak.delta / 2**20,
-        "flops_per_pair": module.backbone.step_flops(data[0], train=True) / pairs,
+        "flops_per_pair": flops_per_step / pairs,
+        "model_tflops_per_s": flops_per_step / median(times) / 1e12,
         "sequence_forwards_per_pair": 2 * (1 + int(module.backbone.reference_source.runs_forward)),
         "model_calls_per_step": 1 + int(module.backbone.reference_source.runs_forward),
     }
+    if spec.get("peak_tflops"):
+        result["mfu"] = result["model_tflops_per_s"] / spec["peak_tflops"]
     if spec.get("count_flops"):
         counted, analytic = count_flops(spec, data[0])
         result["counted_over_analytic"] = counted / analytic

@@ -26,6 +26,18 @@ from lit_align.runtime.strategies import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+EXPORT = ["--trainer.callbacks+=lit_align.callbacks.ExportHF", "--trainer.callbacks.output_dir", "exported"]
+"""CLI flags of an ExportHF callback writing ``exported`` at the end of fit."""
+EVERY_3_STEPS_CHECKPOINTS = [
+    "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+    "--trainer.callbacks.every_n_train_steps",
+    "3",
+    "--trainer.callbacks.save_top_k",
+    "-1",
+    "--trainer.callbacks.dirpath",
+    "checkpoints",
+]
+"""CLI flags of a ModelCheckpoint keeping a checkpoint every 3 steps in ``checkpoints``."""
 
 
 def _mixed_units(module: torch.nn.Module) -> list[str]:
@@ -172,21 +184,11 @@ def test_fsdp_sharded_checkpoints_resume_and_export_one_consolidated_folder(tmp_
     from lit_align.cli import main
     from lit_align.runtime.checkpoints import read_checkpoint
 
-    export = ["--trainer.callbacks+=lit_align.callbacks.ExportHF", "--trainer.callbacks.output_dir", "exported"]
-    every_3 = [
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        "--trainer.callbacks.every_n_train_steps",
-        "3",
-        "--trainer.callbacks.save_top_k",
-        "-1",
-        "--trainer.callbacks.dirpath",
-        "checkpoints",
-    ]
     fsdp = ["--config", str(CONFIGS / "strategies" / "fsdp_cpu.yaml"), "--data.init_args.batch_size", "8"]
     single = _run(
-        tmp_path, "single", "dpo.yaml", "--trainer.devices", "1", "--data.init_args.batch_size", "16", *export
+        tmp_path, "single", "dpo.yaml", "--trainer.devices", "1", "--data.init_args.batch_size", "16", *EXPORT
     )
-    sharded = _run(tmp_path, "fsdp", "dpo.yaml", *fsdp, *export, *every_3, checkpoints=True)
+    sharded = _run(tmp_path, "fsdp", "dpo.yaml", *fsdp, *EXPORT, *EVERY_3_STEPS_CHECKPOINTS, checkpoints=True)
     torch.testing.assert_close(
         torch.tensor(sharded["train/loss"]), torch.tensor(single["train/loss"]), rtol=0, atol=1e-5
     )
@@ -284,15 +286,6 @@ def test_fsdp2_checkpoints_resume_exactly_and_export_one_consolidated_folder(tmp
     from lit_align.cli import main
     from lit_align.runtime.checkpoints import read_checkpoint
 
-    every_3 = [
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        "--trainer.callbacks.every_n_train_steps",
-        "3",
-        "--trainer.callbacks.save_top_k",
-        "-1",
-        "--trainer.callbacks.dirpath",
-        "checkpoints",
-    ]
     fsdp2 = [
         "--config",
         str(CONFIGS / "strategies" / "fsdp2_cpu.yaml"),
@@ -301,8 +294,7 @@ def test_fsdp2_checkpoints_resume_exactly_and_export_one_consolidated_folder(tmp
         "--data.init_args.batch_size",
         "8",
     ]
-    export = ["--trainer.callbacks+=lit_align.callbacks.ExportHF", "--trainer.callbacks.output_dir", "exported"]
-    whole = _run(tmp_path, "fsdp2", "grpo.yaml", *fsdp2, *export, *every_3, checkpoints=True)
+    whole = _run(tmp_path, "fsdp2", "grpo.yaml", *fsdp2, *EXPORT, *EVERY_3_STEPS_CHECKPOINTS, checkpoints=True)
     assert len(whole["train/loss"]) == 6 and len({round(v, 5) for v in whole["train/loss"]}) > 3
     folders = sorted((tmp_path / "fsdp2" / "checkpoints").iterdir())
     assert [f.name for f in folders] == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt"] and all(

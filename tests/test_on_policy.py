@@ -145,8 +145,9 @@ def test_each_grpo_refinement_raises_held_out_exact_match_on_the_reasoning_task(
     grpo_arithmetic 0.435 -> 0.582, grpo_dapo 0.435 -> 0.650, grpo_dr 0.435 -> 0.610,
     grpo_gspo 0.435 -> 0.577, grpo_cispo 0.435 -> 0.592, reinforce_pp 0.435 -> 0.613.
     The bound, 0.06, is under half the smallest rise (0.14); 400 prompts give a standard error of
-    about 0.025 per measurement. Seed 0 only: from seed 1's weaker SFT policy (0.27) GRPO, DAPO
-    and Dr. GRPO did not improve in 100 rollouts."""
+    about 0.025 per measurement. Seed 0 only: with the tiny model initialised from seed 1 or 2 the
+    SFT policy starts weaker (0.27, 0.37) and GRPO stays flat (docs/methods.md lists what was
+    tried); with the model as shipped and ``seed_everything`` 1 all six rise (0.45 -> 0.58-0.66)."""
     main(
         [
             "fit",

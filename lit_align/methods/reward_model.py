@@ -28,6 +28,7 @@ from lit_align.methods.alignment import AlignmentModule
 from lit_align.model.export import staged_folder, write_files
 from lit_align.model.flops import flops_per_token
 from lit_align.model.loading import DTYPES, trained_module_names
+from lit_align.model.sharding import base_model_of
 from lit_align.report.model_card import RunRecord, run_files
 from lit_align.settings import ModelSettings, OptimizerSettings
 
@@ -158,7 +159,7 @@ def merged_decoder_state(policy: nn.Module) -> dict[str, torch.Tensor]:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.integrations import dequantize_module_weight
 
-    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    base = base_model_of(policy)
     decoder = base.get_decoder()
     state = trained_module_names(dict(decoder.state_dict()))
     for name, module in decoder.named_modules():

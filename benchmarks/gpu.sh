@@ -2,27 +2,37 @@
 # The GPU tables in one prepared script (target: under 8 minutes on one H100/H200):
 #   1. the DPO/ORPO forward-pass anatomy in bf16 (anatomy.py --device cuda --dtype bfloat16), and
 #   2. the model FLOPs utilisation of DPO with a cached reference (and with a frozen copy, beside it)
-#      on a Llama of about 1B parameters (anatomy.py --shape 1b --peak-tflops).
+#      on a Llama of about 1B parameters (anatomy.py --shape 1b --peak-tflops), and
+#   3. rollout throughput, hf against vllm, on SmolLM2-135M (rollout_throughput.py --device cuda),
+#      where vllm imports (skipped with a message where it does not: it is an optional extra).
 # Needs a CUDA build of torch and `pip install -e '.[bench]'`. Results go to benchmarks/results/gpu/
 # (CSV, PNG, and the printed tables in gpu.log).
 #
 #   benchmarks/gpu.sh                 # on the GPU; PEAK_TFLOPS (dense bf16) defaults to 989, an H100/H200 SXM
 #   benchmarks/gpu.sh --smoke         # the same steps on CPU at the smallest shapes: checks the script, in ~1 min
 #
-# Not in it yet: rollout_throughput.py, against_trl_grpo.py and against_trl.py run on CPU only (they
-# have no --device), so the rollout and against-TRL tables have no GPU version (docs/benchmarks.md).
+# Not in it yet: against_trl_grpo.py and against_trl.py run on CPU only (they have no --device), so
+# the against-TRL tables have no GPU version (docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results/gpu}
 mkdir -p "$out"
 if [[ "${1:-}" == "--smoke" ]]; then
     device=(--device cpu --dtype float32) shape=(--shape quick) peak=1
+    rollouts=(--device cpu --prompts 2 --samples 2 --new_tokens 8 --repeats 1 --variants hf vllm-bf16)
 else
     python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: run with --smoke to check the script on CPU")'
     device=(--device cuda --dtype bfloat16) shape=(--shape 1b) peak=${PEAK_TFLOPS:-989}
+    rollouts=(--device cuda --variants hf hf-bf16 vllm vllm-bf16 vllm-bf16-compiled)
 fi
 {
     python benchmarks/anatomy.py "${device[@]}" --rounds 1 ${1:+--quick} --name anatomy_bf16 --out "$out"
     python benchmarks/anatomy.py "${device[@]}" "${shape[@]}" --rounds 1 --peak-tflops "$peak" --name mfu_1b \
         --variants "DPO, cached reference" "DPO, frozen-copy reference" --out "$out"
+    if python -c 'import vllm' 2>/dev/null; then
+        VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/rollout_throughput.py "${rollouts[@]}" \
+            --name rollout_throughput --out "$out"
+    else
+        echo "rollout throughput skipped: vllm is not installed here (pip install 'lit-align[vllm]')"
+    fi
 } 2>&1 | tee "$out/gpu.log"

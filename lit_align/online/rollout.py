@@ -44,8 +44,8 @@ class VLLMSettings:
     """Longest prompt + completion the engine accepts (null: the model's context length)."""
     enforce_eager: bool = True
     """Run without CUDA graphs / compilation. False compiles the model when the engine is built
-    (on a GPU: CUDA graphs too): faster sampling for a slower start (on a 2-core CPU: 74 s instead
-    of 12 s to build, 1.3x the tokens/s, docs/benchmarks.md)."""
+    (on a GPU: CUDA graphs too): faster sampling for a slower start (SmolLM2-135M in bf16 on a
+    2-core CPU: 46 s instead of 4 s to build, 1.1x the tokens/s, docs/benchmarks.md)."""
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
     """The engine's weights and compute dtype; null: the policy's. ``bfloat16`` under an fp32
     policy samples about twice as fast (on a GPU, and on CPUs with AVX-512 bf16/AMX) from weights

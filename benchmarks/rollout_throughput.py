@@ -37,6 +37,7 @@ from transformers import GenerationConfig, LogitsProcessorList  # noqa: E402
 
 from lit_align.data import ArithmeticTask  # noqa: E402
 from lit_align.model.loading import load_causal_lm, load_tokenizer  # noqa: E402
+from lit_align.model.logprobs import naive_label_logps  # noqa: E402
 from lit_align.online.rollout import SampledTokenLogps, VLLMSettings  # noqa: E402
 from lit_align.online.vllm_engine import VLLMEngine  # noqa: E402
 from lit_align.settings import ModelSettings  # noqa: E402
@@ -116,8 +117,8 @@ def engine_gap(engine: VLLMEngine, policy, ids, mask, new_tokens: int = 16) -> f
     output = engine.llm.generate([{"prompt_token_ids": prompt.tolist()}], params, use_tqdm=False)[0].outputs[0]
     engine_logps = torch.tensor([next(iter(step.values())).logprob for step in output.logprobs])
     sequence = torch.cat([prompt, torch.tensor(output.token_ids, device=prompt.device)])[None]
-    logits = policy(input_ids=sequence).logits[0, len(prompt) - 1 : -1].float()
-    trainer_logps = logits.log_softmax(-1).gather(-1, sequence[0, len(prompt) :, None])[:, 0].cpu()
+    logits = policy(input_ids=sequence).logits[0, len(prompt) - 1 : -1]
+    trainer_logps = naive_label_logps(logits, sequence[0, len(prompt) :]).cpu()
     return float((engine_logps - trainer_logps).abs().max())
 
 

@@ -9,9 +9,14 @@
    frozen reference copy, no gradient checkpointing. lit-align: ``lightning.Trainer.fit``, TRL:
    ``DPOTrainer.train``; a callback times each step (batch start -> after the optimizer step).
    Peak RSS: the worker's VmHWM over its whole life.
+3. ``--device cuda``: the workers train on the GPU (parity still runs on CPU, fp32); a step is
+   timed between ``torch.cuda.synchronize()`` calls and memory is torch's peak allocated CUDA
+   memory (``torch.cuda.max_memory_allocated``) instead of RSS. Both sides stay fp32 (TF32 off, the
+   default for matmuls), so the ratio compares the same arithmetic; benchmarks/gpu.sh runs it.
 
-    python benchmarks/against_trl.py            # full run (~3 min on 2 idle cores)
-    python benchmarks/against_trl.py --quick    # smoke run
+    python benchmarks/against_trl.py                  # full run (~3 min on 2 idle cores)
+    python benchmarks/against_trl.py --quick          # smoke run
+    python benchmarks/against_trl.py --device cuda    # on a GPU
 
 Needs the benchmark extra: ``pip install trl matplotlib``.
 """
@@ -103,6 +108,12 @@ def add_run_args(p: argparse.ArgumentParser, quick: str) -> None:
         help="wait for, and repeat a run (twice at most) if other processes use more CPU cores than this",
     )
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the timed workers train (parity runs on CPU); cuda: memory is peak allocated CUDA memory",
+    )
     p.add_argument("--quick", action="store_true", help=quick)
     p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -215,7 +226,7 @@ def trl_trainer(args, workdir: Path, max_steps: int, n_records: int, callbacks=(
         weight_decay=0.0,
         max_grad_norm=1.0,
         bf16=False,
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         max_length=args.seq,
         beta=args.beta,
         loss_type=["sigmoid"],
@@ -341,25 +352,57 @@ def parity(args, workdir: Path, module) -> dict:
 
 
 # ---------------------------------------------------------------------------- 2. workers
+def memory_label(device: str) -> str:
+    """What the tables call the memory a worker reports on ``device``."""
+    return {"cpu": "peak RSS", "cuda": "peak CUDA memory"}[device]
+
+
 class StepTimer:
-    def __init__(self):
+    """Times each training step of a worker and measures memory: on ``cpu`` the process's RSS
+    (VmRSS when the first step begins, VmHWM for peaks), on ``cuda`` torch's allocated CUDA
+    memory (the kernels are asynchronous, so each step is timed between synchronisations)."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
         self.wall, self.cpu, self.busy, self.setup_peak = [], [], [], None
 
+    def synchronize(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
     def begin(self, *_, **__):  # also a callback hook: the arguments are ignored
+        self.synchronize()
         if self.setup_peak is None:
-            self.setup_rss, self.setup_peak = status_bytes("VmRSS"), status_bytes("VmHWM")
-            with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to VmRSS: the training-phase peak
-                f.write("5")
+            if self.device == "cuda":
+                import torch
+
+                self.setup_rss, self.setup_peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()  # from here: the training-phase peak
+            else:
+                self.setup_rss, self.setup_peak = status_bytes("VmRSS"), status_bytes("VmHWM")
+                with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to VmRSS: the training-phase peak
+                    f.write("5")
         self.t0, self.c0, self.b0 = time.perf_counter(), time.process_time(), busy_seconds()
 
+    def training_peak(self) -> int:
+        """Peak memory since the first step began (bytes)."""
+        if self.device == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated()
+        return status_bytes("VmHWM")
+
     def end(self, *_, **__):
+        self.synchronize()
         self.wall.append(time.perf_counter() - self.t0)
         self.cpu.append(time.process_time() - self.c0)  # this process, all threads
         self.busy.append(busy_seconds() - self.b0)  # every process on the machine
 
 
 def worker(args) -> None:
-    timer, total = StepTimer(), args.warmup + args.steps
+    timer, total = StepTimer(args.device), args.warmup + args.steps
     if args.worker == "lit-align":
         import lightning as L
 
@@ -370,7 +413,7 @@ def worker(args) -> None:
             train=pairs, val=pairs, format="explicit", max_length=args.seq, batch_size=args.batch, use_cache=False
         )
         timing = type("Timing", (L.Callback,), {"on_train_batch_start": timer.begin, "on_train_batch_end": timer.end})()
-        trainer = timed_trainer(total, timing, gradient_clip_val=1.0)
+        trainer = timed_trainer(total, timing, args.device, gradient_clip_val=1.0)
         trainer.fit(lit_module(args, str(args.workdir / "model")), data)
     else:
         from transformers import TrainerCallback
@@ -380,13 +423,13 @@ def worker(args) -> None:
     report_worker(args, timer, total)
 
 
-def timed_trainer(total: int, timing, **settings):
-    """The Lightning trainer a lit-align worker times: ``total`` steps on one CPU process, fp32,
-    nothing logged, validated or saved; ``timing`` the callback that times each step."""
+def timed_trainer(total: int, timing, device: str = "cpu", **settings):
+    """The Lightning trainer a lit-align worker times: ``total`` steps in one process on ``device``
+    (cpu or cuda), fp32, nothing logged, validated or saved; ``timing`` the callback that times each step."""
     import lightning as L
 
     return L.Trainer(
-        accelerator="cpu",
+        accelerator=device,
         devices=1,
         precision="32-true",
         max_steps=total,
@@ -405,10 +448,11 @@ def report_worker(args, timer: "StepTimer", total: int, **extra) -> None:
     """Print a worker's result as one JSON line: the timed steps (after ``args.warmup``), the load
     other processes put on the machine meanwhile, and peak memory (``extra`` added)."""
     assert len(timer.wall) == total, timer.wall
-    train_peak, timed = status_bytes("VmHWM"), slice(args.warmup, None)
+    train_peak, timed = timer.training_peak(), slice(args.warmup, None)
     other_cores = (sum(timer.busy[timed]) - sum(timer.cpu[timed])) / sum(timer.wall[timed])  # load from other processes
     result = {
         "framework": args.worker,
+        "memory": memory_label(args.device),
         "wall": timer.wall[timed],
         "cpu": timer.cpu[timed],
         "other_cores": max(0.0, other_cores),
@@ -455,6 +499,7 @@ def framework_medians(runs: list[dict]) -> list[dict]:
         rows.append(
             {
                 "framework": fw,
+                "memory": mine[0]["memory"],
                 "median_step_s": med([s for r in mine for s in r["wall"]]),
                 "peak_rss_mib": med([r["peak_rss"] for r in mine]) / MIB,
                 "train_peak_above_first_step_mib": med([r["train_peak"] - r["setup_rss"] for r in mine]) / MIB,
@@ -476,9 +521,10 @@ def report(args, runs: list[dict]) -> None:
         for key in ("median_step_s", "peak_rss_mib", "train_peak_above_first_step_mib", "median_step_cpu_s")
     ):
         row[key + "_ratio_vs_trl"] = row[key] / rows[-1][key]
+    memory = memory_label(args.device)
     print(
-        "| framework | median step s | ratio vs TRL | peak RSS MiB | ratio | training peak above 1st-step RSS MiB | "
-        "ratio |\n|---|---|---|---|---|---|---|"
+        f"| framework | median step s | ratio vs TRL | {memory} MiB | ratio | training peak above the memory at "
+        "the 1st step MiB | ratio |\n|---|---|---|---|---|---|---|"
     )
     for r in rows:
         print(
@@ -500,20 +546,29 @@ def report(args, runs: list[dict]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, label, fmt in (
         (axes[0], "median_step_s", "median step time (s)", "{:.2f}"),
-        (axes[1], "peak_rss_mib", "peak RSS (MiB)", "{:.0f}"),
+        (axes[1], "peak_rss_mib", f"{memory} (MiB)", "{:.0f}"),
     ):
         bars = ax.bar([r["framework"] for r in rows], [r[key] for r in rows], color=["tab:blue", "tab:orange"])
         ax.bar_label(bars, labels=[fmt.format(r[key]) + f" ({r[key + '_ratio_vs_trl']:.2f}x)" for r in rows])
         ax.set_ylabel(label)
         ax.set_ylim(0, 1.15 * max(r[key] for r in rows))
     fig.suptitle(
-        f"DPO training step, fp32 CPU, {args.threads} threads: hidden {args.hidden}, {args.layers} layers, vocab "
+        f"DPO training step, fp32 {device_caption(args)}: hidden {args.hidden}, {args.layers} layers, vocab "
         f"{args.vocab}, "
         f"{args.batch} pairs x {args.seq} tokens",
         fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(args.out_dir / "against_trl.png", dpi=120)
+
+
+def device_caption(args) -> str:
+    """The hardware a figure's title names: the CPU threads, or the GPU's name."""
+    if args.device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"CPU, {args.threads} threads"
 
 
 def main() -> None:
@@ -557,7 +612,7 @@ def main() -> None:
                     w = run["wall"]
                     print(
                         f"  run {i + 1} {fw}: median step {statistics.median(w):.3f} s (min {min(w):.3f}, max "
-                        f"{max(w):.3f}), peak RSS "
+                        f"{max(w):.3f}), {run['memory']} "
                         f"{run['peak_rss'] / MIB:.0f} MiB, other processes {run['other_cores']:.2f} cores",
                         flush=True,
                     )
@@ -565,7 +620,7 @@ def main() -> None:
                         break
                 runs.append(run)
     print(
-        f"\nTRL {trl.__version__}, torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} logical CPUs\n"
+        f"\nTRL {trl.__version__}, torch {torch.__version__}, {device_caption(args)}, {os.cpu_count()} logical CPUs\n"
     )
     report(args, runs)
     print(f"\nwrote {args.out_dir / 'against_trl.csv'} and .png ({time.perf_counter() - started:.0f} s in all)")

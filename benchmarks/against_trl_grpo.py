@@ -27,9 +27,13 @@
    ``GRPOTrainer.train``; a callback times each step (rollout generation, scoring and update: batch
    start -> after the optimizer step). Peak RSS: the worker's VmHWM over its whole life. Targets:
    lit-align step time <= 0.7x TRL's, peak memory <= 0.8x.
+3. ``--device cuda``: the workers generate and train on the GPU (parity still runs on CPU); steps
+   are timed between ``torch.cuda.synchronize()`` calls and memory is torch's peak allocated CUDA
+   memory instead of RSS (benchmarks/gpu.sh runs it).
 
-    python benchmarks/against_trl_grpo.py            # full run (~15 min on 2 cores)
-    python benchmarks/against_trl_grpo.py --quick    # smoke run (under 1 min)
+    python benchmarks/against_trl_grpo.py                  # full run (~15 min on 2 cores)
+    python benchmarks/against_trl_grpo.py --quick          # smoke run (under 1 min)
+    python benchmarks/against_trl_grpo.py --device cuda    # on a GPU
 
 At the default shape (20.6M parameters, 32 completions of 64 tokens per step) one step takes ~30 s
 in either framework on 2 busy cores; the full run is 2 x 2 workers x 6 steps plus start-up and parity.
@@ -60,7 +64,9 @@ from against_trl import (
     StepTimer,
     add_int_args,
     add_run_args,
+    device_caption,
     framework_medians,
+    memory_label,
     report_worker,
     timed_trainer,
     timing_args,
@@ -238,7 +244,7 @@ def trl_trainer(
         weight_decay=0.0,
         max_grad_norm=1.0,
         bf16=False,
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
         report_to="none",
         save_strategy="no",
@@ -450,7 +456,7 @@ def print_parity(r: dict) -> None:
 
 # ---------------------------------------------------------------------------- 2. workers
 def worker(args) -> None:
-    timer, total = StepTimer(), args.warmup + args.steps
+    timer, total = StepTimer(args.device), args.warmup + args.steps
     completion_tokens: list[float] = []  # mean completion length of each step's rollout
     prompts = read_prompts(args.workdir)[: total * args.prompts]
     if args.worker == "lit-align":
@@ -469,7 +475,7 @@ def worker(args) -> None:
         )
         hooks = {"on_train_batch_start": timer.begin, "on_train_batch_end": staticmethod(step_end)}
         timing = type("Timing", (L.Callback,), hooks)()
-        trainer = timed_trainer(total, timing)
+        trainer = timed_trainer(total, timing, args.device)
         trainer.fit(lit_module(args, str(args.workdir / "model")), data)
     else:
         from transformers import TrainerCallback
@@ -497,6 +503,7 @@ def summarise(args, runs: list[dict]) -> list[dict]:
         out.append(
             {
                 "framework": row["framework"],
+                "memory": row["memory"],
                 "step": row["median_step_s"],
                 "peak": row["peak_rss_mib"],
                 "train_peak": row["train_peak_above_first_step_mib"],
@@ -520,8 +527,8 @@ def plot(args):
         for ax, (value, ratio, label, fmt, target) in zip(
             axes,
             (
-                (1, 2, "median step time (s)", "{:.2f}", TARGETS["step"]),
-                (3, 4, "peak RSS (MiB)", "{:.0f}", TARGETS["peak"]),
+                (2, 3, "median step time (s)", "{:.2f}", TARGETS["step"]),
+                (4, 5, f"{memory_label(args.device)} (MiB)", "{:.0f}", TARGETS["peak"]),
             ),
             strict=True,
         ):
@@ -535,7 +542,7 @@ def plot(args):
             ax.set_ylabel(label)
             ax.set_ylim(0, 1.15 * max(values))
         fig.suptitle(
-            f"GRPO step (generate + update), fp32 CPU, {args.threads} threads: hidden {args.hidden}, {args.layers} "
+            f"GRPO step (generate + update), fp32 {device_caption(args)}: hidden {args.hidden}, {args.layers} "
             f"layers, vocab {args.vocab}, {args.prompts} prompts x {args.samples} samples x {args.max_new_tokens} "
             f"new tokens, {args.loss_type}, beta {args.beta}",
             fontsize=8,
@@ -549,6 +556,7 @@ def write_report(args, runs: list[dict], parity_line: str) -> list[dict]:
     rows = summarise(args, runs)
     header = [
         "framework",
+        "memory",
         "median_step_s",
         "step_ratio_vs_trl",
         "peak_rss_mib",
@@ -565,6 +573,7 @@ def write_report(args, runs: list[dict], parity_line: str) -> list[dict]:
     table = [
         [
             r["framework"],
+            r["memory"],
             round(r["step"], 4),
             round(r["step_ratio"], 3),
             round(r["peak"], 1),
@@ -586,6 +595,7 @@ def write_report(args, runs: list[dict], parity_line: str) -> list[dict]:
     caption = (
         f"GRPO against TRL {trl.__version__} (torch {torch.__version__}): {args.prompts} prompts x {args.samples} "
         f"samples x {args.max_new_tokens} new tokens per step, loss {args.loss_type}, beta {args.beta}, "
+        f"{device_caption(args)}, "
         f"{args.steps} timed steps x {args.repeats} fresh processes each. {parity_line}"
     )
     report(args.out_dir, "against_trl_grpo", header, table, caption, plot(args))
@@ -635,7 +645,7 @@ def main() -> None:
                     w = run["wall"]
                     print(
                         f"  run {i + 1} {fw}: median step {statistics.median(w):.3f} s (min {min(w):.3f}, max "
-                        f"{max(w):.3f}), peak RSS {run['peak_rss'] / MIB:.0f} MiB, completions "
+                        f"{max(w):.3f}), {run['memory']} {run['peak_rss'] / MIB:.0f} MiB, completions "
                         f"{run['completion_tokens']:.0f} tokens, other processes {run['other_cores']:.2f} cores",
                         flush=True,
                     )

@@ -4,15 +4,15 @@
 #   2. the model FLOPs utilisation of DPO with a cached reference (and with a frozen copy, beside it)
 #      on a Llama of about 1B parameters (anatomy.py --shape 1b --peak-tflops), and
 #   3. rollout throughput, hf against vllm, on SmolLM2-135M (rollout_throughput.py --device cuda),
-#      where vllm imports (skipped with a message where it does not: it is an optional extra).
+#      where vllm imports (skipped with a message where it does not: it is an optional extra),
+#   4. the two against-TRL tables on the GPU (fp32, one fresh process per framework): offline DPO at
+#      SmolLM2-135M's shape (against_trl.py --device cuda) and a GRPO step (against_trl_grpo.py
+#      --device cuda), where trl imports.
 # Needs a CUDA build of torch and `pip install -e '.[bench]'`. Results go to benchmarks/results/gpu/
 # (CSV, PNG, and the printed tables in gpu.log).
 #
 #   benchmarks/gpu.sh                 # on the GPU; PEAK_TFLOPS (dense bf16) defaults to 989, an H100/H200 SXM
 #   benchmarks/gpu.sh --smoke         # the same steps on CPU at the smallest shapes: checks the script, in ~1 min
-#
-# Not in it yet: against_trl_grpo.py and against_trl.py run on CPU only (they have no --device), so
-# the against-TRL tables have no GPU version (docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results/gpu}
@@ -20,10 +20,14 @@ mkdir -p "$out"
 if [[ "${1:-}" == "--smoke" ]]; then
     device=(--device cpu --dtype float32) shape=(--shape quick) peak=1
     rollouts=(--device cpu --prompts 2 --samples 2 --new_tokens 8 --repeats 1 --variants hf vllm-bf16)
+    dpo=(--device cpu --quick) grpo=(--device cpu --quick)
 else
     python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: run with --smoke to check the script on CPU")'
     device=(--device cuda --dtype bfloat16) shape=(--shape 1b) peak=${PEAK_TFLOPS:-989}
     rollouts=(--device cuda --variants hf hf-bf16 vllm vllm-bf16 vllm-bf16-compiled)
+    dpo=(--device cuda --hidden 576 --layers 30 --heads 9 --intermediate 1536 --vocab 49152 --seq 512 --batch 2
+         --repeats 1)
+    grpo=(--device cuda --repeats 1)
 fi
 {
     python benchmarks/anatomy.py "${device[@]}" --rounds 1 ${1:+--quick} --name anatomy_bf16 --out "$out"
@@ -34,5 +38,11 @@ fi
             --name rollout_throughput --out "$out"
     else
         echo "rollout throughput skipped: vllm is not installed here (pip install 'lit-align[vllm]')"
+    fi
+    if python -c 'import trl' 2>/dev/null; then
+        python benchmarks/against_trl.py "${dpo[@]}" --max-other-load 2 --out-dir "$out"
+        python benchmarks/against_trl_grpo.py "${grpo[@]}" --max-other-load 2 --out-dir "$out"
+    else
+        echo "against-TRL tables skipped: trl is not installed here (pip install -e '.[bench]')"
     fi
 } 2>&1 | tee "$out/gpu.log"

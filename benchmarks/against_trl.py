@@ -63,6 +63,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        help="LoRA rank of the timed runs (0: full fine-tuning): peft adapters on every linear layer but the head, "
+        "alpha 2 x rank, the reference = the same weights with adapters disabled, on both sides (parity runs at full "
+        "fine-tuning)",
+    )
     add_run_args(p, quick="smoke run: small model, few steps, 1 repeat")
     args = p.parse_args(argv)
     if args.quick:
@@ -173,9 +181,11 @@ def read_pairs(workdir: Path) -> list[dict[str, str]]:
         return [json.loads(line) for line in f]
 
 
-def lit_module(args, name_or_path: str = "tiny"):
+def lit_module(args, name_or_path: str = "tiny", lora: bool = False):
+    """lit-align's DPO module: full fine-tuning with a frozen-copy reference, or (``lora``) rank
+    ``args.lora`` adapters with the adapter-disabled weights as the reference."""
     from lit_align.methods import DPO
-    from lit_align.settings import ModelSettings, OptimizerSettings, TinyModel
+    from lit_align.settings import LoRA, ModelSettings, OptimizerSettings, TinyModel
 
     tiny = TinyModel(
         hidden_size=args.hidden,
@@ -192,7 +202,8 @@ def lit_module(args, name_or_path: str = "tiny"):
         dtype="float32",
         attn_implementation="sdpa",
         logp_chunk_size=args.chunk,
-        reference="copy",
+        reference="adapter" if lora else "copy",
+        lora=LoRA(r=args.lora, alpha=2 * args.lora, dropout=0.0, target_modules="all-linear") if lora else None,
     )
     return DPO(
         beta=args.beta,
@@ -202,7 +213,9 @@ def lit_module(args, name_or_path: str = "tiny"):
     )
 
 
-def trl_trainer(args, workdir: Path, max_steps: int, n_records: int, callbacks=()):
+def trl_trainer(args, workdir: Path, max_steps: int, n_records: int, callbacks=(), lora: bool = False):
+    """TRL's DPOTrainer on the saved model: full fine-tuning with a frozen reference copy, or (``lora``)
+    peft adapters as :func:`lit_module` makes them, the reference being the adapters disabled."""
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -248,9 +261,20 @@ def trl_trainer(args, workdir: Path, max_steps: int, n_records: int, callbacks=(
         train_dataset=Dataset.from_list(records),
         processing_class=tokenizer,
         callbacks=list(callbacks),
+        peft_config=trl_lora(args) if lora else None,
     )
-    assert not trainer.args.gradient_checkpointing and trainer.model.dtype == trainer.ref_model.dtype == torch.float32
+    assert not trainer.args.gradient_checkpointing and trainer.model.dtype == torch.float32
+    assert (trainer.ref_model is None) == lora  # with peft, TRL's reference is the adapters disabled
     return trainer
+
+
+def trl_lora(args):
+    """peft's LoraConfig matching lit-align's ``LoRA(r, alpha=2r, target_modules="all-linear")``."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
 
 
 # ---------------------------------------------------------------------------- 1. parity
@@ -414,13 +438,20 @@ def worker(args) -> None:
         )
         timing = type("Timing", (L.Callback,), {"on_train_batch_start": timer.begin, "on_train_batch_end": timer.end})()
         trainer = timed_trainer(total, timing, args.device, gradient_clip_val=1.0)
-        trainer.fit(lit_module(args, str(args.workdir / "model")), data)
+        module = lit_module(args, str(args.workdir / "model"), lora=args.lora > 0)
+        trainer.fit(module, data)
+        policy = module.backbone.policy
     else:
         from transformers import TrainerCallback
 
         timing = type("Timing", (TrainerCallback,), {"on_step_begin": timer.begin, "on_step_end": timer.end})()
-        trl_trainer(args, args.workdir, max_steps=total, n_records=total * args.batch, callbacks=[timing]).train()
-    report_worker(args, timer, total)
+        trainer = trl_trainer(
+            args, args.workdir, max_steps=total, n_records=total * args.batch, callbacks=[timing], lora=args.lora > 0
+        )
+        trainer.train()
+        policy = trainer.model
+    # the parameters each side trains (the same count: full fine-tuning, or the same adapters)
+    report_worker(args, timer, total, trained=sum(p.numel() for p in policy.parameters() if p.requires_grad))
 
 
 def timed_trainer(total: int, timing, device: str = "cpu", **settings):
@@ -553,13 +584,17 @@ def report(args, runs: list[dict]) -> None:
         ax.set_ylabel(label)
         ax.set_ylim(0, 1.15 * max(r[key] for r in rows))
     fig.suptitle(
-        f"DPO training step, fp32 {device_caption(args)}: hidden {args.hidden}, {args.layers} layers, vocab "
-        f"{args.vocab}, "
-        f"{args.batch} pairs x {args.seq} tokens",
+        f"DPO training step ({tuning(args)}), fp32 {device_caption(args)}: hidden {args.hidden}, "
+        f"{args.layers} layers, vocab {args.vocab}, {args.batch} pairs x {args.seq} tokens",
         fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(args.out_dir / "against_trl.png", dpi=120)
+
+
+def tuning(args) -> str:
+    """Full fine-tuning or LoRA, as the captions say it."""
+    return f"LoRA r={args.lora}" if args.lora else "full fine-tuning"
 
 
 def device_caption(args) -> str:
@@ -612,7 +647,7 @@ def main() -> None:
                     w = run["wall"]
                     print(
                         f"  run {i + 1} {fw}: median step {statistics.median(w):.3f} s (min {min(w):.3f}, max "
-                        f"{max(w):.3f}), {run['memory']} "
+                        f"{max(w):.3f}), {run['trained']:,} parameters trained, {run['memory']} "
                         f"{run['peak_rss'] / MIB:.0f} MiB, other processes {run['other_cores']:.2f} cores",
                         flush=True,
                     )
@@ -620,7 +655,8 @@ def main() -> None:
                         break
                 runs.append(run)
     print(
-        f"\nTRL {trl.__version__}, torch {torch.__version__}, {device_caption(args)}, {os.cpu_count()} logical CPUs\n"
+        f"\n{tuning(args)}; TRL {trl.__version__}, torch {torch.__version__}, {device_caption(args)}, "
+        f"{os.cpu_count()} logical CPUs\n"
     )
     report(args, runs)
     print(f"\nwrote {args.out_dir / 'against_trl.csv'} and .png ({time.perf_counter() - started:.0f} s in all)")

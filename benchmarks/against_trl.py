@@ -17,6 +17,7 @@
     python benchmarks/against_trl.py                  # full run (~3 min on 2 idle cores)
     python benchmarks/against_trl.py --quick          # smoke run
     python benchmarks/against_trl.py --device cuda    # on a GPU
+    python benchmarks/against_trl.py --lora 16        # both sides train rank-16 LoRA adapters
 
 Needs the benchmark extra: ``pip install trl matplotlib``.
 """

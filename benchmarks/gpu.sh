@@ -25,7 +25,7 @@ else
     python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: run with --smoke to check the script on CPU")'
     device=(--device cuda --dtype bfloat16) shape=(--shape 1b) peak=${PEAK_TFLOPS:-989}
     rollouts=(--device cuda --variants hf hf-bf16 vllm vllm-bf16 vllm-bf16-compiled)
-    dpo=(--device cuda --hidden 576 --layers 30 --heads 9 --intermediate 1536 --vocab 49152 --seq 512 --batch 2
+    dpo=(--device cuda --hidden 576 --layers 30 --heads 9 --intermediate 1536 --vocab 49152 --seq 512 --batch 2 --parity-pairs 2
          --repeats 1)
     grpo=(--device cuda --repeats 1)
 fi

@@ -12,7 +12,7 @@
 # (CSV, PNG, and the printed tables in gpu.log).
 #
 #   benchmarks/gpu.sh                 # on the GPU; PEAK_TFLOPS (dense bf16) defaults to 989, an H100/H200 SXM
-#   benchmarks/gpu.sh --smoke         # the same steps on CPU at the smallest shapes: checks the script, in ~1 min
+#   benchmarks/gpu.sh --smoke         # the same steps on CPU at the smallest shapes: checks the script, in ~4 min
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results/gpu}

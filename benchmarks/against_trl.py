@@ -388,23 +388,21 @@ class StepTimer:
     memory (the kernels are asynchronous, so each step is timed between synchronisations)."""
 
     def __init__(self, device: str = "cpu"):
-        self.device = device
+        import torch
+
+        self.cuda = torch.cuda if device == "cuda" else None  # None: measure the process's RSS
         self.wall, self.cpu, self.busy, self.setup_peak = [], [], [], None
 
     def synchronize(self) -> None:
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
+        if self.cuda:
+            self.cuda.synchronize()
 
     def begin(self, *_, **__):  # also a callback hook: the arguments are ignored
         self.synchronize()
         if self.setup_peak is None:
-            if self.device == "cuda":
-                import torch
-
-                self.setup_rss, self.setup_peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
-                torch.cuda.reset_peak_memory_stats()  # from here: the training-phase peak
+            if self.cuda:
+                self.setup_rss, self.setup_peak = self.cuda.memory_allocated(), self.cuda.max_memory_allocated()
+                self.cuda.reset_peak_memory_stats()  # from here: the training-phase peak
             else:
                 self.setup_rss, self.setup_peak = status_bytes("VmRSS"), status_bytes("VmHWM")
                 with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to VmRSS: the training-phase peak
@@ -413,11 +411,7 @@ class StepTimer:
 
     def training_peak(self) -> int:
         """Peak memory since the first step began (bytes)."""
-        if self.device == "cuda":
-            import torch
-
-            return torch.cuda.max_memory_allocated()
-        return status_bytes("VmHWM")
+        return self.cuda.max_memory_allocated() if self.cuda else status_bytes("VmHWM")
 
     def end(self, *_, **__):
         self.synchronize()

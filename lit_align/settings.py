@@ -181,10 +181,22 @@ class ModelSettings:
     never built); ``null`` = the naive path through full logits."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward (less memory, ~1/3 more compute)."""
+    prefix_sharing: bool = False
+    """Paired methods: run each prompt once and its chosen and rejected responses as continuations
+    of its key/value cache (the same log-probs with a quarter less decoder work and activations when
+    prompt and responses are equally long, more with longer prompts); not with
+    ``gradient_checkpointing`` or packing (:mod:`lit_align.model.prefix_sharing`)."""
     trust_remote_code: bool = False
     """Allow model code from the hub repository."""
 
     def __post_init__(self) -> None:
+        if self.prefix_sharing and self.gradient_checkpointing:
+            raise SettingError(
+                None,
+                "model.prefix_sharing",
+                "model.prefix_sharing runs the responses on the prompts' key/value cache, which "
+                "model.gradient_checkpointing drops when it recomputes a layer: turn one of them off",
+            )
         if self.revision is not None and not is_hub_id(self.name_or_path):
             raise SettingError(
                 None,

@@ -102,3 +102,25 @@ def test_throughput_callback_logs_mfu_against_the_given_peak(tmp_path):
             float(row["train/device/flops_per_sec"]) / 1e11, rel=1e-6
         )
         assert float(row["train/device/samples_per_sec"]) > 0
+
+
+def test_prefix_sharing_counts_a_prompt_pass_and_a_response_pass():
+    """2 pairs, 16-token prompts, 80-token responses: counted forward FLOPs equal one pass over
+    2 x 16 prompt tokens and one over 4 x 80 response tokens attending to 96 positions, a quarter
+    of the decoder's token work less than the 4 whole rows of 96 (minus the head's share)."""
+    from lit_align.data.collate import PairCollator
+
+    settings = dict(
+        attn_implementation="eager", tiny=TinyModel(hidden_size=128, intermediate_size=256, vocab_size=2048)
+    )
+    shared = Backbone(ModelSettings(prefix_sharing=True, **settings), needs_reference=False)
+    ids = random_batch(rows=2, seq_len=176)["input_ids"].tolist()
+    pairs = [{"prompt": row[:16], "chosen": row[16:96], "rejected": row[96:]} for row in ids]
+    batch = PairCollator(shared.tokenizer.pad_token_id)(pairs)
+    with torch.no_grad():
+        measured = counted(shared, batch, train=False)
+    assert shared.step_flops(batch, train=False) == measured
+    per_token = shared._flops
+    assert measured == per_token.forward(2 * 16, 16, head_tokens=0) + per_token.forward(4 * 80, 96, head_tokens=4 * 80)
+    rows = Backbone(ModelSettings(**settings), needs_reference=False)
+    assert rows.step_flops(batch, train=False) == per_token.forward(4 * 96, 96, head_tokens=4 * 80) > measured

@@ -73,6 +73,9 @@ class AlignmentModule(LightningModule):
     """Whether validation generates completions itself (on-policy methods): then it keeps the first
     :attr:`held_out_sample_limit` of them in :attr:`held_out_samples` for
     :class:`lit_align.callbacks.Samples` instead of the callback generating again."""
+    runs_shared_prompts: ClassVar[bool] = False
+    """Whether the policy and reference log-probs come from :meth:`Backbone.logps` over rows that
+    share prompts, so ``model.prefix_sharing`` can run each prompt once (paired methods)."""
     exports_lora_adapter: ClassVar[bool] = True
     """Whether :meth:`export_hf` can write an adapter-only folder under LoRA (False: every export is
     a full model, so :class:`lit_align.callbacks.ExportHF` writes one folder)."""
@@ -84,10 +87,19 @@ class AlignmentModule(LightningModule):
         self.check_settings()
         self.model_settings = as_settings(model, ModelSettings)
         self.optimizer_settings = as_settings(optimizer, OptimizerSettings)
+        if self.model_settings.prefix_sharing and not self.runs_shared_prompts:
+            raise SettingError(
+                None,
+                "model.prefix_sharing",
+                f"{type(self).__name__} does not score responses that share a prompt through one log-prob pass "
+                "(prefix sharing is for paired methods: DPO and its variants, ORPO, SimPO, CPO, ...): remove "
+                "model.prefix_sharing",
+            )
         self.backbone = Backbone(self.model_settings, needs_reference=self.needs_reference, method=type(self).__name__)
         self.metrics = torch.nn.ModuleDict()
         self.current_batch: dict[str, torch.Tensor] | None = None
         """The batch of the step being run: objectives read per-example data columns from it (ODPO's scores)."""
+        self._prefix_sharing_checked = False
         self._policy_is_initial = True  # False once trained or loaded: then no reference can be derived from it
         self._reference_attached = False
         self.served_data: ServedData | None = None

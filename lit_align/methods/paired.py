@@ -9,7 +9,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 
+from lit_align.data.contract import ServedData
+from lit_align.errors import SettingError
 from lit_align.losses.types import PreferenceLoss, pairwise_accuracy
 from lit_align.methods.alignment import AlignmentModule
 from lit_align.model.logprobs import SequenceLogps
@@ -22,6 +25,8 @@ class PairedPreferenceModule(AlignmentModule):
         model: the causal LM, LoRA/QLoRA and reference source.
         optimizer: AdamW and learning-rate schedule.
     """
+
+    runs_shared_prompts = True
 
     # ---- the one method a new objective overrides -----------------------------------------
     def loss(
@@ -42,13 +47,39 @@ class PairedPreferenceModule(AlignmentModule):
 
     # ---- shared machinery ------------------------------------------------------------------
     def forward_pair(self, batch: dict[str, torch.Tensor]) -> PreferenceLoss:
-        """One concatenated policy forward over chosen+rejected, then the objective."""
+        """One policy forward over the chosen and rejected rows (each prompt once with
+        ``model.prefix_sharing``), the reference's, then the objective."""
         self.current_batch = batch
         chosen, rejected = self.backbone.logps(batch).split()
         ref_chosen = ref_rejected = None
         if self.needs_reference:
             ref_chosen, ref_rejected = self.reference_logps(batch).split()
         return with_logps(self.loss(chosen, rejected, ref_chosen, ref_rejected), chosen, rejected)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.model_settings.prefix_sharing:
+            check_prefix_sharing(self.trainer.strategy, self.served_data)
+
+    def prepare_data_for_method(self) -> None:
+        """Before anything runs shared prompts (a cached reference's precompute included), check
+        once that they give this model's whole-row log-probs."""
+        if self.model_settings.prefix_sharing and not self._prefix_sharing_checked:
+            try:
+                matches, difference = self.backbone.prefix_sharing_matches(self.device)
+            except ValueError as error:  # e.g. a cache with sliding-window layers
+                raise SettingError(None, "model.prefix_sharing", f"{error}: remove model.prefix_sharing") from None
+            if not matches:
+                raise SettingError(
+                    None,
+                    "model.prefix_sharing",
+                    f"with model.prefix_sharing the log-probs of {type(self.backbone.policy).__name__} (attention "
+                    f"{self.backbone.settings.attn_implementation!r}) differ from the unshared forward's by "
+                    f"{difference:.2e}: its attention or cache does not continue a prompt exactly; remove "
+                    "model.prefix_sharing",
+                )
+            self._prefix_sharing_checked = True
+        super().prepare_data_for_method()
 
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         output = self.forward_pair(batch)
@@ -76,3 +107,24 @@ def paired_metrics(output: PreferenceLoss) -> dict[str, torch.Tensor]:
         "rewards/margins": margins,
         **output.metrics,
     }
+
+
+def check_prefix_sharing(strategy: Strategy, served_data: ServedData | None) -> None:
+    """Refuse ``model.prefix_sharing`` where it cannot run: under FSDP (a prompt pass and a
+    response pass through each sharded layer per step are untested there) or with packed batches
+    (a packed row holds whole sequences back to back, not prompts once)."""
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        raise SettingError(
+            None,
+            "model.prefix_sharing",
+            f"model.prefix_sharing is not supported under {type(strategy).__name__}: use DDP or one device, or "
+            "remove model.prefix_sharing",
+        )
+    if served_data is not None and served_data.packing:
+        raise SettingError(
+            None,
+            "model.prefix_sharing",
+            "model.prefix_sharing and data packing both remove repeated work from a batch, in ways that do not "
+            "combine (a packed row holds whole sequences): remove one (data.init_args.packing or "
+            "model.prefix_sharing)",
+        )

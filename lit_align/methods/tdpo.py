@@ -33,6 +33,8 @@ class TDPO(PairedPreferenceModule):
             or ``tdpo1``.
     """
 
+    runs_shared_prompts = False  # its log-probs and KL come from the hidden states of every row
+
     def __init__(self, beta: Positive = 0.1, alpha: NonNegative = 0.5, variant: TDPOVariant = "tdpo2", **kwargs):
         resolve_reference(as_settings(kwargs.get("model"), ModelSettings), True, "TDPO").require_forward(
             "TDPO", KL_NEEDS

@@ -26,6 +26,7 @@ from lit_align.model.logprobs import (
     chunked_label_logps,
     naive_label_logps,
 )
+from lit_align.model.prefix_sharing import shared_prompt_hidden_states, split_shared_prompts
 from lit_align.model.reference import ReferenceSource, resolve_reference
 from lit_align.model.sharding import head_of, head_parameters, hidden_states_of, sharded_label_logps
 from lit_align.settings import ModelSettings
@@ -83,6 +84,14 @@ class Backbone(nn.Module):
         them (a value head reads the same pass); only the LM head then runs.
         """
         model = model if model is not None else self.policy
+        if self.settings.prefix_sharing and hidden is None and not is_packed(batch):
+            return self.shared_prompt_logps(batch, model)
+        return self.row_logps(batch, model, hidden)
+
+    def row_logps(
+        self, batch: dict[str, torch.Tensor], model: nn.Module, hidden: torch.Tensor | None = None
+    ) -> SequenceLogps:
+        """:meth:`logps` with every row run whole (no prefix sharing)."""
         labels = shift_labels(batch["labels"])
         chunk = self.settings.logp_chunk_size
         if chunk is None and hidden is None:
@@ -92,14 +101,28 @@ class Backbone(nn.Module):
             chunk = chunk or hidden.shape[0] * hidden.shape[1]
             # only response positions go through the LM head: prompt and padding rows are skipped
             scored = labels != IGNORE_INDEX
-            sharded = sharded_label_logps(model)
-            if sharded is not None:  # FSDP2: the hooks of the unit that holds the head gather its weight
-                values = sharded(hidden[scored], labels[scored], chunk)
-            else:
-                weight, bias = head_parameters(self.lm_head(model), hidden.dtype)
-                values = chunked_label_logps(hidden[scored], weight, labels[scored], bias, chunk_size=chunk)
-            tokens = padded_layout(values, batch, scored)
+            tokens = padded_layout(self._head_logps(model, hidden[scored], labels[scored], chunk), batch, scored)
         return SequenceLogps(tokens, response_mask(batch))
+
+    def _head_logps(self, model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Log-probs of ``labels`` [N] from the hidden states [N, H] that predict them, through
+        ``model``'s LM head in chunks."""
+        sharded = sharded_label_logps(model)
+        if sharded is not None:  # FSDP2: the hooks of the unit that holds the head gather its weight
+            return sharded(hidden, labels, chunk)
+        weight, bias = head_parameters(self.lm_head(model), hidden.dtype)
+        return chunked_label_logps(hidden, weight, labels, bias, chunk_size=chunk)
+
+    def shared_prompt_logps(self, batch: dict[str, torch.Tensor], model: nn.Module) -> SequenceLogps:
+        """:meth:`logps` of a padded pair batch with each prompt run once (``model.prefix_sharing``,
+        :mod:`lit_align.model.prefix_sharing`); the values land on :meth:`row_logps`' positions."""
+        labels = shift_labels(batch["labels"])
+        shared = split_shared_prompts(batch)
+        hidden = shared_prompt_hidden_states(model, shared)
+        scored = shared.response_labels != IGNORE_INDEX
+        chunk = self.settings.logp_chunk_size or int(scored.sum())
+        values = self._head_logps(model, hidden[scored], shared.response_labels[scored], chunk)
+        return SequenceLogps(padded_layout(values, batch, labels != IGNORE_INDEX), response_mask(batch))
 
     def hidden_states(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None) -> torch.Tensor:
         """``[R, L, H]`` last decoder hidden states of ``batch`` under ``model`` (default: the policy),
@@ -122,20 +145,47 @@ class Backbone(nn.Module):
     ) -> tuple[bool, float]:
         """Whether packed sequences stay isolated under this model's attention implementation:
         log-probs of two short random sequences packed into one row vs each alone."""
+        examples = self._random_pairs([(4, 5, 8)])
+        padded = PairCollator(self.tokenizer.pad_token_id)(examples)
+        packed = PackedPairCollator(capacity=64)(examples)
+        return self._agree(
+            lambda: self.row_logps(_to(padded, device), self.policy),
+            lambda: self.row_logps(_to(packed, device), self.policy),
+            tolerance,
+        )
+
+    @torch.no_grad()
+    def prefix_sharing_matches(self, device: torch.device | None = None, tolerance: float = 1e-4) -> tuple[bool, float]:
+        """Whether this model's log-probs with each prompt run once equal those of whole rows
+        (two random pairs of different lengths, so padding takes part), and by how much they differ."""
+        batch = _to(PairCollator(self.tokenizer.pad_token_id)(self._random_pairs([(4, 5, 8), (7, 3, 4)])), device)
+        return self._agree(
+            lambda: self.row_logps(batch, self.policy), lambda: self.shared_prompt_logps(batch, self.policy), tolerance
+        )
+
+    def _random_pairs(self, lengths: list[tuple[int, int, int]]) -> list[dict[str, list[int]]]:
+        """Pairs of random token ids (seeded) with the given (prompt, chosen, rejected) lengths."""
         generator = torch.Generator().manual_seed(0)
         vocab = min(self.policy.get_input_embeddings().num_embeddings, len(self.tokenizer))
-        ids = torch.randint(0, vocab, (17,), generator=generator).tolist()
-        examples = [{"prompt": ids[:4], "chosen": ids[4:9], "rejected": ids[9:17]}]
+        ids = torch.randint(0, vocab, (sum(map(sum, lengths)),), generator=generator).tolist()
+        pairs, start = [], 0
+        for prompt, chosen, rejected in lengths:
+            cuts = (start, start + prompt, start + prompt + chosen, start + prompt + chosen + rejected)
+            pairs.append(
+                {"prompt": ids[cuts[0] : cuts[1]], "chosen": ids[cuts[1] : cuts[2]], "rejected": ids[cuts[2] : cuts[3]]}
+            )
+            start = cuts[3]
+        return pairs
+
+    def _agree(self, first, second, tolerance: float) -> tuple[bool, float]:
+        """Whether two ways of computing the same log-probs (callables, run in eval mode) agree
+        within ``tolerance``, and the largest difference."""
         was_training = self.training
         self.eval()
         try:
-            padded = self.logps(
-                {k: v.to(device) for k, v in PairCollator(self.tokenizer.pad_token_id)(examples).items()}
-            )
-            packed = self.logps({k: v.to(device) for k, v in PackedPairCollator(capacity=64)(examples).items()})
+            difference = float((first().tokens - second().tokens).abs().max())
         finally:
             self.train(was_training)
-        difference = float((padded.tokens - packed.tokens).abs().max())
         return difference <= tolerance, difference
 
     def step_flops(self, batch: dict[str, torch.Tensor], train: bool) -> int:
@@ -143,23 +193,37 @@ class Backbone(nn.Module):
         plus a reference forward when the reference source runs one (see :mod:`lit_align.model.flops`)."""
         if self._flops is None:
             self._flops = flops_per_token(self.policy)
-        rows, seq_len = batch["input_ids"].shape  # packed rows: attention runs over the whole row
-        tokens = rows * seq_len
-        head_tokens = (
-            None
-            if self.settings.logp_chunk_size is None
-            else int((shift_labels(batch["labels"]) != IGNORE_INDEX).sum())
-        )
+        passes = self._passes(batch)
         policy = self._flops.forward_backward if train else self._flops.forward
-        total = policy(tokens, seq_len, head_tokens)
+        total = sum(policy(*shape) for shape in passes)
         if self.reference_source.runs_forward:  # the reference has the policy's architecture
-            total += self._flops.forward(tokens, seq_len, head_tokens)
+            total += sum(self._flops.forward(*shape) for shape in passes)
         return total
+
+    def _passes(self, batch: dict[str, torch.Tensor]) -> list[tuple[int, int, int | None]]:
+        """(tokens, attention length, LM-head tokens) of each decoder pass :meth:`logps` makes over
+        ``batch``: one over its rows, or with prefix sharing one over the prompts and one over the
+        responses (attending to prompt + response)."""
+        scored = int((shift_labels(batch["labels"]) != IGNORE_INDEX).sum())
+        if self.settings.prefix_sharing and not is_packed(batch):
+            shared = split_shared_prompts(batch)
+            prompts, prompt_len = shared.prompt_ids.shape
+            responses, response_len = shared.response_ids.shape
+            return [
+                (prompts * prompt_len, prompt_len, 0),
+                (responses * response_len, prompt_len + response_len, scored),
+            ]
+        rows, seq_len = batch["input_ids"].shape  # packed rows: attention runs over the whole row
+        return [(rows * seq_len, seq_len, None if self.settings.logp_chunk_size is None else scored)]
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> SequenceLogps:
         """Reference log-probs from the configured reference source (no gradients)."""
         return self.reference_source.logps(self, batch)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device | None) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bool]:

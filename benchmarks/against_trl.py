@@ -13,11 +13,15 @@
    timed between ``torch.cuda.synchronize()`` calls and memory is torch's peak allocated CUDA
    memory (``torch.cuda.max_memory_allocated``) instead of RSS. Both sides stay fp32 (TF32 off, the
    default for matmuls), so the ratio compares the same arithmetic; benchmarks/gpu.sh runs it.
+4. ``--prefix-sharing``: a third worker kind, lit-align with ``model.prefix_sharing`` (each prompt
+   run once, both responses continuing its KV cache), alternating with the other two; parity also
+   checks its per-token log-probs against TRL's.
 
     python benchmarks/against_trl.py                  # full run (~3 min on 2 idle cores)
     python benchmarks/against_trl.py --quick          # smoke run
     python benchmarks/against_trl.py --device cuda    # on a GPU
     python benchmarks/against_trl.py --lora 16        # both sides train rank-16 LoRA adapters
+    python benchmarks/against_trl.py --prefix-sharing # and lit-align with model.prefix_sharing
 
 Needs the benchmark extra: ``pip install trl matplotlib``.
 """
@@ -39,7 +43,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 MIB = 1024 * 1024
-FRAMEWORKS = ("lit-align", "trl")
+SHARED = "lit-align, prefix sharing"
+FRAMEWORKS = ("lit-align", SHARED, "trl")
+"""Worker kinds; the prefix-sharing one runs with ``--prefix-sharing`` only."""
 QUIET = {
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "TQDM_DISABLE": "1",
@@ -71,6 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="LoRA rank of the timed runs (0: full fine-tuning): peft adapters on every linear layer but the head, "
         "alpha 2 x rank, the reference = the same weights with adapters disabled, on both sides (parity runs at full "
         "fine-tuning)",
+    )
+    p.add_argument(
+        "--prefix-sharing",
+        action="store_true",
+        help="also time lit-align with model.prefix_sharing (each prompt run once; its own fresh processes, "
+        "alternating with the other two) and check its log-probs in the parity step",
     )
     add_run_args(p, quick="smoke run: small model, few steps, 1 repeat")
     args = p.parse_args(argv)
@@ -182,9 +194,10 @@ def read_pairs(workdir: Path) -> list[dict[str, str]]:
         return [json.loads(line) for line in f]
 
 
-def lit_module(args, name_or_path: str = "tiny", lora: bool = False):
+def lit_module(args, name_or_path: str = "tiny", lora: bool = False, prefix_sharing: bool = False):
     """lit-align's DPO module: full fine-tuning with a frozen-copy reference, or (``lora``) rank
-    ``args.lora`` adapters with the adapter-disabled weights as the reference."""
+    ``args.lora`` adapters with the adapter-disabled weights as the reference; ``prefix_sharing``:
+    each prompt run once (``model.prefix_sharing``)."""
     from lit_align.methods import DPO
     from lit_align.settings import LoRA, ModelSettings, OptimizerSettings, TinyModel
 
@@ -205,6 +218,7 @@ def lit_module(args, name_or_path: str = "tiny", lora: bool = False):
         logp_chunk_size=args.chunk,
         reference="adapter" if lora else "copy",
         lora=LoRA(r=args.lora, alpha=2 * args.lora, dropout=0.0, target_modules="all-linear") if lora else None,
+        prefix_sharing=prefix_sharing,
     )
     return DPO(
         beta=args.beta,
@@ -322,6 +336,7 @@ def parity(args, workdir: Path, module) -> dict:
         ).log_probs
         trl_ref = torch.cat(trainer.compute_ref_log_probs(trainer.ref_model, trl_batch))
         lit_tokens = module.backbone.logps(lit_batch).tokens[:, :-1]  # the last position predicts nothing
+        shared_tokens = module.backbone.shared_prompt_logps(lit_batch, lit_policy).tokens[:, :-1]
         lit_ref = module.reference_logps(lit_batch).sum
     trl_loss = trainer.compute_loss(trl_policy, trl_batch)  # TRL's DPO loss (sigmoid), with its metrics
     trl_loss.backward()
@@ -341,6 +356,7 @@ def parity(args, workdir: Path, module) -> dict:
         "shape": list(lit_batch["input_ids"].shape),
         "same_tokenization": own == ids,
         "token_abs": diff(lit_tokens, trl_tokens),
+        "shared_token_abs": diff(shared_tokens, trl_tokens),
         "policy_sum_abs": diff(lit_sums, trl_tokens.sum(1)),
         "policy_sum_rel": diff(lit_sums, trl_tokens.sum(1), rel=True),
         "sum_magnitude": float(lit_sums.abs().max()),
@@ -360,6 +376,7 @@ def parity(args, workdir: Path, module) -> dict:
     # agree to 1e-6 of their size). Within 1e-5 of the scale is parity.
     scales = {
         "token_abs": max(1.0, float(trl_tokens.abs().max())),
+        "shared_token_abs": max(1.0, float(trl_tokens.abs().max())),
         "loss_abs": max(1.0, abs(result["loss"]), args.beta * result["sum_magnitude"]),
         "grad_abs": max(1.0, result["grad_max"]),
     }
@@ -370,7 +387,7 @@ def parity(args, workdir: Path, module) -> dict:
     # SmolLM2's shape, measured 1.2e-5), on top of the matmuls' 1e-5
     slope = 4 * args.beta * result["sum_magnitude"] * torch.finfo(torch.float32).eps
     limits = {"grad_rel": 1e-5 + slope}
-    for key in ("token_rel", "loss_rel", "grad_rel", "policy_sum_rel", "ref_sum_rel"):
+    for key in ("token_rel", "shared_token_rel", "loss_rel", "grad_rel", "policy_sum_rel", "ref_sum_rel"):
         limit = limits.get(key, 1e-5)
         assert result[key] <= limit, f"parity failed: {key}={result[key]:.3g} (limit {limit:.3g})"
     return result
@@ -422,7 +439,7 @@ class StepTimer:
 
 def worker(args) -> None:
     timer, total = StepTimer(args.device), args.warmup + args.steps
-    if args.worker == "lit-align":
+    if args.worker != "trl":
         import lightning as L
 
         from lit_align.data import PreferenceDataModule
@@ -433,7 +450,7 @@ def worker(args) -> None:
         )
         timing = type("Timing", (L.Callback,), {"on_train_batch_start": timer.begin, "on_train_batch_end": timer.end})()
         trainer = timed_trainer(total, timing, args.device, gradient_clip_val=1.0)
-        module = lit_module(args, str(args.workdir / "model"), lora=args.lora > 0)
+        module = lit_module(args, str(args.workdir / "model"), lora=args.lora > 0, prefix_sharing=args.worker == SHARED)
         trainer.fit(module, data)
         policy = module.backbone.policy
     else:
@@ -517,10 +534,11 @@ def run_worker(args, framework: str, workdir: Path) -> dict:
 
 # ---------------------------------------------------------------------------- 3. report
 def framework_medians(runs: list[dict]) -> list[dict]:
-    """Per framework (lit-align, then TRL), the medians of its workers' results (``report_worker``
-    lines): step time, peak RSS, training peak above the first step, CPU time, and per-run values."""
+    """Per framework (in the order of ``runs``: lit-align first, TRL last), the medians of its
+    workers' results (``report_worker`` lines): step time, peak RSS, training peak above the first
+    step, CPU time, and per-run values."""
     med, rows = statistics.median, []
-    for fw in FRAMEWORKS:
+    for fw in dict.fromkeys(r["framework"] for r in runs):
         mine = [r for r in runs if r["framework"] == fw]
         rows.append(
             {
@@ -574,7 +592,7 @@ def report(args, runs: list[dict]) -> None:
         (axes[0], "median_step_s", "median step time (s)", "{:.2f}"),
         (axes[1], "peak_rss_mib", f"{memory} (MiB)", "{:.0f}"),
     ):
-        bars = ax.bar([r["framework"] for r in rows], [r[key] for r in rows], color=["tab:blue", "tab:orange"])
+        bars = ax.bar([r["framework"] for r in rows], [r[key] for r in rows], color=COLORS[: len(rows)])
         ax.bar_label(bars, labels=[fmt.format(r[key]) + f" ({r[key + '_ratio_vs_trl']:.2f}x)" for r in rows])
         ax.set_ylabel(label)
         ax.set_ylim(0, 1.15 * max(r[key] for r in rows))
@@ -585,6 +603,15 @@ def report(args, runs: list[dict]) -> None:
     )
     fig.tight_layout()
     fig.savefig(args.out_dir / "against_trl.png", dpi=120)
+
+
+COLORS = ["tab:blue", "tab:green", "tab:orange"]
+
+
+def timed_frameworks(args) -> tuple[str, ...]:
+    """The workers a run alternates: lit-align (and with ``--prefix-sharing`` lit-align sharing
+    prompts), then TRL."""
+    return FRAMEWORKS if args.prefix_sharing else (FRAMEWORKS[0], FRAMEWORKS[-1])
 
 
 def tuning(args) -> str:
@@ -629,14 +656,15 @@ def main() -> None:
             f"log-prob {r['token_abs']:.1e}; summed policy log-prob {r['policy_sum_abs']:.1e} (rel "
             f"{r['policy_sum_rel']:.0e}; |sum| up to "
             f"{r['sum_magnitude']:.0f}); summed reference log-prob {r['ref_sum_abs']:.1e} (rel "
-            f"{r['ref_sum_rel']:.0e}); DPO loss {r['loss']:.6f}, "
+            f"{r['ref_sum_rel']:.0e}); per-token policy log-prob with prefix sharing "
+            f"{r['shared_token_abs']:.1e}; DPO loss {r['loss']:.6f}, "
             f"|diff| {r['loss_abs']:.1e}; gradients {r['grad_abs']:.1e} (max |grad| {r['grad_max']:.1e}). "
             f"lit-align's own tokenization gives the same ids: {r['same_tokenization']}",
             flush=True,
         )
         runs = []
         for i in range(args.repeats):
-            for fw in FRAMEWORKS:  # A/B/A/B
+            for fw in timed_frameworks(args):  # A/B/A/B
                 for _ in range(3):  # the machine may be shared: repeat a run that had company
                     run = run_worker(args, fw, workdir)
                     w = run["wall"]

@@ -6,7 +6,8 @@
 #   3. rollout throughput, hf against vllm, on SmolLM2-135M (rollout_throughput.py --device cuda),
 #      where vllm imports (skipped with a message where it does not: it is an optional extra),
 #   4. the two against-TRL tables on the GPU (fp32, one fresh process per framework): offline DPO at
-#      SmolLM2-135M's shape (against_trl.py --device cuda) and a GRPO step (against_trl_grpo.py
+#      SmolLM2-135M's shape, with and without prefix sharing (against_trl.py --device cuda
+#      --prefix-sharing) and a GRPO step (against_trl_grpo.py
 #      --device cuda), where trl imports.
 # Needs a CUDA build of torch and `pip install -e '.[bench]'`. Results go to benchmarks/results/gpu/
 # (CSV, PNG, and the printed tables in gpu.log).
@@ -20,13 +21,13 @@ mkdir -p "$out"
 if [[ "${1:-}" == "--smoke" ]]; then
     device=(--device cpu --dtype float32) shape=(--shape quick) peak=1
     rollouts=(--device cpu --prompts 2 --samples 2 --new_tokens 8 --repeats 1 --variants hf vllm-bf16)
-    dpo=(--device cpu --quick) grpo=(--device cpu --quick)
+    dpo=(--device cpu --quick --prefix-sharing) grpo=(--device cpu --quick)
 else
     python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: run with --smoke to check the script on CPU")'
     device=(--device cuda --dtype bfloat16) shape=(--shape 1b) peak=${PEAK_TFLOPS:-989}
     rollouts=(--device cuda --variants hf hf-bf16 vllm vllm-bf16 vllm-bf16-compiled)
     dpo=(--device cuda --hidden 576 --layers 30 --heads 9 --intermediate 1536 --vocab 49152 --seq 512 --batch 2 --parity-pairs 2
-         --repeats 1)
+         --repeats 1 --prefix-sharing)
     grpo=(--device cuda --repeats 1)
 fi
 {

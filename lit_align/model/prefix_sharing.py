@@ -103,7 +103,8 @@ def shared_prompt_hidden_states(model: nn.Module, shared: SharedPrompts) -> torc
                 f"prefix sharing: {type(layer).__name__} cache layers (sliding window or recurrent state) cannot be "
                 "shared between responses"
             )
-        # each response row attends to its own copy of its prompt's keys and values (views of one graph)
+        # each response row attends to its own copy of its prompt's keys and values (repeat copies them;
+        # the gradients of the copies sum back into the one prompt pass)
         layer.keys = layer.keys.repeat(shared.groups, 1, 1, 1)
         layer.values = layer.values.repeat(shared.groups, 1, 1, 1)
     response_out = decoder(

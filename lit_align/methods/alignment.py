@@ -247,6 +247,14 @@ class AlignmentModule(LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, then the gradients freed. Lightning's closure runs the next
+        ``training_step``'s forward before it zeroes the gradients (forward, zero_grad, backward), so
+        without this the previous step's gradients (a full fine-tune: one more copy of the trained
+        weights) stay allocated through every forward pass and raise the peak by their size."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
     # ---- the data contract: request at setup; cached reference and packing before the first batch ----
     def data_request(self) -> DataRequest:
         """What this method needs of its data (:mod:`lit_align.data.contract`); methods that need

@@ -73,12 +73,13 @@ class ListwisePreferenceModule(AlignmentModule):
         raise NotImplementedError
 
     def forward_lists(self, batch: dict[str, torch.Tensor]) -> ListwiseLoss:
-        """One policy forward over the K responses of every prompt, then the objective."""
+        """The reference's forward, one policy forward over the K responses of every prompt (the
+        reference first, as in :meth:`PairedPreferenceModule.forward_pair`), then the objective."""
         self.current_batch = batch
-        policy = ResponseLists.gather(self.backbone.logps(batch), batch["list_index"])
         reference = (
             ResponseLists.gather(self.reference_logps(batch), batch["list_index"]) if self.needs_reference else None
         )
+        policy = ResponseLists.gather(self.backbone.logps(batch), batch["list_index"])
         return self.loss(policy, reference, batch["scores"])
 
     def step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:

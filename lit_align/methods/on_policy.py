@@ -464,6 +464,7 @@ class OnPolicyModule(AlignmentModule):
         if self.max_grad_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # freed now, not held through the next rollout and forward
         self.lr_schedulers().step()
         metrics["loss"] = loss.detach()
         self.log_metrics("train", {name: value.reshape(-1) for name, value in metrics.items()}, batch_size=part.size)

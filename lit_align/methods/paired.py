@@ -47,13 +47,15 @@ class PairedPreferenceModule(AlignmentModule):
 
     # ---- shared machinery ------------------------------------------------------------------
     def forward_pair(self, batch: dict[str, torch.Tensor]) -> PreferenceLoss:
-        """One policy forward over the chosen and rejected rows (each prompt once with
-        ``model.prefix_sharing``), the reference's, then the objective."""
+        """The reference's forward, one policy forward over the chosen and rejected rows (each
+        prompt once with ``model.prefix_sharing``), then the objective. The reference runs first so
+        its transient memory (the LM head's chunk, each layer's outputs) is freed before the
+        policy's activations are held for the backward pass."""
         self.current_batch = batch
-        chosen, rejected = self.backbone.logps(batch).split()
         ref_chosen = ref_rejected = None
         if self.needs_reference:
             ref_chosen, ref_rejected = self.reference_logps(batch).split()
+        chosen, rejected = self.backbone.logps(batch).split()
         return with_logps(self.loss(chosen, rejected, ref_chosen, ref_rejected), chosen, rejected)
 
     def setup(self, stage: str) -> None:

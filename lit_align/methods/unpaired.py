@@ -63,11 +63,12 @@ class UnpairedPreferenceModule(AlignmentModule):
         raise NotImplementedError
 
     def forward_unpaired(self, batch: dict[str, torch.Tensor]) -> UnpairedLoss:
-        """One policy forward over every row, then the objective."""
+        """The reference's forward, one policy forward over every row (the reference first, as in
+        :meth:`PairedPreferenceModule.forward_pair`), then the objective."""
         self.current_batch = batch
         desirable = batch["label"].bool()
-        rows = self.backbone.logps(batch)
         references = self.reference_logps(batch) if self.needs_reference else None
+        rows = self.backbone.logps(batch)
         completions, mismatched = _split_mismatched(rows, desirable.shape[0])
         ref_completions, ref_mismatched = (
             _split_mismatched(references, desirable.shape[0]) if references is not None else (None, None)

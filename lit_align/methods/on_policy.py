@@ -516,9 +516,10 @@ class OnPolicyModule(AlignmentModule):
 
     @torch.no_grad()
     def evaluate(self, batch: dict[str, Any], stage: str) -> None:
-        """Held-out prompts: one completion each at ``generation.eval_temperature``, scored by
-        ``eval_reward`` (else ``reward``); with both set, also by ``reward``
-        (``objective/train_reward_scores``)."""
+        """Held-out prompts: ``generation.eval_samples`` completions each (one by default) at
+        ``generation.eval_temperature``, scored by ``eval_reward`` (else ``reward``) and averaged per
+        prompt (``objective/scores``: mean@k); with both rewards set, also by ``reward``
+        (``objective/train_reward_scores``). Lengths and EOS rates are over every completion."""
         reward = self.eval_reward or self.reward
         if reward is None:
             raise SettingError(
@@ -526,21 +527,26 @@ class OnPolicyModule(AlignmentModule):
                 "reward",
                 f"{type(self).__name__} needs a reward to evaluate: set model.init_args.reward (or eval_reward)",
             )
-        tokens, ended, _ = self.sample(batch, 1, self.generation.eval_temperature)
+        k = self.generation.eval_samples
+        tokens, ended, _ = self.sample(batch, k, self.generation.eval_temperature)
         completions = self.decode(tokens)
+        prompts = [p for p in batch["prompts"] for _ in range(k)]  # the backends return each prompt's k in a row
         answers = batch.get("answers")
-        scores = score_completions(reward, batch["prompts"], completions, answers).to(self.device)
+        answers = [a for a in answers for _ in range(k)] if answers is not None else None
+        scores = score_completions(reward, prompts, completions, answers).to(self.device)
         self.log_reward_parts(stage, reward)
-        mask = tokens["labels"] != -100
-        values = {"objective/scores": scores, "response_length": mask.sum(-1).float(), "ended_with_eos": ended.float()}
+        per_prompt = {"objective/scores": scores.view(-1, k).mean(-1)}
         if self.eval_reward is not None and self.reward is not None:
-            values["objective/train_reward_scores"] = score_completions(
-                self.reward, batch["prompts"], completions, answers
-            ).to(self.device)
-        self.log_metrics(stage, values, batch_size=len(scores))
-        if self.held_out_samples is not None:  # the first ones, for the Samples callback
-            references = answers if answers is not None else [None] * len(completions)
-            rows = zip(batch["prompts"], completions, scores.tolist(), references, strict=True)
+            train_scores = score_completions(self.reward, prompts, completions, answers).to(self.device)
+            per_prompt["objective/train_reward_scores"] = train_scores.view(-1, k).mean(-1)
+        self.log_metrics(stage, per_prompt, batch_size=len(batch["prompts"]))
+        mask = tokens["labels"] != -100
+        per_completion = {"response_length": mask.sum(-1).float(), "ended_with_eos": ended.float()}
+        self.log_metrics(stage, per_completion, batch_size=len(completions))
+        if self.held_out_samples is not None:  # the first ones (each prompt's first completion), for Samples
+            first = slice(None, None, k)
+            references = answers[first] if answers is not None else [None] * len(batch["prompts"])
+            rows = zip(batch["prompts"], completions[first], scores[first].tolist(), references, strict=True)
             room = max(0, self.held_out_sample_limit - len(self.held_out_samples))
             self.held_out_samples += [
                 {"prompt": p, "completion": c, "score": s, **({"answer": a} if a is not None else {})}

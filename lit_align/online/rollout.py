@@ -25,6 +25,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from lit_align.data.labels import IGNORE_INDEX, shift_labels
 from lit_align.data.packing import at_positions
 from lit_align.data.tokenize import end_of_turn_ids
+from lit_align.errors import SettingError
 from lit_align.losses.sampler_correction import SAMPLER_CORRECTIONS
 from lit_align.settings import Count, NonNegative, NonNegativeInt, Positive, Range
 
@@ -85,12 +86,25 @@ class GenerationSettings:
     """Keep only the k most likely tokens (0 = off)."""
     eval_temperature: NonNegative = 0.0
     """Temperature for held-out evaluation (0 = greedy, deterministic)."""
+    eval_samples: Count = 1
+    """Completions per held-out prompt at ``eval_temperature`` (> 0); their scores are averaged per
+    prompt (mean@k), which lowers the sampling noise of the held-out score by sqrt(k)."""
     backend: Literal["hf", "vllm"] = "hf"
     """What samples the rollouts and held-out completions: ``hf`` (transformers ``generate`` on
     the policy itself) or ``vllm`` (a vLLM engine in each training process, the policy's weights
     pushed to it before each rollout; ``pip install lit-align[vllm]``)."""
     vllm: VLLMSettings = field(default_factory=VLLMSettings)
     """The vLLM engine's settings (only with ``backend: vllm``)."""
+
+    def __post_init__(self) -> None:
+        if self.eval_samples > 1 and self.eval_temperature == 0:
+            raise SettingError(
+                None,
+                "generation.eval_samples",
+                f"generation.eval_samples={self.eval_samples} completions per held-out prompt at "
+                "generation.eval_temperature 0 (greedy) are all the same completion: set eval_temperature > 0, "
+                "or eval_samples 1",
+            )
 
     def config(self, tokenizer, samples: int, temperature: float) -> GenerationConfig:
         sampling = temperature > 0

@@ -25,7 +25,7 @@ class FirstOfEachGroup(RewardFunction):
         return [float(i % self.k == 0) for i in range(len(completions))]
 
 
-def validate(k: int, held_out_samples: list | None = None) -> tuple[dict, FirstOfEachGroup, list[str]]:
+def validate(k: int, held_out_samples: list) -> tuple[dict, FirstOfEachGroup]:
     L.seed_everything(0)
     reward = FirstOfEachGroup(k)
     module = GRPO(
@@ -38,16 +38,16 @@ def validate(k: int, held_out_samples: list | None = None) -> tuple[dict, FirstO
     module.held_out_samples, module.held_out_sample_limit = held_out_samples, 100  # as the Samples callback sets them
     data = PromptDataModule(task=WordRulesTask(num_train=8, num_val=6), batch_size=6, max_length=32)
     (metrics,) = quiet_trainer(limit_val_batches=1).validate(module, data, verbose=False)
-    return metrics, reward, data
+    return metrics, reward
 
 
 @pytest.mark.parametrize("k", [1, 4])
 def test_held_out_scores_are_averaged_over_each_prompts_k_completions(k):
     """Scores 1, 0, ..., 0 within each prompt's k completions: val/objective/scores is exactly 1/k,
     so the k completions of a prompt are scored together and averaged per prompt; every prompt is
-    scored k times in a row; lengths count every completion."""
+    scored k times in a row; the samples kept for people are each prompt's first completion."""
     samples: list = []
-    metrics, reward, _ = validate(k, samples)
+    metrics, reward = validate(k, samples)
     assert metrics["val/objective/scores"] == pytest.approx(1 / k)
     prompts = reward.prompts
     assert len(prompts) == 6 * k

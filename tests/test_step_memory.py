@@ -1,6 +1,6 @@
 """What a training step keeps allocated: gradients are freed right after each optimizer step (not
 held through the next forward pass, as Lightning's closure would: forward, zero_grad, backward), and
-a paired method's reference runs before the policy holds its activations. The memory these save
+a preference method's reference runs before the policy holds its activations. The memory these save
 is measured in benchmarks/against_trl.py (docs/benchmarks.md); here, the behaviour."""
 
 from __future__ import annotations
@@ -36,13 +36,12 @@ class GradientsAtBatchStart(L.Callback):
         self.at_start.append(self.holding(pl_module))
 
 
-def fit_dpo(callbacks, **trainer_settings) -> DPO:
+def fit_dpo(callbacks, **trainer_settings) -> None:
     L.seed_everything(0)
     module = DPO(model=ModelSettings(reference="copy"), optimizer=OptimizerSettings(lr=1e-3))
     data = PreferenceDataModule(task=WordRulesTask(num_train=16, num_val=4), batch_size=2, max_length=32)
     settings = {"limit_val_batches": 0, "num_sanity_val_steps": 0, **trainer_settings}
     quiet_trainer(callbacks=callbacks, **settings).fit(module, data)
-    return module
 
 
 def test_gradients_are_freed_after_each_optimizer_step_not_held_through_the_next_forward():

@@ -325,8 +325,7 @@ class OnPolicyModule(AlignmentModule):
         policy's log-probs; without it the caller fills them with :meth:`Rollout.take_sampling_pass`."""
         samples = self.samples_per_prompt if samples is None else samples
         tokens, ended, sampler_logps = self.sample(batch, samples, temperature)
-        prompts = [prompt for prompt in batch["prompts"] for _ in range(samples)]
-        answers = [answer for answer in batch.get("answers") or [None] * len(batch["prompts"]) for _ in range(samples)]
+        prompts, answers = each_repeated(batch, samples)
         completions = self.decode(tokens)
         scores = score_completions(self.reward, prompts, completions, answers).to(self.device)
         self.log_reward_parts("train", self.reward)
@@ -530,9 +529,7 @@ class OnPolicyModule(AlignmentModule):
         k = self.generation.eval_samples
         tokens, ended, _ = self.sample(batch, k, self.generation.eval_temperature)
         completions = self.decode(tokens)
-        prompts = [p for p in batch["prompts"] for _ in range(k)]  # the backends return each prompt's k in a row
-        answers = batch.get("answers")
-        answers = [a for a in answers for _ in range(k)] if answers is not None else None
+        prompts, answers = each_repeated(batch, k)
         scores = score_completions(reward, prompts, completions, answers).to(self.device)
         self.log_reward_parts(stage, reward)
         per_prompt = {"objective/scores": scores.view(-1, k).mean(-1)}
@@ -545,13 +542,20 @@ class OnPolicyModule(AlignmentModule):
         self.log_metrics(stage, per_completion, batch_size=len(completions))
         if self.held_out_samples is not None:  # the first ones (each prompt's first completion), for Samples
             first = slice(None, None, k)
-            references = answers[first] if answers is not None else [None] * len(batch["prompts"])
-            rows = zip(batch["prompts"], completions[first], scores[first].tolist(), references, strict=True)
+            rows = zip(batch["prompts"], completions[first], scores[first].tolist(), answers[first], strict=True)
             room = max(0, self.held_out_sample_limit - len(self.held_out_samples))
             self.held_out_samples += [
                 {"prompt": p, "completion": c, "score": s, **({"answer": a} if a is not None else {})}
                 for p, c, s, a in rows
             ][:room]
+
+
+def each_repeated(batch: dict[str, Any], samples: int) -> tuple[list, list]:
+    """The batch's prompts and reference answers (None where it has none), each repeated ``samples``
+    times in a row: the layout in which every generation backend returns a prompt's completions."""
+    prompts = batch["prompts"]
+    answers = batch.get("answers") or [None] * len(prompts)
+    return [p for p in prompts for _ in range(samples)], [a for a in answers for _ in range(samples)]
 
 
 class ActorCriticModule(OnPolicyModule):

@@ -13,7 +13,7 @@ lit-align eval --model runs/.../last.ckpt|outputs/policy --data FILE [--reward C
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import importlib.util
 import logging
 import os
 import signal
@@ -43,6 +43,7 @@ from lit_align.methods.alignment import AlignmentModule  # noqa: E402
 from lit_align.report.model_card import record_from_checkpoint  # noqa: E402
 from lit_align.runtime.atomic import AtomicCheckpointIO, unwritable  # noqa: E402
 from lit_align.runtime.checkpoints import load_module_from_checkpoint, read_checkpoint  # noqa: E402
+from lit_align.runtime.lightning_internals import RichProgressBarUnlimitedEpochs  # noqa: E402
 from lit_align.settings import Range, check_values  # noqa: E402
 
 # settings dataclasses document each field in an attribute docstring: show them in --help
@@ -152,6 +153,8 @@ class LitAlignCLI(LightningCLI):
         kwargs["callbacks"] = configured + [
             cb for cb in defaults if not any(isinstance(c, type(cb)) for c in configured)
         ]
+        if _draws_lightnings_rich_bar(kwargs, init.get("trainer") or {}):
+            kwargs["callbacks"].append(RichProgressBarUnlimitedEpochs())
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # checkpoints written in place, atomically
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -240,6 +243,17 @@ class LitAlignCLI(LightningCLI):
         if self.trainer.is_global_zero and after is not None:
             before = "" if not self._before else f"{self._before[metric]:.3f} -> "
             print(f"held-out {metric}: {before}{float(after):.3f}", flush=True)
+
+
+def _draws_lightnings_rich_bar(kwargs: dict, trainer_init: dict) -> bool:
+    """Whether the trainer built from ``kwargs`` (and the config's ``trainer``) would get Lightning's
+    default Rich progress bar: the bar is enabled, no progress bar is configured, and ``rich`` is
+    installed (Lightning draws its tqdm bar otherwise)."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    enabled = kwargs.get("enable_progress_bar", trainer_init.get("enable_progress_bar"))
+    configured_bar = any(isinstance(c, ProgressBar) for c in kwargs["callbacks"])
+    return enabled is not False and not configured_bar and importlib.util.find_spec("rich") is not None
 
 
 def export_main(argv: list[str]) -> None:

@@ -139,6 +139,29 @@ def test_throughput_monitor_meters_take_the_given_peak_flops(tmp_path):
     assert isinstance(monitor, ThroughputMonitor)
 
 
+# ---- 6: RichProgressBar._get_train_description ------------------------------------------------------
+def test_the_rich_bar_labels_training_through_get_train_description(tmp_path):
+    """With max_steps and no max_epochs the epochs are unlimited (-1); the training bar's label,
+    which Lightning still takes from _get_train_description, names the epoch without a total."""
+    message = changed("RichProgressBar._get_train_description", "RichProgressBarUnlimitedEpochs overrides")
+    labels = []
+
+    class Recording(internals.RichProgressBarUnlimitedEpochs):
+        def _get_train_description(self, current_epoch: int) -> str:
+            labels.append(super()._get_train_description(current_epoch))
+            return labels[-1]
+
+    run = trainer(tmp_path, max_steps=7, limit_train_batches=4, enable_progress_bar=True, callbacks=[Recording()])
+    run.fit(BoringModel())
+    assert run.max_epochs == -1, run.max_epochs
+    assert [label.strip() for label in labels] == ["Epoch 0", "Epoch 1"], message
+    labels.clear()
+    trainer(tmp_path, max_epochs=2, limit_train_batches=2, enable_progress_bar=True, callbacks=[Recording()]).fit(
+        BoringModel()
+    )
+    assert [label.strip() for label in labels] == ["Epoch 0/1", "Epoch 1/1"], message  # a real total is kept
+
+
 # ---- behaviour of public APIs that lit-align relies on ---------------------------------------------
 class CountedBoring(BoringModel):
     """BoringModel on a ResumableLoader; checks at every batch end how many batches it handed out."""

@@ -398,6 +398,38 @@ def test_cli_adds_the_reliability_callbacks_without_duplicating_configured_ones(
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
+def test_cli_labels_the_progress_bar_without_a_negative_epoch_total(tmp_path, monkeypatch):
+    """A max_steps run (epochs unlimited) gets lit-align's Rich bar, labelled "Epoch 1", not
+    Lightning 2.6's "Epoch 1/-2"; a configured bar, or --trainer.enable_progress_bar false, is kept."""
+    from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+
+    from lit_align.cli import TRAINER_DEFAULTS, LitAlignCLI
+    from lit_align.data.datamodule import PreferenceDataModule as Base
+    from lit_align.methods.alignment import AlignmentModule
+    from lit_align.runtime.lightning_internals import RichProgressBarUnlimitedEpochs
+
+    monkeypatch.chdir(tmp_path)
+
+    def bars(*args):
+        cli = LitAlignCLI(
+            AlignmentModule,
+            Base,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            trainer_defaults=TRAINER_DEFAULTS,
+            run=False,
+            args=["--config", str(DPO_YAML), "--trainer.max_steps", "5", *args],
+        )
+        return cli.trainer, [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]
+
+    run, (bar,) = bars("--trainer.enable_progress_bar", "true")  # its label: test_lightning_internals.py
+    assert type(bar) is RichProgressBarUnlimitedEpochs and run.max_steps == 5
+    _, (bar,) = bars("--trainer.callbacks+=TQDMProgressBar")
+    assert type(bar) is TQDMProgressBar
+    assert bars("--trainer.enable_progress_bar", "false")[1] == []
+
+
 # ---- 3. non-finite losses ------------------------------------------------------------------------
 class NaNDPO(DPO):
     """DPO whose training loss is NaN at optimizer step 3."""

@@ -1,6 +1,6 @@
 """Every private Lightning name lit-align uses, here and nowhere else.
 
-Lightning offers no public way to do what lit-align does with the five names below; each is
+Lightning offers no public way to do what lit-align does with the six names below; each is
 wrapped here under a name of our own. ``tests/test_lightning_internals.py`` touches each one
 (the attribute exists, takes the arguments used here and does what is relied on), so an upgrade
 of Lightning that renames or changes one fails there, with the internal named.
@@ -24,6 +24,11 @@ of Lightning that renames or changes one fails there, with the internal named.
 5. ``ThroughputMonitor._throughputs``: the per-stage ``Throughput`` meters, built in ``setup``
    from Lightning's FLOP table; :class:`lit_align.callbacks.Throughput` gives them the user's
    ``peak_flops`` (needed on CPUs and GPUs the table lacks). Here: :func:`throughput_meters`.
+6. ``RichProgressBar._get_train_description(current_epoch)``: the training bar's label. With
+   ``max_steps`` and no ``max_epochs`` Lightning sets ``max_epochs`` to -1 (no limit) and 2.6 labels
+   the bar ``Epoch 1/-2``; fixed upstream after 2.6 (Lightning PR #21924: no total when the epochs
+   are unlimited). Here: :class:`RichProgressBarUnlimitedEpochs`, which ``lit-align fit`` uses
+   where Lightning would pick its Rich bar; drop it once the requirement starts at a fixed release.
 
 Tested with Lightning 2.6.0 and 2.6.6 (the test above, the exact-resume tests and the FSDP test),
 the range :data:`TESTED_LIGHTNING` covers and ``pyproject.toml`` requires. Every internal above is
@@ -48,7 +53,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning import Trainer
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import RichProgressBar, ThroughputMonitor
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.strategies.fsdp import _setup_activation_checkpointing
 from torch import nn
@@ -91,3 +96,13 @@ def stop_as_on_sigterm(trainer: Trainer) -> None:
 def throughput_meters(monitor: ThroughputMonitor) -> list[Any]:
     """The ``Throughput`` meters a ``ThroughputMonitor`` built in ``setup`` (internal 5)."""
     return list(monitor._throughputs.values())
+
+
+class RichProgressBarUnlimitedEpochs(RichProgressBar):
+    """Lightning's Rich progress bar, labelled ``Epoch N`` rather than ``Epoch N/-2`` when the
+    epochs are unlimited (``max_epochs`` -1, as with ``max_steps``; internal 6)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs is None or self.trainer.max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        return f"Epoch {current_epoch}".ljust(len(self.validation_description))

@@ -354,27 +354,29 @@ def test_sigterm_saves_a_checkpoint_at_the_next_batch_boundary_and_resumes_exact
     assert_continues_reference(train_metrics(resumed), reference.metrics, first_step=8)
 
 
-def test_cli_adds_the_reliability_callbacks_without_duplicating_configured_ones(tmp_path, monkeypatch):
+def built_cli(*args: str):
+    """``lit-align fit --config configs/dpo.yaml ARGS``'s CLI object, built but not run."""
     from lit_align.cli import TRAINER_DEFAULTS, LitAlignCLI
     from lit_align.data.datamodule import PreferenceDataModule as Base
     from lit_align.methods.alignment import AlignmentModule
 
+    return LitAlignCLI(
+        AlignmentModule,
+        Base,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        trainer_defaults=TRAINER_DEFAULTS,
+        run=False,
+        args=["--config", str(DPO_YAML), *args],
+    )
+
+
+def test_cli_adds_the_reliability_callbacks_without_duplicating_configured_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
-    def build(*args):
-        return LitAlignCLI(
-            AlignmentModule,
-            Base,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,
-            trainer_defaults=TRAINER_DEFAULTS,
-            run=False,
-            args=["--config", str(DPO_YAML), *args],
-        )
-
     def callbacks(*args):
-        return build(*args).trainer.callbacks
+        return built_cli(*args).trainer.callbacks
 
     default = callbacks()
     assert [type(c) for c in default].count(SaveOnSigterm) == 1
@@ -394,7 +396,7 @@ def test_cli_adds_the_reliability_callbacks_without_duplicating_configured_ones(
     assert guard.max_skipped == 3
     assert any(isinstance(c, ExportHF) for c in configured)
     assert [type(c) for c in configured].count(SaveOnSigterm) == 1
-    cli = build()
+    cli = built_cli()
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
@@ -403,25 +405,13 @@ def test_cli_labels_the_progress_bar_without_a_negative_epoch_total(tmp_path, mo
     Lightning 2.6's "Epoch 1/-2"; a configured bar, or --trainer.enable_progress_bar false, is kept."""
     from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
-    from lit_align.cli import TRAINER_DEFAULTS, LitAlignCLI
-    from lit_align.data.datamodule import PreferenceDataModule as Base
-    from lit_align.methods.alignment import AlignmentModule
     from lit_align.runtime.lightning_internals import RichProgressBarUnlimitedEpochs
 
     monkeypatch.chdir(tmp_path)
 
     def bars(*args):
-        cli = LitAlignCLI(
-            AlignmentModule,
-            Base,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,
-            trainer_defaults=TRAINER_DEFAULTS,
-            run=False,
-            args=["--config", str(DPO_YAML), "--trainer.max_steps", "5", *args],
-        )
-        return cli.trainer, [c for c in cli.trainer.callbacks if isinstance(c, ProgressBar)]
+        trainer = built_cli("--trainer.max_steps", "5", *args).trainer
+        return trainer, [c for c in trainer.callbacks if isinstance(c, ProgressBar)]
 
     run, (bar,) = bars("--trainer.enable_progress_bar", "true")  # its label: test_lightning_internals.py
     assert type(bar) is RichProgressBarUnlimitedEpochs and run.max_steps == 5

@@ -36,7 +36,7 @@ from lit_align.report.model_card import (
     settings_config,
 )
 from lit_align.runtime.rng import RNG_STATES_KEY, rng_state, set_rng_state
-from lit_align.runtime.trainer import distributed
+from lit_align.runtime.trainer import destroy_process_group_at_exit, distributed
 from lit_align.settings import (
     ModelSettings,
     OptimizerSettings,
@@ -269,7 +269,11 @@ class AlignmentModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         """Hand the data module this method's request and keep its answer (a lit-align data
-        module; other data is used as it is, unchecked)."""
+        module; other data is used as it is, unchecked). Under a process group (which the strategy
+        has started by now), see that it is destroyed at exit
+        (:func:`lit_align.runtime.trainer.destroy_process_group_at_exit`)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            destroy_process_group_at_exit()
         datamodule = self.trainer.datamodule
         self.served_data = (
             datamodule.serve(self.data_request()) if isinstance(datamodule, AlignmentDataModule) else None

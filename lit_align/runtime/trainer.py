@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
+
+import torch
 from lightning import LightningModule, Trainer
 
 
@@ -18,3 +21,26 @@ def distributed(module: LightningModule) -> bool:
     """Whether ``module`` runs under a trainer with more than one process."""
     trainer = attached_trainer(module)
     return trainer is not None and trainer.world_size > 1
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy torch.distributed's default process group when the interpreter exits, if it is
+    still there then (registered once per process).
+
+    Lightning registers this for NCCL only. A gloo group left for the interpreter's finalisation
+    can abort the process there ("terminate called without an active exception", exit status
+    -6) after training has finished: its worker threads still hold work whose tensors need the
+    interpreter to free (the cause given in PyTorch PR #179291, which proposed this for every
+    backend and was withdrawn). Seen in this project's CI after a two-process test had passed."""
+    global _registered
+    if not _registered:
+        atexit.register(_destroy_process_group)
+        _registered = True
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+_registered = False

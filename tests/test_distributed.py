@@ -361,40 +361,12 @@ def test_on_policy_methods_under_fsdp2_reproduce_the_unsharded_run(tmp_path, met
     assert sharded["val"] == unsharded["val"]
 
 
-EXIT_CHECK_SCRIPT = """
-import atexit, sys
-import lightning as L
-import torch.distributed as dist
-from lit_align.data import PreferenceDataModule, WordRulesTask
-from lit_align.methods import DPO
-
-# registered first, so it runs last: after every handler registered during fit
-atexit.register(lambda: print("process group at exit:", dist.is_initialized(), flush=True))
-trainer = L.Trainer(
-    accelerator="cpu", devices=1, strategy="ddp", max_steps=1, logger=False, enable_checkpointing=False,
-    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-)
-task = WordRulesTask(num_train=4, num_val=2)
-trainer.fit(DPO(), PreferenceDataModule(batch_size=2, max_length=32, task=task, cache_dir=sys.argv[1]))
-print("process group after fit:", dist.get_backend())
-"""
-
-
 def test_a_gloo_process_group_is_destroyed_before_the_interpreter_finalises(tmp_path):
     """Lightning destroys only an NCCL group at exit; a gloo group left to the interpreter's
     finalisation can abort a finished run (exit status -6, seen in CI). A fit under DDP (one
     process, gloo) leaves the group in place for the user but registers its destruction: the
     check registered before fit, run after every later exit handler, finds it gone."""
-    script = tmp_path / "exit_check.py"
-    script.write_text(EXIT_CHECK_SCRIPT)
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    )
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "cache")], env=env, capture_output=True, text=True, timeout=300
-    )
+    done = run_ddp_script("process_group_at_exit.py", tmp_path / "cache")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "process group after fit: gloo" in done.stdout, done.stdout
     assert done.stdout.rstrip().endswith("process group at exit: False"), done.stdout

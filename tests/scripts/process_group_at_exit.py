@@ -10,26 +10,15 @@ group still exists when the interpreter starts to shut down.
 import atexit
 import sys
 
-import lightning as L
 import torch.distributed as dist
+from _ddp import two_process_trainer
 
 from lit_align.data import PreferenceDataModule, WordRulesTask
 from lit_align.methods import DPO
 
 if __name__ == "__main__":
     atexit.register(lambda: print("process group at exit:", dist.is_initialized(), flush=True))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy="ddp",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = two_process_trainer(max_steps=1, devices=1)  # one process, still DDP over gloo
     task = WordRulesTask(num_train=4, num_val=2)
     trainer.fit(DPO(), PreferenceDataModule(batch_size=2, max_length=32, task=task, cache_dir=sys.argv[1]))
     print("process group after fit:", dist.get_backend())

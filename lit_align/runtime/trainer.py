@@ -31,7 +31,8 @@ def destroy_process_group_at_exit() -> None:
     can abort the process there ("terminate called without an active exception", exit status
     -6) after training has finished: its worker threads still hold work whose tensors need the
     interpreter to free (the cause given in PyTorch PR #179291, which proposed this for every
-    backend and was withdrawn). Seen in this project's CI after a two-process test had passed."""
+    backend and was withdrawn). Seen in this project's CI after a two-process test had finished
+    training."""
     global _registered
     if not _registered:
         atexit.register(_destroy_process_group)

@@ -228,7 +228,9 @@ def lit_module(args, name_or_path: str = "tiny", lora: bool = False, prefix_shar
     )
 
 
-def trl_trainer(args, workdir: Path, max_steps: int, n_records: int, callbacks=(), lora: bool = False):
+def trl_trainer(
+    args, workdir: Path, max_steps: int, n_records: int, callbacks=(), lora: bool = False, device: str = "cpu"
+):
     """TRL's DPOTrainer on the saved model: full fine-tuning with a frozen reference copy, or (``lora``)
     peft adapters as :func:`lit_module` makes them, the reference being the adapters disabled."""
     import torch
@@ -254,7 +256,7 @@ def trl_trainer(args, workdir: Path, max_steps: int, n_records: int, callbacks=(
         weight_decay=0.0,
         max_grad_norm=1.0,
         bf16=False,
-        use_cpu=args.device == "cpu",
+        use_cpu=device == "cpu",  # parity stays on CPU also where a GPU is there (TRL would take it)
         max_length=args.seq,
         beta=args.beta,
         loss_type=["sigmoid"],
@@ -458,7 +460,13 @@ def worker(args) -> None:
 
         timing = type("Timing", (TrainerCallback,), {"on_step_begin": timer.begin, "on_step_end": timer.end})()
         trainer = trl_trainer(
-            args, args.workdir, max_steps=total, n_records=total * args.batch, callbacks=[timing], lora=args.lora > 0
+            args,
+            args.workdir,
+            max_steps=total,
+            n_records=total * args.batch,
+            callbacks=[timing],
+            lora=args.lora > 0,
+            device=args.device,
         )
         trainer.train()
         policy = trainer.model

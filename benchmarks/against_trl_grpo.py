@@ -204,7 +204,15 @@ def lit_module(args, name_or_path: str = "tiny", beta: float | None = None, full
 
 
 def trl_trainer(
-    args, workdir: Path, max_steps: int, prompts: list[str], per_step: int, samples: int, beta: float, callbacks=()
+    args,
+    workdir: Path,
+    max_steps: int,
+    prompts: list[str],
+    per_step: int,
+    samples: int,
+    beta: float,
+    callbacks=(),
+    device: str = "cpu",
 ):
     """TRL's trainer: ``per_step`` prompts x ``samples`` completions per optimizer step, all generated at once."""
     import torch
@@ -244,7 +252,7 @@ def trl_trainer(
         weight_decay=0.0,
         max_grad_norm=1.0,
         bf16=False,
-        use_cpu=args.device == "cpu",
+        use_cpu=device == "cpu",  # parity stays on CPU also where a GPU is there (TRL would take it)
         model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
         report_to="none",
         save_strategy="no",
@@ -488,7 +496,7 @@ def worker(args) -> None:
 
         timing = type("Timing", (TrainerCallback,), {"on_step_begin": timer.begin, "on_step_end": step_end})()
         held["trainer"] = trl_trainer(
-            args, args.workdir, total, prompts, args.prompts, args.samples, args.beta, [timing]
+            args, args.workdir, total, prompts, args.prompts, args.samples, args.beta, [timing], device=args.device
         )
         held["trainer"].train()
     assert all(n == args.max_new_tokens for n in completion_tokens), completion_tokens

@@ -13,15 +13,17 @@
 # (CSV, PNG, and the printed tables in gpu.log).
 #
 #   benchmarks/gpu.sh                 # on the GPU; PEAK_TFLOPS (dense bf16) defaults to 989, an H100/H200 SXM
-#   benchmarks/gpu.sh --smoke         # the same steps on CPU at the smallest shapes: checks the script, in ~4 min
+#   benchmarks/gpu.sh --smoke         # the same steps at the smallest shapes: checks the script in ~4 min on
+#                                     # CPU, or in about a minute on the GPU (where CUDA is there) before the real run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results/gpu}
 mkdir -p "$out"
 if [[ "${1:-}" == "--smoke" ]]; then
-    device=(--device cpu --dtype float32) shape=(--shape quick) peak=1
-    rollouts=(--device cpu --prompts 2 --samples 2 --new_tokens 8 --repeats 1 --variants hf vllm-bf16)
-    dpo=(--device cpu --quick --prefix-sharing) grpo=(--device cpu --quick)
+    if python -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then on=cuda dtype=bfloat16; else on=cpu dtype=float32; fi
+    device=(--device $on --dtype $dtype) shape=(--shape quick) peak=1
+    rollouts=(--device $on --prompts 2 --samples 2 --new_tokens 8 --repeats 1 --variants hf vllm-bf16)
+    dpo=(--device $on --quick --prefix-sharing) grpo=(--device $on --quick)
 else
     python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: run with --smoke to check the script on CPU")'
     device=(--device cuda --dtype bfloat16) shape=(--shape 1b) peak=${PEAK_TFLOPS:-989}
@@ -30,20 +32,26 @@ else
          --repeats 1 --prefix-sharing)
     grpo=(--device cuda --repeats 1)
 fi
+failed=()
+step() {  # one table: a step that fails is reported and the next one still runs
+    echo "== $*"
+    "$@" || { echo "!! failed (exit $?): $*"; failed+=("$2"); }
+}
 {
-    python benchmarks/anatomy.py "${device[@]}" --rounds 1 ${1:+--quick} --name anatomy_bf16 --out "$out"
-    python benchmarks/anatomy.py "${device[@]}" "${shape[@]}" --rounds 1 --peak-tflops "$peak" --name mfu_1b \
+    step python benchmarks/anatomy.py "${device[@]}" "${shape[@]}" --rounds 1 --peak-tflops "$peak" --name mfu_1b \
         --variants "DPO, cached reference" "DPO, frozen-copy reference" --out "$out"
     if python -c 'import vllm' 2>/dev/null; then
-        VLLM_ENABLE_V1_MULTIPROCESSING=0 python benchmarks/rollout_throughput.py "${rollouts[@]}" \
+        VLLM_ENABLE_V1_MULTIPROCESSING=0 step python benchmarks/rollout_throughput.py "${rollouts[@]}" \
             --name rollout_throughput --out "$out"
     else
         echo "rollout throughput skipped: vllm is not installed here (pip install 'lit-align[vllm]')"
     fi
     if python -c 'import trl' 2>/dev/null; then
-        python benchmarks/against_trl.py "${dpo[@]}" --max-other-load 2 --out-dir "$out"
-        python benchmarks/against_trl_grpo.py "${grpo[@]}" --max-other-load 2 --out-dir "$out"
+        step python benchmarks/against_trl_grpo.py "${grpo[@]}" --max-other-load 2 --out-dir "$out"
+        step python benchmarks/against_trl.py "${dpo[@]}" --max-other-load 2 --out-dir "$out"
     else
         echo "against-TRL tables skipped: trl is not installed here (pip install -e '.[bench]')"
     fi
+    step python benchmarks/anatomy.py "${device[@]}" --rounds 1 ${1:+--quick} --name anatomy_bf16 --out "$out"
+    if ((${#failed[@]})); then echo "failed: ${failed[*]}"; exit 1; fi
 } 2>&1 | tee "$out/gpu.log"

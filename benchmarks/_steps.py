@@ -128,7 +128,7 @@ def main(spec: dict) -> dict:
 
     for batch in data[: spec["warmup"]]:
         step(batch)
-    times, tokens = [], 0
+    times, tokens = [], []
     with PeakDeviceMemory() if device.type == "cuda" else PeakRSS() as peak:
         for batch in data[spec["warmup"] :]:
             synchronize()
@@ -136,13 +136,14 @@ def main(spec: dict) -> dict:
             step(batch)
             synchronize()
             times.append(time.perf_counter() - start)
-            tokens += int(batch["seq_lens"].sum()) if "seq_lens" in batch else int(batch["attention_mask"].sum())
+            tokens.append(int(batch["seq_lens"].sum()) if "seq_lens" in batch else int(batch["attention_mask"].sum()))
     pairs = spec["batch"]
     flops_per_step = module.backbone.step_flops(data[0], train=True)
     result = {
         **spec,
         "step_s": median(times),
-        "tokens_per_s": tokens / sum(times),
+        # the median step's rate, like step_s: one slow step (a GPU's first large allocation) does not move it
+        "tokens_per_s": median(n / t for n, t in zip(tokens, times, strict=True)),
         "peak_step_mib": peak.delta / 2**20,
         "flops_per_pair": flops_per_step / pairs,
         "model_tflops_per_s": flops_per_step / median(times) / 1e12,

@@ -13,8 +13,9 @@
 # (CSV, PNG, and the printed tables in gpu.log).
 #
 #   benchmarks/gpu.sh                 # on the GPU; PEAK_TFLOPS (dense bf16) defaults to 989, an H100/H200 SXM
-#   benchmarks/gpu.sh --smoke         # the same steps at the smallest shapes: checks the script in ~4 min on
-#                                     # CPU, or in about a minute on the GPU (where CUDA is there) before the real run
+#   benchmarks/gpu.sh --smoke         # the same steps at the smallest shapes (on the GPU where CUDA is there):
+#                                     # checks the script, ~4 min on 2 CPU cores; no faster on the H200 machine,
+#                                     # where each fresh worker process took ~20 s to start
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results/gpu}

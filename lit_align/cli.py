@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 from typing import Annotated, Literal
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -227,7 +228,10 @@ class LitAlignCLI(LightningCLI):
             if isinstance(self.trainer.strategy, FSDPStrategy):
                 # FSDP flattens the module's parameters in place: a wrapper built for validate
                 # leaves them sharded for the one fit builds; the first validation of fit shows the start
-                print("validate_before_fit skipped under FSDP", flush=True)
+                from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+                if rank_zero_only.rank == 0:  # every process runs this CLI; one line is enough
+                    print("validate_before_fit skipped under FSDP", flush=True)
                 return
             if self.config[self.subcommand].get("ckpt_path"):
                 # the model here is the freshly built one, not the checkpoint's: its score would be
@@ -240,9 +244,31 @@ class LitAlignCLI(LightningCLI):
     def after_fit(self) -> None:
         metric = self.model.headline_metric
         after = self.trainer.callback_metrics.get(metric)
-        if self.trainer.is_global_zero and after is not None:
+        if not self.trainer.is_global_zero:
+            return
+        if after is not None:
             before = "" if not self._before else f"{self._before[metric]:.3f} -> "
             print(f"held-out {metric}: {before}{float(after):.3f}", flush=True)
+        line = run_folder_line(self.trainer.logger)
+        if line:
+            print(line, flush=True)
+
+
+RUN_FILES = ("curves.png", "samples", "metrics.csv", "checkpoints")
+"""What a person looks at in a run's folder, in the order the closing line names them."""
+
+
+def run_folder_line(logger) -> str | None:
+    """The closing line that says where the run's curves, samples, metrics and checkpoints went (the
+    logger's folder, as process 0 sees it: ``Trainer.log_dir`` would be a collective), or None when
+    nothing was logged there."""
+    folder = getattr(logger, "log_dir", None)
+    if not folder or not Path(folder).is_dir():
+        return None
+    found = [
+        name + ("/" if (Path(folder) / name).is_dir() else "") for name in RUN_FILES if (Path(folder) / name).exists()
+    ]
+    return f"run folder: {folder}" + (f" ({', '.join(found)})" if found else "")
 
 
 def _draws_lightnings_rich_bar(kwargs: dict, trainer_init: dict) -> bool:

@@ -163,6 +163,11 @@ def test_resuming_fit_does_not_report_the_fresh_models_score_as_its_start(capsys
     main(["fit", *flags, "--trainer.max_steps", "2"])
     first = capsys.readouterr().out
     assert re.search(r"held-out val/rewards/accuracies: 0\.\d+ -> \d\.\d+", first), first
+    # the closing line says where to look, and names only what is there
+    folder, named = re.search(r"run folder: (\S+) \((.+)\)\n", first).groups()
+    assert Path(folder).resolve() == Path("runs/lightning_logs/version_0").resolve(), folder
+    assert named.split(", ")[:1] == ["curves.png"] and "checkpoints/" in named.split(", "), named
+    assert all((Path(folder) / name).exists() for name in named.split(", ")), named
     (checkpoint,) = Path("runs").rglob("*.ckpt")
     main(["fit", *flags, "--trainer.max_steps", "4", "--ckpt_path", str(checkpoint)])
     resumed = capsys.readouterr().out

@@ -78,7 +78,8 @@ class Samples(Callback):
                     "must be 0 under FSDP: held-out samples cannot be generated there (every process holds a shard "
                     "of the weights); remove the Samples callback, or set count: 0",
                 )
-            log.info("held-out samples are not generated under FSDP")
+            if trainer.is_global_zero:
+                log.info("held-out samples are not generated under FSDP")
             self._active = False
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: AlignmentModule) -> None:

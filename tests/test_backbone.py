@@ -28,14 +28,15 @@ def tiny_batch(tokenizer, pairs=(("Write in capitals: abc\n", "ABC", "abc"), ("R
     return PairCollator(tokenizer.pad_token_id)(examples)
 
 
-def test_chunked_logps_equal_naive_values_and_gradients():
+@pytest.mark.parametrize("chunk_size", [5, 64], ids=["several chunks", "one chunk, logits kept"])
+def test_chunked_logps_equal_naive_values_and_gradients(chunk_size):
     """Chunked log-probs from hidden states == log_softmax over full logits (fp32, 1e-5), grads too."""
     torch.manual_seed(0)
     hidden = torch.randn(3, 11, 32, requires_grad=True)
     weight = torch.randn(97, 32, requires_grad=True)
     labels = torch.randint(0, 97, (3, 11))
     labels[:, :4] = -100
-    chunked = chunked_label_logps(hidden, weight, labels, chunk_size=5)
+    chunked = chunked_label_logps(hidden, weight, labels, chunk_size=chunk_size)
     g_chunk = torch.autograd.grad(chunked.sum(), (hidden, weight))
     naive = naive_label_logps(hidden @ weight.T, labels)
     g_naive = torch.autograd.grad(naive.sum(), (hidden, weight))
@@ -43,6 +44,34 @@ def test_chunked_logps_equal_naive_values_and_gradients():
     assert torch.all(chunked[:, :4] == 0)
     for a, b in zip(g_chunk, g_naive, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_one_chunk_keeps_its_logits_so_backward_skips_the_head_matmul():
+    """N rows, hidden H, vocab V: backward recomputes the logits (2NHV FLOPs) and then forms the
+    hidden and weight gradients (2NHV each): 6NHV. When all rows fit in one chunk the forward's
+    logits are kept: 4NHV. A second backward through the same graph gives the same gradients (the
+    kept logits are not overwritten)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    n, h, v = 12, 16, 40
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = torch.randn(v, h, requires_grad=True)
+    labels = torch.randint(0, v, (n,))
+
+    def backward_flops(chunk_size, retain=False):
+        out = chunked_label_logps(hidden, weight, labels, chunk_size=chunk_size).sum()
+        with FlopCounterMode(display=False) as counter:
+            grads = torch.autograd.grad(out, (hidden, weight), retain_graph=retain)
+        return counter.get_total_flops(), grads, out
+
+    recomputed, grads_recomputed, _ = backward_flops(chunk_size=n - 1)
+    kept, grads_kept, out = backward_flops(chunk_size=n, retain=True)
+    assert recomputed == 6 * n * h * v and kept == 4 * n * h * v, (recomputed, kept)
+    again = torch.autograd.grad(out, (hidden, weight))
+    for a, b, c in zip(grads_kept, grads_recomputed, again, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(c, a, atol=0, rtol=0)
 
 
 def test_backbone_chunked_path_equals_full_logits_path_with_parameter_gradients():

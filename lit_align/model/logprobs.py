@@ -5,7 +5,9 @@ the same size for backward). :func:`chunked_label_logps` instead multiplies the 
 output embedding a chunk of tokens at a time, keeps only one number per token (the log-sum-exp) for
 backward, and recomputes each chunk's softmax in backward. Peak memory falls from O(N*V) to
 O(chunk*V) with the same FLOPs up to one extra logits matmul in backward, and the numbers equal the
-naive path's (tested in fp32 to 1e-5, values and gradients).
+naive path's (tested in fp32 to 1e-5, values and gradients). When every row fits in one chunk the
+forward's logits (chunk*V floats, the size of the buffer the recompute would allocate) are kept for
+backward instead, which skips that extra matmul.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class _ChunkedLabelLogps(torch.autograd.Function):
         valid = labels != IGNORE_INDEX
         safe_labels = labels.clamp(min=0)
         matmul_dtype = weight.dtype
+        # one chunk and a backward to come: keep its logits rather than recompute them in backward
+        keep_logits = n_rows <= chunk_size and any(ctx.needs_input_grad[:3])
+        kept = torch.empty(0)
         for start in range(0, n_rows, chunk_size):
             stop = min(start + chunk_size, n_rows)
             raw = F.linear(hidden[start:stop], weight, bias)
@@ -39,17 +44,20 @@ class _ChunkedLabelLogps(torch.autograd.Function):
             picked = logits.gather(-1, safe_labels[start:stop, None]).squeeze(-1)
             out[start:stop] = picked - lse
             lse_all[start:stop] = lse
+            if keep_logits:
+                kept = logits
         out = out * valid
         # backward runs outside autocast: it repeats the matmul in the precision the forward used
         ctx.matmul_dtype = matmul_dtype
-        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), labels, lse_all)
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), labels, lse_all, kept)
+        ctx.kept_logits = keep_logits
         ctx.has_bias = bias is not None
         ctx.chunk_size = chunk_size
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, labels, lse_all = ctx.saved_tensors
+        hidden, weight, bias, labels, lse_all, kept = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
         valid = labels != IGNORE_INDEX
         safe_labels = labels.clamp(min=0)
@@ -65,8 +73,12 @@ class _ChunkedLabelLogps(torch.autograd.Function):
                 continue
             # d(logit_label - lse)/d logits = onehot(label) - softmax, built in place in the
             # freshly computed logits buffer (one chunk-sized tensor, no temporaries)
-            grad_logits = F.linear(hidden[start:stop].to(mm), weight_mm, bias_mm).to(acc)
-            grad_logits.sub_(lse_all[start:stop, None]).exp_().mul_(-g[:, None])
+            if ctx.kept_logits:  # a new buffer: the saved logits stay intact for a second backward
+                grad_logits = kept.sub(lse_all[start:stop, None])
+            else:
+                grad_logits = F.linear(hidden[start:stop].to(mm), weight_mm, bias_mm).to(acc)
+                grad_logits.sub_(lse_all[start:stop, None])
+            grad_logits.exp_().mul_(-g[:, None])
             grad_logits.scatter_add_(-1, safe_labels[start:stop, None], g[:, None])
             grads.add(start, stop, grad_logits, hidden, weight_mm)
         return *grads.result(), None, None

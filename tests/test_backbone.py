@@ -49,8 +49,8 @@ def test_chunked_logps_equal_naive_values_and_gradients(chunk_size):
 def test_one_chunk_keeps_its_logits_so_backward_skips_the_head_matmul():
     """N rows, hidden H, vocab V: backward recomputes the logits (2NHV FLOPs) and then forms the
     hidden and weight gradients (2NHV each): 6NHV. When all rows fit in one chunk the forward's
-    logits are kept: 4NHV. A second backward through the same graph gives the same gradients (the
-    kept logits are not overwritten)."""
+    logits are kept and become the gradient buffer: 4NHV. A second backward through the same graph
+    (retain_graph) recomputes them and gives the same gradients."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)

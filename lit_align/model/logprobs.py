@@ -6,8 +6,9 @@ output embedding a chunk of tokens at a time, keeps only one number per token (t
 backward, and recomputes each chunk's softmax in backward. Peak memory falls from O(N*V) to
 O(chunk*V) with the same FLOPs up to one extra logits matmul in backward, and the numbers equal the
 naive path's (tested in fp32 to 1e-5, values and gradients). When every row fits in one chunk the
-forward's logits (chunk*V floats, the size of the buffer the recompute would allocate) are kept for
-backward instead, which skips that extra matmul.
+forward's logits are kept until backward and become its gradient buffer (the one chunk*V tensor the
+recompute would allocate), which skips that extra matmul; a module that calls the head twice before
+one backward holds two such buffers during the second call.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class _ChunkedLabelLogps(torch.autograd.Function):
         matmul_dtype = weight.dtype
         # one chunk and a backward to come: keep its logits rather than recompute them in backward
         keep_logits = n_rows <= chunk_size and any(ctx.needs_input_grad[:3])
-        kept = torch.empty(0)
+        ctx.kept_logits = None
         for start in range(0, n_rows, chunk_size):
             stop = min(start + chunk_size, n_rows)
             raw = F.linear(hidden[start:stop], weight, bias)
@@ -45,19 +46,21 @@ class _ChunkedLabelLogps(torch.autograd.Function):
             out[start:stop] = picked - lse
             lse_all[start:stop] = lse
             if keep_logits:
-                kept = logits
+                ctx.kept_logits = logits
         out = out * valid
         # backward runs outside autocast: it repeats the matmul in the precision the forward used
         ctx.matmul_dtype = matmul_dtype
-        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), labels, lse_all, kept)
-        ctx.kept_logits = keep_logits
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), labels, lse_all)
         ctx.has_bias = bias is not None
         ctx.chunk_size = chunk_size
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, labels, lse_all, kept = ctx.saved_tensors
+        hidden, weight, bias, labels, lse_all = ctx.saved_tensors
+        # the kept logits become the gradient buffer (no second chunk-sized tensor at the start of
+        # backward, where the activations are all still held); a second backward recomputes them
+        kept, ctx.kept_logits = ctx.kept_logits, None
         bias = bias if ctx.has_bias else None
         valid = labels != IGNORE_INDEX
         safe_labels = labels.clamp(min=0)
@@ -73,12 +76,11 @@ class _ChunkedLabelLogps(torch.autograd.Function):
                 continue
             # d(logit_label - lse)/d logits = onehot(label) - softmax, built in place in the
             # freshly computed logits buffer (one chunk-sized tensor, no temporaries)
-            if ctx.kept_logits:  # a new buffer: the saved logits stay intact for a second backward
-                grad_logits = kept.sub(lse_all[start:stop, None])
+            if kept is not None:
+                grad_logits = kept
             else:
                 grad_logits = F.linear(hidden[start:stop].to(mm), weight_mm, bias_mm).to(acc)
-                grad_logits.sub_(lse_all[start:stop, None])
-            grad_logits.exp_().mul_(-g[:, None])
+            grad_logits.sub_(lse_all[start:stop, None]).exp_().mul_(-g[:, None])
             grad_logits.scatter_add_(-1, safe_labels[start:stop, None], g[:, None])
             grads.add(start, stop, grad_logits, hidden, weight_mm)
         return *grads.result(), None, None

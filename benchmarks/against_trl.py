@@ -16,12 +16,19 @@
 4. ``--prefix-sharing``: a third worker kind, lit-align with ``model.prefix_sharing`` (each prompt
    run once, both responses continuing its KV cache), alternating with the other two; parity also
    checks its per-token log-probs against TRL's.
+5. ``--floor``: one more worker kind, the decoder alone in a hand-written loop: the same rows
+   through the same layers (the policy forward and backward, the frozen reference's forward), the
+   same clipping and AdamW step, but no LM head, log-probs or loss (the sum of the last hidden
+   states at response positions is what it differentiates). A DPO step that runs whole rows through
+   these layers with the same eager kernels cannot take less: the floor under the step-time ratio
+   (a time floor; the loop takes no care where its memory peaks).
 
     python benchmarks/against_trl.py                  # full run (~3 min on 2 idle cores)
     python benchmarks/against_trl.py --quick          # smoke run
     python benchmarks/against_trl.py --device cuda    # on a GPU
     python benchmarks/against_trl.py --lora 16        # both sides train rank-16 LoRA adapters
     python benchmarks/against_trl.py --prefix-sharing # and lit-align with model.prefix_sharing
+    python benchmarks/against_trl.py --floor          # and the decoder-only floor
 
 Needs the benchmark extra: ``pip install trl matplotlib``.
 """
@@ -44,8 +51,9 @@ HERE = Path(__file__).resolve().parent
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 MIB = 1024 * 1024
 SHARED = "lit-align, prefix sharing"
-FRAMEWORKS = ("lit-align", SHARED, "trl")
-"""Worker kinds; the prefix-sharing one runs with ``--prefix-sharing`` only."""
+FLOOR = "decoder alone (floor)"
+FRAMEWORKS = ("lit-align", SHARED, FLOOR, "trl")
+"""Worker kinds; the prefix-sharing one runs with ``--prefix-sharing`` only, the floor with ``--floor``."""
 QUIET = {
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "TQDM_DISABLE": "1",
@@ -84,8 +92,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also time lit-align with model.prefix_sharing (each prompt run once; its own fresh processes, "
         "alternating with the other two) and check its log-probs in the parity step",
     )
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time the decoder alone (whole rows through the layers, the reference's forward, AdamW; no LM "
+        "head or loss): the least a DPO step over whole rows can take with the same kernels",
+    )
     add_run_args(p, quick="smoke run: small model, few steps, 1 repeat")
     args = p.parse_args(argv)
+    if args.floor and args.lora:
+        p.error("--floor is the floor of full fine-tuning; it has no LoRA counterpart (drop --lora or --floor)")
     if args.quick:
         args.hidden, args.layers, args.intermediate, args.vocab, args.seq = 64, 2, 128, 4096, 64
         args.warmup, args.steps, args.repeats = 1, 3, 1
@@ -441,7 +457,14 @@ class StepTimer:
 
 def worker(args) -> None:
     timer, total = StepTimer(args.device), args.warmup + args.steps
-    if args.worker != "trl":
+    if args.worker == FLOOR:
+        from transformers import AutoModelForCausalLM
+
+        policy = AutoModelForCausalLM.from_pretrained(
+            args.workdir / "model", dtype="float32", attn_implementation="sdpa"
+        )
+        decoder_floor(args, policy.to(args.device), timer, total)
+    elif args.worker != "trl":
         import lightning as L
 
         from lit_align.data import PreferenceDataModule
@@ -472,6 +495,35 @@ def worker(args) -> None:
         policy = trainer.model
     # the parameters each side trains (the same count: full fine-tuning, or the same adapters)
     report_worker(args, timer, total, trained=sum(p.numel() for p in policy.parameters() if p.requires_grad))
+
+
+def decoder_floor(args, policy, timer: "StepTimer", total: int) -> None:
+    """``total`` steps of the decoder alone (``--floor``): each step, ``args.batch`` pairs of rows of
+    ``args.seq`` tokens (token values do not change the arithmetic) through the frozen reference's
+    layers without gradients and the policy's with, the sum of the policy's last hidden states at
+    response positions (the second half of each row) as the loss, clipping to norm 1 and an AdamW
+    step. What it leaves out, against a DPO step over the same rows, is the LM head, the log-probs and
+    the loss: a floor, not a DPO implementation."""
+    import copy
+
+    import torch
+
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr)
+    rows = torch.randint(
+        0, policy.config.vocab_size, (2 * args.batch, args.seq), generator=torch.Generator().manual_seed(0)
+    )
+    rows, response = rows.to(policy.device), slice(args.seq // 2 - 1, -1)
+    for _ in range(total):
+        timer.begin()
+        with torch.no_grad():
+            reference.model(input_ids=rows).last_hidden_state[:, response].sum()
+        loss = policy.model(input_ids=rows).last_hidden_state[:, response].sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        timer.end()
 
 
 def timed_trainer(total: int, timing, device: str = "cpu", **settings):
@@ -573,10 +625,9 @@ def report(args, runs: list[dict]) -> None:
         for key in ("median_step_s", "peak_rss_mib", "train_peak_above_first_step_mib", "median_step_cpu_s")
     ):
         row[key + "_ratio_vs_trl"] = row[key] / rows[-1][key]
-    memory = memory_label(args.device)
     print(
-        f"| framework | median step s | ratio vs TRL | {memory} MiB | ratio | training peak above the memory at "
-        "the 1st step MiB | ratio |\n|---|---|---|---|---|---|---|"
+        f"| framework | median step s | ratio vs TRL | {memory_label(args.device)} MiB | ratio | training peak "
+        "above the memory at the 1st step MiB | ratio |\n|---|---|---|---|---|---|---|"
     )
     for r in rows:
         print(
@@ -590,6 +641,14 @@ def report(args, runs: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in rows)
+    plot(args, rows)
+
+
+def plot(args, rows: list[dict]) -> None:
+    """Bars of median step time and peak memory per framework (``report``'s rows, ratios to TRL's
+    included): ``args.out_dir``/against_trl.png."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -598,9 +657,13 @@ def report(args, runs: list[dict]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, key, label, fmt in (
         (axes[0], "median_step_s", "median step time (s)", "{:.2f}"),
-        (axes[1], "peak_rss_mib", f"{memory} (MiB)", "{:.0f}"),
+        (axes[1], "peak_rss_mib", f"{memory_label(args.device)} (MiB)", "{:.0f}"),
     ):
-        bars = ax.bar([r["framework"] for r in rows], [r[key] for r in rows], color=COLORS[: len(rows)])
+        bars = ax.bar(
+            [textwrap.fill(r["framework"], 14) for r in rows],
+            [r[key] for r in rows],
+            color=[COLORS[r["framework"]] for r in rows],
+        )
         ax.bar_label(bars, labels=[fmt.format(r[key]) + f" ({r[key + '_ratio_vs_trl']:.2f}x)" for r in rows])
         ax.set_ylabel(label)
         ax.set_ylim(0, 1.15 * max(r[key] for r in rows))
@@ -613,13 +676,14 @@ def report(args, runs: list[dict]) -> None:
     fig.savefig(args.out_dir / "against_trl.png", dpi=120)
 
 
-COLORS = ["tab:blue", "tab:green", "tab:orange"]
+COLORS = {"lit-align": "tab:blue", SHARED: "tab:green", FLOOR: "tab:gray", "trl": "tab:orange"}
 
 
 def timed_frameworks(args) -> tuple[str, ...]:
     """The workers a run alternates: lit-align (and with ``--prefix-sharing`` lit-align sharing
-    prompts), then TRL."""
-    return FRAMEWORKS if args.prefix_sharing else (FRAMEWORKS[0], FRAMEWORKS[-1])
+    prompts, with ``--floor`` the decoder alone), then TRL."""
+    asked = {SHARED: args.prefix_sharing, FLOOR: args.floor}
+    return tuple(fw for fw in FRAMEWORKS if asked.get(fw, True))
 
 
 def tuning(args) -> str:

@@ -5,8 +5,9 @@
 #   rollouts  rollout throughput, hf against vllm, on SmolLM2-135M (rollout_throughput.py --device cuda),
 #             where vllm imports (skipped with a message where it does not: it is an optional extra)
 #   grpo      a GRPO step against TRL's (against_trl_grpo.py --device cuda), where trl imports
-#   dpo       offline DPO against TRL at SmolLM2-135M's shape, with and without prefix sharing
-#             (against_trl.py --device cuda --prefix-sharing), where trl imports
+#   dpo       offline DPO against TRL at SmolLM2-135M's shape, with and without prefix sharing, beside the
+#             decoder-alone floor
+#             (against_trl.py --device cuda --prefix-sharing --floor), where trl imports
 #   anatomy   the DPO/ORPO forward-pass anatomy in bf16 (anatomy.py --device cuda --dtype bfloat16)
 # The against-TRL tables are fp32 with one fresh process per framework. Needs a CUDA build of torch and
 # `pip install -e '.[bench]'`. Results go to benchmarks/results/gpu/ (CSV, PNG; the printed tables are
@@ -32,13 +33,13 @@ if [[ -n $smoke ]]; then
     if python -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then on=cuda dtype=bfloat16; else on=cpu dtype=float32; fi
     device=(--device $on --dtype $dtype) shape=(--shape quick) peak=1 quick=(--quick)
     rollouts=(--device $on --prompts 2 --samples 2 --new_tokens 8 --repeats 1 --variants hf vllm-bf16)
-    dpo=(--device $on --quick --prefix-sharing) grpo=(--device $on --quick)
+    dpo=(--device $on --quick --prefix-sharing --floor) grpo=(--device $on --quick)
 else
     python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device: run with --smoke to check the script on CPU")'
     device=(--device cuda --dtype bfloat16) shape=(--shape 1b) peak=${PEAK_TFLOPS:-989} quick=()
     rollouts=(--device cuda --variants hf hf-bf16 vllm vllm-bf16 vllm-bf16-compiled)
     dpo=(--device cuda --hidden 576 --layers 30 --heads 9 --intermediate 1536 --vocab 49152 --seq 512 --batch 2 --parity-pairs 2
-         --repeats 1 --prefix-sharing)
+         --repeats 1 --prefix-sharing --floor)
     grpo=(--device cuda --repeats 1)
 fi
 failed=()

@@ -17,9 +17,10 @@
    run once, both responses continuing its KV cache), alternating with the other two; parity also
    checks its per-token log-probs against TRL's.
 5. ``--floor``: one more worker kind, the decoder alone in a hand-written loop: the same rows
-   through the same layers (the policy forward and backward, the frozen reference's forward), the
-   same clipping and AdamW step, but no LM head, log-probs or loss (the sum of the last hidden
-   states at response positions is what it differentiates). A DPO step that runs whole rows through
+   through the same layers (the policy forward and backward, the reference's forward: a frozen
+   copy, or with ``--lora`` the same adapters disabled), the same clipping and AdamW step, but no
+   LM head, log-probs or loss (the sum of the last hidden states at response positions is what it
+   differentiates). A DPO step that runs whole rows through
    these layers with the same eager kernels cannot take less: the floor under the step-time ratio
    (a time floor; the loop takes no care where its memory peaks).
 
@@ -100,8 +101,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     add_run_args(p, quick="smoke run: small model, few steps, 1 repeat")
     args = p.parse_args(argv)
-    if args.floor and args.lora:
-        p.error("--floor is the floor of full fine-tuning; it has no LoRA counterpart (drop --lora or --floor)")
     if args.quick:
         args.hidden, args.layers, args.intermediate, args.vocab, args.seq = 64, 2, 128, 4096, 64
         args.warmup, args.steps, args.repeats = 1, 3, 1
@@ -499,28 +498,38 @@ def worker(args) -> None:
 
 def decoder_floor(args, policy, timer: "StepTimer", total: int) -> None:
     """``total`` steps of the decoder alone (``--floor``): each step, ``args.batch`` pairs of rows of
-    ``args.seq`` tokens (token values do not change the arithmetic) through the frozen reference's
-    layers without gradients and the policy's with, the sum of the policy's last hidden states at
-    response positions (the second half of each row) as the loss, clipping to norm 1 and an AdamW
-    step. What it leaves out, against a DPO step over the same rows, is the LM head, the log-probs and
-    the loss: a floor, not a DPO implementation."""
+    ``args.seq`` tokens (token values do not change the arithmetic) through the reference's layers
+    without gradients and the policy's with, the sum of the policy's last hidden states at response
+    positions (the second half of each row) as the loss, clipping to norm 1 and an AdamW step. Full
+    fine-tuning: the reference is a frozen copy; with ``--lora``: peft adapters as both sides train
+    them (:func:`trl_lora`), the reference the adapters disabled. What it leaves out, against a DPO
+    step over the same rows, is the LM head, the log-probs and the loss: a floor, not a DPO
+    implementation."""
+    import contextlib
     import copy
 
     import torch
 
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr)
+    if args.lora:
+        from peft import get_peft_model
+
+        model = get_peft_model(policy, trl_lora(args))  # wraps the linear layers of ``policy`` in place
+        reference, reference_off = policy.model, model.disable_adapter
+    else:
+        reference, reference_off = copy.deepcopy(policy).eval().requires_grad_(False).model, contextlib.nullcontext
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=args.lr)
     rows = torch.randint(
         0, policy.config.vocab_size, (2 * args.batch, args.seq), generator=torch.Generator().manual_seed(0)
     )
     rows, response = rows.to(policy.device), slice(args.seq // 2 - 1, -1)
     for _ in range(total):
         timer.begin()
-        with torch.no_grad():
-            reference.model(input_ids=rows).last_hidden_state[:, response].sum()
+        with torch.no_grad(), reference_off():
+            reference(input_ids=rows).last_hidden_state[:, response].sum()
         loss = policy.model(input_ids=rows).last_hidden_state[:, response].sum()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         timer.end()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import gc
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning
@@ -204,3 +206,20 @@ def test_each_process_drives_its_own_engine_under_ddp_and_fsdp2(tmp_path, strate
     ``tests/scripts/ddp_vllm_backend.py``."""
     result = run_ddp_script("ddp_vllm_backend.py", tmp_path, strategy, weights)
     assert result.returncode == 0 and "OK 3 rollouts" in result.stdout, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]  # vLLM's teardown at exit included
+
+
+@pytest.mark.slow
+def test_the_docs_command_runs_and_exits_without_a_traceback(tmp_path):
+    """docs/rollouts.md's command (shortened to 2 steps), in a process of its own so its exit runs:
+    vLLM's teardown of its process group once raised at every exit, after training had finished."""
+    command = [
+        *(sys.executable, "-m", "lit_align.cli", "fit", f"--config={CONFIGS / 'grpo.yaml'}"),
+        *("--model.init_args.generation.backend", "vllm", "--model.init_args.model.name_or_path", "tiny"),
+        *("--model.init_args.model.tiny", "{hidden_size: 128, num_heads: 4}", "--trainer.max_steps=2"),
+    ]
+    path = os.pathsep.join(filter(None, [str(CONFIGS.parent), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "run folder:" in result.stdout, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]

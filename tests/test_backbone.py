@@ -208,3 +208,34 @@ def test_chunked_logps_under_bf16_autocast_match_naive_and_backpropagate():
     for a, b in zip(g_chunk, g_naive, strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, atol=0.05, rtol=0.02)
+
+
+def layer_calls_in_one_step(backbone: Backbone) -> int:
+    """How often the first decoder layer runs in one forward and backward of the policy: once,
+    or twice when gradient checkpointing recomputes it in the backward pass."""
+    calls = []
+    model = backbone.policy.get_base_model() if backbone.is_peft else backbone.policy
+    # transformers checkpoints a layer's forward, not its __call__ (its hooks stay outside): count
+    # the attention inside it, from its start (recomputation stops once it has what backward needs)
+    handle = model.model.layers[0].self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        (-backbone.logps(tiny_batch(backbone.tokenizer)).sum.mean()).backward()
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+@pytest.mark.parametrize("lora", [None, LoRA(r=4)], ids=["full", "lora"])
+def test_a_policy_loaded_from_disk_trains_in_train_mode_so_gradient_checkpointing_recomputes(tmp_path, lora):
+    """from_pretrained returns a model in eval mode, and Lightning keeps modes through fit: the
+    policy must be put in train mode, or transformers skips gradient checkpointing (it checks
+    ``self.training``) and the setting does nothing. The reference stays in eval mode."""
+    saved = Backbone(ModelSettings(), needs_reference=False)
+    saved.policy.save_pretrained(tmp_path)
+    saved.tokenizer.save_pretrained(tmp_path)
+    settings = dict(name_or_path=str(tmp_path), reference="copy", lora=lora)
+    checkpointed = Backbone(ModelSettings(**settings, gradient_checkpointing=True), needs_reference=True)
+    assert checkpointed.policy.training and all(module.training for module in checkpointed.policy.modules())
+    assert not any(module.training for module in checkpointed.reference.modules())
+    assert layer_calls_in_one_step(checkpointed) == 2
+    assert layer_calls_in_one_step(Backbone(ModelSettings(**settings), needs_reference=True)) == 1

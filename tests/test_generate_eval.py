@@ -12,6 +12,7 @@ import pytest
 from conftest import QUIET_FLAGS, metrics_table
 
 from lit_align.cli import main
+from lit_align.commands.models import load_policy
 from lit_align.data.tasks import WordRulesTask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +66,8 @@ def test_generate_answers_held_out_prompts_from_a_checkpoint_and_its_export(sft_
     assert sum(correct) >= 7, rows  # greedy answers of configs/sft.yaml: 80-90% right
     export = export_with_config(checkpoint, in_tmp / "export", capsys)
     assert generated(["--model", str(export), *flags], capsys) == rows
+    # what generates is in eval mode (no dropout), whether a checkpoint or an export
+    assert not any(load_policy(str(source)).model.training for source in (checkpoint, export))
 
 
 def test_generate_reads_jsonl_and_txt_prompt_files_and_writes_stdout_or_a_file(in_tmp, capsys):

@@ -43,10 +43,13 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 @dataclass
 class LoadedPolicy:
-    """A causal LM to generate with and its tokenizer."""
+    """A causal LM to generate with (in eval mode: no dropout) and its tokenizer."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
+
+    def __post_init__(self) -> None:
+        self.model.eval()
 
 
 @dataclass

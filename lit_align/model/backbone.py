@@ -62,6 +62,11 @@ class Backbone(nn.Module):
             model.config.use_cache = False
         self.policy = model
         self._flops = None
+        # transformers' from_pretrained returns a model in eval mode, and Lightning keeps each
+        # module's mode through fit: a loaded policy trained in eval mode, where transformers skips
+        # gradient checkpointing (model.gradient_checkpointing did nothing) and dropout. Training
+        # runs in train mode; the reference stays in eval mode (``train`` below).
+        self.train()
 
     @property
     def is_peft(self) -> bool:

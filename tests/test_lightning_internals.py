@@ -8,6 +8,7 @@ import importlib.util
 import inspect
 import re
 import signal
+import warnings
 from pathlib import Path
 
 import lightning
@@ -16,7 +17,7 @@ import torch
 from conftest import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
-from lightning.pytorch.loops import training_epoch_loop
+from lightning.pytorch.loops import fit_loop, training_epoch_loop
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -24,8 +25,9 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from lit_align.callbacks import Throughput
+from lit_align.data import PreferenceDataModule
 from lit_align.data.sampling import GlobalBatchOrder, ResumableLoader
-from lit_align.methods import SFT
+from lit_align.methods import DPO, SFT
 from lit_align.runtime import lightning_internals as internals
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,6 +217,29 @@ def test_the_not_resumable_warning_lit_align_fit_silences_is_still_worded_so():
     assert "You're resuming from a checkpoint that ended before the epoch ended" in inspect.getsource(
         training_epoch_loop
     ), changed("the wording of the 'not resumable' resume warning", "lit-align fit silences by its text")
+
+
+def test_the_eval_mode_warning_is_silenced_only_when_every_module_in_eval_mode_is_frozen(tmp_path):
+    """A frozen reference is in eval mode on purpose: no Lightning warning for it; a policy left in
+    eval mode still gets the warning; no filter outlives the fit."""
+
+    def warnings_of_a_fit(method) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(tmp_path, max_steps=1).fit(method, datamodule=PreferenceDataModule(max_length=64, batch_size=4))
+        assert not [entry for entry in warnings.filters if "eval mode" in getattr(entry[1], "pattern", "")]
+        messages = [str(warning.message) for warning in caught]
+        return [message for message in messages if "in eval mode at the start of training" in message]
+
+    assert "in eval mode at the start of training" in inspect.getsource(fit_loop), changed(
+        "the wording of the eval-mode warning at the start of fit", "lit-align silences by its text for frozen modules"
+    )
+    with_reference = DPO(model={"reference": "copy"})
+    assert not with_reference.backbone.reference.training
+    assert warnings_of_a_fit(with_reference) == []
+    policy_in_eval_mode = DPO(model={"reference": "copy"})
+    policy_in_eval_mode.backbone.policy.eval()
+    assert len(warnings_of_a_fit(policy_in_eval_mode)) == 1
 
 
 def test_the_documented_checkpoint_converter_is_there():

@@ -36,7 +36,12 @@ from lit_align.report.model_card import (
     settings_config,
 )
 from lit_align.runtime.rng import RNG_STATES_KEY, rng_state, set_rng_state
-from lit_align.runtime.trainer import destroy_process_group_at_exit, distributed
+from lit_align.runtime.trainer import (
+    destroy_process_group_at_exit,
+    distributed,
+    quiet_eval_mode_warning_for_frozen_modules,
+    restore_eval_mode_warning,
+)
 from lit_align.settings import (
     ModelSettings,
     OptimizerSettings,
@@ -280,6 +285,7 @@ class AlignmentModule(LightningModule):
         )
 
     def on_fit_start(self) -> None:
+        quiet_eval_mode_warning_for_frozen_modules(self)  # the reference's eval mode is meant
         self.prepare_data_for_method()
 
     def on_validation_start(self) -> None:
@@ -349,7 +355,10 @@ class AlignmentModule(LightningModule):
         after this hook), so a sampling method (dropout, on-policy generation) draws what an
         uninterrupted run would. When the checkpoint ended an epoch, the uninterrupted run would
         create the next epoch's iterator (one such draw) before its next batch: that one draw is
-        repeated after the states. Whether it had ended one is read here, as restored."""
+        repeated after the states. Whether it had ended one is read here, as restored.
+
+        (Lightning has checked the modules' modes by now: its eval-mode warning is back on.)"""
+        restore_eval_mode_warning()
         if not self._rng_to_restore or not self.trainer.ckpt_path:
             self._rng_to_restore = None
             return

@@ -44,8 +44,10 @@ Lightning fetches no batch ahead from a train loader that has a length (the posi
 ``Trainer.is_last_batch`` is, at ``on_train_start`` of a resumed fit, the value the checkpoint
 recorded (``AlignmentModule.on_train_start`` repeats one RNG draw when the checkpoint had ended its
 epoch); ``lit-align fit`` silences Lightning's warning that a mid-epoch checkpoint is "not
-resumable" by its text; ``lit-align export`` runs Lightning's documented converter of sharded
-checkpoints, ``python -m lightning.pytorch.utilities.consolidate_checkpoint``.
+resumable" by its text, and every fit its warning about modules "in eval mode at the start of
+training" when those are all frozen (a reference), by its text too; ``lit-align export`` runs
+Lightning's documented converter of sharded checkpoints, ``python -m
+lightning.pytorch.utilities.consolidate_checkpoint``.
 """
 
 from __future__ import annotations

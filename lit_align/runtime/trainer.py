@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import sys
+import warnings
 
 import torch
 from lightning import LightningModule, Trainer
@@ -22,6 +23,38 @@ def distributed(module: LightningModule) -> bool:
     """Whether ``module`` runs under a trainer with more than one process."""
     trainer = attached_trainer(module)
     return trainer is not None and trainer.world_size > 1
+
+
+EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+"""Lightning's warning (at the start of every fit) about modules in eval mode."""
+
+
+def quiet_eval_mode_warning_for_frozen_modules(module: LightningModule) -> None:
+    """Silence Lightning's eval-mode warning for this fit when every module in eval mode is frozen.
+
+    The frozen reference (and a frozen reward model) stays in eval mode on purpose: its
+    forward must not drop out. Lightning warns about any module in eval mode at the start of
+    training ("This may lead to unexpected behavior"), which told every run with a reference that
+    something was wrong. A module in eval mode with a parameter that trains still gets the warning.
+    Undone by :func:`restore_eval_mode_warning` once Lightning has checked."""
+    trainable_in_eval = [
+        name
+        for name, sub in module.named_modules()
+        if not sub.training and any(p.requires_grad for p in sub.parameters(recurse=False))
+    ]
+    if not trainable_in_eval:
+        warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING)
+
+
+def restore_eval_mode_warning() -> None:
+    """Take out the filter :func:`quiet_eval_mode_warning_for_frozen_modules` added, if it is
+    there (an "ignore" filter leaves nothing in the warning registries to reset)."""
+    warnings.filters[:] = [entry for entry in warnings.filters if not is_eval_mode_filter(entry)]
+
+
+def is_eval_mode_filter(entry: tuple) -> bool:
+    action, message = entry[0], entry[1]
+    return action == "ignore" and getattr(message, "pattern", None) == EVAL_MODE_WARNING
 
 
 def destroy_process_group_at_exit() -> None:

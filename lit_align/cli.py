@@ -350,6 +350,9 @@ def evaluate_main(argv: list[str]) -> None:
     evaluate.main(argv)
 
 
+LIGHTNING_PYTREE_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point; ``argv`` defaults to the command line.
 
@@ -365,7 +368,11 @@ def main(argv: list[str] | None = None) -> None:
     if words[:1] == ["predict"]:  # Lightning's subcommand, removed: say why and what to do instead
         raise SystemExit(f"lit-align predict: {NO_PREDICT}\nhint: {NO_PREDICT.hint}")
     try:
-        run(words, from_command_line=argv is None)
+        with warnings.catch_warnings():
+            # Lightning 2.6's pytree helper calls a torch API that torch 2.13 deprecates, at every
+            # fit and validate: a note for Lightning's developers, not for whoever runs lit-align
+            warnings.filterwarnings("ignore", message=LIGHTNING_PYTREE_DEPRECATION)
+            run(words, from_command_line=argv is None)
     except Exception as error:
         ours = find_lit_align_error(error) or lightning_configuration_error(error)
         if ours is None or debugging():

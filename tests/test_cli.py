@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,19 @@ def test_resuming_fit_does_not_report_the_fresh_models_score_as_its_start(capsys
         if row.get("val/rewards/accuracies")
     ]
     assert resumed_steps == [3], resumed_steps
+
+
+def test_the_main_job_prints_no_warning_meant_for_someone_else(capsys):
+    """The README's main job (shortened): no Lightning warning about the frozen reference's eval
+    mode (it is meant), no deprecation Lightning's own code triggers in torch; other warnings show."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--trainer.max_steps", "2", *QUIET_FLAGS])
+        warnings.warn("a warning of the run's own", UserWarning, stacklevel=1)
+    messages = [str(warning.message) for warning in caught]
+    assert not [message for message in messages if "eval mode" in message or "LeafSpec" in message], messages
+    assert "a warning of the run's own" in messages
+    assert "run folder:" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not HH.exists(), reason="../shared/data is not next to the checkout")

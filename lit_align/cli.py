@@ -362,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     hint on stderr and exit status 1, no traceback (``LIT_ALIGN_DEBUG=1`` shows it)."""
     words = sys.argv[1:] if argv is None else argv
     show_lit_align_logs()
+    hide_lightning_product_tips()
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     command = next((word for word in words if word in COMMANDS), "")
@@ -389,6 +390,26 @@ def show_lit_align_logs() -> None:
         handler.lit_align = True
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+
+
+class DropLightningTips(logging.Filter):
+    """Drops Lightning's "💡 Tip:" lines (install litlogger, install litmodels), printed at every
+    fit: advertisements for its cloud services, not about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+"""The loggers Lightning's ``rank_zero_info`` writes to (whichever of its modules was imported last)."""
+
+
+def hide_lightning_product_tips() -> None:
+    """Add :class:`DropLightningTips` to Lightning's info loggers, once."""
+    for name in LIGHTNING_INFO_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, DropLightningTips) for existing in logger.filters):
+            logger.addFilter(DropLightningTips())
 
 
 def lightning_configuration_error(error: BaseException) -> LitAlignError | None:

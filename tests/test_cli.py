@@ -4,6 +4,7 @@ validate/test, real HH data, and config/data errors before training."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import warnings
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import QUIET_FLAGS, metric_rows, metrics_table, seed_flags, short_run_flags
 
-from lit_align.cli import main
+from lit_align.cli import LIGHTNING_INFO_LOGGERS, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -182,16 +183,36 @@ def test_resuming_fit_does_not_report_the_fresh_models_score_as_its_start(capsys
     assert resumed_steps == [3], resumed_steps
 
 
-def test_the_main_job_prints_no_warning_meant_for_someone_else(capsys):
+class Recorded(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_the_main_job_prints_no_warning_or_tip_meant_for_someone_else(capsys):
     """The README's main job (shortened): no Lightning warning about the frozen reference's eval
-    mode (it is meant), no deprecation Lightning's own code triggers in torch; other warnings show."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--trainer.max_steps", "2", *QUIET_FLAGS])
-        warnings.warn("a warning of the run's own", UserWarning, stacklevel=1)
+    mode (it is meant), no deprecation Lightning's own code triggers in torch, no Lightning tips to
+    install its cloud products; other warnings and Lightning's other lines show."""
+    recorded = Recorded()
+    loggers = [logging.getLogger(name) for name in LIGHTNING_INFO_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(recorded)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--trainer.max_steps", "2", *QUIET_FLAGS])
+            warnings.warn("a warning of the run's own", UserWarning, stacklevel=1)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(recorded)
     messages = [str(warning.message) for warning in caught]
     assert not [message for message in messages if "eval mode" in message or "LeafSpec" in message], messages
     assert "a warning of the run's own" in messages
+    assert not [line for line in recorded.lines if "Tip" in line], recorded.lines
+    assert any("max_steps=2" in line for line in recorded.lines), recorded.lines  # "`Trainer.fit` stopped: ..."
     assert "run folder:" in capsys.readouterr().out
 
 

@@ -58,7 +58,7 @@ class Backbone(nn.Module):
             with model_settings_named(settings, "model.lora"):
                 model = add_lora(model, settings)
         if settings.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
             model.config.use_cache = False
         self.policy = model
         self._flops = None
@@ -239,3 +239,14 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bo
     else:
         inputs["attention_mask"] = batch["attention_mask"]
     return inputs
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer: transformers'
+    ``activation_checkpointing_enable`` where the installed release has it (there the older
+    ``gradient_checkpointing_enable`` warns that it goes in v6), else the older name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -561,6 +561,27 @@ def test_missing_relative_model_folder_is_named_when_the_hub_lookup_fails(monkey
         load_tokenizer(ModelSettings(name_or_path="outputs/sft"))
 
 
+def test_a_missing_folder_a_config_writes_is_refused_at_once_with_the_command_that_writes_it(monkeypatch, in_tmp):
+    """Where ``configs/sft.yaml`` exports to ``outputs/sft``, a missing ``outputs/sft`` is that
+    stage's output, not a hub id: no hub lookup (retried for a minute offline), the command named."""
+    from lit_align.model import loading
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", no_hub)
+    (in_tmp / "configs" / "nested").mkdir(parents=True)
+    (in_tmp / "configs" / "sft_arithmetic.yaml").write_text("callbacks: [{init_args: {output_dir: outputs/sft_x}}]\n")
+    (in_tmp / "configs" / "nested" / "sft.yaml").write_text("init_args:\n  output_dir: 'outputs/sft'\n")
+    with pytest.raises(
+        ModelLoadError, match="'outputs/sft' does not exist yet: configs/nested/sft.yaml writes it"
+    ) as error:
+        load_tokenizer(ModelSettings(name_or_path="outputs/sft"))
+    assert error.value.hint == "run `lit-align fit --config configs/nested/sft.yaml` first"
+    with pytest.raises(ModelLoadError, match="as a hub id: the hub was asked"):  # a name no config writes
+        load_tokenizer(ModelSettings(name_or_path="outputs/sft_"))
+
+
 # ---- unknown config key / wrong type in YAML -------------------------------------------------
 def tiny_yaml(tmp_path: Path, regime: str, section: str, key: str, value: str) -> Path:
     """A minimal config of ``regime`` with ``key: value`` added to the trainer, model or data section."""

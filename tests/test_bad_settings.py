@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import typing
@@ -498,12 +499,16 @@ def test_model_settings_the_libraries_refuse_are_named(flags, message, in_tmp):
 
 
 def test_a_missing_reward_model_is_named_with_what_to_run_first(in_tmp):
+    """Run where the configs are (as the docs do): the folder configs/reward.yaml exports to is
+    named with the command that writes it, before any hub lookup."""
+    (in_tmp / "configs").mkdir()
+    shutil.copy(CONFIGS / "reward.yaml", in_tmp / "configs" / "reward.yaml")
     with pytest.raises(
         SystemExit,
         match="^"
         + re.escape(
-            "lit-align fit: RewardModelReward: cannot load the reward model 'outputs/reward' "
-            "(configs/reward.yaml exports one to outputs/reward: train the reward model first): "
+            "lit-align fit: RewardModelReward: the reward model 'outputs/reward' does not exist yet: "
+            "configs/reward.yaml writes it\nhint: run `lit-align fit --config configs/reward.yaml` first"
         ),
     ):
         main(

@@ -70,7 +70,29 @@ def resolve_model_path(settings: ModelSettings) -> tuple[str, str | None]:
         return str(path.parent), path.name
     if name.startswith((".", "/", "~")) and not path.exists():
         raise ModelLoadError(f"model.name_or_path: local model folder {name!r} does not exist")
+    writer = config_writing(name) if not path.exists() else None
+    if writer is not None:
+        error = ModelLoadError(f"model.name_or_path: {name!r} does not exist yet: {writer} writes it")
+        error.hint = f"run `lit-align fit --config {writer}` first"
+        raise error
     return name, gguf
+
+
+def config_writing(folder: str) -> str | None:
+    """The config under ``./configs`` whose run exports to ``folder`` (``output_dir: <folder>``),
+    if any: such a folder is a previous stage's output, not a hub id, and is refused at once with
+    the command that writes it (rather than after the hub's retries, a minute offline)."""
+    configs = Path("configs")
+    if not configs.is_dir():
+        return None
+    pattern = re.compile(rf"\boutput_dir:\s*['\"]?{re.escape(folder.rstrip('/'))}/?['\"]?\s*[,}}\n]")
+    for config in sorted(configs.rglob("*.yaml")):
+        try:
+            if pattern.search(config.read_text(encoding="utf-8") + "\n"):
+                return config.as_posix()
+        except (OSError, UnicodeDecodeError):
+            continue
+    return None
 
 
 def _not_local(source: str) -> str:

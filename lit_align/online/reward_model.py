@@ -10,7 +10,7 @@ import torch
 
 from lit_align.data.tokenize import tokenize_responses
 from lit_align.errors import SettingError
-from lit_align.model.loading import ModelLoadError
+from lit_align.model.loading import ModelLoadError, config_writing
 from lit_align.online.rewards import RewardFunction
 from lit_align.settings import Count, Range, check_arguments
 
@@ -48,17 +48,19 @@ class RewardModelReward(RewardFunction):
                 f"must be < max_length={max_length}, got {max_prompt_length}: completions need room",
             )
 
+        writer = None if Path(path).exists() else config_writing(path)
+        if writer is not None:  # a previous stage's output, not a hub id: say which config writes it
+            error = ModelLoadError(
+                f"RewardModelReward: the reward model {path!r} does not exist yet: {writer} writes it"
+            )
+            error.hint = f"run `lit-align fit --config {writer}` first"
+            raise error
         try:
             self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as error:
-            hint = (
-                " (configs/reward.yaml exports one to outputs/reward: train the reward model first)"
-                if not Path(path).exists()
-                else ""
-            )
             raise ModelLoadError(
-                f"RewardModelReward: cannot load the reward model {path!r}{hint}: "
+                f"RewardModelReward: cannot load the reward model {path!r}: "
                 f"{(str(error).strip().splitlines() or [''])[0]}"
             ) from None
         self.batch_size, self.max_length = batch_size, max_length

@@ -146,7 +146,9 @@ def chunked_label_logps(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     out = _ChunkedLabelLogps.apply(flat_hidden, weight, bias, flat_labels, chunk_size)
-    return out.view(shape)
+    # no view when the shape is already flat: an FSDP2 unit that returns a view (the sharded LM
+    # head's registered log-prob method) warns that an in-place op on it would skip its hooks
+    return out if out.shape == shape else out.view(shape)
 
 
 def naive_label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -48,6 +49,7 @@ class VLLMEngine:
     """A colocated vLLM engine that samples with the policy's current weights."""
 
     def __init__(self, settings: VLLMSettings, policy: torch.nn.Module, tokenizer, seed: int) -> None:
+        quiet_vllm_logs()
         try:
             import vllm  # noqa: F401 (imported here: an optional dependency)
         except ImportError as error:
@@ -173,6 +175,24 @@ class VLLMEngine:
         masks = prompt_mask.repeat_interleave(samples, 0)
         batch, ended = completion_batch(sequences, masks, stops, pad_id)
         return Sampled(batch, ended, place_completion_values(logps.to(device), sequences, masks, stops, batch))
+
+
+def quiet_vllm_logs() -> None:
+    """vLLM's INFO lines off unless asked for (``VLLM_LOGGING_LEVEL``, read when vllm is first
+    imported): it logs two at every weight push ("Reloading and processing weights took ...",
+    "Successfully reset prefix cache"), hundreds in a run, through the progress bar. And its
+    warning, at every push, that ``RotaryEmbedding`` failed to load weights is dropped: the rotary
+    layer's cos/sin cache is not a weight of the Hugging Face model, so no push carries it, and
+    vLLM keeps the one it built (the engine-to-policy log-prob tests hold)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(existing, NoRotaryReloadWarning) for existing in layerwise.filters):
+        layerwise.addFilter(NoRotaryReloadWarning())
+
+
+class NoRotaryReloadWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).endswith("Failed to load weights") and record.args == ("RotaryEmbedding",))
 
 
 def token_logps(completion: Any) -> list[float]:

@@ -77,7 +77,7 @@ def test_generate_reads_jsonl_and_txt_prompt_files_and_writes_stdout_or_a_file(i
         [{"prompt": "Reverse: abc\n"}, {"prompt": chat}, {"messages": [*chat, {"role": "assistant", "content": "X"}]}],
     )
     options = ["--model", "tiny", "--max_new_tokens", "4", "--batch_size", "2"]
-    rows = generated([*options, "--prompts", str(jsonl)], capsys)
+    rows_of_messages = rows = generated([*options, "--prompts", str(jsonl)], capsys)
     assert [row["prompt"] for row in rows] == ["Reverse: abc\n", chat, chat]  # the reply is left out
     assert rows[1]["completion"] == rows[2]["completion"]  # the same prompt, rendered by the chat template
     assert all(isinstance(row["completion"], str) for row in rows)
@@ -91,6 +91,21 @@ def test_generate_reads_jsonl_and_txt_prompt_files_and_writes_stdout_or_a_file(i
     main(["generate", *options, "--prompts", str(text), "--output", str(output)])
     assert capsys.readouterr().out == ""
     assert [json.loads(line) for line in output.read_text().splitlines()] == rows
+
+    # --chat: a text prompt goes through the chat template as a user message; its line shows the text
+    (row,) = generated([*options, "--chat", "--prompt", "Write in capitals: cab"], capsys)
+    assert row == {"prompt": "Write in capitals: cab", "completion": rows_of_messages[1]["completion"]}
+
+
+def test_empty_completions_of_text_prompts_point_to_chat(in_tmp, capsys, monkeypatch):
+    from lit_align.commands import generate
+
+    monkeypatch.setattr(generate, "complete", lambda *args, **kwargs: ["", "an answer"])
+    main(["generate", "--model", "tiny", "--prompt", "What is it?", "--prompt", "And this?"])
+    note = "note: 1 of 2 completions are empty (the model ended at once); for a chat model, --chat sends"
+    assert note in capsys.readouterr().err
+    main(["generate", "--model", "tiny", "--prompt", "What is it?", "--prompt", "And this?", "--chat"])
+    assert "note:" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -181,6 +181,12 @@ class ModelSettings:
     never built); ``null`` = the naive path through full logits."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward (less memory, ~1/3 more compute)."""
+    disable_dropout: bool = True
+    """Set the loaded model's dropout probabilities to 0 (its ``nn.Dropout`` modules and attention
+    dropout): alignment objectives compare the policy's log-probs with ones computed without
+    dropout (the reference's; on-policy, the sampler's, whose ratio would not start at 1). TRL 1.16
+    does so by default for DPO, KTO and reward models, not for GRPO and RLOO. ``false`` trains
+    with the dropout the model's config sets. LoRA's ``model.lora.dropout`` is not touched."""
     prefix_sharing: bool = False
     """Paired methods: run each prompt once and its chosen and rejected responses as continuations
     of its key/value cache (the same log-probs with a quarter less decoder work and activations when

@@ -239,3 +239,43 @@ def test_a_policy_loaded_from_disk_trains_in_train_mode_so_gradient_checkpointin
     assert not any(module.training for module in checkpointed.reference.modules())
     assert layer_calls_in_one_step(checkpointed) == 2
     assert layer_calls_in_one_step(Backbone(ModelSettings(**settings), needs_reference=True)) == 1
+
+
+def saved_with_dropout(folder, architecture: str):
+    """A small model with dropout 0.5 saved to ``folder`` with the tiny tokenizer: a Llama (its
+    attention reads ``attention_dropout`` in forward) or a GPT-2 (``nn.Dropout`` modules)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tiny = Backbone(ModelSettings(), needs_reference=False)
+    if architecture == "llama":
+        model = tiny.policy
+        model.config.attention_dropout = 0.5
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.5
+    else:
+        config = GPT2Config(vocab_size=len(tiny.tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2)
+        model = GPT2LMHeadModel(config)  # resid, embd and attn dropout 0.1 each
+    model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_dropout_is_off_unless_disable_dropout_is_false_and_loras_own_stays(tmp_path, architecture):
+    """The policy trains in train mode; with ``disable_dropout`` (the default) two forward passes
+    agree, without it the model's dropout makes them differ. LoRA's dropout is the user's setting."""
+    folder = str(saved_with_dropout(tmp_path, architecture))
+    batch = tiny_batch(Backbone(ModelSettings(), needs_reference=False).tokenizer)
+
+    def two_passes_agree(**settings) -> bool:
+        backbone = Backbone(ModelSettings(name_or_path=folder, reference="none", **settings), needs_reference=False)
+        assert backbone.policy.training
+        torch.manual_seed(0)
+        first = backbone.logps(batch).tokens
+        return torch.equal(first, backbone.logps(batch).tokens)
+
+    assert two_passes_agree()
+    assert not two_passes_agree(disable_dropout=False)
+    backbone = Backbone(ModelSettings(name_or_path=folder, lora=LoRA(r=4, dropout=0.5)), needs_reference=True)
+    lora_dropouts = [m.p for name, m in backbone.policy.named_modules() if isinstance(m, torch.nn.Dropout)]
+    assert set(lora_dropouts) == ({0.0, 0.5} if architecture == "gpt2" else {0.5})  # the model's at 0, LoRA's kept

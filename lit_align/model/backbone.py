@@ -51,6 +51,8 @@ class Backbone(nn.Module):
         self.tokenizer = load_tokenizer(settings)
         with model_settings_named(settings):
             model = load_causal_lm(settings, self.tokenizer)
+        if settings.disable_dropout:
+            disable_dropout(model)  # before LoRA is added: its own dropout stays as set
         self.reference: PreTrainedModel | None = None
         if self.reference_source.builds_copy:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -250,3 +252,14 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout probability 0 in every ``nn.Dropout`` of ``model`` and in the attention layers'
+    ``attention_dropout`` (Llama, Qwen, Mistral read it in their forward instead of a module). The
+    config is left as it is, so an export keeps the model's own settings."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

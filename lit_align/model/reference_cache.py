@@ -38,7 +38,7 @@ from lit_align.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 VERSION = 2
-IRRELEVANT = ("lora", "gradient_checkpointing", "reference", "logp_chunk_size", "trust_remote_code")
+IRRELEVANT = ("lora", "gradient_checkpointing", "disable_dropout", "reference", "logp_chunk_size", "trust_remote_code")
 
 
 def model_fingerprint(settings: ModelSettings) -> str:

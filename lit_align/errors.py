@@ -50,6 +50,11 @@ class NonFiniteLossError(LitAlignError, FloatingPointError):
     """Training stopped on a NaN/inf loss; the message names the method, step and batch and what to try."""
 
 
+class RewardError(LitAlignError, ValueError):
+    """A reward function that returned something other than one finite number per completion; the
+    message names the reward, what it returned and for which prompt."""
+
+
 class CheckpointError(LitAlignError):
     """A checkpoint that cannot be used: missing, unreadable, not Lightning's, or of another method."""
 

@@ -179,6 +179,45 @@ def test_eval_scores_greedy_completions_with_a_reward_and_a_baseline(dpo_run, in
     assert 0 <= compared["win_rate"] <= 1 and 0 <= compared["baseline_mean_score"] <= 1
 
 
+ANSWER_REWARDS = """
+from lit_align.rewards import RewardFunction
+
+
+class AnswerLength(RewardFunction):
+    needs_answers = True
+
+    def score(self, prompts, completions, answers):
+        return [float(len(answer)) if prompt.startswith("Q") else -100.0 for prompt, answer in zip(prompts, answers)]
+
+
+def quarter(prompts, completions):
+    return [0.25] * len(completions)
+"""
+
+
+def test_eval_gives_verifiable_rewards_the_reference_answers_and_takes_plain_functions(in_tmp, capsys, monkeypatch):
+    """GSM8K-shaped records (``question``, ``answer`` ending in ``#### <answer>``) and a
+    ``solution`` record: the reward gets the questions as prompts and the final answers ("7",
+    "12", "abc": mean length 2 by hand); a plain function is a reward too; a record without an
+    answer is named before anything is generated."""
+    (in_tmp / "answer_rewards.py").write_text(ANSWER_REWARDS)
+    monkeypatch.syspath_prepend(str(in_tmp))
+    records = [
+        {"question": "Q1?", "answer": "Three and four.\n#### 7"},
+        {"question": "Q2?", "answer": "#### 12"},
+        {"question": "Q3?", "solution": "abc"},
+    ]
+    data = str(write_jsonl(in_tmp / "gsm8k.jsonl", records))
+    common = ["--model", "tiny", "--data", data, "--max_new_tokens", "2"]
+    assert evaluated([*common, "--reward", "answer_rewards.AnswerLength"], capsys) == {"mean_score": 2.0}
+    assert evaluated([*common, "--reward", "answer_rewards.quarter"], capsys) == {"mean_score": 0.25}
+    write_jsonl(in_tmp / "gsm8k.jsonl", [*records, {"question": "Q4?"}])
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", *common, "--reward", "lit_align.rewards.MathVerifyReward"])
+    assert "gsm8k.jsonl, record 3, field 'answer': has no reference answer, which" in str(stop.value.code)
+    assert "Generating" not in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_eval_errors_are_one_message(sft_policy, in_tmp):
     pairs = write_jsonl(in_tmp / "pairs.jsonl", WordRulesTask().split("val")[:2])

@@ -1,5 +1,6 @@
 """Verifiable rewards (math-verify answers, the think/answer format) and prompt data with
-reference answers in the shapes people keep them."""
+reference answers in the shapes people keep them, and rewards of one's own: plain functions, and
+what any reward returns checked by name."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from lit_align.errors import SettingError
-from lit_align.rewards import MathVerifyReward, ThinkFormatReward, WeightedRewards, WordRulesReward
+from lit_align.rewards import MathVerifyReward, RewardFunction, ThinkFormatReward, WeightedRewards, WordRulesReward
 
 
 def test_math_verify_checks_equivalence_of_the_final_answer():
@@ -127,3 +128,81 @@ def test_grpo_trains_on_prompt_answers_with_math_verify(in_tmp):
     scores = metric_rows("val/objective/scores")
     assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
     assert torch.isfinite(torch.tensor(metric_rows("train/loss"))).all()
+
+
+# ---- rewards of one's own: what they return is checked, by name ------------------------------------
+class Short(RewardFunction):
+    def score(self, prompts, completions):
+        return [1.0] * (len(completions) - 1)
+
+
+class Words(RewardFunction):
+    def score(self, prompts, completions):
+        return ["good"] * len(completions)
+
+
+class NaNForB(RewardFunction):
+    def score(self, prompts, completions):
+        return [float("nan") if completion == "b" else 1.0 for completion in completions]
+
+
+class NoScore(RewardFunction):
+    pass
+
+
+@pytest.mark.parametrize(
+    "reward, message",
+    [
+        (Short(), "reward test_verifiable.Short returned 2 scores for 3 completions: return one float per completion"),
+        (Words(), r"reward test_verifiable.Words returned \['good', 'good', 'good'\], which is not numbers"),
+        (
+            NaNForB(),
+            "reward test_verifiable.NaNForB returned nan for 1 of 3 completions, first for the completion 'b' of the "
+            "prompt 'q2': return a finite number",
+        ),
+    ],
+)
+def test_a_reward_that_returns_other_than_one_finite_number_per_completion_is_named(reward, message):
+    from lit_align.errors import RewardError
+    from lit_align.online.rewards import score_completions
+
+    with pytest.raises(RewardError, match=message):
+        score_completions(reward, ["q1", "q2", "q3"], ["a", "b", "c"], None)
+
+
+def test_a_plain_callable_reward_is_checked_too():
+    from lit_align.errors import RewardError
+    from lit_align.online.rewards import score_completions
+
+    with pytest.raises(RewardError, match="returned 1 scores for 2 completions"):
+        score_completions(lambda prompts, completions: [0.5], ["q1", "q2"], ["a", "b"], None)
+    assert score_completions(lambda prompts, completions: (0.5, 2), ["q1", "q2"], ["a", "b"], None).tolist() == [0.5, 2]
+
+
+def test_a_reward_without_score_is_refused_when_the_method_is_built():
+    from lit_align.methods import GRPO
+
+    with pytest.raises(SettingError, match=r"GRPO: reward test_verifiable.NoScore does not implement score\(prompts"):
+        GRPO(reward=NoScore())
+    with pytest.raises(SettingError, match=r"GRPO: eval_reward.rewards\[1\] test_verifiable.NoScore does not"):
+        GRPO(reward=WordRulesReward(), eval_reward=WeightedRewards([WordRulesReward(), NoScore()]))
+
+
+def brevity(prompts, completions):
+    return [-float(len(completion)) for completion in completions]
+
+
+def matches(prompts, completions, answers):
+    return [float(completion == answer) for completion, answer in zip(completions, answers, strict=True)]
+
+
+def test_function_reward_calls_a_plain_function_with_answers_when_asked():
+    from lit_align.rewards import FunctionReward
+
+    assert FunctionReward(brevity)(["q", "q"], ["ab", "abcd"]).tolist() == [-2.0, -4.0]
+    exact = FunctionReward(matches, needs_answers=True)
+    assert exact(["q", "q"], ["7", "8"], ["7", "7"]).tolist() == [1.0, 0.0]
+    with pytest.raises(SettingError, match="the prompt data gives none"):
+        exact(["q"], ["7"])
+    with pytest.raises(SettingError, match="FunctionReward: function must be a function, got 3"):
+        FunctionReward(3)

@@ -48,11 +48,12 @@ from lit_align.commands.models import (
     is_checkpoint,
     load_method,
 )
-from lit_align.commands.prompts import complete, read_prompt_file, tokenize_prompts
+from lit_align.commands.prompts import complete, read_prompts_and_answers, tokenize_prompts
 from lit_align.data.collate import PromptLayout
 from lit_align.data.datamodule import AlignmentDataModule
+from lit_align.data.errors import DataError
 from lit_align.online.reward_model import RewardModelReward
-from lit_align.online.rewards import RewardFunction
+from lit_align.online.rewards import FunctionReward, RewardFunction, check_reward, reward_name, score_completions
 from lit_align.runtime.atomic import atomic_write_text
 from lit_align.runtime.progress import shows_bars
 
@@ -159,8 +160,9 @@ def completion_scores(args, config: RunConfig | None) -> dict[str, float]:
     """Mean reward of the policy's greedy completions of the prompts of ``args.data`` and, with
     ``args.baseline``, the baseline's mean and the policy's win rate over it."""
     reward = build_reward(args.reward, config)
-    prompts = read_prompt_file(args.data, args.split or "train")
     data_args = ((config.data if config is not None else None) or {}).get("init_args") or {}
+    prompts, answers = read_prompts_and_answers(args.data, args.split or "train", data_args.get("columns"))
+    check_answers_for(reward, answers, args.data)
     template_kwargs = args.chat_template_kwargs or data_args.get("chat_template_kwargs")
     max_new_tokens = args.max_new_tokens or _configured_max_new_tokens(config)
     generation = generation_settings(max_new_tokens, 0.0, 1.0)
@@ -171,7 +173,7 @@ def completion_scores(args, config: RunConfig | None) -> dict[str, float]:
         loaded.model.to(device())
         ids = tokenize_prompts(prompts, loaded.tokenizer, template_kwargs, max_prompt_length, args.data)
         completions = complete(loaded.model, loaded.tokenizer, ids, generation, args.batch_size, 0.0, name)
-        return reward(prompts, completions).float().cpu()
+        return score_completions(reward, prompts, completions, answers).float().cpu()
 
     policy = scores(args.model, "Generating (policy)")
     metrics = {"mean_score": float(policy.mean())}
@@ -182,13 +184,29 @@ def completion_scores(args, config: RunConfig | None) -> dict[str, float]:
     return metrics
 
 
+def check_answers_for(reward: Any, answers: list[str | None], source: str) -> None:
+    """Before generating: a reward that checks completions against reference answers
+    (``needs_answers``) needs one in every record of ``source``."""
+    if not getattr(reward, "needs_answers", False) or all(answer is not None for answer in answers):
+        return
+    missing = [index for index, answer in enumerate(answers) if answer is None]
+    raise DataError(
+        source,
+        f"has no reference answer, which {reward_name(reward)} checks completions against ({len(missing)} of "
+        f"{len(answers)} records have none): give each record an 'answer' (or 'solution') field",
+        missing[0],
+        "answer",
+    )
+
+
 def build_reward(given: str | None, config: RunConfig | None):
     """The reward ``--reward`` names (an exported reward-model folder, or a class path built with
     no arguments), else the run's configured ``eval_reward``/``reward``, moved to the device."""
     if given is not None and Path(given).expanduser().is_dir():
         reward = RewardModelReward(given)
     elif given is not None:
-        reward = import_class(given, "--reward")()
+        named = import_class(given, "--reward")
+        reward = named() if isinstance(named, type) else FunctionReward(named)  # a class, or a plain function
     else:
         spec = config.reward_spec() if config is not None else None
         if spec is None:
@@ -197,6 +215,7 @@ def build_reward(given: str | None, config: RunConfig | None):
                 hint="give --reward (a class path such as lit_align.rewards.WordRulesReward, or a reward-model folder)",
             )
         reward = _configured_reward(spec)
+    check_reward(reward, "lit-align eval", "--reward")
     return reward.to(device()) if hasattr(reward, "to") else reward
 
 

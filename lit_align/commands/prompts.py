@@ -3,8 +3,11 @@
 Prompts come from the command line (text) or a file: a ``.txt`` file holds one prompt per line
 (blank lines skipped); any other file is read as the data modules read one (JSONL, JSON, parquet,
 a saved ``datasets`` folder, a hub dataset) and each record gives its ``prompt`` (text or chat
-messages) or its ``messages`` (a conversation; the assistant turns that end it, a reply to it, are
-left out, so the policy writes that reply). Other fields (a preference pair's responses) are ignored.
+messages), its ``messages`` (a conversation; the assistant turns that end it, a reply to it, are
+left out, so the policy writes that reply) or its ``question`` (GSM8K), and optionally a reference
+``answer`` (else ``solution``; a GSM8K worked solution gives what follows its ``####``), which
+verifiable rewards check completions against, as :class:`lit_align.data.PromptDataModule` reads
+them. Other fields (a preference pair's responses) are ignored.
 
 Prompts are tokenized exactly as training tokenizes them (:func:`lit_align.data.tokenize.tokenize_prompt`:
 text as it is, chat messages rendered by the tokenizer's chat template with the generation
@@ -25,6 +28,7 @@ from lit_align.data.collate import PromptCollator
 from lit_align.data.errors import DataError
 from lit_align.data.formats import read_messages, read_prompt
 from lit_align.data.labels import IGNORE_INDEX
+from lit_align.data.prompt_datamodule import ANSWER_FIELDS, final_answer, first_present
 from lit_align.data.sources import iter_records
 from lit_align.data.tokenize import Prompt, tokenize_prompt
 from lit_align.online.rollout import GenerationSettings, sample_completions
@@ -37,9 +41,24 @@ PROMPT_FIELDS = ("prompt", "messages")
 def read_prompt_file(source: str, split: str = "train") -> list[Prompt]:
     """The prompts of ``source`` (a ``.txt`` file or a data source, see the module's docstring),
     in order; a :class:`DataError` names the file, record and field of a bad one."""
+    return read_prompts_and_answers(source, split)[0]
+
+
+def read_prompts_and_answers(
+    source: str, split: str = "train", columns: Mapping[str, str] | None = None
+) -> tuple[list[Prompt], list[str | None]]:
+    """The prompts of ``source`` and each one's reference answer (None where a record gives none,
+    and for every line of a ``.txt`` file); ``columns`` maps other field names as the data
+    modules' ``columns`` setting does (``{prompt: problem, answer: final}``)."""
     if source.lower().endswith(".txt"):
-        return _text_lines(source)
-    return [record_prompt(record, source, index) for index, record in enumerate(iter_records(source, split))]
+        lines = _text_lines(source)
+        return lines, [None] * len(lines)
+    prompts, answers = [], []
+    for index, record in enumerate(iter_records(source, split)):
+        prompts.append(record_prompt(record, source, index, (columns or {}).get("prompt")))
+        field = first_present(record, (columns or {}).get("answer"), ANSWER_FIELDS)
+        answers.append(final_answer(record[field]) if record.get(field) is not None else None)
+    return prompts, answers
 
 
 def _text_lines(source: str) -> list[str]:
@@ -56,9 +75,15 @@ def _text_lines(source: str) -> list[str]:
     return prompts
 
 
-def record_prompt(record: Mapping[str, Any], source: str, index: int) -> Prompt:
-    """The prompt of one record: its ``prompt`` (text or messages), else its ``messages`` without
-    the assistant turns that end them."""
+def record_prompt(record: Mapping[str, Any], source: str, index: int, field: str | None = None) -> Prompt:
+    """The prompt of one record: its ``field`` when given, else its ``prompt`` (text or messages),
+    else its ``messages`` without the assistant turns that end them, else its ``question``."""
+    if field is not None:
+        if field not in record:
+            raise DataError(
+                source, f"missing (columns maps the prompt to it; record has: {', '.join(record)})", index, field
+            )
+        return read_prompt(record[field], field, source, index)
     if "prompt" in record:
         return read_prompt(record["prompt"], "prompt", source, index)
     if "messages" in record:
@@ -68,11 +93,13 @@ def record_prompt(record: Mapping[str, Any], source: str, index: int) -> Prompt:
         if not messages:
             raise DataError(source, "the conversation has no turn before the assistant's reply", index, "messages")
         return messages
+    if "question" in record:
+        return read_prompt(record["question"], "question", source, index)
     fields = ", ".join(map(str, record)) or "none"
     raise DataError(
         source,
-        f"missing: a prompt is read from a 'prompt' field (text or chat messages) or a 'messages' field "
-        f"(record has fields: {fields})",
+        f"missing: a prompt is read from a 'prompt' field (text or chat messages), a 'messages' field or a "
+        f"'question' field (record has fields: {fields})",
         index,
         "prompt",
     )

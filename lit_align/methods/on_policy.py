@@ -46,7 +46,7 @@ from lit_align.model.reference import resolve_reference
 from lit_align.model.sharding import fully_shard_on_policy, head_logits_of
 from lit_align.online.generation_backends import GENERATION_BACKENDS
 from lit_align.online.kl_control import KLPenalty
-from lit_align.online.rewards import RewardFunction, reward_parts, score_completions
+from lit_align.online.rewards import RewardFunction, check_reward, reward_parts, score_completions
 from lit_align.online.rollout import GenerationSettings, Rollout, SamplerCorrection
 from lit_align.runtime.trainer import distributed
 from lit_align.settings import (
@@ -165,6 +165,8 @@ class OnPolicyModule(AlignmentModule):
                 "model.reference",
                 "cannot be cached for on-policy methods (completions are sampled anew every step); use copy or adapter",
             )
+        check_reward(reward, type(self).__name__, "reward")
+        check_reward(eval_reward, type(self).__name__, "eval_reward")
         super().__init__(settings, optimizer)
         self.automatic_optimization = False
         self.reward, self.eval_reward = reward, eval_reward

@@ -12,20 +12,24 @@ Shipped:
   ``configs/reward.yaml`` (a Hugging Face sequence-classification folder).
 
 A new reward is a subclass of :class:`RewardFunction` (or any callable class) with a typed
-``__init__``, e.g. ``reward: {class_path: my_pkg.LengthPenalty, init_args: {target: 20}}``.
+``__init__``, e.g. ``reward: {class_path: my_pkg.LengthPenalty, init_args: {target: 20}}``, or a
+plain function wrapped by :class:`FunctionReward`. What a reward returns is checked on every call
+(:func:`as_scores`): one finite number per completion, else a :class:`lit_align.errors.RewardError`
+naming the reward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from lightning import LightningModule
 
 from lit_align.data.arithmetic_task import ArithmeticTask
 from lit_align.data.tasks import BuiltinTask, WordRulesTask
-from lit_align.errors import SettingError
+from lit_align.errors import RewardError, SettingError
 
 
 class RewardFunction:
@@ -57,7 +61,7 @@ class RewardFunction:
             )
         else:
             scores = self.score(prompts, completions, answers)
-        return torch.as_tensor(scores, dtype=torch.float32).reshape(len(completions))
+        return as_scores(self, scores, prompts, completions)
 
     def to(self, device: torch.device | str) -> "RewardFunction":
         """Move any model the reward holds to ``device`` (nothing to move by default)."""
@@ -99,6 +103,84 @@ class ArithmeticReward(BuiltinTaskReward):
     checks it against the reference."""
 
     task = ArithmeticTask
+
+
+class FunctionReward(RewardFunction):
+    """A plain function as a reward: ``function(prompts, completions)`` (or ``function(prompts,
+    completions, answers)`` with ``needs_answers``) returning one number per completion, e.g.
+    ``reward: {class_path: lit_align.rewards.FunctionReward, init_args: {function: my_rewards.brevity}}``.
+
+    Args:
+        function: the function, by import path (``my_rewards.brevity``).
+        needs_answers: call it with each prompt's reference answer too (the prompt data must give one).
+    """
+
+    def __init__(self, function: Callable[..., Any], needs_answers: bool = False):
+        if not callable(function):
+            raise SettingError("FunctionReward", "function", f"must be a function, got {function!r}")
+        self.function, self.needs_answers = function, needs_answers
+
+    @property
+    def name(self) -> str:
+        return f"{getattr(self.function, '__module__', '?')}.{getattr(self.function, '__qualname__', self.function)}"
+
+    def score(self, prompts: Sequence, completions: Sequence[str], answers: Sequence | None = None) -> Any:
+        return self.function(prompts, completions) if answers is None else self.function(prompts, completions, answers)
+
+
+def reward_name(reward: Any) -> str:
+    """``module.Class`` of a reward (the function's path for :class:`FunctionReward`), as a user named it."""
+    if isinstance(reward, FunctionReward):
+        return reward.name
+    return f"{type(reward).__module__}.{type(reward).__qualname__}"
+
+
+def check_reward(reward: Any, owner: str, setting: str) -> None:
+    """Refuse, when the method is built, a ``reward`` that cannot score: not callable, or a
+    :class:`RewardFunction` subclass that does not implement ``score``."""
+    if reward is None:
+        return
+    if not callable(reward):
+        raise SettingError(owner, setting, f"must be a RewardFunction, got {reward!r}")
+    if isinstance(reward, RewardFunction) and type(reward).score is RewardFunction.score:
+        raise SettingError(
+            owner,
+            setting,
+            f"{reward_name(reward)} does not implement score(prompts, completions), which returns one number "
+            "per completion",
+        )
+    for index, part in enumerate(getattr(reward, "rewards", None) or []):
+        check_reward(part, owner, f"{setting}.rewards[{index}]")
+
+
+def as_scores(reward: Any, scores: Any, prompts: Sequence, completions: Sequence[str]) -> torch.Tensor:
+    """What ``reward`` returned for ``completions`` as a float tensor ``[N]``, or a
+    :class:`RewardError` that names the reward, what it returned and, for a non-finite score,
+    the first prompt and completion that got one."""
+    name, count = reward_name(reward), len(completions)
+    try:
+        values = torch.as_tensor(scores, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as error:
+        sample = repr(scores)
+        sample = sample if len(sample) <= 60 else sample[:56] + " ..."
+        raise RewardError(
+            f"reward {name} returned {sample}, which is not numbers ({error}): return one float per completion"
+        ) from None
+    if values.numel() != count:
+        raise RewardError(
+            f"reward {name} returned {values.numel()} scores for {count} completions: return one float per completion"
+        )
+    values = values.reshape(count)
+    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+    if bad:
+        first = bad[0]
+        value = float(values[first])
+        raise RewardError(
+            f"reward {name} returned {'nan' if math.isnan(value) else value} for {len(bad)} of {count} completions, "
+            f"first for the completion {completions[first]!r:.60} of the prompt {prompts[first]!r:.80}: return a "
+            "finite number for every completion (e.g. 0.0 where none applies)"
+        )
+    return values
 
 
 class WeightedRewards(RewardFunction):
@@ -162,8 +244,10 @@ class WeightedRewards(RewardFunction):
 def score_completions(reward, prompts: Sequence, completions: Sequence[str], answers: Sequence | None) -> torch.Tensor:
     """``reward``'s scores, given the reference answers when it takes them (``needs_answers``)."""
     if getattr(reward, "needs_answers", False):
-        return reward(prompts, completions, answers)
-    return reward(prompts, completions)
+        scores = reward(prompts, completions, answers)
+    else:
+        scores = reward(prompts, completions)
+    return as_scores(reward, scores, prompts, completions)
 
 
 def reward_parts(reward) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import QUIET_FLAGS, metrics_table
 
+import lit_align.commands.evaluate as evaluate_command
 from lit_align.cli import main
 from lit_align.commands.models import load_policy
 from lit_align.data.tasks import WordRulesTask
@@ -95,6 +96,14 @@ def test_generate_reads_jsonl_and_txt_prompt_files_and_writes_stdout_or_a_file(i
     # --chat: a text prompt goes through the chat template as a user message; its line shows the text
     (row,) = generated([*options, "--chat", "--prompt", "Write in capitals: cab"], capsys)
     assert row == {"prompt": "Write in capitals: cab", "completion": rows_of_messages[1]["completion"]}
+
+    # --system_prompt: the same as a [system, user] conversation given in the file
+    conversation = [{"role": "system", "content": "Be brief."}, *chat]
+    (as_messages,) = generated(
+        [*options, "--prompts", str(write_jsonl(in_tmp / "c.jsonl", [{"prompt": conversation}]))], capsys
+    )
+    (row,) = generated([*options, "--system_prompt", "Be brief.", "--prompt", "Write in capitals: cab"], capsys)
+    assert row == {"prompt": "Write in capitals: cab", "completion": as_messages["completion"]}
 
 
 def test_empty_completions_of_text_prompts_point_to_chat(in_tmp, capsys, monkeypatch):
@@ -211,6 +220,14 @@ def test_eval_gives_verifiable_rewards_the_reference_answers_and_takes_plain_fun
     common = ["--model", "tiny", "--data", data, "--max_new_tokens", "2"]
     assert evaluated([*common, "--reward", "answer_rewards.AnswerLength"], capsys) == {"mean_score": 2.0}
     assert evaluated([*common, "--reward", "answer_rewards.quarter"], capsys) == {"mean_score": 0.25}
+    rendered = []  # --system_prompt: what eval tokenizes is the [system, user] conversation
+    tokenize = evaluate_command.tokenize_prompts
+    monkeypatch.setattr(evaluate_command, "tokenize_prompts", lambda p, *a: rendered.append(p) or tokenize(p, *a))
+    assert (
+        evaluated([*common, "--reward", "answer_rewards.AnswerLength", "--system_prompt", "S"], capsys)["mean_score"]
+        == 2.0
+    )
+    assert rendered[0][0] == ({"role": "system", "content": "S"}, {"role": "user", "content": "Q1?"})
     write_jsonl(in_tmp / "gsm8k.jsonl", [*records, {"question": "Q4?"}])
     with pytest.raises(SystemExit) as stop:
         main(["eval", *common, "--reward", "lit_align.rewards.MathVerifyReward"])
@@ -229,6 +246,7 @@ def test_eval_errors_are_one_message(sft_policy, in_tmp):
         (["--model", "missing-run/last.ckpt"], "checkpoint 'missing-run/last.ckpt' does not exist"),
         (["--model", str(bare), "--reward", "no_such_module.Reward"], "--reward: 'no_such_module.Reward' cannot"),
         (["--model", str(bare), "--baseline", "tiny"], "--baseline compares generated completions"),
+        (["--model", str(sft_policy), "--system_prompt", "S"], "--system_prompt renders the prompts of generated"),
     ]
     for flags, message in cases:
         with pytest.raises(SystemExit) as stop:

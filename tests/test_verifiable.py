@@ -91,6 +91,48 @@ def test_prompts_without_answers_give_no_answers(tmp_path, tokenizer):
     assert "answers" not in next(iter(data.val_dataloader()))
 
 
+def test_as_conversation_by_hand():
+    from lit_align.data.formats import as_conversation
+
+    user = {"role": "user", "content": "Q?"}
+    system = {"role": "system", "content": "S"}
+    assert as_conversation("Q?") == "Q?"  # text stays text unless asked
+    assert as_conversation("Q?", chat=True) == (user,)
+    assert as_conversation("Q?", system_prompt="S") == (system, user)
+    assert as_conversation([user], system_prompt="S") == (system, user)
+    own = {"role": "system", "content": "mine"}
+    assert as_conversation([own, user], system_prompt="S") == (own, user)  # a conversation's own system turn stays
+
+
+@pytest.mark.parametrize("settings", [{"chat": True}, {"system_prompt": "Think, then answer."}])
+def test_text_prompts_of_a_chat_model_go_through_its_template(tmp_path, tokenizer, settings):
+    """GSM8K questions with ``chat`` or a ``system_prompt``: the prompt ids are the chat
+    template's rendering of [system?, user] with the generation prompt; the reward still gets the
+    question as text."""
+    from lit_align.data import PromptDataModule
+
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text(json.dumps({"question": "Two plus two?", "answer": "#### 4"}) + "\n")
+    data = PromptDataModule(train=str(path), val=str(path), max_length=256, **settings)
+    data.tokenizer = tokenizer
+    data.setup()
+    batch = next(iter(data.val_dataloader()))
+    messages = [{"role": "user", "content": "Two plus two?"}]
+    if "system_prompt" in settings:
+        messages.insert(0, {"role": "system", "content": settings["system_prompt"]})
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = batch["prompt_ids"][0][batch["prompt_mask"][0].bool()]
+    assert tokenizer.decode(ids) == expected
+    assert batch["prompts"] == ["Two plus two?"] and batch["answers"] == ["4"]
+
+
+def test_chat_with_a_system_prompt_is_refused_as_saying_nothing_more():
+    from lit_align.data import PromptDataModule
+
+    with pytest.raises(SettingError, match="PromptDataModule: chat must be unset with system_prompt, which already"):
+        PromptDataModule(train="builtin", chat=True, system_prompt="S")
+
+
 @pytest.mark.slow
 def test_grpo_trains_on_prompt_answers_with_math_verify(in_tmp):
     """Plumbing end to end: a GRPO run on {question, answer} (GSM8K-shaped) prompts scored by

@@ -52,6 +52,7 @@ from lit_align.commands.prompts import complete, read_prompts_and_answers, token
 from lit_align.data.collate import PromptLayout
 from lit_align.data.datamodule import AlignmentDataModule
 from lit_align.data.errors import DataError
+from lit_align.data.formats import as_conversation
 from lit_align.online.reward_model import RewardModelReward
 from lit_align.online.rewards import FunctionReward, RewardFunction, check_reward, reward_name, score_completions
 from lit_align.runtime.atomic import atomic_write_text
@@ -116,6 +117,12 @@ def evaluate(args) -> dict[str, float]:
             "--baseline compares generated completions, which needs a reward",
             hint="add --reward (e.g. lit_align.rewards.WordRulesReward)",
         )
+    if args.chat or args.system_prompt is not None:
+        raise CommandError(
+            f"--{'chat' if args.chat else 'system_prompt'} renders the prompts of generated completions, and "
+            "validating this run generates none (its data module renders the held-out data as in training)",
+            hint="drop it, or add --reward to score greedy completions",
+        )
     if config is None:
         raise CommandError(
             f"{args.model!r} has no {CONFIG_FILE}: the method and data settings of its run are needed to validate it",
@@ -168,10 +175,14 @@ def completion_scores(args, config: RunConfig | None) -> dict[str, float]:
     generation = generation_settings(max_new_tokens, 0.0, 1.0)
     max_prompt_length = args.max_length
 
+    chat = args.chat or bool(data_args.get("chat"))  # as the run's PromptDataModule rendered prompts
+    system_prompt = args.system_prompt if args.system_prompt is not None else data_args.get("system_prompt")
+    rendered = [as_conversation(prompt, chat, system_prompt) for prompt in prompts]
+
     def scores(source: str, name: str) -> torch.Tensor:
         loaded = load_model_option(source)
         loaded.model.to(device())
-        ids = tokenize_prompts(prompts, loaded.tokenizer, template_kwargs, max_prompt_length, args.data)
+        ids = tokenize_prompts(rendered, loaded.tokenizer, template_kwargs, max_prompt_length, args.data)
         completions = complete(loaded.model, loaded.tokenizer, ids, generation, args.batch_size, 0.0, name)
         return score_completions(reward, prompts, completions, answers).float().cpu()
 

@@ -17,6 +17,7 @@ from typing import Any
 from lit_align.commands import CommandError
 from lit_align.commands.models import load_policy
 from lit_align.commands.prompts import complete, read_prompt_file, tokenize_prompts
+from lit_align.data.formats import as_conversation
 from lit_align.errors import SettingError
 from lit_align.model.loading import ModelLoadError
 from lit_align.online.rollout import GenerationSettings
@@ -41,6 +42,18 @@ def add_generation_arguments(parser, max_new_tokens: int | None = 64) -> None:
         default=None,
         help="Extra chat-template variables as JSON, e.g. '{\"enable_thinking\": false}'.",
     )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="Send each text prompt as a user message through the tokenizer's chat template (for chat models); "
+        "prompts given as messages are rendered so anyway.",
+    )
+    parser.add_argument(
+        "--system_prompt",
+        type=str | None,
+        default=None,
+        help="A system message before every prompt without one (text prompts then go through the chat template).",
+    )
 
 
 def build_parser():
@@ -61,12 +74,6 @@ def build_parser():
         "chat messages) or 'messages' field.",
     )
     parser.add_argument("--output", type=str | None, default=None, help="JSONL file to write (default: stdout).")
-    parser.add_argument(
-        "--chat",
-        action="store_true",
-        help="Send each text prompt as a user message through the tokenizer's chat template (for chat models); "
-        "prompts given as messages are rendered so anyway.",
-    )
     add_generation_arguments(parser)
     parser.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature (0 = greedy).")
     parser.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling: keep this much probability.")
@@ -118,13 +125,13 @@ def main(argv: list[str]) -> None:
     generation = generation_settings(args.max_new_tokens, args.temperature, args.top_p)
     loaded = load_model_option(args.model)
     loaded.model.to(device())
-    rendered = [as_user_message(prompt) for prompt in prompts] if args.chat else prompts
+    rendered = [as_conversation(prompt, args.chat, args.system_prompt) for prompt in prompts]
     ids = tokenize_prompts(rendered, loaded.tokenizer, args.chat_template_kwargs, source=source)
     lightning.seed_everything(args.seed, verbose=False)
     completions = complete(loaded.model, loaded.tokenizer, ids, generation, args.batch_size, args.temperature)
     empty = sum(not completion for completion in completions)
     texts = any(isinstance(prompt, str) for prompt in prompts)
-    if empty and texts and not args.chat and loaded.tokenizer.chat_template:
+    if empty and texts and not args.chat and args.system_prompt is None and loaded.tokenizer.chat_template:
         print(
             f"note: {empty} of {len(completions)} completions are empty (the model ended at once); for a chat model, "
             "--chat sends each text prompt as a user message through its chat template",
@@ -154,11 +161,6 @@ def device():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def as_user_message(prompt: Any) -> Any:
-    """A text prompt as a one-message conversation (``--chat``); messages stay as they are."""
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
 def _plain(prompt: Any) -> Any:

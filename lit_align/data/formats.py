@@ -329,6 +329,22 @@ def as_chat(prompt: Union[str, tuple[Message, ...]], responses: Sequence[Respons
     return prompt
 
 
+def as_conversation(
+    prompt: Union[str, Sequence[Message]], chat: bool = False, system_prompt: str | None = None
+) -> Union[str, tuple[Message, ...]]:
+    """A prompt as the chat template should see it: with ``chat`` (or a ``system_prompt``) a text
+    prompt becomes the user turn; a ``system_prompt`` opens every conversation that has no system
+    turn of its own. Without either, the prompt is unchanged (text is tokenized as it is)."""
+    if isinstance(prompt, str):
+        if not chat and system_prompt is None:
+            return prompt
+        prompt = ({"role": "user", "content": prompt},)
+    messages = tuple(prompt)
+    if system_prompt is not None and not (messages and messages[0].get("role") == "system"):
+        messages = ({"role": "system", "content": system_prompt}, *messages)
+    return messages
+
+
 def _split_implicit(chosen: str, rejected: str, marker: str, source: str, index: int) -> PreferencePair:
     shared = 0
     limit = min(len(chosen), len(rejected))

@@ -9,9 +9,10 @@ import torch
 
 from lit_align.data.collate import PromptCollator, PromptLayout
 from lit_align.data.datamodule import BUILTIN, AlignmentDataModule, RecordStore, first_rows
-from lit_align.data.formats import read_field, read_prompt
+from lit_align.data.formats import as_conversation, read_field, read_prompt
 from lit_align.data.sft_datamodule import SFTDataModule
 from lit_align.data.tokenize import tokenize_prompt
+from lit_align.errors import SettingError
 from lit_align.settings import Count
 
 
@@ -36,9 +37,17 @@ class PromptDataModule(AlignmentDataModule):
     :class:`SFTDataModule` reads its data (``{prompt, completion}``, ``{messages}``, ``{text}``;
     ``builtin``: the built-in task's correct answers), cycled in a seeded shuffled order.
 
+    Chat models: text prompts (GSM8K's questions, MATH problems) are tokenized as they are unless
+    ``chat`` sends each as the user turn through the tokenizer's chat template; ``system_prompt``
+    opens every conversation (text prompts then become the user turn too) that has no system turn
+    of its own. The reward still sees each prompt as the data gave it.
+
     Args:
         ptx_train: source of the ``ptx`` batches (any source :class:`SFTDataModule` reads).
         ptx_batch_size: examples per ``ptx`` batch (default: ``batch_size``).
+        chat: send text prompts as a user message through the tokenizer's chat template.
+        system_prompt: a system message before every prompt without one (implies ``chat`` for
+            text prompts), e.g. DeepSeek-R1's instruction to reason inside ``<think>`` tags.
         (everything else: :class:`AlignmentDataModule`)
     """
 
@@ -46,8 +55,22 @@ class PromptDataModule(AlignmentDataModule):
     record_fields = ("prompt", "answer")
     example_features = {"prompt": "ids"}  # ``text`` (a string or chat messages) and ``answer`` are stored pickled
 
-    def __init__(self, *args, ptx_train: Optional[str] = None, ptx_batch_size: Optional[Count] = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        ptx_train: Optional[str] = None,
+        ptx_batch_size: Optional[Count] = None,
+        chat: bool = False,
+        system_prompt: Optional[str] = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        if chat and system_prompt is not None:
+            raise SettingError(
+                "PromptDataModule",
+                "chat",
+                "must be unset with system_prompt, which already sends text prompts as the user turn",
+            )
         if self.hparams.max_prompt_length is None:  # no response shares max_length here
             self.max_prompt_length = self.hparams.max_length
         self.ptx_data: SFTDataModule | None = None
@@ -97,7 +120,13 @@ class PromptDataModule(AlignmentDataModule):
         field = first_present(record, (h.columns or {}).get("prompt"), PROMPT_FIELDS)
         prompt = read_prompt(read_field(record, field, source, index, required=True), field, source, index)
         ids = tokenize_prompt(
-            prompt, self.tokenizer, self.max_prompt_length, h.truncation, source, index, h.chat_template_kwargs
+            as_conversation(prompt, h.chat, h.system_prompt),
+            self.tokenizer,
+            self.max_prompt_length,
+            h.truncation,
+            source,
+            index,
+            h.chat_template_kwargs,
         )
         example = {"prompt": ids, "text": prompt if isinstance(prompt, str) else [dict(m) for m in prompt]}
         answer_field = first_present(record, (h.columns or {}).get("answer"), ANSWER_FIELDS)

@@ -248,3 +248,5 @@ def test_function_reward_calls_a_plain_function_with_answers_when_asked():
         exact(["q"], ["7"])
     with pytest.raises(SettingError, match="FunctionReward: function must be a function, got 3"):
         FunctionReward(3)
+    weighted = WeightedRewards([FunctionReward(brevity), FunctionReward(brevity), WordRulesReward()], [1.0, 2.0, 1.0])
+    assert weighted.names == ["brevity_0", "brevity_1", "WordRulesReward"]  # logged as objective/rewards/<name>

@@ -128,6 +128,13 @@ class FunctionReward(RewardFunction):
         return self.function(prompts, completions) if answers is None else self.function(prompts, completions, answers)
 
 
+def short_name(reward: Any) -> str:
+    """A reward's name in the logs: its class's (the function's, for :class:`FunctionReward`)."""
+    if isinstance(reward, FunctionReward):
+        return getattr(reward.function, "__name__", "function")
+    return type(reward).__name__
+
+
 def reward_name(reward: Any) -> str:
     """``module.Class`` of a reward (the function's path for :class:`FunctionReward`), as a user named it."""
     if isinstance(reward, FunctionReward):
@@ -191,7 +198,8 @@ class WeightedRewards(RewardFunction):
     Args:
         rewards: the rewards (each a ``class_path`` entry in YAML).
         weights: one weight per reward (default: 1 each).
-        names: one name per reward in the logs (default: the class names, numbered when repeated).
+        names: one name per reward in the logs (default: the class names, a plain function's own
+            name, numbered when repeated).
 
     In YAML::
 
@@ -214,7 +222,7 @@ class WeightedRewards(RewardFunction):
                 + (f", {len(names)} names" if names is not None else ""),
             )
         if names is None:
-            classes = [type(reward).__name__ for reward in rewards]
+            classes = [short_name(reward) for reward in rewards]
             names = [c if classes.count(c) == 1 else f"{c}_{classes[:i].count(c)}" for i, c in enumerate(classes)]
         self.rewards, self.weights, self.names = list(rewards), weights, list(names)
         self.parts: dict[str, torch.Tensor] = {}

@@ -51,10 +51,9 @@ from lit_align.commands.models import (
 from lit_align.commands.prompts import complete, read_prompts_and_answers, tokenize_prompts
 from lit_align.data.collate import PromptLayout
 from lit_align.data.datamodule import AlignmentDataModule
-from lit_align.data.errors import DataError
 from lit_align.data.formats import as_conversation
 from lit_align.online.reward_model import RewardModelReward
-from lit_align.online.rewards import FunctionReward, RewardFunction, check_reward, reward_name, score_completions
+from lit_align.online.rewards import FunctionReward, RewardFunction, check_reward, require_answers, score_completions
 from lit_align.runtime.atomic import atomic_write_text
 from lit_align.runtime.progress import shows_bars
 
@@ -169,7 +168,7 @@ def completion_scores(args, config: RunConfig | None) -> dict[str, float]:
     reward = build_reward(args.reward, config)
     data_args = ((config.data if config is not None else None) or {}).get("init_args") or {}
     prompts, answers = read_prompts_and_answers(args.data, args.split or "train", data_args.get("columns"))
-    check_answers_for(reward, answers, args.data)
+    require_answers(reward, answers, range(len(answers)), args.data)  # before generating
     template_kwargs = args.chat_template_kwargs or data_args.get("chat_template_kwargs")
     max_new_tokens = args.max_new_tokens or _configured_max_new_tokens(config)
     generation = generation_settings(max_new_tokens, 0.0, 1.0)
@@ -193,21 +192,6 @@ def completion_scores(args, config: RunConfig | None) -> dict[str, float]:
         wins = (policy > baseline).float() + 0.5 * (policy == baseline).float()
         metrics.update(baseline_mean_score=float(baseline.mean()), win_rate=float(wins.mean()))
     return metrics
-
-
-def check_answers_for(reward: Any, answers: list[str | None], source: str) -> None:
-    """Before generating: a reward that checks completions against reference answers
-    (``needs_answers``) needs one in every record of ``source``."""
-    if not getattr(reward, "needs_answers", False) or all(answer is not None for answer in answers):
-        return
-    missing = [index for index, answer in enumerate(answers) if answer is None]
-    raise DataError(
-        source,
-        f"has no reference answer, which {reward_name(reward)} checks completions against ({len(missing)} of "
-        f"{len(answers)} records have none): give each record an 'answer' (or 'solution') field",
-        missing[0],
-        "answer",
-    )
 
 
 def build_reward(given: str | None, config: RunConfig | None):

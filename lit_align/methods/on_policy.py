@@ -29,7 +29,6 @@ import torch
 
 from lit_align.data.collate import PromptLayout
 from lit_align.data.contract import DataRequest
-from lit_align.data.errors import DataError
 from lit_align.data.packing import at_positions
 from lit_align.errors import NonFiniteLossError, SettingError
 from lit_align.losses.policy_gradient import (
@@ -46,7 +45,13 @@ from lit_align.model.reference import resolve_reference
 from lit_align.model.sharding import fully_shard_on_policy, head_logits_of
 from lit_align.online.generation_backends import GENERATION_BACKENDS
 from lit_align.online.kl_control import KLPenalty
-from lit_align.online.rewards import RewardFunction, check_reward, reward_parts, score_completions
+from lit_align.online.rewards import (
+    RewardFunction,
+    check_reward,
+    require_answers,
+    reward_parts,
+    score_completions,
+)
 from lit_align.online.rollout import GenerationSettings, Rollout, SamplerCorrection
 from lit_align.runtime.trainer import distributed
 from lit_align.settings import (
@@ -292,18 +297,8 @@ class OnPolicyModule(AlignmentModule):
         ``reward`` on held-out splits), before the first rollout rather than at it."""
         super().check_examples(split, source, examples)
         reward = self.reward if split == "train" else (self.eval_reward or self.reward)
-        if not getattr(reward, "needs_answers", False):
-            return
-        missing = [example for example in examples if example.get("answer") is None]
-        if missing:
-            raise DataError(
-                source,
-                f"has no reference answer, which {type(reward).__name__} checks completions against "
-                f"({len(missing)} of {len(examples)} {split} records have none): give each record an 'answer' "
-                "(or 'solution') field, or map yours with data.init_args.columns {answer: <field>}",
-                missing[0].get("record"),
-                "answer",
-            )
+        answers = [example.get("answer") for example in examples]
+        require_answers(reward, answers, [example.get("record") for example in examples], source, f"{split} records")
 
     def prepare_data_for_method(self) -> None:
         """Also ready the rewards (fit, validate and test start): move them to the policy's device

@@ -28,6 +28,7 @@ import torch
 from lightning import LightningModule
 
 from lit_align.data.arithmetic_task import ArithmeticTask
+from lit_align.data.errors import DataError
 from lit_align.data.tasks import BuiltinTask, WordRulesTask
 from lit_align.errors import RewardError, SettingError
 
@@ -120,10 +121,6 @@ class FunctionReward(RewardFunction):
             raise SettingError("FunctionReward", "function", f"must be a function, got {function!r}")
         self.function, self.needs_answers = function, needs_answers
 
-    @property
-    def name(self) -> str:
-        return f"{getattr(self.function, '__module__', '?')}.{getattr(self.function, '__qualname__', self.function)}"
-
     def score(self, prompts: Sequence, completions: Sequence[str], answers: Sequence | None = None) -> Any:
         return self.function(prompts, completions) if answers is None else self.function(prompts, completions, answers)
 
@@ -137,9 +134,26 @@ def short_name(reward: Any) -> str:
 
 def reward_name(reward: Any) -> str:
     """``module.Class`` of a reward (the function's path for :class:`FunctionReward`), as a user named it."""
-    if isinstance(reward, FunctionReward):
-        return reward.name
-    return f"{type(reward).__module__}.{type(reward).__qualname__}"
+    named = reward.function if isinstance(reward, FunctionReward) else type(reward)
+    return f"{getattr(named, '__module__', '?')}.{getattr(named, '__qualname__', named)}"
+
+
+def require_answers(reward: Any, answers: Sequence, records: Sequence, source: str, rows: str = "records") -> None:
+    """Before any completion is scored: when ``reward`` checks completions against reference
+    answers (``needs_answers``), a :class:`DataError` naming the first of ``records`` whose answer
+    is None."""
+    if not getattr(reward, "needs_answers", False):
+        return
+    missing = [record for answer, record in zip(answers, records, strict=True) if answer is None]
+    if missing:
+        raise DataError(
+            source,
+            f"has no reference answer, which {short_name(reward)} checks completions against ({len(missing)} of "
+            f"{len(answers)} {rows} have none): give each record an 'answer' (or 'solution') field, or map yours "
+            "with data.init_args.columns {answer: <field>}",
+            missing[0],
+            "answer",
+        )
 
 
 def check_reward(reward: Any, owner: str, setting: str) -> None:
@@ -255,6 +269,8 @@ def score_completions(reward, prompts: Sequence, completions: Sequence[str], ans
         scores = reward(prompts, completions, answers)
     else:
         scores = reward(prompts, completions)
+    if isinstance(reward, RewardFunction):  # its __call__ checked them already
+        return scores
     return as_scores(reward, scores, prompts, completions)
 
 

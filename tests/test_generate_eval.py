@@ -270,3 +270,27 @@ def test_a_data_module_can_build_its_held_out_split_alone(in_tmp, tokenizer):
     alone = PreferenceDataModule(train="builtin", val=str(pairs), max_length=64)
     alone.tokenizer, alone.held_out_only = tokenizer, True
     assert whole.cache_key() != alone.cache_key()
+
+
+HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+@pytest.mark.skipif(not HH.exists(), reason="../shared/data holds the HH test split")
+def test_prompts_of_preference_pairs_without_a_prompt_field_are_their_shared_start(capsys):
+    """Anthropic HH's whole transcripts: each prompt is the conversation up to the last shared
+    "\\n\\nAssistant:", as the preference data module splits it; the 4 records whose chosen reply is
+    empty are skipped as training skips them, with a note, and the others keep their record numbers."""
+    import gzip
+
+    from lit_align.commands.prompts import read_prompts_and_answers
+
+    prompts, answers, records = read_prompts_and_answers(str(HH))
+    assert len(prompts) == 2312 - 4 and set(answers) == {None}
+    assert records[84:87] == [84, 85, 87]  # record 86's chosen reply is empty
+    note = capsys.readouterr().err
+    assert "note: skipped 4 records" in note and "record 86, field 'chosen': is empty" in note
+    assert all(prompt.startswith("\n\nHuman: ") and prompt.endswith("\n\nAssistant:") for prompt in prompts)
+    with gzip.open(HH, "rt", encoding="utf-8") as handle:
+        first = json.loads(handle.readline())
+    marker = "\n\nAssistant:"  # the first record's last turn: everything up to its final marker
+    assert prompts[0] == first["chosen"][: first["chosen"].rindex(marker) + len(marker)]

@@ -167,8 +167,8 @@ def completion_scores(args, config: RunConfig | None) -> dict[str, float]:
     ``args.baseline``, the baseline's mean and the policy's win rate over it."""
     reward = build_reward(args.reward, config)
     data_args = ((config.data if config is not None else None) or {}).get("init_args") or {}
-    prompts, answers = read_prompts_and_answers(args.data, args.split or "train", data_args.get("columns"))
-    require_answers(reward, answers, range(len(answers)), args.data)  # before generating
+    prompts, answers, records = read_prompts_and_answers(args.data, args.split or "train", data_args.get("columns"))
+    require_answers(reward, answers, records, args.data)  # before generating
     template_kwargs = args.chat_template_kwargs or data_args.get("chat_template_kwargs")
     max_new_tokens = args.max_new_tokens or _configured_max_new_tokens(config)
     generation = generation_settings(max_new_tokens, 0.0, 1.0)

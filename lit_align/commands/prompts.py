@@ -4,7 +4,9 @@ Prompts come from the command line (text) or a file: a ``.txt`` file holds one p
 (blank lines skipped); any other file is read as the data modules read one (JSONL, JSON, parquet,
 a saved ``datasets`` folder, a hub dataset) and each record gives its ``prompt`` (text or chat
 messages), its ``messages`` (a conversation; the assistant turns that end it, a reply to it, are
-left out, so the policy writes that reply) or its ``question`` (GSM8K), and optionally a reference
+left out, so the policy writes that reply), its ``question`` (GSM8K) or, for a preference pair
+without a prompt field (Anthropic HH's whole transcripts), the start its ``chosen`` and
+``rejected`` share, as the preference data module splits it; and optionally a reference
 ``answer`` (else ``solution``; a GSM8K worked solution gives what follows its ``####``), which
 verifiable rewards check completions against, as :class:`lit_align.data.PromptDataModule` reads
 them. Other fields (a preference pair's responses) are ignored.
@@ -25,8 +27,8 @@ from typing import Any
 import torch
 
 from lit_align.data.collate import PromptCollator
-from lit_align.data.errors import DataError
-from lit_align.data.formats import read_messages, read_prompt
+from lit_align.data.errors import DataError, DroppableRecord
+from lit_align.data.formats import normalise_record, read_messages, read_prompt
 from lit_align.data.labels import IGNORE_INDEX
 from lit_align.data.prompt_datamodule import ANSWER_FIELDS, final_answer, first_present
 from lit_align.data.sources import iter_records
@@ -46,19 +48,31 @@ def read_prompt_file(source: str, split: str = "train") -> list[Prompt]:
 
 def read_prompts_and_answers(
     source: str, split: str = "train", columns: Mapping[str, str] | None = None
-) -> tuple[list[Prompt], list[str | None]]:
-    """The prompts of ``source`` and each one's reference answer (None where a record gives none,
-    and for every line of a ``.txt`` file); ``columns`` maps other field names as the data
-    modules' ``columns`` setting does (``{prompt: problem, answer: final}``)."""
+) -> tuple[list[Prompt], list[str | None], list[int]]:
+    """The prompts of ``source``, each one's reference answer (None where a record gives none,
+    and for every line of a ``.txt`` file) and record number; ``columns`` maps other field names
+    as the data modules' ``columns`` setting does (``{prompt: problem, answer: final}``). A
+    preference pair the data modules would skip (an empty response: HH has some) is skipped here
+    too, with a note on stderr."""
     if source.lower().endswith(".txt"):
         lines = _text_lines(source)
-        return lines, [None] * len(lines)
-    prompts, answers = [], []
+        return lines, [None] * len(lines), list(range(len(lines)))
+    prompts, answers, records, skipped = [], [], [], []
     for index, record in enumerate(iter_records(source, split)):
-        prompts.append(record_prompt(record, source, index, (columns or {}).get("prompt")))
+        try:
+            prompts.append(record_prompt(record, source, index, (columns or {}).get("prompt")))
+        except DroppableRecord as reason:
+            skipped.append(reason)
+            continue
         field = first_present(record, (columns or {}).get("answer"), ANSWER_FIELDS)
         answers.append(final_answer(record[field]) if record.get(field) is not None else None)
-    return prompts, answers
+        records.append(index)
+    if skipped:
+        note = f"note: skipped {len(skipped)} records of {source} as training would (first: {skipped[0]})"
+        print(note, file=sys.stderr)
+    if not prompts:
+        raise DataError(source, f"no usable records ({len(skipped)} skipped)")
+    return prompts, answers, records
 
 
 def _text_lines(source: str) -> list[str]:
@@ -95,11 +109,13 @@ def record_prompt(record: Mapping[str, Any], source: str, index: int, field: str
         return messages
     if "question" in record:
         return read_prompt(record["question"], "question", source, index)
+    if "chosen" in record and "rejected" in record:  # a preference pair without a prompt field (HH's transcripts)
+        return normalise_record(record, source, index).prompt
     fields = ", ".join(map(str, record)) or "none"
     raise DataError(
         source,
-        f"missing: a prompt is read from a 'prompt' field (text or chat messages), a 'messages' field or a "
-        f"'question' field (record has fields: {fields})",
+        f"missing: a prompt is read from a 'prompt' field (text or chat messages), a 'messages' field, a "
+        f"'question' field or the shared start of 'chosen' and 'rejected' (record has fields: {fields})",
         index,
         "prompt",
     )

@@ -213,6 +213,49 @@ def test_is_last_batch_at_train_start_of_a_resumed_fit_is_the_checkpoints(tmp_pa
         assert seen[-1] is ended, changed("Trainer.is_last_batch at on_train_start of a resumed fit", "lit-align reads")
 
 
+@pytest.mark.parametrize("stop_at, validated", [(3, [2, 3]), (4, [2, 4])])
+def test_a_step_that_sets_should_stop_is_validated_once(tmp_path, stop_at, validated):
+    """validate_the_last_step (lit_align/runtime/trainer.py) sets Trainer.should_stop at the step that
+    ends fit so that Lightning validates it: a step that sets it is validated, once when a
+    validation was due there anyway, and fit ends after it."""
+    seen = []
+
+    class Stopping(BoringModel):
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            if self.trainer.global_step == stop_at:
+                self.trainer.should_stop = True
+
+        def on_validation_end(self):
+            seen.append(self.trainer.global_step)
+
+    run = trainer(tmp_path, max_steps=10, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=1)
+    run.fit(Stopping())
+    assert (seen, run.global_step) == (validated, stop_at), changed(
+        "whether a training step that sets Trainer.should_stop is validated", "lit-align's last-step validation uses"
+    )
+
+
+@pytest.mark.parametrize(
+    "limits, validated",
+    [
+        (dict(max_steps=5, val_check_interval=2, check_val_every_n_epoch=None), [2, 4, 5]),
+        (dict(max_epochs=2, limit_train_batches=5, val_check_interval=3), [3, 8, 10]),
+    ],
+)
+def test_lit_align_validates_the_step_that_ends_fit(tmp_path, limits, validated):
+    """The step that ends fit (max_steps, or the last batch of the last epoch) is validated even
+    between two scheduled validations (the first epoch's end, step 5, is not: only the end of fit)."""
+    seen = []
+
+    class Recorded(DPO):
+        def on_validation_end(self):
+            super().on_validation_end()
+            seen.append(self.trainer.global_step)
+
+    trainer(tmp_path, limit_val_batches=1, **limits).fit(Recorded(), datamodule=PreferenceDataModule(max_length=64))
+    assert seen == validated
+
+
 def test_the_not_resumable_warning_lit_align_fit_silences_is_still_worded_so():
     assert "You're resuming from a checkpoint that ended before the epoch ended" in inspect.getsource(
         training_epoch_loop

@@ -95,6 +95,23 @@ def test_a_logger_folder_given_explicitly_is_kept(in_tmp):
     assert metrics_table(in_tmp / "logs") and not (in_tmp / "root").exists()
 
 
+def test_the_step_that_ends_fit_is_validated_checkpointed_and_sampled(in_tmp, capsys):
+    """3 steps validating every 2: Lightning alone validates step 2 and ends at step 3 with no score,
+    checkpoint or samples of the final weights; the last step is validated too, once."""
+    flags = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"]
+    main(["fit", "--config", str(CONFIGS / "dpo.yaml"), *flags, *QUIET_FLAGS])
+    validated = [int(row["step"]) for row in metrics_table() if row.get("val/rewards/accuracies")]
+    assert validated == [0, 1, 2]  # before training, after step 2, after step 3 (the CSV counts from 0)
+    (run,) = Path("runs/lightning_logs").iterdir()
+    assert [path.name for path in (run / "checkpoints").iterdir()] == ["epoch=0-step=3.ckpt"]
+    assert sorted(path.name for path in (run / "samples").iterdir()) == ["step_0.jsonl", "step_2.jsonl", "step_3.jsonl"]
+    assert re.search(r"held-out val/rewards/accuracies: \d\.\d{3} -> \d\.\d{3}", capsys.readouterr().out)
+
+    shutil.rmtree("runs")  # a validation due at the last step anyway runs once
+    main(["fit", "--config", str(CONFIGS / "dpo.yaml"), *flags[:1], "4", *flags[2:], *QUIET_FLAGS])
+    assert [int(row["step"]) for row in metrics_table() if row.get("val/rewards/accuracies")] == [0, 1, 3]
+
+
 @pytest.mark.parametrize("flag", ["--trainer.default_root_dir", "--trainer.logger.init_args.save_dir"])
 def test_a_run_folder_that_cannot_be_written_stops_before_anything_is_loaded(flag, read_only_folder, in_tmp):
     target = read_only_folder / "runs"

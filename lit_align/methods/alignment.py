@@ -41,6 +41,7 @@ from lit_align.runtime.trainer import (
     distributed,
     quiet_eval_mode_warning_for_frozen_modules,
     restore_eval_mode_warning,
+    validate_the_last_step,
 )
 from lit_align.settings import (
     ModelSettings,
@@ -391,8 +392,10 @@ class AlignmentModule(LightningModule):
         self._reference_attached = True
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Remember the random-number generators as this step left them (:meth:`on_validation_end`)."""
+        """Remember the random-number generators as this step left them (:meth:`on_validation_end`),
+        and have the step that ends fit validated (:func:`validate_the_last_step`)."""
         self._training_rng = rng_state()
+        validate_the_last_step(self.trainer, batch_idx)
 
     def on_validation_end(self) -> None:
         """During fit, put the random-number generators back as the last training step left them:

@@ -41,6 +41,8 @@ rejects ``_class_path``).
 Behaviour of public APIs that lit-align relies on, checked by the same test (no private names):
 Lightning fetches no batch ahead from a train loader that has a length (the position a
 :class:`lit_align.data.sampling.ResumableLoader` saves is the number of batches trained);
+a training step that sets ``Trainer.should_stop`` is validated, once, before fit ends (how
+:func:`lit_align.runtime.trainer.validate_the_last_step` has the final weights validated);
 ``Trainer.is_last_batch`` is, at ``on_train_start`` of a resumed fit, the value the checkpoint
 recorded (``AlignmentModule.on_train_start`` repeats one RNG draw when the checkpoint had ended its
 epoch); ``lit-align fit`` silences Lightning's warning that a mid-epoch checkpoint is "not

@@ -25,6 +25,28 @@ def distributed(module: LightningModule) -> bool:
     return trainer is not None and trainer.world_size > 1
 
 
+def validate_the_last_step(trainer: Trainer, batch_idx: int) -> None:
+    """Have Lightning validate after the training step that ends fit (call at every
+    ``on_train_batch_end``).
+
+    Lightning validates every ``val_check_interval`` steps; a run that ends between two (``max_steps``
+    not a multiple of it, or the last epoch's last batch) never validates its final weights: no
+    held-out score of them (``lit-align fit``'s closing line showed the last validated step's, or
+    nothing), no checkpoint of them and no samples (a 30-step try of a config that validates every
+    50 left no checkpoint at all). Lightning validates a step that sets ``Trainer.should_stop`` (its
+    early-stopping path, public behaviour checked in ``tests/test_lightning_internals.py``) and fit
+    ends after this step anyway; a validation already due at that step runs once, not twice."""
+    last_step = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+    last_epoch = (
+        trainer.max_epochs is not None
+        and trainer.max_epochs > 0
+        and trainer.current_epoch + 1 >= trainer.max_epochs
+        and batch_idx + 1 >= trainer.num_training_batches
+    )
+    if last_step or last_epoch:
+        trainer.should_stop = True
+
+
 EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 """Lightning's warning (at the start of every fit) about modules in eval mode."""
 

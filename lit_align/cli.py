@@ -16,6 +16,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import re
 import signal
 import sys
 import warnings
@@ -29,6 +30,7 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from lit_align.callbacks import Curves, NonFiniteLoss, Samples, SaveOnSigterm  # noqa: E402
 from lit_align.commands import evaluate, generate  # noqa: E402
+from lit_align.commands.parser import LitAlignParser  # noqa: E402
 from lit_align.commands.plot import plot_main  # noqa: E402
 from lit_align.data.datamodule import AlignmentDataModule  # noqa: E402
 from lit_align.data.unpaired import convert_pairs_file  # noqa: E402
@@ -375,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
             warnings.filterwarnings("ignore", message=LIGHTNING_PYTREE_DEPRECATION)
             run(words, from_command_line=argv is None)
     except Exception as error:
-        ours = find_lit_align_error(error) or lightning_configuration_error(error)
+        ours = find_lit_align_error(error) or lightning_configuration_error(error) or missing_package_error(error)
         if ours is None or debugging():
             raise
         raise SystemExit(error_text(command, ours)) from None
@@ -422,6 +424,29 @@ def lightning_configuration_error(error: BaseException) -> LitAlignError | None:
     return None if error is None else SettingError(None, None, f"Lightning: {error}")
 
 
+def missing_package_error(error: BaseException) -> LitAlignError | None:
+    """A configured class that needs a package that is not installed (``--trainer.logger
+    WandbLogger`` without ``wandb``, a user's module importing one) as one message naming the class
+    and the package, with the install command as the hint, instead of the parser's dump of every
+    type the setting accepts; None when no ``ModuleNotFoundError`` is behind ``error``."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        chain.append(error)
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    missing = next((link for link in chain if isinstance(link, ModuleNotFoundError)), None)
+    if missing is None:
+        return None
+    found = (re.search(r"Problem with given class_path '([^']+)'", str(link)) for link in chain)
+    owner = next((match.group(1) for match in found if match), None)
+    # Lightning's loggers say "Requirement 'wandb>=0.12.10' not met. HINT: Try running `pip install ...`"
+    text, _, lightning_hint = str(missing).partition(" HINT: ")
+    install = re.search(r"`(pip install [^`]+)`", lightning_hint)
+    hint = install.group(1) if install else (f"pip install {missing.name}" if missing.name else None)
+    where = f"{owner} needs a package that is not installed: " if owner else ""
+    return SettingError(None, None, f"{where}{text.rstrip('.')}", hint=hint)
+
+
 def run(words: list[str], from_command_line: bool = False) -> None:
     """Dispatch ``words`` (the arguments after ``lit-align``) to a command (``from_command_line``:
     they are ``sys.argv[1:]``, which LightningCLI reads itself)."""
@@ -447,6 +472,7 @@ def run(words: list[str], from_command_line: bool = False) -> None:
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},
             args=None if from_command_line else words,
+            parser_class=LitAlignParser,
         )
     except SIGTERMException:
         # Lightning stopped at a batch boundary and SaveOnSigterm saved a checkpoint; a non-zero

@@ -5,6 +5,7 @@ and field before training starts, or is a documented skip whose count is logged.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import logging
 import re
@@ -642,6 +643,65 @@ def test_unknown_trainer_key_in_yaml_is_named(in_tmp, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(tiny_yaml(in_tmp, "paired", "trainer", "max_stepz", "3"))])
     assert "Subcommand 'fit' does not accept option 'trainer.max_stepz'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--model", "dpo", "model dpo: no method of lit_align.methods or class of your own is called that"),
+        ("--model", "lit_align.methods.GRPOO", "model lit_align.methods.GRPOO: no method of lit_align.methods"),
+        ("--data", "PreferenceDataModul", "data PreferenceDataModul: no data module of lit_align.data"),
+    ],
+)
+def test_a_misspelt_class_is_one_line_with_the_closest_names_and_no_usage(flag, value, expected, in_tmp, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "dpo.yaml"), flag, value])
+    assert exit_info.value.code == 2
+    first, hint = capsys.readouterr().err.strip().split("\n")  # no usage of every option before it
+    assert first.startswith(f"lit-align fit: error: {expected}"), first
+    closest = {"dpo": "DPO", "lit_align.methods.GRPOO": "GRPO", "PreferenceDataModul": "PreferenceDataModule"}[value]
+    assert hint.startswith(f"hint: did you mean {closest} or "), hint
+    assert "PairedPreferenceModule" not in hint  # regime bases are subclassed, not run
+    assert not Path("runs").exists()
+
+
+def test_a_class_of_ones_own_that_cannot_be_imported_names_what_it_lacks(in_tmp, capsys):
+    Path("mine.py").write_text(
+        "import not_a_package_xyz\nfrom lit_align.methods import DPO\n\n\nclass My(DPO):\n    pass\n"
+    )
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--model", "mine.My"])
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "lit-align fit: error: model mine.My cannot be imported: No module named 'not_a_package_xyz'\n"
+    )
+    assert len(err.strip().split("\n")) == 2, err
+
+
+def test_a_configured_class_needing_a_missing_package_says_which_without_a_traceback(in_tmp, capsys):
+    """A logger or callback whose package is not installed (WandbLogger without wandb): one line naming
+    the class and the package, the install command as the hint, before anything is loaded."""
+    Path("needs.py").write_text(
+        "from lightning.pytorch.callbacks import Callback\n\n\nclass NeedsPackage(Callback):\n"
+        "    def __init__(self):\n        import not_a_package_xyz  # noqa: F401\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--trainer.callbacks+=needs.NeedsPackage"])
+    assert str(exit_info.value) == (
+        "lit-align fit: needs.NeedsPackage needs a package that is not installed: No module named 'not_a_package_xyz'\n"
+        "hint: pip install not_a_package_xyz; LIT_ALIGN_DEBUG=1 shows the traceback"
+    )
+    if importlib.util.find_spec("wandb") is None:  # Lightning's own requirement message and install command
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--trainer.logger", "WandbLogger"])
+        message, hint = str(exit_info.value).split("\n")
+        assert re.fullmatch(
+            r"lit-align fit: lightning.pytorch.loggers.WandbLogger needs a package that is not installed: "
+            r"Requirement 'wandb>=[\d.]+' not met",
+            message,
+        ), message
+        assert re.match(r"hint: pip install -U 'wandb>=[\d.]+'; ", hint), hint
+    assert not Path("runs").exists()
 
 
 # ---- corrupt checkpoint ----------------------------------------------------------------------

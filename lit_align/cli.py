@@ -29,7 +29,7 @@ from jsonargparse import Namespace, set_parsing_settings  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from lit_align.callbacks import Curves, NonFiniteLoss, Samples, SaveOnSigterm  # noqa: E402
-from lit_align.commands import evaluate, generate  # noqa: E402
+from lit_align.commands import COMMANDS, evaluate, generate  # noqa: E402
 from lit_align.commands.parser import LitAlignParser  # noqa: E402
 from lit_align.commands.plot import plot_main  # noqa: E402
 from lit_align.data.datamodule import AlignmentDataModule  # noqa: E402
@@ -66,7 +66,12 @@ TRAINER_RANGES = {
 """Ranges of Trainer settings that Lightning takes without checking and then fails on mid-run
 (0 for accumulate_grad_batches or val_check_interval divides by zero; a negative
 gradient_clip_val would flip the gradients): checked before anything is built."""
-COMMANDS = ("fit", "validate", "test", "export", "convert-pairs", "generate", "eval", "plot")
+DESCRIPTION = (
+    "Train language models with alignment methods. The commands: fit, validate and test (LightningCLI's, "
+    "e.g. lit-align fit --config configs/dpo.yaml), export, convert-pairs, generate, eval and plot "
+    "(lit-align COMMAND --help for each)."
+)
+"""What ``lit-align --help`` says first (LightningCLI's parser lists only fit, validate and test)."""
 NO_PREDICT = LitAlignError(
     "no such command: lit-align methods have no predict_step (the commands are fit, validate, test, export, "
     "convert-pairs, generate, eval and plot)"
@@ -473,6 +478,7 @@ def run(words: list[str], from_command_line: bool = False) -> None:
             save_config_kwargs={"overwrite": True},
             args=None if from_command_line else words,
             parser_class=LitAlignParser,
+            parser_kwargs={"prog": "lit-align", "description": DESCRIPTION},
         )
     except SIGTERMException:
         # Lightning stopped at a batch boundary and SaveOnSigterm saved a checkpoint; a non-zero

@@ -317,3 +317,23 @@ def test_predict_is_not_listed_and_not_a_command(in_tmp, capsys):
         "hint: to generate with a trained policy: lit-align generate --model runs/.../last.ckpt --prompt TEXT "
         "(or --prompts FILE)"
     )
+
+
+def test_help_names_every_command_and_a_misspelt_one_gets_the_closest(in_tmp, capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("usage: lit-align ")
+    assert "export, convert-pairs, generate, eval and plot (lit-align COMMAND --help for each)" in out
+    every = (
+        "the commands are fit, validate, test, export, convert-pairs, generate, eval, plot (lit-align COMMAND --help)"
+    )
+    for words, expected in [
+        (["fitt"], ["lit-align: error: no such command: fitt", f"hint: did you mean fit? {every}"]),
+        (["evall", "--model", "x"], ["lit-align: error: no such command: evall", f"hint: did you mean eval? {every}"]),
+        ([], ["lit-align: error: no command given", f"hint: {every}"]),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            main(words)
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.strip().split("\n") == expected  # no usage before it

@@ -12,6 +12,9 @@ checkpoint or export on a data file) and ``lit-align plot`` (the curves of runs)
 
 from lit_align.errors import LitAlignError
 
+COMMANDS = ("fit", "validate", "test", "export", "convert-pairs", "generate", "eval", "plot")
+"""Every ``lit-align`` command: LightningCLI's three, then lit-align's own."""
+
 
 class CommandError(LitAlignError, ValueError):
     """A command's arguments cannot work together (e.g. both ``--prompt`` and ``--prompts``); the

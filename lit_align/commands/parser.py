@@ -19,6 +19,8 @@ import sys
 
 from lightning.pytorch.cli import LightningArgumentParser
 
+from lit_align.commands import COMMANDS
+
 SECTIONS = {
     "model": ("lit_align.methods", "lit_align.methods.alignment:AlignmentModule", "method"),
     "data": ("lit_align.data", "lit_align.data.datamodule:AlignmentDataModule", "data module"),
@@ -34,9 +36,13 @@ class LitAlignParser(LightningArgumentParser):
         if not self.exit_on_error or debug_active():
             return super().error(message, ex)
         prog = " ".join(["lit-align", *self.prog.replace(" [options]", "").split()[1:]])  # not python's argv[0]
-        text, hint = class_error(message) or (
-            message.strip(),
-            f"{prog} --help lists the options; --model.help CLASS and --data.help CLASS a class's settings",
+        text, hint = (
+            class_error(message)
+            or command_error(message, prog)
+            or (
+                message.strip(),
+                f"{prog} --help lists the options; --model.help CLASS and --data.help CLASS a class's settings",
+            )
         )
         sys.stderr.write(f"{prog}: error: {text}\nhint: {hint}\n")
         self.exit(2)
@@ -76,6 +82,18 @@ def class_error(message: str) -> tuple[str, str] | None:
         f"{key} {value}: no {kind} of {module_name} or class of your own is called that",
         f"{suggestion}{module_name} has {', '.join(known)}; a class of your own: --{key} my_file.MyClass",
     )
+
+
+def command_error(message: str, prog: str) -> tuple[str, str] | None:
+    """(message, hint) for a missing or unknown command (``lit-align fitt``): LightningCLI's parser
+    knows only fit, validate and test, so the hint names every command and the closest one."""
+    if prog != "lit-align" or "subcommand" not in message:
+        return None
+    given = re.search(r"invalid choice: '([^']*)'", message)
+    close = difflib.get_close_matches(given.group(1), COMMANDS, n=1) if given else []
+    text = f"no such command: {given.group(1)}" if given else "no command given"
+    suggestion = f"did you mean {close[0]}? " if close else ""
+    return text, f"{suggestion}the commands are {', '.join(COMMANDS)} (lit-align COMMAND --help)"
 
 
 def class_names(key: str) -> list[str]:

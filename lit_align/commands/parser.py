@@ -6,7 +6,8 @@ accepts (about 100 lines of Trainer flags) before what is wrong, and a misspelt 
 string". Here the error comes alone, as ``lit-align fit: error: ...``, then a hint line: an unknown
 ``--model``/``--data`` class is one line with the closest lit-align names, a class whose module
 cannot be imported says what it lacks, anything else is jsonargparse's message with where the
-options are listed. ``JSONARGPARSE_DEBUG`` still raises instead (jsonargparse's own switch).
+options are listed. With ``LIT_ALIGN_DEBUG`` or ``JSONARGPARSE_DEBUG`` (which raises instead)
+jsonargparse's own error output is kept.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
 import re
 import sys
 
 from lightning.pytorch.cli import LightningArgumentParser
 
 from lit_align.commands import COMMANDS
+from lit_align.errors import debugging
 
 SECTIONS = {
     "model": ("lit_align.methods", "lit_align.methods.alignment:AlignmentModule", "method"),
@@ -33,7 +36,7 @@ class LitAlignParser(LightningArgumentParser):
     """LightningCLI's parser; :meth:`error` prints the error and a hint, without the usage."""
 
     def error(self, message: str, ex: Exception | None = None):
-        if not self.exit_on_error or debug_active():
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG") or debugging():
             return super().error(message, ex)
         prog = " ".join(["lit-align", *self.prog.replace(" [options]", "").split()[1:]])  # not python's argv[0]
         text, hint = (
@@ -46,12 +49,6 @@ class LitAlignParser(LightningArgumentParser):
         )
         sys.stderr.write(f"{prog}: error: {text}\nhint: {hint}\n")
         self.exit(2)
-
-
-def debug_active() -> bool:
-    from jsonargparse._common import debug_mode_active  # the check jsonargparse's own error() makes
-
-    return debug_mode_active()
 
 
 def class_error(message: str) -> tuple[str, str] | None:

@@ -40,6 +40,7 @@ from lit_align.errors import (  # noqa: E402
     LitAlignError,
     SettingError,
     debugging,
+    error_chain,
     find_lit_align_error,
 )
 from lit_align.methods.alignment import AlignmentModule  # noqa: E402
@@ -424,9 +425,8 @@ def lightning_configuration_error(error: BaseException) -> LitAlignError | None:
     ``limit_val_batches``) as a message to print like ours, or None for any other error."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    while error is not None and not isinstance(error, MisconfigurationException):
-        error = error.__cause__ or error.__context__
-    return None if error is None else SettingError(None, None, f"Lightning: {error}")
+    refusal = next((link for link in error_chain(error) if isinstance(link, MisconfigurationException)), None)
+    return None if refusal is None else SettingError(None, None, f"Lightning: {refusal}")
 
 
 def missing_package_error(error: BaseException) -> LitAlignError | None:
@@ -434,11 +434,7 @@ def missing_package_error(error: BaseException) -> LitAlignError | None:
     WandbLogger`` without ``wandb``, a user's module importing one) as one message naming the class
     and the package, with the install command as the hint, instead of the parser's dump of every
     type the setting accepts; None when no ``ModuleNotFoundError`` is behind ``error``."""
-    chain, seen = [], set()
-    while error is not None and id(error) not in seen:
-        chain.append(error)
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
+    chain = error_chain(error)
     missing = next((link for link in chain if isinstance(link, ModuleNotFoundError)), None)
     if missing is None:
         return None

@@ -64,13 +64,17 @@ def debugging() -> bool:
     return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
 
 
-def find_lit_align_error(error: BaseException) -> LitAlignError | None:
-    """``error`` itself or the first :class:`LitAlignError` it was raised from (``__cause__`` or
-    ``__context__``): the config parser, for one, wraps a constructor's error in its own."""
-    seen = set()
+def error_chain(error: BaseException | None) -> list[BaseException]:
+    """``error`` and the errors it was raised from (``__cause__``, else ``__context__``), in that
+    order, each once: the config parser, for one, wraps a constructor's error in its own."""
+    chain, seen = [], set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, LitAlignError):
-            return error
+        chain.append(error)
         seen.add(id(error))
         error = error.__cause__ or error.__context__
-    return None
+    return chain
+
+
+def find_lit_align_error(error: BaseException) -> LitAlignError | None:
+    """``error`` itself or the first :class:`LitAlignError` it was raised from."""
+    return next((link for link in error_chain(error) if isinstance(link, LitAlignError)), None)

@@ -338,7 +338,10 @@ def convert_pairs_main(argv: list[str]) -> None:
     )
     parser.add_argument("--output", type=str, required=True, help="Unpaired JSONL to write (atomically).")
     parser.add_argument(
-        "--format", type=str, default="auto", help="Paired format: auto, explicit, conversational or implicit."
+        "--format",
+        type=str,
+        default="auto",
+        help="Paired format: auto, explicit, conversational, implicit or transcript.",
     )
     parser.add_argument(
         "--split", type=str, default="train", help="Split to read from a hub dataset or saved DatasetDict."

@@ -2,6 +2,7 @@
 messages (tool calls, tool results, reasoning, text parts), orca-style system fields and column
 mappings, asserting on the decoded text the model trains on."""
 
+import gzip
 import json
 import re
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lit_align.data import PreferenceDataModule
-from lit_align.data.errors import DataError
+from lit_align.data.errors import DataError, DroppableRecord
 from lit_align.data.formats import normalise_record
 from lit_align.data.sft_datamodule import SFTDataModule
 from lit_align.data.tokenize import tokenize_pair
@@ -201,6 +202,83 @@ def test_orca_shape_with_column_mapping_and_system_field(tokenizer, tmp_path):
     )
     assert decoded(tokenizer, without["prompt"]) == "<|bos|><|user|>Add 2 and 2.<|eos|><|assistant|>"
     assert decoded(tokenizer, with_system["chosen"]) == "3<|eos|>"
+
+
+def hh_record(k: int) -> dict:
+    """One record in Anthropic/hh-rlhf's shape: two whole transcripts sharing all but the last reply."""
+    shared = f"\n\nHuman: Hi {k}\n\nAssistant: Hello.\n\nHuman: Name a colour."
+    return {"chosen": shared + "\n\nAssistant: Blue.", "rejected": shared + "\n\nAssistant: No."}
+
+
+def test_hh_transcripts_as_chat_turns_are_rendered_with_the_chat_template(tokenizer, tmp_path):
+    """format: transcript splits Anthropic HH transcripts at the Human / Assistant markers into chat
+    turns (text stripped): the shared turns are the prompt, rendered with the tokenizer's chat
+    template, and the last assistant turn is the reply. format: auto keeps reading them as text."""
+    train = write_jsonl(tmp_path / "hh.jsonl", [hh_record(k) for k in range(4)])
+    dm = PreferenceDataModule(train=train, val=train, format="transcript", max_length=96, cache_dir=str(tmp_path / "c"))
+    dm.tokenizer = tokenizer
+    dm.setup("fit")
+    example = dm.datasets["train"][1]
+    assert decoded(tokenizer, example["prompt"]) == (
+        "<|bos|><|user|>Hi 1<|eos|><|assistant|>Hello.<|eos|><|user|>Name a colour.<|eos|><|assistant|>"
+    )
+    assert decoded(tokenizer, example["chosen"]) == "Blue.<|eos|>"
+    assert decoded(tokenizer, example["rejected"]) == "No.<|eos|>"
+    as_text = normalise_record(hh_record(1), "hh.jsonl", 0)
+    assert (as_text.prompt, as_text.chosen) == (hh_record(1)["chosen"][: -len(" Blue.")], " Blue.")
+
+
+def test_transcript_markers_are_settings():
+    record = {"chosen": "USER: a\nBOT: b\nUSER: c\nBOT: d", "rejected": "USER: a\nBOT: b\nUSER: c\nBOT: e"}
+    pair = normalise_record(record, "f.jsonl", 0, "transcript", assistant_marker="BOT:", user_marker="USER:")
+    assert pair.prompt == (
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    )
+    assert (pair.chosen, pair.rejected) == ("d", "e")
+
+
+@pytest.mark.parametrize(
+    "record, field, message",
+    [
+        (
+            {"chosen": "Q: hi\n\nAssistant: a", "rejected": "Q: hi\n\nAssistant: b"},
+            "chosen",
+            "the text does not start with a turn marker ('\\n\\nHuman:', '\\n\\nAssistant:')",
+        ),
+        (
+            {"prompt": "hi", "chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"},
+            "prompt",
+            "this record also has a prompt",
+        ),
+    ],
+)
+def test_transcript_that_is_not_one_is_named(record, field, message):
+    with pytest.raises(DataError) as raised:
+        normalise_record(record, "hh.jsonl", 3, "transcript")
+    assert f"hh.jsonl, record 3, field '{field}'" in str(raised.value)
+    assert message in str(raised.value)
+
+
+def test_real_hh_split_reads_as_chat_turns():
+    """The shared HH harmless-base split: every record that has a reply reads as chat turns, the
+    prompt ending with a user turn (the 4 records with an empty chosen reply are dropped, as
+    ``implicit`` drops them)."""
+    source = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+    if not source.is_file():
+        pytest.skip(f"{source} is not here")
+    read, dropped = 0, 0
+    with gzip.open(source, "rt") as handle:
+        for index, line in enumerate(handle):
+            try:
+                pair = normalise_record(json.loads(line), str(source), index, "transcript")
+            except DroppableRecord:
+                dropped += 1
+                continue
+            assert pair.prompt[-1]["role"] == "user" and pair.prompt[0]["role"] == "user", index
+            read += 1
+    assert (read, dropped) == (2308, 4)
 
 
 def test_stack_exchange_shape_with_column_mapping(tokenizer, tmp_path):

@@ -100,9 +100,12 @@ class AlignmentDataModule(LightningDataModule):
         val_fraction: fraction of ``train`` held out when ``val`` is unset (non-builtin data).
         format: record shape: ``auto`` (detected per record), ``explicit`` {prompt, chosen, rejected}
             strings, ``conversational`` chat message lists, ``implicit`` whole transcripts sharing
-            a prompt prefix (Anthropic HH).
+            a prompt prefix (Anthropic HH), ``transcript`` the same transcripts read as chat turns
+            (rendered with the tokenizer's chat template; never picked by ``auto``).
         columns: rename fields, mapping our name to the dataset's, e.g. ``{"prompt": "question"}``.
-        assistant_marker: the text that ends the prompt in ``implicit`` transcripts.
+        assistant_marker: the text that ends the prompt in ``implicit`` transcripts (and opens an
+            assistant turn in ``transcript`` ones).
+        user_marker: the text that opens a user turn in ``transcript`` transcripts.
         chat_template_kwargs: extra variables for the chat template when rendering conversations,
             e.g. ``{"enable_thinking": false}`` (Qwen3) or ``{"tools": [...]}``; prompts for
             generation are rendered with them too.
@@ -153,6 +156,7 @@ class AlignmentDataModule(LightningDataModule):
         format: FormatName = "auto",
         columns: Optional[dict[str, str]] = None,
         assistant_marker: str = "\n\nAssistant:",
+        user_marker: str = "\n\nHuman:",
         chat_template_kwargs: Optional[dict[str, Any]] = None,
         task: Optional[Union[WordRulesTask, ArithmeticTask]] = None,
         max_length: Annotated[int, Range(2)] = 512,
@@ -685,7 +689,7 @@ class PreferenceDataModule(AlignmentDataModule):
     def tokenize_record(self, record: dict[str, Any], source: str, index: int) -> list[dict[str, Any]]:
         """Token-id examples of one raw record (a paired record gives one example)."""
         h = self.hparams
-        pair = normalise_record(record, source, index, h.format, h.columns, h.assistant_marker)
+        pair = normalise_record(record, source, index, h.format, h.columns, h.assistant_marker, h.user_marker)
         prompt, responses = self.tokenize_responses(
             pair.prompt, {"chosen": pair.chosen, "rejected": pair.rejected}, source, index
         )

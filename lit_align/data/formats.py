@@ -13,6 +13,10 @@ Three record shapes are understood (``format="auto"`` picks per record):
 * ``implicit``: ``{"chosen": str, "rejected": str}`` whole transcripts (Anthropic HH style); the
   prompt is their shared prefix up to and including the last assistant marker in it
   (``"\\n\\nAssistant:"`` by default), the responses are the rest.
+* ``transcript``: the same whole transcripts read as chat turns (never picked by ``auto``): split
+  at the user marker (``"\\n\\nHuman:"``) and the assistant marker, each turn's text stripped, then
+  read as ``conversational`` (the shared turns are the prompt), so the tokenizer's chat template
+  renders them. For an instruct model, whose template the HH text markers are not.
 
 Messages are kept as they are for the chat template: besides ``role`` and ``content`` any field
 (``tool_calls``, a ``tool`` message's ``name`` / ``tool_call_id``, ``reasoning_content``,
@@ -45,7 +49,7 @@ Message = dict[str, Any]
 Response = Union[str, tuple[Message, ...]]
 """A response: text (one plain assistant turn), or messages (an assistant turn with more than text,
 or several turns: tool calls, their results, the answer)."""
-FormatName = Literal["auto", "explicit", "conversational", "implicit"]
+FormatName = Literal["auto", "explicit", "conversational", "implicit", "transcript"]
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
 RESPONSE_ROLES = ("assistant", "tool", "ipython")
 """Roles a response's messages may have (the model's turns and the results of its tool calls)."""
@@ -78,6 +82,7 @@ def normalise_record(
     format: FormatName = "auto",
     columns: Mapping[str, str] | None = None,
     assistant_marker: str = "\n\nAssistant:",
+    user_marker: str = "\n\nHuman:",
 ) -> PreferencePair:
     """Turn one raw record into a :class:`PreferencePair`, or raise :class:`DataError` saying where."""
     fields = {
@@ -86,7 +91,7 @@ def normalise_record(
     }
     prompt, chosen, rejected = fields["prompt"], fields["chosen"], fields["rejected"]
     shape = format if format != "auto" else _detect(prompt, chosen, rejected)
-    if shape == "implicit" and record.get((columns or {}).get("system", "system")) is not None:
+    if shape in ("implicit", "transcript") and record.get((columns or {}).get("system", "system")) is not None:
         raise DataError(
             source,
             "a system field needs a prompt field: whole transcripts (the implicit format) have no turn to put it "
@@ -110,8 +115,27 @@ def normalise_record(
         )
     elif shape == "conversational":
         pair = _conversational(prompt, chosen, rejected, source, index)
+    elif shape == "transcript":
+        if prompt is not None:
+            raise DataError(
+                source,
+                "format 'transcript' reads whole transcripts in chosen and rejected; this record also has a "
+                "prompt (use format auto, explicit or conversational)",
+                index,
+                "prompt",
+            )
+        markers = {"user": user_marker, "assistant": assistant_marker}
+        pair = _conversational(
+            None,
+            transcript_turns(read_text(chosen, "chosen", source, index), markers, "chosen", source, index),
+            transcript_turns(read_text(rejected, "rejected", source, index), markers, "rejected", source, index),
+            source,
+            index,
+        )
     else:
-        raise DataError(source, f"unknown format '{format}'; use one of auto, explicit, conversational, implicit")
+        raise DataError(
+            source, f"unknown format '{format}'; use one of auto, explicit, conversational, implicit, transcript"
+        )
     system = record.get((columns or {}).get("system", "system"))
     if system is not None:
         pair = replace(pair, prompt=_with_system(pair.prompt, system, source, index))
@@ -343,6 +367,37 @@ def as_conversation(
     if system_prompt is not None and not (messages and messages[0].get("role") == "system"):
         messages = ({"role": "system", "content": system_prompt}, *messages)
     return messages
+
+
+def transcript_turns(text: str, markers: Mapping[str, str], field: str, source: str, index: int) -> list[Message]:
+    """A transcript (``"\\n\\nHuman: hi\\n\\nAssistant: hello"``) as chat messages: ``markers`` maps
+    each role to the text that opens its turns; a turn's text is stripped. Text before the first
+    marker is an error naming the field, so a transcript in another convention is not read as one
+    long turn."""
+    found = sorted((at, role, marker) for role, marker in markers.items() for at in _occurrences(text, marker))
+    if not found or text[: found[0][0]].strip():
+        raise DataError(
+            source,
+            "format 'transcript': the text does not start with a turn marker "
+            f"({', '.join(repr(m) for m in markers.values())}); set assistant_marker / user_marker, or use format "
+            "implicit",
+            index,
+            field,
+        )
+    ends = [at for at, _, _ in found[1:]] + [len(text)]
+    return [
+        {"role": role, "content": text[at + len(marker) : end].strip()}
+        for (at, role, marker), end in zip(found, ends, strict=True)
+    ]
+
+
+def _occurrences(text: str, marker: str) -> list[int]:
+    """Where ``marker`` starts in ``text`` (non-overlapping, left to right)."""
+    found, at = [], text.find(marker)
+    while at >= 0:
+        found.append(at)
+        at = text.find(marker, at + len(marker))
+    return found
 
 
 def _split_implicit(chosen: str, rejected: str, marker: str, source: str, index: int) -> PreferencePair:

@@ -65,7 +65,7 @@ class SFTDataModule(AlignmentDataModule):
         """(prompt, completion) of one raw record."""
         h = self.hparams
         if h.from_pairs or source.startswith("builtin:"):
-            pair = normalise_record(record, source, index, h.format, h.columns, h.assistant_marker)
+            pair = normalise_record(record, source, index, h.format, h.columns, h.assistant_marker, h.user_marker)
             return pair.prompt, pair.chosen
         name = (h.columns or {}).get
         if name("messages", "messages") in record:

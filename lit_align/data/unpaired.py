@@ -77,6 +77,7 @@ def convert_pairs_file(
     format: FormatName = "auto",
     columns: Mapping[str, str] | None = None,
     assistant_marker: str = "\n\nAssistant:",
+    user_marker: str = "\n\nHuman:",
     split: str = "train",
     invalid_records: str = "skip",
 ) -> tuple[int, int]:
@@ -87,7 +88,7 @@ def convert_pairs_file(
     records, skipped = [], 0
     for index, record in enumerate(read_records(source, split)):
         try:
-            pair = normalise_record(record, source, index, format, columns, assistant_marker)
+            pair = normalise_record(record, source, index, format, columns, assistant_marker, user_marker)
         except DroppableRecord:
             if invalid_records == "error":
                 raise

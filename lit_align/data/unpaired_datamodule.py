@@ -52,7 +52,9 @@ class UnpairedDataModule(AlignmentDataModule):
     def tokenize_record(self, record: dict[str, Any], source: str, index: int) -> list[dict[str, Any]]:
         h = self.hparams
         if self._converts_pairs(source):
-            items = pair_to_unpaired(normalise_record(record, source, index, h.format, h.columns, h.assistant_marker))
+            items = pair_to_unpaired(
+                normalise_record(record, source, index, h.format, h.columns, h.assistant_marker, h.user_marker)
+            )
         else:
             items = [normalise_unpaired(record, source, index, h.columns)]
         return [self._tokenize(item, source, index) for item in items]
